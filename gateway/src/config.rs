@@ -1,0 +1,485 @@
+//! Command-line flags and the TOML config file, merged (flags win) and validated into
+//! [`Settings`], the one struct the server reads. Every error names the flag or key at
+//! fault; nothing starts on a config that would misbehave later.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::policy::{UpstreamPolicy, parse_cidr};
+use crate::route::{self, Route, StaticRoutes};
+use crate::ws::handshake::HandshakeConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "vncgate", version, about = "VNC-over-WebSocket gateway")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Run the gateway with an embedded synthetic desktop as the VM (route `demo`, no
+    /// Redis, nothing else to start) and print the URL to open.
+    Demo(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoDriver {
+    /// io_uring, falling back to epoll when io_uring cannot be set up.
+    Auto,
+    Uring,
+    Epoll,
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// Address to accept WebSocket clients on [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// A static route without a token (repeatable): the relay answers at /vnc/ID.
+    #[arg(long = "route", value_name = "ID=HOST:PORT")]
+    pub routes: Vec<String>,
+    /// A TOML file of routes with tokens and expiry.
+    #[arg(long, value_name = "FILE")]
+    pub routes_file: Option<PathBuf>,
+    /// CIDR (or address) the gateway may dial (repeatable). Nothing else is ever dialed.
+    #[arg(long = "allow-upstream", value_name = "CIDR")]
+    pub allow_upstream: Vec<String>,
+    /// Worker threads, each with its own runtime and listener [default: one per core].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// I/O driver [default: auto].
+    #[arg(long, value_enum)]
+    pub io_driver: Option<IoDriver>,
+    /// TOML config file; flags given on the command line win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Admin listener for /metrics, /healthz and /readyz.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// URL path prefix in front of the session id [default: /vnc/].
+    #[arg(long)]
+    pub path_prefix: Option<String>,
+    /// Allowed Origin (repeatable); none given allows any origin.
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    pub allow_origins: Vec<String>,
+    /// Share the port with a live gateway already bound to it (the restart handover).
+    /// Without it, a second gateway on the same port refuses to start.
+    #[arg(long)]
+    pub share_port: bool,
+    /// Sessions per worker before new upgrades get 503 [default: 25000].
+    #[arg(long)]
+    pub max_sessions_per_worker: Option<usize>,
+    /// Largest browser-to-VM message in bytes, all fragments together [default: 16 MiB].
+    #[arg(long)]
+    pub max_message: Option<u64>,
+    /// Seconds a client has to send its upgrade request [default: 10].
+    #[arg(long, value_parser = parse_secs)]
+    pub handshake_timeout: Option<Duration>,
+    /// Seconds per upstream connect attempt [default: 3].
+    #[arg(long, value_parser = parse_secs)]
+    pub connect_timeout: Option<Duration>,
+    /// Seconds to keep retrying a refusing upstream (a booting VM), with backoff [default: 2].
+    #[arg(long, value_parser = parse_secs)]
+    pub connect_retry_window: Option<Duration>,
+    /// Seconds without traffic either way before closing with 4007; 0 disables [default: 3600].
+    #[arg(long, value_parser = parse_secs)]
+    pub idle_timeout: Option<Duration>,
+    /// Longest session in seconds, then 4011; 0 disables [default: 0].
+    #[arg(long, value_parser = parse_secs)]
+    pub max_session_duration: Option<Duration>,
+    /// Seconds between keepalive pings; 0 disables [default: 20].
+    #[arg(long, value_parser = parse_secs)]
+    pub keepalive_interval: Option<Duration>,
+    /// Seconds to wait for a pong before closing with 4008 [default: 20].
+    #[arg(long, value_parser = parse_secs)]
+    pub keepalive_timeout: Option<Duration>,
+    /// Seconds a SIGTERM drain waits for sessions before closing them with 1001 [default: 30].
+    #[arg(long, value_parser = parse_secs)]
+    pub drain_timeout: Option<Duration>,
+    /// Capacity of each relay pipe in bytes [default: 1 MiB].
+    #[arg(long)]
+    pub pipe_size: Option<usize>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The config file: the same settings as the flags, in snake_case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<String>,
+    pub routes_file: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_upstream: Vec<String>,
+    pub workers: Option<usize>,
+    pub io_driver: Option<IoDriver>,
+    pub admin: Option<String>,
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub allow_origins: Vec<String>,
+    pub share_port: Option<bool>,
+    pub max_sessions_per_worker: Option<usize>,
+    pub max_message: Option<u64>,
+    pub handshake_timeout: Option<f64>,
+    pub connect_timeout: Option<f64>,
+    pub connect_retry_window: Option<f64>,
+    pub idle_timeout: Option<f64>,
+    pub max_session_duration: Option<f64>,
+    pub keepalive_interval: Option<f64>,
+    pub keepalive_timeout: Option<f64>,
+    pub drain_timeout: Option<f64>,
+    pub pipe_size: Option<usize>,
+    pub max_header_bytes: Option<usize>,
+}
+
+/// Session limits and timers. `None` disables a timer.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_sessions_per_worker: usize,
+    pub max_message: u64,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub connect_retry_window: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub max_session_duration: Option<Duration>,
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
+    pub drain_timeout: Duration,
+    /// Pipe capacity asked for each relay pipe. One splice moves at most this much, so it
+    /// is also the largest frame sent to the browser (noVNC accepts up to 40 MiB).
+    pub pipe_size: usize,
+    /// Idle pipes a worker keeps for reuse; beyond that, returned pipes are closed.
+    pub max_idle_pipes: usize,
+    /// Browser-to-VM read buffer, lent per read from a worker pool.
+    pub read_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions_per_worker: 25_000,
+            max_message: 16 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            connect_retry_window: Duration::from_secs(2),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_session_duration: None,
+            keepalive_interval: Some(Duration::from_secs(20)),
+            keepalive_timeout: Duration::from_secs(20),
+            drain_timeout: Duration::from_secs(30),
+            pipe_size: 1 << 20,
+            max_idle_pipes: 32,
+            read_buffer: 32 << 10,
+        }
+    }
+}
+
+/// Everything the server needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub workers: usize,
+    pub io_driver: IoDriver,
+    pub share_port: bool,
+    pub admin: Option<SocketAddr>,
+    pub handshake: HandshakeConfig,
+    pub policy: UpstreamPolicy,
+    pub routes: StaticRoutes,
+    pub limits: Limits,
+}
+
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    secs(v)
+}
+
+fn secs(v: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(v).map_err(|_| format!("{v} is not a valid number of seconds"))
+}
+
+fn opt_secs(
+    flag: Option<Duration>,
+    file: Option<f64>,
+    default: Duration,
+) -> Result<Duration, String> {
+    match (flag, file) {
+        (Some(d), _) => Ok(d),
+        (None, Some(v)) => secs(v),
+        (None, None) => Ok(default),
+    }
+}
+
+/// Zero disables a timer.
+fn timer(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+}
+
+impl ServeArgs {
+    /// Merges flags over the config file over defaults, and validates the result.
+    /// `extra_routes` are routes the caller adds (the demo's embedded VM).
+    pub fn settings(&self, extra_routes: Vec<(String, Route)>) -> Result<Settings, String> {
+        let file = match &self.config {
+            Some(p) => read_file_config(p)?,
+            None => FileConfig::default(),
+        };
+        let d = Limits::default();
+        let listen_s = self
+            .listen
+            .clone()
+            .or(file.listen.clone())
+            .unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen = route::resolve(&listen_s).map_err(|e| format!("--listen: {e}"))?;
+        let workers = self
+            .workers
+            .or(file.workers)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if workers == 0 || workers > 1024 {
+            return Err(format!("--workers must be 1..=1024, got {workers}"));
+        }
+        let admin = match self.admin.clone().or(file.admin.clone()) {
+            Some(a) => Some(route::resolve(&a).map_err(|e| format!("--admin: {e}"))?),
+            None => None,
+        };
+        let mut path_prefix = self
+            .path_prefix
+            .clone()
+            .or(file.path_prefix.clone())
+            .unwrap_or_else(|| "/vnc/".into());
+        if !path_prefix.starts_with('/') {
+            return Err(format!(
+                "--path-prefix must start with '/', got '{path_prefix}'"
+            ));
+        }
+        if !path_prefix.ends_with('/') {
+            path_prefix.push('/');
+        }
+        let allowed_origins: Vec<String> = file
+            .allow_origins
+            .iter()
+            .chain(&self.allow_origins)
+            .cloned()
+            .collect();
+
+        let nets = file
+            .allow_upstream
+            .iter()
+            .chain(&self.allow_upstream)
+            .map(|c| parse_cidr(c).map_err(|e| format!("--allow-upstream: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let policy = UpstreamPolicy::new(nets);
+
+        let mut table: HashMap<String, Route> = HashMap::new();
+        let mut add = |id: String, r: Route| -> Result<(), String> {
+            if !policy.allows(&r.upstream) {
+                return Err(format!(
+                    "route '{id}': upstream {} is outside --allow-upstream ({})",
+                    r.upstream,
+                    if policy.nets().is_empty() {
+                        "none given".to_string()
+                    } else {
+                        policy
+                            .nets()
+                            .iter()
+                            .map(|n| n.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ));
+            }
+            if table.insert(id.clone(), r).is_some() {
+                return Err(format!("route '{id}' is defined twice"));
+            }
+            Ok(())
+        };
+        for s in file.routes.iter().chain(&self.routes) {
+            let (id, r) = route::parse_route_flag(s).map_err(|e| format!("--route: {e}"))?;
+            add(id, r)?;
+        }
+        if let Some(p) = self.routes_file.as_ref().or(file.routes_file.as_ref()) {
+            for (id, r) in route::load_routes_file(p)? {
+                add(id, r)?;
+            }
+        }
+        for (id, r) in extra_routes {
+            add(id, r)?;
+        }
+
+        let limits = Limits {
+            max_sessions_per_worker: self
+                .max_sessions_per_worker
+                .or(file.max_sessions_per_worker)
+                .unwrap_or(d.max_sessions_per_worker),
+            max_message: self
+                .max_message
+                .or(file.max_message)
+                .unwrap_or(d.max_message),
+            handshake_timeout: opt_secs(
+                self.handshake_timeout,
+                file.handshake_timeout,
+                d.handshake_timeout,
+            )?,
+            connect_timeout: opt_secs(
+                self.connect_timeout,
+                file.connect_timeout,
+                d.connect_timeout,
+            )?,
+            connect_retry_window: opt_secs(
+                self.connect_retry_window,
+                file.connect_retry_window,
+                d.connect_retry_window,
+            )?,
+            idle_timeout: timer(opt_secs(
+                self.idle_timeout,
+                file.idle_timeout,
+                d.idle_timeout.unwrap_or_default(),
+            )?),
+            max_session_duration: timer(opt_secs(
+                self.max_session_duration,
+                file.max_session_duration,
+                Duration::ZERO,
+            )?),
+            keepalive_interval: timer(opt_secs(
+                self.keepalive_interval,
+                file.keepalive_interval,
+                d.keepalive_interval.unwrap_or_default(),
+            )?),
+            keepalive_timeout: opt_secs(
+                self.keepalive_timeout,
+                file.keepalive_timeout,
+                d.keepalive_timeout,
+            )?,
+            drain_timeout: opt_secs(self.drain_timeout, file.drain_timeout, d.drain_timeout)?,
+            pipe_size: self.pipe_size.or(file.pipe_size).unwrap_or(d.pipe_size),
+            ..d
+        };
+        if limits.handshake_timeout.is_zero() || limits.connect_timeout.is_zero() {
+            return Err("--handshake-timeout and --connect-timeout must be positive".into());
+        }
+        if !(4096..=(64 << 20)).contains(&limits.pipe_size) {
+            return Err(format!(
+                "--pipe-size must be 4096..=67108864 bytes (noVNC takes frames up to 40 MiB), got {}",
+                limits.pipe_size
+            ));
+        }
+        if limits.max_message == 0 {
+            return Err("--max-message must be positive".into());
+        }
+        Ok(Settings {
+            listen,
+            workers,
+            io_driver: self.io_driver.or(file.io_driver).unwrap_or(IoDriver::Auto),
+            share_port: self.share_port || file.share_port.unwrap_or(false),
+            admin,
+            handshake: HandshakeConfig {
+                path_prefix,
+                allowed_origins,
+                max_header_bytes: file.max_header_bytes.unwrap_or(8192),
+            },
+            policy,
+            routes: StaticRoutes::new(table),
+            limits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> ServeArgs {
+        let mut full = vec!["vncgate", "serve"];
+        full.extend_from_slice(v);
+        match Cli::try_parse_from(full).unwrap().command {
+            Command::Serve(a) => a,
+            Command::Demo(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn contract_flags_parse() {
+        let s = args(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--route",
+            "a=127.0.0.1:5900",
+            "--allow-upstream",
+            "127.0.0.0/8",
+            "--workers",
+            "3",
+            "--io-driver",
+            "epoll",
+        ])
+        .settings(vec![])
+        .unwrap();
+        assert_eq!(s.workers, 3);
+        assert_eq!(s.io_driver, IoDriver::Epoll);
+        assert_eq!(s.routes.len(), 1);
+    }
+
+    #[test]
+    fn route_outside_allowed_cidrs_is_refused_at_start() {
+        let e = args(&[
+            "--route",
+            "a=10.0.0.1:5900",
+            "--allow-upstream",
+            "127.0.0.0/8",
+        ])
+        .settings(vec![])
+        .unwrap_err();
+        assert!(e.contains("outside --allow-upstream"), "{e}");
+        let e = args(&["--route", "a=127.0.0.1:5900"])
+            .settings(vec![])
+            .unwrap_err();
+        assert!(e.contains("none given"), "{e}");
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("vncgate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("gw.toml");
+        std::fs::write(
+            &p,
+            "workers = 2\nidle_timeout = 0\nallow_upstream = [\"127.0.0.1\"]\nroutes = [\"f=127.0.0.1:1\"]\n",
+        )
+        .unwrap();
+        let s = args(&["--config", p.to_str().unwrap(), "--workers", "4"])
+            .settings(vec![])
+            .unwrap();
+        assert_eq!(s.workers, 4);
+        assert_eq!(s.limits.idle_timeout, None);
+        assert_eq!(s.routes.len(), 1);
+        std::fs::write(&p, "wrokers = 2\n").unwrap();
+        let e = args(&["--config", p.to_str().unwrap()])
+            .settings(vec![])
+            .unwrap_err();
+        assert!(e.contains("wrokers"), "{e}");
+    }
+}

@@ -1,0 +1,27 @@
+//! vncgate: a thread-per-core VNC-over-WebSocket gateway.
+//!
+//! A browser running noVNC opens `ws(s)://gateway/vnc/<session>`; the gateway performs the
+//! RFC 6455 upgrade itself, authenticates the session, looks up its route, dials the VM's
+//! VNC port and relays RFB both ways. The map:
+//!
+//! - [`ws`]: the WebSocket protocol core, sans IO: handshake parsing and responses, the
+//!   incremental frame parser, frame encoders, unmasking.
+//! - [`token`]: session tokens, held as SHA-256 digests and compared in constant time.
+//! - [`route`]: the [`route::RouteSource`] trait and the static sources (flags, routes file).
+//! - [`policy`]: the upstream CIDR allowlist that keeps the gateway from being an open proxy.
+//! - [`close`]: every way a session ends: close code, reason, who is to blame, metric label.
+//! - [`config`]: flags and the config file, merged and validated.
+//! - [`sys`]: the one module with `unsafe`: splice, pipes, non-blocking send/recv.
+//! - [`server`]: the runtime adapter: workers (one monoio runtime each, io_uring or epoll),
+//!   listeners, sessions, the splice relay, the admin endpoint, drain.
+//! - [`metrics`]: metric names and the Prometheus recorder.
+
+pub mod close;
+pub mod config;
+pub mod metrics;
+pub mod policy;
+pub mod route;
+pub mod server;
+pub mod sys;
+pub mod token;
+pub mod ws;

@@ -1,0 +1,44 @@
+//! Metric names (one place, so dashboards and alert rules have one source) and the
+//! Prometheus recorder. Hot-path byte counts are summed per worker and flushed once a
+//! second, so relaying never touches a shared cache line per chunk.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// TCP connections accepted, by worker.
+pub const CONNECTIONS_ACCEPTED: &str = "vncgate_connections_accepted_total";
+/// Upgrade requests answered with an HTTP error, by `status` and `reason`.
+pub const HANDSHAKE_REJECTED: &str = "vncgate_handshake_rejected_total";
+/// Upgrades completed (101 sent).
+pub const SESSIONS_OPENED: &str = "vncgate_sessions_opened_total";
+/// Sessions currently relaying or connecting upstream.
+pub const SESSIONS_ACTIVE: &str = "vncgate_sessions_active";
+/// Sessions ended, by close `code`, `cause` (the close table's name) and `blame`.
+pub const SESSIONS_CLOSED: &str = "vncgate_sessions_closed_total";
+/// Payload bytes relayed, by `direction` (`vm_to_browser`, `browser_to_vm`).
+pub const RELAYED_BYTES: &str = "vncgate_relayed_bytes_total";
+/// Time to establish the upstream connection, retries included.
+pub const UPSTREAM_CONNECT_SECONDS: &str = "vncgate_upstream_connect_seconds";
+/// Upstream dial attempts that failed and were retried inside the boot window.
+pub const UPSTREAM_RETRIES: &str = "vncgate_upstream_connect_retries_total";
+/// 1 for the I/O driver each worker runs (`driver` = `io_uring` or `epoll`).
+pub const IO_DRIVER: &str = "vncgate_io_driver";
+/// Pipes currently lent to sessions with data in flight, plus idle pooled pipes.
+pub const PIPES_LENT: &str = "vncgate_pipes_lent";
+pub const PIPES_POOLED: &str = "vncgate_pipes_pooled";
+/// Pipes that got less than the asked capacity (the per-user pipe quota refused).
+pub const PIPE_SIZE_FALLBACK: &str = "vncgate_pipe_size_fallback_total";
+/// 1 while draining after SIGTERM.
+pub const DRAINING: &str = "vncgate_draining";
+
+/// Installs the global Prometheus recorder and returns the handle that renders it.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(UPSTREAM_CONNECT_SECONDS.into()),
+            &[0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
+        )
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| format!("cannot install metrics recorder: {e}"))?;
+    Ok(handle)
+}

@@ -1,0 +1,206 @@
+//! The gateway's only `unsafe`: thin wrappers over splice(2), pipe2(2), fcntl(2) and
+//! non-blocking send/recv on raw socket descriptors.
+//!
+//! Invariant upheld here: every function takes descriptors that the caller keeps open for
+//! the duration of the call (they are borrowed from live `monoio` streams or from an owned
+//! [`Pipe`]), and every buffer pointer/length pair comes from a Rust slice. Nothing is
+//! retained past the call. All calls are non-blocking: `WouldBlock` tells the caller to wait
+//! for readiness through the runtime.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+fn cvt(ret: isize) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Sets `O_NONBLOCK`: splice(2) on a socket honours the socket's own flag, not only
+/// `SPLICE_F_NONBLOCK`, so relayed sockets must carry it.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller owns; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// recv(2) with `MSG_DONTWAIT`. `Ok(0)` is end of stream.
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the pointer and length come from a live mutable slice.
+        let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// send(2) with `MSG_DONTWAIT | MSG_NOSIGNAL`, plus `MSG_MORE` when more of the same frame
+/// follows at once (a frame header before its spliced payload), so the kernel can put both
+/// in one segment.
+pub fn send(fd: RawFd, buf: &[u8], more: bool) -> io::Result<usize> {
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+    loop {
+        // SAFETY: the pointer and length come from a live slice.
+        let r = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// shutdown(2) for writing: sends FIN after queued data.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: no memory is passed.
+    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// splice(2) between a socket and a pipe, never blocking. `more` sets `SPLICE_F_MORE`.
+pub fn splice(from: RawFd, to: RawFd, len: usize, more: bool) -> io::Result<usize> {
+    let flags =
+        libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE | if more { libc::SPLICE_F_MORE } else { 0 };
+    loop {
+        // SAFETY: null offsets are required for pipes and sockets; no memory is passed.
+        let r = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                flags,
+            )
+        };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// A non-blocking pipe used as the in-kernel buffer between two splices.
+#[derive(Debug)]
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    /// Creates a pipe and asks for `size` bytes of capacity. If the per-user pipe quota
+    /// (`fs.pipe-user-pages-soft`) refuses, the pipe keeps the kernel default; `capacity`
+    /// says what was granted.
+    pub fn new(size: usize) -> io::Result<Pipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into the array we pass.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl on a descriptor we own; no memory is passed.
+        let capacity = unsafe {
+            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int);
+            libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        if capacity <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Pipe {
+            read,
+            write,
+            capacity: capacity as usize,
+        })
+    }
+
+    pub fn read_fd(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+
+    pub fn write_fd(&self) -> RawFd {
+        self.write.as_raw_fd()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit. A
+/// gateway holds two descriptors per session.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read as _, Write as _};
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn splice_socket_to_socket_through_a_pipe() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l2.local_addr().unwrap()).unwrap();
+        let (mut d, _) = l2.accept().unwrap();
+        set_nonblocking(b.as_raw_fd()).unwrap();
+        set_nonblocking(c.as_raw_fd()).unwrap();
+        let pipe = Pipe::new(1 << 20).unwrap();
+        assert!(pipe.capacity() >= 4096);
+
+        let e = splice(b.as_raw_fd(), pipe.write_fd(), 1 << 16, false).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        a.write_all(b"spliced bytes").unwrap();
+        let mut n = 0;
+        while n == 0 {
+            n = match splice(b.as_raw_fd(), pipe.write_fd(), 1 << 16, false) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => panic!("{e}"),
+            };
+        }
+        assert_eq!(send(c.as_raw_fd(), b"hdr:", true).unwrap(), 4);
+        assert_eq!(splice(pipe.read_fd(), c.as_raw_fd(), n, false).unwrap(), n);
+        let mut got = vec![0u8; 4 + n];
+        d.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hdr:spliced bytes");
+        drop(a);
+        let mut eof = 1;
+        while eof != 0 {
+            eof = match splice(b.as_raw_fd(), pipe.write_fd(), 1 << 16, false) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 1,
+                Err(e) => panic!("{e}"),
+            };
+        }
+    }
+}
