@@ -1,1 +1,109 @@
-fn main() {}
+//! `vncgate`: flags in, gateway out. The library does the work; see `lib.rs` for the map.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use vncgate::config::{Cli, Command, LogFormat, ServeArgs};
+use vncgate::route::Route;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (Command::Serve(args) | Command::Demo(args)) = &cli.command;
+    init_logging(args.log_format);
+    match run(&cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vncgate: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VNCGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn run(cmd: &Command) -> Result<(), String> {
+    let (settings, demo) = match cmd {
+        Command::Serve(a) => (a.settings(vec![])?, false),
+        Command::Demo(a) => (demo_settings(a)?, true),
+    };
+    match vncgate::sys::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(nofile = n, "descriptor limit raised"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
+    }
+    let prom = vncgate::metrics::install()?;
+    let prefix = settings.handshake.path_prefix.clone();
+    let running = vncgate::server::start(settings, Some(prom))?;
+    // Machine-readable lines on stdout, so scripts and tests can use port 0.
+    println!("vncgate: listening on ws://{}{prefix}", running.local_addr);
+    if let Some(a) = running.admin_addr {
+        println!("vncgate: admin on http://{a}");
+    }
+    if demo {
+        let a = running.local_addr;
+        println!("vncgate: demo desktop at ws://{a}{prefix}demo");
+        println!(
+            "vncgate: open noVNC with host={} port={} path={}demo (see README: Seeing the demo desktop)",
+            a.ip(),
+            a.port(),
+            prefix.trim_start_matches('/')
+        );
+    }
+    let shared = running.shared();
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("vncgate-signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for sig in signals.forever() {
+                seen += 1;
+                if seen > 1 {
+                    tracing::warn!(sig, "second signal: exiting now");
+                    std::process::exit(130);
+                }
+                tracing::info!(
+                    sig,
+                    "drain requested: no new sessions; open ones close after the drain timeout"
+                );
+                shared
+                    .draining
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                metrics::gauge!(vncgate::metrics::DRAINING).set(1.0);
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    running.join();
+    tracing::info!("all workers drained; exiting");
+    Ok(())
+}
+
+/// `serve` plus a synthetic RFB desktop on a loopback port as the VM of route `demo`.
+fn demo_settings(a: &ServeArgs) -> Result<vncgate::config::Settings, String> {
+    let vm = vncgate_loadtest::fakevm::spawn_background(vncgate_loadtest::fakevm::Config {
+        name: "vncgate demo desktop".into(),
+        ..Default::default()
+    })
+    .map_err(|e| format!("cannot start the synthetic desktop: {e}"))?;
+    let mut a = a.clone();
+    a.allow_upstream.push(format!("{}/32", vm.ip()));
+    a.settings(vec![(
+        "demo".into(),
+        Route {
+            upstream: vm,
+            token_digest: None,
+            expires_at: None,
+        },
+    )])
+}

@@ -1,1 +1,247 @@
-//! todo
+//! The runtime adapter around the sans-IO core: worker threads with their runtimes and
+//! listeners ([`worker`], [`listener`]), the per-connection flow ([`session`]), the splice
+//! relay ([`relay`]), per-worker pools ([`pool`]), task-local signals ([`signal`]) and the
+//! admin endpoint ([`admin`]).
+
+pub mod admin;
+pub mod listener;
+pub mod pool;
+pub mod relay;
+pub mod session;
+pub mod signal;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::{IoDriver, Settings};
+use crate::metrics as m;
+use crate::route::{RouteSource, StaticRoutes};
+use worker::Worker;
+
+/// State shared by all workers: only flags, read or written rarely.
+#[derive(Debug)]
+pub struct Shared {
+    pub draining: AtomicBool,
+    pub ready_workers: AtomicUsize,
+    pub workers: usize,
+}
+
+/// The I/O driver the workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverKind {
+    IoUring,
+    Epoll,
+}
+
+impl DriverKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::IoUring => "io_uring",
+            DriverKind::Epoll => "epoll",
+        }
+    }
+}
+
+fn probe_io_uring() -> std::io::Result<()> {
+    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .build()
+        .map(drop)
+}
+
+/// Chooses the driver. Probing builds a real io_uring instance, which is what fails under
+/// seccomp filters or `kernel.io_uring_disabled`; the choice is explicit per runtime, so
+/// monoio's own environment-variable detection never comes into play.
+pub fn select_driver(choice: IoDriver) -> Result<DriverKind, String> {
+    match choice {
+        IoDriver::Epoll => Ok(DriverKind::Epoll),
+        IoDriver::Uring => probe_io_uring()
+            .map(|()| DriverKind::IoUring)
+            .map_err(|e| format!("--io-driver uring: io_uring cannot be set up here: {e}")),
+        IoDriver::Auto => match probe_io_uring() {
+            Ok(()) => Ok(DriverKind::IoUring),
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring cannot be set up; falling back to epoll");
+                Ok(DriverKind::Epoll)
+            }
+        },
+    }
+}
+
+/// A started gateway.
+pub struct Running {
+    pub local_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub driver: DriverKind,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Starts a drain: stop accepting, close sessions with 1001 after the drain timeout.
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        metrics::gauge!(m::DRAINING).set(1.0);
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Waits for every worker to finish (after a drain).
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Binds the listeners and starts the workers with the static route table.
+pub fn start(settings: Settings, prom: Option<PrometheusHandle>) -> Result<Running, String> {
+    let routes = settings.routes.clone();
+    start_with(settings, prom, move |_| routes.clone())
+}
+
+/// Starts the workers with a route source built per worker by `make_routes` (each worker
+/// owns its source: a cache, a channel to a control thread...).
+pub fn start_with<S, F>(
+    settings: Settings,
+    prom: Option<PrometheusHandle>,
+    make_routes: F,
+) -> Result<Running, String>
+where
+    S: RouteSource,
+    F: Fn(usize) -> S + Send + Sync + 'static,
+{
+    let driver = select_driver(settings.io_driver)?;
+    let listeners = listener::bind_group(settings.listen, settings.workers, settings.share_port)
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let local_addr = listeners[0]
+        .local_addr()
+        .map_err(|e| format!("listener address: {e}"))?;
+    let shared = Arc::new(Shared {
+        draining: AtomicBool::new(false),
+        ready_workers: AtomicUsize::new(0),
+        workers: settings.workers,
+    });
+    let admin_addr = match settings.admin {
+        Some(a) => {
+            let l = std::net::TcpListener::bind(a)
+                .map_err(|e| format!("cannot bind admin {a}: {e}"))?;
+            let addr = l.local_addr().map_err(|e| e.to_string())?;
+            admin::spawn(l, shared.clone(), prom).map_err(|e| e.to_string())?;
+            Some(addr)
+        }
+        None => None,
+    };
+    let settings = Arc::new(settings);
+    let make_routes = Arc::new(make_routes);
+    let mut threads = Vec::new();
+    for (index, l) in listeners.into_iter().enumerate() {
+        let settings = settings.clone();
+        let shared2 = shared.clone();
+        let make_routes = make_routes.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("vncgate-w{index}"))
+            .spawn(move || {
+                let run = move || {
+                    let w = Rc::new(Worker::new(
+                        index,
+                        make_routes(index),
+                        settings.handshake.clone(),
+                        settings.policy.clone(),
+                        settings.limits.clone(),
+                        shared2.clone(),
+                    ));
+                    worker_main(w, l, shared2)
+                };
+                let r = match driver {
+                    DriverKind::IoUring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                        .enable_timer()
+                        .with_entries(4096)
+                        .build()
+                        .map(|mut rt| rt.block_on(run())),
+                    DriverKind::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                        .enable_timer()
+                        .build()
+                        .map(|mut rt| rt.block_on(run())),
+                };
+                if let Err(e) = r {
+                    tracing::error!(worker = index, error = %e, "worker runtime failed to start");
+                    std::process::exit(1);
+                }
+            })
+            .map_err(|e| format!("cannot spawn worker: {e}"))?;
+        threads.push(t);
+    }
+    for i in 0..settings.workers {
+        metrics::gauge!(m::IO_DRIVER, "driver" => driver.as_str(), "worker" => i.to_string())
+            .set(1.0);
+    }
+    tracing::info!(
+        listen = %local_addr,
+        workers = settings.workers,
+        driver = driver.as_str(),
+        routes = settings.routes.len(),
+        "gateway started"
+    );
+    Ok(Running {
+        local_addr,
+        admin_addr,
+        driver,
+        shared,
+        threads,
+    })
+}
+
+async fn worker_main<S: RouteSource>(
+    w: Rc<Worker<S>>,
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+) {
+    let listener = match monoio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(worker = w.index, error = %e, "cannot register listener");
+            std::process::exit(1);
+        }
+    };
+    let housekeeping = monoio::spawn(worker::housekeeping(w.clone()));
+    shared.ready_workers.fetch_add(1, Ordering::Release);
+    let worker_label = w.index.to_string();
+    loop {
+        let accepted = monoio::select! {
+            r = listener.accept() => Some(r),
+            _ = w.stop_accepting.wait() => None,
+        };
+        match accepted {
+            None => break,
+            Some(Ok((stream, peer))) => {
+                metrics::counter!(m::CONNECTIONS_ACCEPTED, "worker" => worker_label.clone())
+                    .increment(1);
+                monoio::spawn(session::serve(w.clone(), stream, peer));
+            }
+            Some(Err(e)) => {
+                // EMFILE and friends: back off instead of spinning on a full table.
+                tracing::warn!(worker = w.index, error = %e, "accept failed");
+                monoio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    shared.ready_workers.fetch_sub(1, Ordering::Release);
+    housekeeping.await;
+}
+
+/// The static table as a per-worker source (it is shared read-only behind an `Arc`).
+pub fn static_source(
+    routes: &StaticRoutes,
+) -> impl Fn(usize) -> StaticRoutes + Send + Sync + 'static {
+    let routes = routes.clone();
+    move |_| routes.clone()
+}

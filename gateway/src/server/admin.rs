@@ -1,0 +1,103 @@
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process runs) and
+//! `/readyz` (every worker accepts and no drain is under way). It runs on its own plain
+//! thread with blocking sockets: it serves a scraper every few seconds, not users, and
+//! keeps the workers' runtimes free of anything but sessions.
+
+use std::io::{Read as _, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use super::Shared;
+use crate::ws::handshake::status_text;
+
+pub fn spawn(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    prom: Option<PrometheusHandle>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("vncgate-admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => {
+                        if let Err(e) = handle(s, &shared, prom.as_ref()) {
+                            tracing::debug!(error = %e, "admin request failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn handle(
+    mut s: TcpStream,
+    shared: &Shared,
+    prom: Option<&PrometheusHandle>,
+) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    let path = loop {
+        let n = s.read(&mut buf[len..])?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => break req.path.unwrap_or("/").to_owned(),
+            Ok(httparse::Status::Partial) if len < buf.len() => continue,
+            _ => return respond(&mut s, 400, "text/plain", b"bad request\n"),
+        }
+    };
+    let ready = shared.ready_workers.load(Ordering::Acquire) == shared.workers
+        && !shared.draining.load(Ordering::Relaxed);
+    match path.split('?').next().unwrap_or("") {
+        "/healthz" | "/live" => respond(&mut s, 200, "text/plain", b"ok\n"),
+        "/readyz" | "/ready" if ready => respond(&mut s, 200, "text/plain", b"ready\n"),
+        "/readyz" | "/ready" => {
+            let why: &[u8] = if shared.draining.load(Ordering::Relaxed) {
+                b"draining\n"
+            } else {
+                b"workers starting\n"
+            };
+            respond(&mut s, 503, "text/plain", why)
+        }
+        "/metrics" => match prom {
+            Some(p) => {
+                let body = p.render();
+                respond(&mut s, 200, "text/plain; version=0.0.4", body.as_bytes())
+            }
+            None => respond(
+                &mut s,
+                503,
+                "text/plain",
+                b"metrics recorder not installed\n",
+            ),
+        },
+        _ => respond(&mut s, 404, "text/plain", b"not found\n"),
+    }
+}
+
+fn respond(s: &mut TcpStream, status: u16, ctype: &str, body: &[u8]) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        status_text(status),
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    s.flush()
+}

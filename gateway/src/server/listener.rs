@@ -1,0 +1,78 @@
+//! Binding the workers' listeners: one socket per worker on the same port with
+//! `SO_REUSEPORT`, so the kernel spreads new connections across workers.
+//!
+//! `SO_REUSEPORT` also lets an unrelated or stale process join the group and silently take a
+//! share of connections. So before binding, the port is probed without `SO_REUSEPORT`: if
+//! anything already listens there, startup fails, unless `--share-port` says that this is a
+//! deliberate handover (a new gateway starting beside the old one during a restart).
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+fn socket_for(addr: SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    Ok(s)
+}
+
+/// Fails if a socket is already bound to `addr` (a live or stale gateway).
+pub fn ensure_port_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = socket_for(addr)?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{addr} is already in use by another process (a stale gateway would silently take a share of connections through SO_REUSEPORT); stop it, or pass --share-port for a deliberate restart handover"
+            ),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// Binds `count` listeners on one port. With port 0 the first picks the port and the
+/// others join it.
+pub fn bind_group(
+    addr: SocketAddr,
+    count: usize,
+    share_port: bool,
+) -> io::Result<Vec<TcpListener>> {
+    if !share_port {
+        ensure_port_free(addr)?;
+    }
+    let mut out = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count {
+        let s = socket_for(addr)?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        s.listen(4096)?;
+        let l: TcpListener = s.into();
+        addr = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_group_on_same_port_is_refused_unless_shared() {
+        let first = bind_group("127.0.0.1:0".parse().unwrap(), 2, false).unwrap();
+        let addr = first[0].local_addr().unwrap();
+        assert_eq!(first[1].local_addr().unwrap(), addr);
+        let e = bind_group(addr, 1, false).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(e.to_string().contains("--share-port"));
+        let shared = bind_group(addr, 1, true).unwrap();
+        assert_eq!(shared[0].local_addr().unwrap(), addr);
+    }
+}

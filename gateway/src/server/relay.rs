@@ -1,0 +1,430 @@
+//! The relay between one browser and one VM, after the upgrade.
+//!
+//! VM -> browser carries the bulk (framebuffer updates). Server frames are unmasked, so the
+//! payload never needs to enter user space: `splice(2)` moves what the VM sent into a pipe,
+//! the 2-10 byte frame header goes out with `MSG_MORE`, and a second `splice(2)` moves the
+//! pipe into the browser's socket. One frame carries what one splice moved (at most the pipe
+//! capacity, 1 MiB by default, well under noVNC's 40 MiB receive limit). The syscalls are
+//! issued directly once the runtime reports readiness (an io_uring poll, or epoll): the
+//! kernel runs io_uring's own splice on io-wq worker threads, which measured slower.
+//!
+//! Browser -> VM frames are masked: a read buffer is lent from the worker's pool, the
+//! incremental parser unmasks payload in place, payload ranges are compacted to the front
+//! and written to the VM. The buffer goes back to the pool after the write, so an idle
+//! session holds no buffer and no pipe.
+//!
+//! Backpressure is end to end: a frame must be fully written to the browser before the next
+//! splice from the VM, so a slow browser leaves the VM's data in the VM's socket (and TCP
+//! window); a slow VM stops reads from the browser the same way. Per-session memory in user
+//! space is this struct plus the task; in flight at most one pipe and one buffer.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpStream;
+
+use super::signal::{Signal, WriteGate};
+use super::worker::Worker;
+use crate::close::{self, CloseCause};
+use crate::route::RouteSource;
+use crate::sys::{self, Pipe};
+use crate::ws::frame::{
+    ControlFrame, FrameParser, Item, MAX_SERVER_HEADER, OP_BINARY, OP_PING, OP_PONG, encode_header,
+};
+
+/// How a relayed session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The gateway closes with this cause (VM gone, timers, protocol error, drain...).
+    Cause(CloseCause),
+    /// The browser sent a close frame (with this code, if any); it is echoed.
+    ClientClose(Option<u16>),
+    /// The browser's connection ended without a close frame.
+    ClientGone(&'static str),
+}
+
+/// The frame being written to the browser: header bytes left, payload bytes in the pipe.
+/// Kept outside the relay futures so that a cancelled future leaves it consistent and the
+/// closing path can finish the frame before its close frame.
+#[derive(Default)]
+struct Outbound {
+    pipe: Option<Pipe>,
+    hdr: [u8; MAX_SERVER_HEADER],
+    hdr_len: u8,
+    hdr_off: u8,
+    in_pipe: usize,
+}
+
+impl Outbound {
+    fn idle(&self) -> bool {
+        self.hdr_off == self.hdr_len && self.in_pipe == 0
+    }
+}
+
+pub struct Relay<'a, S: RouteSource> {
+    w: &'a Rc<Worker<S>>,
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    cfd: RawFd,
+    ufd: RawFd,
+    gate: WriteGate,
+    out: RefCell<Outbound>,
+    parser: RefCell<FrameParser>,
+    last_activity: Cell<Instant>,
+    pong_due: Cell<Option<Instant>>,
+    pub to_browser: Cell<u64>,
+    pub to_vm: Cell<u64>,
+}
+
+/// Writes all of `buf`, waiting for writability as needed.
+pub async fn write_all(stream: &TcpStream, buf: &[u8]) -> io::Result<()> {
+    let fd = stream.as_raw_fd();
+    let mut off = 0;
+    while off < buf.len() {
+        match sys::send(fd, &buf[off..], false) {
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable(false).await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// After the last frame: FIN our side, then read and discard until the peer closes (or
+/// `linger` passes), so that unread bytes do not turn our close into a reset that could
+/// destroy the response or close frame before the peer reads it.
+pub async fn linger_close(stream: &TcpStream, linger: Duration) {
+    let fd = stream.as_raw_fd();
+    let _ = sys::shutdown_write(fd);
+    let drain = async {
+        let mut scratch = [0u8; 1024];
+        loop {
+            match sys::recv(fd, &mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if stream.readable(false).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = monoio::time::timeout(linger, drain).await;
+}
+
+fn is_would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl<'a, S: RouteSource> Relay<'a, S> {
+    pub fn new(w: &'a Rc<Worker<S>>, client: &'a TcpStream, upstream: &'a TcpStream) -> Self {
+        Self {
+            w,
+            client,
+            upstream,
+            cfd: client.as_raw_fd(),
+            ufd: upstream.as_raw_fd(),
+            gate: WriteGate::default(),
+            out: RefCell::new(Outbound::default()),
+            parser: RefCell::new(FrameParser::new(w.limits.max_message)),
+            last_activity: Cell::new(Instant::now()),
+            pong_due: Cell::new(None),
+            to_browser: Cell::new(0),
+            to_vm: Cell::new(0),
+        }
+    }
+
+    /// Relays until one side ends, a timer fires or `kill` is fired. `early` holds bytes
+    /// the client sent right behind its upgrade request.
+    pub async fn run(
+        &self,
+        kill: &Signal<CloseCause>,
+        expires: Option<Instant>,
+        early: &[u8],
+    ) -> End {
+        monoio::select! {
+            e = self.vm_to_browser() => e,
+            e = self.browser_to_vm(early) => e,
+            e = self.timers(expires) => e,
+            c = kill.wait() => End::Cause(c),
+        }
+    }
+
+    /// Completes the closing handshake: finishes the frame in flight (the browser gets
+    /// every byte the VM sent), sends the close frame, and lingers for the browser's close.
+    pub async fn finish(&self, end: End) {
+        let frame = match end {
+            End::ClientGone(_) => return,
+            End::ClientClose(code) => ControlFrame::close(code, ""),
+            End::Cause(c) => ControlFrame::close(Some(c.code), c.reason),
+        };
+        let limit = self.w.limits.keepalive_timeout;
+        let sent = monoio::time::timeout(limit, async {
+            self.flush_inflight().await?;
+            let _g = self.gate.acquire().await;
+            write_all(self.client, frame.as_bytes()).await
+        })
+        .await;
+        if matches!(sent, Ok(Ok(()))) {
+            linger_close(self.client, Duration::from_secs(2)).await;
+        }
+    }
+
+    async fn vm_to_browser(&self) -> End {
+        loop {
+            if let Err(e) = self.flush_inflight().await {
+                return client_write_error(&e);
+            }
+            // The pipe is empty here: borrow one only now that data may be coming.
+            let pipe = match self.out.borrow_mut().pipe.take() {
+                Some(p) => p,
+                None => match self.w.pipes.lend() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot create relay pipe");
+                        return End::Cause(close::INTERNAL);
+                    }
+                },
+            };
+            match sys::splice(self.ufd, pipe.write_fd(), pipe.capacity(), false) {
+                Ok(0) => {
+                    self.w.pipes.give(pipe);
+                    return End::Cause(close::UPSTREAM_CLOSED);
+                }
+                Ok(n) => {
+                    let mut o = self.out.borrow_mut();
+                    o.hdr_len = encode_header(&mut o.hdr, OP_BINARY, n as u64) as u8;
+                    o.hdr_off = 0;
+                    o.in_pipe = n;
+                    o.pipe = Some(pipe);
+                    self.to_browser.set(self.to_browser.get() + n as u64);
+                    let st = &self.w.stats.to_browser;
+                    st.set(st.get() + n as u64);
+                    self.last_activity.set(Instant::now());
+                }
+                Err(e) if is_would_block(&e) => {
+                    // The VM went quiet: give the pipe back before waiting.
+                    self.w.pipes.give(pipe);
+                    if self.upstream.readable(false).await.is_err() {
+                        return End::Cause(close::UPSTREAM_ERROR);
+                    }
+                }
+                Err(e) => {
+                    self.w.pipes.give(pipe);
+                    tracing::debug!(error = %e, "upstream read failed");
+                    return End::Cause(close::UPSTREAM_ERROR);
+                }
+            }
+        }
+    }
+
+    /// Writes the rest of the frame in flight, if any, holding the write gate throughout.
+    async fn flush_inflight(&self) -> io::Result<()> {
+        if self.out.borrow().idle() {
+            return Ok(());
+        }
+        let _g = self.gate.acquire().await;
+        loop {
+            let r = {
+                let mut o = self.out.borrow_mut();
+                if o.hdr_off < o.hdr_len {
+                    let (off, len) = (o.hdr_off as usize, o.hdr_len as usize);
+                    sys::send(self.cfd, &o.hdr[off..len], true).map(|n| {
+                        o.hdr_off += n as u8;
+                    })
+                } else if o.in_pipe > 0 {
+                    let rfd = o.pipe.as_ref().expect("pipe holds the payload").read_fd();
+                    match sys::splice(rfd, self.cfd, o.in_pipe, false) {
+                        Ok(0) => Err(io::Error::other("pipe drained early")),
+                        Ok(n) => {
+                            o.in_pipe -= n;
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    return Ok(());
+                }
+            };
+            match r {
+                Ok(()) => {}
+                Err(e) if is_would_block(&e) => self.client.writable(false).await?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn browser_to_vm(&self, early: &[u8]) -> End {
+        let mut early = Some(early).filter(|e| !e.is_empty());
+        loop {
+            let mut buf = self.w.bufs.lend();
+            let n = match early.take() {
+                Some(e) => {
+                    let n = e.len().min(buf.len());
+                    buf[..n].copy_from_slice(&e[..n]);
+                    n
+                }
+                None => match sys::recv(self.cfd, &mut buf) {
+                    Ok(0) => {
+                        self.w.bufs.give(buf);
+                        return End::ClientGone(
+                            "browser closed the connection without a close frame",
+                        );
+                    }
+                    Ok(n) => n,
+                    Err(e) if is_would_block(&e) => {
+                        // Nothing to read: hold no buffer while waiting.
+                        self.w.bufs.give(buf);
+                        if self.client.readable(false).await.is_err() {
+                            return End::ClientGone("browser connection error");
+                        }
+                        continue;
+                    }
+                    Err(_) => {
+                        self.w.bufs.give(buf);
+                        return End::ClientGone("browser connection reset");
+                    }
+                },
+            };
+            let r = self.from_browser(&mut buf[..n]).await;
+            self.w.bufs.give(buf);
+            if let Err(end) = r {
+                return end;
+            }
+        }
+    }
+
+    /// Parses one read's worth of client bytes: unmasks and forwards binary payload to the
+    /// VM, answers pings, notes pongs. Payload that preceded a close or a protocol error in
+    /// the same read is still delivered to the VM first.
+    async fn from_browser(&self, buf: &mut [u8]) -> Result<(), End> {
+        let mut off = 0;
+        let mut data_end = 0;
+        let mut pong = None;
+        let mut outcome = Ok(());
+        while off < buf.len() {
+            let step = self.parser.borrow_mut().step(&mut buf[off..]);
+            match step {
+                Err(pe) => {
+                    outcome = Err(End::Cause(close::protocol(pe)));
+                    break;
+                }
+                Ok(s) => {
+                    match s.item {
+                        Some(Item::Data(r)) => {
+                            let len = r.len();
+                            buf.copy_within(off + r.start..off + r.end, data_end);
+                            data_end += len;
+                        }
+                        Some(Item::Ping(p)) => pong = Some(p),
+                        Some(Item::Pong(_)) => self.pong_due.set(None),
+                        Some(Item::Close(c)) => {
+                            outcome = Err(End::ClientClose(c.code));
+                            break;
+                        }
+                        None => {}
+                    }
+                    off += s.consumed;
+                }
+            }
+        }
+        if data_end > 0 {
+            if let Err(e) = write_all(self.upstream, &buf[..data_end]).await {
+                tracing::debug!(error = %e, "upstream write failed");
+                return Err(End::Cause(close::UPSTREAM_ERROR));
+            }
+            self.to_vm.set(self.to_vm.get() + data_end as u64);
+            let st = &self.w.stats.to_vm;
+            st.set(st.get() + data_end as u64);
+            self.last_activity.set(Instant::now());
+        }
+        if let Some(p) = pong
+            && outcome.is_ok()
+        {
+            self.send_control(&ControlFrame::new(OP_PONG, p.as_slice()))
+                .await
+                .map_err(|e| client_write_error(&e))?;
+        }
+        outcome
+    }
+
+    async fn send_control(&self, frame: &ControlFrame) -> io::Result<()> {
+        let _g = self.gate.acquire().await;
+        write_all(self.client, frame.as_bytes()).await
+    }
+
+    /// Keepalive pings and their pong deadline, the idle timeout, the route's expiry and
+    /// the session duration cap.
+    async fn timers(&self, expires: Option<Instant>) -> End {
+        let l = &self.w.limits;
+        let started = Instant::now();
+        let max_end = l.max_session_duration.map(|d| started + d);
+        let mut next_ping = l.keepalive_interval.map(|i| started + i);
+        loop {
+            let now = Instant::now();
+            let idle_at = l.idle_timeout.map(|d| self.last_activity.get() + d);
+            if expires.is_some_and(|t| now >= t) {
+                return End::Cause(close::SESSION_EXPIRED);
+            }
+            if max_end.is_some_and(|t| now >= t) {
+                return End::Cause(close::MAX_DURATION);
+            }
+            if idle_at.is_some_and(|t| now >= t) {
+                return End::Cause(close::IDLE_TIMEOUT);
+            }
+            if self.pong_due.get().is_some_and(|t| now >= t) {
+                return End::Cause(close::KEEPALIVE_TIMEOUT);
+            }
+            if let (Some(p), Some(interval)) = (next_ping, l.keepalive_interval)
+                && now >= p
+            {
+                // A browser that accepts no bytes for the whole pong deadline (not even
+                // the ping behind a frame in flight) is as dead as one that never pongs.
+                let ping = ControlFrame::new(OP_PING, b"vncgate");
+                match monoio::time::timeout(l.keepalive_timeout, self.send_control(&ping)).await {
+                    Err(_) => return End::Cause(close::KEEPALIVE_TIMEOUT),
+                    Ok(Err(e)) => return client_write_error(&e),
+                    Ok(Ok(())) => {
+                        if self.pong_due.get().is_none() {
+                            self.pong_due
+                                .set(Some(Instant::now() + l.keepalive_timeout));
+                        }
+                    }
+                }
+                next_ping = Some(now + interval);
+                continue;
+            }
+            let next = [expires, max_end, idle_at, self.pong_due.get(), next_ping]
+                .into_iter()
+                .flatten()
+                .min();
+            match next {
+                Some(t) => monoio::time::sleep(t.saturating_duration_since(now)).await,
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+}
+
+fn client_write_error(e: &io::Error) -> End {
+    tracing::debug!(error = %e, "browser write failed");
+    End::ClientGone("browser connection reset")
+}
+
+impl<S: RouteSource> Drop for Relay<'_, S> {
+    fn drop(&mut self) {
+        let mut o = self.out.borrow_mut();
+        if let Some(p) = o.pipe.take() {
+            if o.in_pipe == 0 {
+                self.w.pipes.give(p);
+            } else {
+                self.w.pipes.forget(p);
+            }
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! A worker: one thread, one monoio runtime, one `SO_REUSEPORT` listener, and the sessions
+//! it accepted. Nothing here is shared with other workers except the read-only route table
+//! and the drain flag; pools, counters and the session registry are thread-local.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::Shared;
+use super::pool::{BufPool, PipePool};
+use super::signal::Signal;
+use crate::close::{self, CloseCause};
+use crate::config::Limits;
+use crate::metrics as m;
+use crate::policy::UpstreamPolicy;
+use crate::route::RouteSource;
+use crate::ws::handshake::HandshakeConfig;
+
+/// A live session's handle, by which the worker can end it (drain; revocation later).
+pub struct SessionCtl {
+    pub session_id: String,
+    pub kill: Signal<CloseCause>,
+    key: u64,
+}
+
+/// Bytes relayed by this worker since the last flush to the metrics registry.
+#[derive(Default)]
+pub struct Stats {
+    pub to_browser: Cell<u64>,
+    pub to_vm: Cell<u64>,
+}
+
+pub struct Worker<S> {
+    pub index: usize,
+    pub routes: S,
+    pub handshake: HandshakeConfig,
+    pub policy: UpstreamPolicy,
+    pub limits: Limits,
+    pub pipes: PipePool,
+    pub bufs: BufPool,
+    pub stats: Stats,
+    /// Set once this worker has seen the drain flag: no new upgrades.
+    pub draining: Cell<bool>,
+    /// Fired to stop the accept loop.
+    pub stop_accepting: Signal<()>,
+    sessions: RefCell<HashMap<u64, Rc<SessionCtl>>>,
+    next_key: Cell<u64>,
+    shared: Arc<Shared>,
+}
+
+impl<S: RouteSource> Worker<S> {
+    pub fn new(
+        index: usize,
+        routes: S,
+        handshake: HandshakeConfig,
+        policy: UpstreamPolicy,
+        limits: Limits,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            index,
+            routes,
+            handshake,
+            policy,
+            pipes: PipePool::new(limits.pipe_size, limits.max_idle_pipes),
+            bufs: BufPool::new(limits.read_buffer, 64),
+            limits,
+            stats: Stats::default(),
+            draining: Cell::new(false),
+            stop_accepting: Signal::new(),
+            sessions: RefCell::new(HashMap::new()),
+            next_key: Cell::new(0),
+            shared,
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.borrow().len()
+    }
+
+    pub fn register(&self, session_id: &str) -> Rc<SessionCtl> {
+        let key = self.next_key.get();
+        self.next_key.set(key + 1);
+        let ctl = Rc::new(SessionCtl {
+            session_id: session_id.to_owned(),
+            kill: Signal::new(),
+            key,
+        });
+        self.sessions.borrow_mut().insert(key, ctl.clone());
+        metrics::gauge!(m::SESSIONS_ACTIVE).increment(1.0);
+        // A session that arrives while a drain is past its deadline ends at once.
+        ctl
+    }
+
+    pub fn unregister(&self, ctl: &SessionCtl) {
+        if self.sessions.borrow_mut().remove(&ctl.key).is_some() {
+            metrics::gauge!(m::SESSIONS_ACTIVE).decrement(1.0);
+        }
+    }
+
+    /// Ends every live session with `cause`.
+    pub fn kill_all(&self, cause: CloseCause) {
+        for s in self.sessions.borrow().values() {
+            s.kill.fire(cause);
+        }
+    }
+
+    fn flush_stats(&self) {
+        let b = self.stats.to_browser.replace(0);
+        let v = self.stats.to_vm.replace(0);
+        if b > 0 {
+            metrics::counter!(m::RELAYED_BYTES, "direction" => "vm_to_browser").increment(b);
+        }
+        if v > 0 {
+            metrics::counter!(m::RELAYED_BYTES, "direction" => "browser_to_vm").increment(v);
+        }
+        metrics::gauge!(m::PIPES_LENT, "worker" => self.index.to_string())
+            .set(self.pipes.lent() as f64);
+        metrics::gauge!(m::PIPES_POOLED, "worker" => self.index.to_string())
+            .set(self.pipes.idle() as f64);
+    }
+}
+
+/// The worker's housekeeping: flushes counters once a second, and runs the drain: stop
+/// accepting at once, let sessions finish until the drain deadline, then close the rest
+/// with 1001. Returns when draining and no session is left.
+pub async fn housekeeping<S: RouteSource>(w: Rc<Worker<S>>) {
+    let tick = Duration::from_millis(100);
+    let mut last_flush = Instant::now();
+    let mut drain_started: Option<Instant> = None;
+    let mut killed = false;
+    loop {
+        monoio::time::sleep(tick).await;
+        if last_flush.elapsed() >= Duration::from_secs(1) {
+            w.flush_stats();
+            last_flush = Instant::now();
+        }
+        if drain_started.is_none() && w.shared.draining.load(Ordering::Relaxed) {
+            drain_started = Some(Instant::now());
+            w.draining.set(true);
+            w.stop_accepting.fire(());
+            tracing::info!(worker = w.index, sessions = w.session_count(), "draining");
+        }
+        if let Some(t) = drain_started {
+            if !killed && t.elapsed() >= w.limits.drain_timeout {
+                tracing::info!(
+                    worker = w.index,
+                    sessions = w.session_count(),
+                    "drain deadline: closing sessions with 1001"
+                );
+                w.kill_all(close::GOING_AWAY);
+                killed = true;
+            }
+            if w.session_count() == 0 {
+                w.flush_stats();
+                return;
+            }
+        }
+    }
+}
