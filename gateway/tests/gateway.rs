@@ -1,0 +1,874 @@
+//! The gateway binary on real sockets, against real peers: tungstenite as the browser,
+//! the synthetic RFB server (and plain TCP servers) as the VM. Relay tests run under both
+//! I/O drivers.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+type Ws = WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
+
+fn fakevm() -> std::net::SocketAddr {
+    vncgate_loadtest::fakevm::spawn_background(vncgate_loadtest::fakevm::Config {
+        width: 64,
+        height: 48,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// Reads RFB bytes out of binary messages, like noVNC's receive queue.
+struct RfbOverWs {
+    ws: Ws,
+    buf: Vec<u8>,
+}
+
+impl RfbOverWs {
+    fn read(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            match self.ws.read().expect("websocket read") {
+                Message::Binary(b) => self.buf.extend_from_slice(&b),
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.ws
+            .send(Message::Binary(bytes.to_vec().into()))
+            .unwrap();
+    }
+}
+
+/// A complete RFB 3.8 session through the gateway: handshake, one full update, and a
+/// cut-text echo from the synthetic VM.
+fn rfb_session_through_gateway(driver: &str, subprotocol: Option<&str>) {
+    let vm = fakevm();
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("desk={vm}"),
+            "--allow-upstream",
+            "127.0.0.1/32",
+        ],
+    );
+    let mut req = gw.url("desk").into_client_request().unwrap();
+    if let Some(p) = subprotocol {
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+    }
+    let (ws, resp) = tungstenite::connect(req).expect("upgrade");
+    assert_eq!(resp.status(), 101);
+    assert_eq!(
+        resp.headers()
+            .get("Sec-WebSocket-Protocol")
+            .map(|v| v.to_str().unwrap()),
+        subprotocol.map(|_| "binary")
+    );
+    let mut c = RfbOverWs {
+        ws,
+        buf: Vec::new(),
+    };
+    assert_eq!(c.read(12), b"RFB 003.008\n");
+    c.send(b"RFB 003.008\n");
+    let n = c.read(1)[0] as usize;
+    let types = c.read(n);
+    assert!(types.contains(&1), "security None offered: {types:?}");
+    c.send(&[1]);
+    assert_eq!(c.read(4), [0, 0, 0, 0], "SecurityResult ok");
+    c.send(&[1]); // ClientInit, shared
+    let init = c.read(24);
+    let (w, h) = (
+        u16::from_be_bytes([init[0], init[1]]),
+        u16::from_be_bytes([init[2], init[3]]),
+    );
+    assert_eq!((w, h), (64, 48));
+    let bpp = init[4] as usize / 8;
+    let name_len = u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize;
+    c.read(name_len);
+    // SetEncodings [Raw], then a full (non-incremental) update request.
+    c.send(&[2, 0, 0, 1, 0, 0, 0, 0]);
+    let mut fbur = vec![3, 0, 0, 0, 0, 0];
+    fbur.extend_from_slice(&w.to_be_bytes());
+    fbur.extend_from_slice(&h.to_be_bytes());
+    c.send(&fbur);
+    let hdr = c.read(4);
+    assert_eq!(hdr[0], 0, "FramebufferUpdate");
+    let rects = u16::from_be_bytes([hdr[2], hdr[3]]);
+    assert!(rects > 0);
+    for _ in 0..rects {
+        let r = c.read(12);
+        let rw = u16::from_be_bytes([r[4], r[5]]) as usize;
+        let rh = u16::from_be_bytes([r[6], r[7]]) as usize;
+        assert_eq!(i32::from_be_bytes(r[8..12].try_into().unwrap()), 0, "raw");
+        c.read(rw * rh * bpp);
+    }
+    // ClientCutText comes back as ServerCutText.
+    let text = b"latency probe 42";
+    let mut cut = vec![6, 0, 0, 0];
+    cut.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    cut.extend_from_slice(text);
+    c.send(&cut);
+    let echo = c.read(8 + text.len());
+    assert_eq!(echo[0], 3, "ServerCutText");
+    assert_eq!(&echo[8..], text);
+    c.ws.close(None).unwrap();
+    // The gateway answers the close; then the stream ends.
+    loop {
+        match c.ws.read() {
+            Ok(Message::Close(f)) => {
+                assert_eq!(f.map(|f| f.code), None);
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("unclean close: {e}"),
+        }
+    }
+}
+
+fn rfb_session_novnc_current(driver: &str) {
+    rfb_session_through_gateway(driver, None);
+}
+
+fn rfb_session_novnc_old_binary(driver: &str) {
+    rfb_session_through_gateway(driver, Some("binary"));
+}
+
+/// Reads the close frame a raw client gets, checking data before it.
+fn close_of(ws: &mut RawWs) -> (u16, String) {
+    let (_, close) = ws.until_close();
+    let f = close.expect("a close frame, not a dropped connection");
+    (f.close_code().unwrap(), f.close_reason())
+}
+
+fn upstream_refused_is_4000(driver: &str) {
+    let port = closed_port();
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("vm={port}"),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--connect-retry-window",
+            "0",
+        ],
+    );
+    let mut ws = RawWs::connect(gw.addr, "/vnc/vm", "");
+    let (code, reason) = close_of(&mut ws);
+    assert_eq!((code, reason.as_str()), (4000, "vm vnc port refused"));
+    assert!(!reason.contains("127.0.0.1"), "VM address must stay hidden");
+    assert!(
+        gw.wait_log("cause=\"upstream_refused\"", Duration::from_secs(5))
+            || gw.log().contains("upstream_refused")
+    );
+}
+
+fn upstream_closed_delivers_everything_then_4003(driver: &str) {
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let vm = say_and_close(payload.clone());
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("vm={vm}"),
+            "--allow-upstream",
+            "127.0.0.1/8",
+        ],
+    );
+    let mut ws = RawWs::connect(gw.addr, "/vnc/vm", "");
+    let (data, close) = ws.until_close();
+    assert_eq!(data.len(), payload.len(), "every byte the VM sent arrives");
+    assert!(data == payload);
+    let close = close.unwrap();
+    assert_eq!(close.close_code(), Some(4003));
+    assert_eq!(close.close_reason(), "upstream closed");
+}
+
+fn retry_window_waits_for_a_booting_vm(driver: &str) {
+    let addr = closed_port();
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("vm={addr}"),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--connect-retry-window",
+            "10",
+        ],
+    );
+    let boot = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(400));
+        let l = std::net::TcpListener::bind(addr).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(b"RFB 003.008\n").unwrap();
+        thread::sleep(Duration::from_millis(500));
+    });
+    let mut ws = RawWs::connect(gw.addr, "/vnc/vm", "");
+    assert_eq!(ws.read_data(12), b"RFB 003.008\n");
+    boot.join().unwrap();
+    assert!(gw.log().contains("retrying"));
+}
+
+fn protocol_errors_close_with_rfc_codes(driver: &str) {
+    let echo = echo_server();
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("e={}", echo.addr),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--max-message",
+            "1000",
+        ],
+    );
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (vec![0x82, 0x03, b'a', b'b', b'c'], 1002),     // unmasked
+        (frame(0x83, b"x"), 1002),                      // reserved opcode
+        (frame(0xA2, b"x"), 1002),                      // RSV2 set
+        (frame(0x81, b"text"), 1003),                   // text frame
+        (frame(0x82, &[0u8; 1001]), 1009),              // over --max-message
+        (frame(0x88, &[0x03, 0xe8, 0xff, 0xfe]), 1007), // close reason not UTF-8
+        (frame(0x88, &[0x03, 0xed]), 1002),             // close code 1005 on the wire
+        (frame(0x09, b""), 1002),                       // fragmented ping
+        (
+            {
+                let mut f = vec![0x82, 0xff];
+                f.extend_from_slice(&(1u64 << 63).to_be_bytes());
+                f.extend_from_slice(&[1, 2, 3, 4]);
+                f
+            },
+            1002,
+        ),
+        (
+            {
+                let mut f = vec![0x82, 0xff];
+                f.extend_from_slice(&(i64::MAX as u64).to_be_bytes());
+                f.extend_from_slice(&[1, 2, 3, 4]);
+                f
+            },
+            1009,
+        ),
+    ];
+    for (bytes, want) in cases {
+        let mut ws = RawWs::connect(gw.addr, "/vnc/e", "");
+        ws.send(&bytes);
+        let (code, reason) = close_of(&mut ws);
+        assert_eq!(code, want, "{bytes:02x?}: {reason}");
+        assert!(!reason.is_empty());
+    }
+    // The gateway still serves after all that.
+    let mut ws = RawWs::connect(gw.addr, "/vnc/e", "");
+    ws.send(&frame(0x82, b"still here"));
+    assert_eq!(ws.read_data(10), b"still here");
+}
+
+fn fragmentation_ping_pong_and_close_echo(driver: &str) {
+    let echo = echo_server();
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("e={}", echo.addr),
+            "--allow-upstream",
+            "127.0.0.1",
+        ],
+    );
+    let mut ws = RawWs::connect(gw.addr, "/vnc/e", "");
+    let mut wire = frame(0x02, b"frag-");
+    wire.extend(frame(0x89, b"are you there"));
+    wire.extend(frame(0x00, b"ment"));
+    wire.extend(frame(0x8A, b"unsolicited pong"));
+    wire.extend(frame(0x80, b"ed!"));
+    // Byte by byte: the gateway must survive any read boundary.
+    for b in &wire {
+        ws.send(&[*b]);
+    }
+    let mut got = Vec::new();
+    let mut pong = None;
+    while got.len() < 12 || pong.is_none() {
+        let f = ws
+            .next_frame()
+            .unwrap_or_else(|| panic!("ended; log:\n{}", gw.log()));
+        match f.opcode {
+            2 => got.extend(f.payload),
+            10 => pong = Some(f.payload),
+            op => panic!("opcode {op}"),
+        }
+    }
+    assert_eq!(got, b"frag-mented!");
+    assert_eq!(pong.unwrap(), b"are you there");
+    ws.send(&frame(0x88, &[0x03, 0xe8, b'b', b'y', b'e']));
+    let f = ws.next_frame().unwrap();
+    assert_eq!(
+        f.close_code(),
+        Some(1000),
+        "close echoed with the same code"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || echo.open.load(Ordering::SeqCst)
+            == 0),
+        "upstream closed after the browser's close"
+    );
+}
+
+fn browser_vanishing_releases_upstream(driver: &str) {
+    let (vm, open) = silent_server();
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("s={vm}"),
+            "--allow-upstream",
+            "127.0.0.1",
+        ],
+    );
+    let mut base_fds = usize::MAX;
+    // Round one warms the worker's pipe pool; round two must return to the same count.
+    for round in 0..2 {
+        let clients: Vec<RawWs> = (0..20)
+            .map(|_| RawWs::connect(gw.addr, "/vnc/s", ""))
+            .collect();
+        assert!(eventually(Duration::from_secs(5), || open
+            .load(Ordering::SeqCst)
+            == 20));
+        drop(clients); // TCP close without a close frame
+        assert!(
+            eventually(Duration::from_secs(5), || open.load(Ordering::SeqCst) == 0),
+            "upstream connections leaked: {}",
+            open.load(Ordering::SeqCst)
+        );
+        if round == 0 {
+            thread::sleep(Duration::from_millis(200));
+            base_fds = gw.fd_count();
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || gw.fd_count() <= base_fds),
+        "fds {} > {}",
+        gw.fd_count(),
+        base_fds
+    );
+    assert!(gw.log().contains("browser_gone"));
+}
+
+fn stalled_browser_does_not_grow_gateway_memory(driver: &str) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (vm, written) = bulk_source(stop.clone());
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("b={vm}"),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--workers",
+            "1",
+        ],
+    );
+    let rss_before = gw.rss_kib();
+    let mut ws = RawWs::connect(gw.addr, "/vnc/b", "");
+    // Read a little, then stall: the gateway must stop reading from the VM.
+    let first = ws.read_data(100_000);
+    assert!(first.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+    // Kernel socket buffers fill (and autotune) for a moment; after that the VM's writes
+    // must stop: what is in flight is bounded by those buffers and one pipe, not by time.
+    thread::sleep(Duration::from_millis(1000));
+    let w1 = written.load(Ordering::SeqCst);
+    thread::sleep(Duration::from_millis(1000));
+    let w2 = written.load(Ordering::SeqCst);
+    let rss_stalled = gw.rss_kib();
+    assert!(
+        w2 < 64 << 20 && w2 - w1 < 4 << 20,
+        "the VM must be held back while the browser stalls (backpressure): {w1} -> {w2}"
+    );
+    assert!(
+        rss_stalled < rss_before + 8 * 1024,
+        "gateway RSS grew from {rss_before} KiB to {rss_stalled} KiB while stalled"
+    );
+    // Resume: every byte arrives, in order, nothing dropped.
+    let rest = ws.read_data(4_000_000);
+    let all: Vec<u8> = first.into_iter().chain(rest).collect();
+    assert!(
+        all.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8),
+        "byte stream intact"
+    );
+    stop.store(true, Ordering::SeqCst);
+}
+
+fn idle_timeout_and_duration_cap(driver: &str) {
+    let (vm, _) = silent_server();
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("s={vm}"),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--idle-timeout",
+            "0.4",
+        ],
+    );
+    let mut ws = RawWs::connect(gw.addr, "/vnc/s", "");
+    assert_eq!(close_of(&mut ws), (4007, "idle timeout".into()));
+    drop(gw);
+    let echo = echo_server();
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("e={}", echo.addr),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--max-session-duration",
+            "0.5",
+        ],
+    );
+    let mut ws = RawWs::connect(gw.addr, "/vnc/e", "");
+    ws.send(&frame(0x82, b"hi"));
+    assert_eq!(ws.read_data(2), b"hi");
+    assert_eq!(close_of(&mut ws).0, 4011);
+}
+
+fn keepalive_without_pong_closes_4008(driver: &str) {
+    let (vm, _) = silent_server();
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("s={vm}"),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--keepalive-interval",
+            "0.2",
+            "--keepalive-timeout",
+            "0.5",
+        ],
+    );
+    let mut ws = RawWs::connect(gw.addr, "/vnc/s", "");
+    let f = ws.next_frame().unwrap();
+    assert_eq!(
+        (f.opcode, f.payload.as_slice()),
+        (9, &b"vncgate"[..]),
+        "ping"
+    );
+    // Never answer: the next interesting frame is the close.
+    assert_eq!(close_of(&mut ws).0, 4008);
+    // A client that answers pings stays connected past several deadlines.
+    let mut ok = tungstenite::connect(gw.url("s")).unwrap().0;
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ok.get_mut() {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+    }
+    let until = std::time::Instant::now() + Duration::from_millis(1600);
+    while std::time::Instant::now() < until {
+        match ok.read() {
+            Ok(Message::Close(f)) => panic!("closed despite pongs: {f:?}"),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        let _ = ok.flush();
+    }
+}
+
+fn drain_closes_sessions_with_1001(driver: &str) {
+    let (vm, _) = silent_server();
+    let mut gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("s={vm}"),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--drain-timeout",
+            "0.5",
+        ],
+    );
+    let (mut ws, _) = tungstenite::connect(gw.url("s")).unwrap();
+    let (st, _) = gw.admin_get("/readyz");
+    assert_eq!(st, 200);
+    gw.signal(15);
+    let code = loop {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => break f.code,
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    assert_eq!(code, CloseCode::Away);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+macro_rules! driver_tests {
+    ($($name:ident),* $(,)?) => {
+        mod uring { $( #[test] fn $name() { super::$name("uring") } )* }
+        mod epoll { $( #[test] fn $name() { super::$name("epoll") } )* }
+    };
+}
+
+driver_tests!(
+    rfb_session_novnc_current,
+    rfb_session_novnc_old_binary,
+    upstream_refused_is_4000,
+    upstream_closed_delivers_everything_then_4003,
+    retry_window_waits_for_a_booting_vm,
+    protocol_errors_close_with_rfc_codes,
+    fragmentation_ping_pong_and_close_echo,
+    browser_vanishing_releases_upstream,
+    stalled_browser_does_not_grow_gateway_memory,
+    idle_timeout_and_duration_cap,
+    keepalive_without_pong_closes_4008,
+    drain_closes_sessions_with_1001,
+);
+
+// ---- Before the upgrade: statuses (driver-independent; run under auto) ----
+
+#[test]
+fn bad_requests_get_precise_statuses() {
+    let echo = echo_server();
+    let gw = Gw::start(
+        "auto",
+        &[
+            "--route",
+            &format!("e={}", echo.addr),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--allow-origin",
+            "https://app.example",
+        ],
+    );
+    let cases: Vec<(Vec<u8>, u16, Option<&str>)> = vec![
+        (b"GARBAGE\r\n\r\n".to_vec(), 400, None),
+        (
+            b"GET /vnc/e HTTP/1.1\r\nHost : gw\r\n\r\n".to_vec(),
+            400,
+            None,
+        ),
+        (
+            upgrade_request("/vnc/e", "")
+                .replace("Upgrade: websocket\r\n", "")
+                .into_bytes(),
+            426,
+            Some("Upgrade: websocket"),
+        ),
+        (
+            upgrade_request("/vnc/e", "")
+                .replace("Version: 13", "Version: 8")
+                .into_bytes(),
+            426,
+            Some("Sec-WebSocket-Version: 13"),
+        ),
+        (
+            upgrade_request("/vnc/e", "")
+                .replace("GET", "POST")
+                .into_bytes(),
+            405,
+            Some("Allow: GET"),
+        ),
+        (
+            upgrade_request("/vnc/e", "")
+                .replace(KEY, "c2hvcnQ=")
+                .into_bytes(),
+            400,
+            None,
+        ),
+        (upgrade_request("/nope/e", "").into_bytes(), 404, None),
+        (
+            upgrade_request("/vnc/unknown", "").into_bytes(),
+            404,
+            Some("unknown session"),
+        ),
+        (
+            upgrade_request("/vnc/e", "Origin: https://evil.example\r\n").into_bytes(),
+            403,
+            None,
+        ),
+        (
+            upgrade_request("/vnc/e", &format!("X-Pad: {}\r\n", "a".repeat(65536))).into_bytes(),
+            431,
+            None,
+        ),
+    ];
+    for (req, want, header) in cases {
+        let resp = http_exchange(gw.addr, &req);
+        assert_eq!(status_of(&resp), want, "{resp}");
+        if let Some(h) = header {
+            assert!(resp.contains(h), "{resp}");
+        }
+        assert!(!resp.contains("Sec-WebSocket-Accept"));
+    }
+    let ok = RawWs::connect(gw.addr, "/vnc/e", "Origin: https://app.example\r\n");
+    drop(ok);
+    let (_, metrics) = gw.admin_get("/metrics");
+    assert!(
+        metrics.contains("vncgate_handshake_rejected_total"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn tokens_from_query_subprotocol_and_bearer() {
+    let echo = echo_server();
+    let dir = std::env::temp_dir().join(format!("vncgate-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let routes = dir.join("routes.toml");
+    std::fs::write(
+        &routes,
+        format!(
+            "[[route]]\nsession = \"t\"\nupstream = \"{}\"\ntoken = \"s3cret\"\n[[route]]\nsession = \"old\"\nupstream = \"{}\"\nexpires_at = 1000\n",
+            echo.addr, echo.addr
+        ),
+    )
+    .unwrap();
+    let gw = Gw::start(
+        "auto",
+        &[
+            "--routes-file",
+            routes.to_str().unwrap(),
+            "--allow-upstream",
+            "127.0.0.1",
+        ],
+    );
+    let r = http_exchange(gw.addr, upgrade_request("/vnc/t", "").as_bytes());
+    assert_eq!(status_of(&r), 401, "{r}");
+    assert!(r.contains("WWW-Authenticate: Bearer"));
+    let r = http_exchange(
+        gw.addr,
+        upgrade_request("/vnc/t?token=wrong", "").as_bytes(),
+    );
+    assert_eq!(status_of(&r), 403, "{r}");
+    for (path, extra) in [
+        ("/vnc/t?token=s3cret", ""),
+        ("/vnc/t", "Authorization: Bearer s3cret\r\n"),
+        (
+            "/vnc/t",
+            "Sec-WebSocket-Protocol: binary, vncgate.token.s3cret\r\n",
+        ),
+    ] {
+        let mut ws = RawWs::connect(gw.addr, path, extra);
+        ws.send(&frame(0x82, b"ok"));
+        assert_eq!(ws.read_data(2), b"ok");
+    }
+    // The 101 for the token subprotocol selects binary and never echoes the token.
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.write_all(
+        upgrade_request(
+            "/vnc/t",
+            "Sec-WebSocket-Protocol: binary, vncgate.token.s3cret\r\n",
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut head = [0u8; 512];
+    let n = s.read(&mut head).unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(
+        head.contains("Sec-WebSocket-Protocol: binary\r\n") && !head.contains("s3cret"),
+        "{head}"
+    );
+    // An expired route: the upgrade completes and the browser learns why.
+    let mut ws = RawWs::connect(gw.addr, "/vnc/old", "");
+    assert_eq!(close_of(&mut ws), (4005, "session expired".into()));
+    assert!(!gw.log().contains("s3cret"), "tokens never reach the log");
+}
+
+#[test]
+fn slowloris_and_full_worker() {
+    let (vm, _) = silent_server();
+    let gw = Gw::start(
+        "auto",
+        &[
+            "--route",
+            &format!("s={vm}"),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--workers",
+            "1",
+            "--handshake-timeout",
+            "0.5",
+            "--max-sessions-per-worker",
+            "1",
+        ],
+    );
+    let mut slow = TcpStream::connect(gw.addr).unwrap();
+    slow.write_all(b"GET /vnc/s HTTP/1.1\r\n").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut resp = String::new();
+    let _ = slow.read_to_string(&mut resp);
+    assert_eq!(status_of(&resp), 408, "{resp}");
+    let _held = RawWs::connect(gw.addr, "/vnc/s", "");
+    let r = http_exchange(gw.addr, upgrade_request("/vnc/s", "").as_bytes());
+    assert_eq!(status_of(&r), 503, "{r}");
+    assert!(r.contains("at capacity"));
+}
+
+#[test]
+fn admin_endpoints() {
+    let gw = Gw::start("auto", &[]);
+    assert_eq!(gw.admin_get("/healthz").0, 200);
+    assert_eq!(gw.admin_get("/readyz").0, 200);
+    assert_eq!(gw.admin_get("/nope").0, 404);
+    let (st, body) = gw.admin_get("/metrics");
+    assert_eq!(st, 200);
+    assert!(body.contains("vncgate_io_driver"), "{body}");
+}
+
+#[test]
+fn stale_gateway_on_the_port_is_refused_unless_shared() {
+    let first = Gw::start("auto", &[]);
+    let port = first.addr.to_string();
+    let err = Gw::spawn(std::process::Command::new(BIN).args([
+        "serve",
+        "--listen",
+        &port,
+        "--admin",
+        "127.0.0.1:0",
+    ]))
+    .err()
+    .expect("second gateway must refuse the port");
+    assert!(err.contains("--share-port"), "{err}");
+    let second = Gw::spawn(std::process::Command::new(BIN).args([
+        "serve",
+        "--listen",
+        &port,
+        "--admin",
+        "127.0.0.1:0",
+        "--share-port",
+    ]))
+    .expect("handover start");
+    assert_eq!(second.addr, first.addr);
+}
+
+#[test]
+fn config_errors_are_clear() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--route",
+            "a=10.1.1.1:6080",
+            "--allow-upstream",
+            "127.0.0.0/8",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("outside --allow-upstream"), "{err}");
+}
+
+/// Runs the gateway with io_uring_setup(2) refused by a seccomp filter (as Docker's default
+/// profile does): `auto` must fall back to epoll and still relay; `uring` must say why not.
+#[test]
+fn auto_falls_back_to_epoll_when_io_uring_is_blocked() {
+    use std::os::unix::process::CommandExt;
+    let echo = echo_server();
+    let route = format!("e={}", echo.addr);
+    let blocked = |driver: &str| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--io-driver",
+            driver,
+            "--route",
+            &route,
+            "--allow-upstream",
+            "127.0.0.1",
+        ]);
+        // SAFETY: pre_exec runs in the forked child before exec; it only makes syscalls.
+        unsafe { cmd.pre_exec(deny_io_uring) };
+        cmd
+    };
+    let gw = Gw::spawn(&mut blocked("auto")).expect("auto starts without io_uring");
+    assert!(gw.log().contains("falling back to epoll"), "{}", gw.log());
+    assert!(gw.admin_get("/metrics").1.contains("driver=\"epoll\""));
+    let mut ws = RawWs::connect(gw.addr, "/vnc/e", "");
+    ws.send(&frame(0x82, b"epoll works"));
+    assert_eq!(ws.read_data(11), b"epoll works");
+    let err = Gw::spawn(&mut blocked("uring"))
+        .err()
+        .expect("uring must refuse");
+    assert!(err.contains("io_uring cannot be set up"), "{err}");
+}
+
+/// A seccomp filter returning EPERM for io_uring_setup (nr 425 on x86_64 and aarch64).
+fn deny_io_uring() -> std::io::Result<()> {
+    const IO_URING_SETUP: u32 = 425;
+    let filter = [
+        // load the syscall number
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: IO_URING_SETUP,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut _,
+    };
+    // SAFETY: prctl with a valid, live filter program.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const _,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn demo_serves_the_synthetic_desktop() {
+    let gw = Gw::spawn(std::process::Command::new(BIN).args([
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]))
+    .expect("demo starts");
+    let mut ws = RawWs::connect(gw.addr, "/vnc/demo", "");
+    assert_eq!(ws.read_data(12), b"RFB 003.008\n");
+}
