@@ -483,3 +483,29 @@ mod tests {
         assert!(e.contains("wrokers"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The documented example config must stay valid (its CIDRs would refuse its own routes
+    /// only if they drifted apart).
+    #[test]
+    fn example_config_parses() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let text = std::fs::read_to_string(format!("{root}/config/gateway.example.toml")).unwrap();
+        let f: FileConfig = toml::from_str(&text).unwrap();
+        assert_eq!(f.allow_upstream, vec!["10.0.0.0/16"]);
+        let routes =
+            route::load_routes_file(Path::new(&format!("{root}/config/routes.example.toml")))
+                .unwrap();
+        assert_eq!(routes.len(), 2);
+        let mut a = ServeArgs {
+            config: Some(format!("{root}/config/gateway.example.toml").into()),
+            ..Default::default()
+        };
+        a.routes_file = Some(format!("{root}/config/routes.example.toml").into());
+        let s = a.settings(vec![]).unwrap();
+        assert_eq!(s.routes.len(), 3);
+    }
+}

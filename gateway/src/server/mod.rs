@@ -224,7 +224,9 @@ async fn worker_main<S: RouteSource>(
             Some(Ok((stream, peer))) => {
                 metrics::counter!(m::CONNECTIONS_ACCEPTED, "worker" => worker_label.clone())
                     .increment(1);
-                monoio::spawn(session::serve(w.clone(), stream, peer));
+                let fut = session::serve(w.clone(), stream, peer);
+                tracing::trace!(bytes = std::mem::size_of_val(&fut), "session task size");
+                monoio::spawn(fut);
             }
             Some(Err(e)) => {
                 // EMFILE and friends: back off instead of spinning on a full table.

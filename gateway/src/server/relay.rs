@@ -291,7 +291,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                     }
                 },
             };
-            let r = self.from_browser(&mut buf[..n]).await;
+            let r = self.forward_browser_bytes(&mut buf[..n]).await;
             self.w.bufs.give(buf);
             if let Err(end) = r {
                 return end;
@@ -302,7 +302,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
     /// Parses one read's worth of client bytes: unmasks and forwards binary payload to the
     /// VM, answers pings, notes pongs. Payload that preceded a close or a protocol error in
     /// the same read is still delivered to the VM first.
-    async fn from_browser(&self, buf: &mut [u8]) -> Result<(), End> {
+    async fn forward_browser_bytes(&self, buf: &mut [u8]) -> Result<(), End> {
         let mut off = 0;
         let mut data_end = 0;
         let mut pong = None;

@@ -60,7 +60,10 @@ pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: So
             return;
         }
     };
-    let early = head.split_off(req.consumed);
+    // Bytes the client sent right behind its request (rare): kept, and the head's buffer
+    // released, so an established session holds no handshake memory.
+    let early = head[req.consumed..].to_vec();
+    drop(head);
     let id = req.session_id.clone();
 
     let route = match w.routes.lookup(&id).await {
@@ -184,15 +187,19 @@ async fn read_head(
     cfg: &handshake::HandshakeConfig,
 ) -> Result<UpgradeRequest, HeadError> {
     let fd = stream.as_raw_fd();
-    let mut chunk = [0u8; 2048];
     loop {
-        // Never read past the limit (plus one byte, to tell "at the limit" from "over").
+        // Read into the Vec's tail (no stack buffer inside the session's future), never
+        // past the limit plus one byte, to tell "at the limit" from "over".
+        let have = head.len();
         let room = (cfg.max_header_bytes + 1)
-            .saturating_sub(head.len())
-            .min(chunk.len());
-        match sys::recv(fd, &mut chunk[..room.max(1)]) {
+            .saturating_sub(have)
+            .clamp(1, 2048);
+        head.resize(have + room, 0);
+        let r = sys::recv(fd, &mut head[have..]);
+        head.truncate(have + *r.as_ref().unwrap_or(&0));
+        match r {
             Ok(0) => return Err(HeadError::Io(io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => head.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 stream.readable(false).await.map_err(HeadError::Io)?;
                 continue;

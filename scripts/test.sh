@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace, installing what the tests need first.
+#   scripts/test.sh          everything: format, lints, unit + integration tests, fuzz smoke
+#   FUZZ_SECONDS=0 ...       skip the fuzz smoke run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+cargo --version
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install cargo-nextest --locked
+fi
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "build"
+cargo build --workspace --all-targets
+
+step "tests (unit and integration, io_uring and epoll)"
+cargo nextest run --workspace --no-fail-fast
+
+step "doc tests"
+cargo test --workspace --doc
+
+fuzz_seconds=${FUZZ_SECONDS:-15}
+if [ "$fuzz_seconds" != "0" ] && [ -x gateway/fuzz/smoke.sh ]; then
+  step "fuzz smoke (${fuzz_seconds}s per target)"
+  gateway/fuzz/smoke.sh "$fuzz_seconds"
+fi
