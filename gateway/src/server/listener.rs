@@ -25,12 +25,32 @@ pub fn ensure_port_free(addr: SocketAddr) -> io::Result<()> {
     let probe = socket_for(addr)?;
     match probe.bind(&addr.into()) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!(
-                "{addr} is already in use by another process (a stale gateway would silently take a share of connections through SO_REUSEPORT); stop it, or pass --share-port for a deliberate restart handover"
-            ),
-        )),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            // A listener answers a connect; a port held only by closing connections
+            // (TIME_WAIT) does not.
+            let mut target = addr;
+            if target.ip().is_unspecified() {
+                target.set_ip(match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            let listening = std::net::TcpStream::connect_timeout(
+                &target,
+                std::time::Duration::from_millis(300),
+            )
+            .is_ok();
+            let why = if listening {
+                format!(
+                    "{addr} already has a listener (a stale gateway would silently take a share of connections through SO_REUSEPORT); stop it, or pass --share-port for a deliberate restart handover"
+                )
+            } else {
+                format!(
+                    "{addr} is held by connections still closing (TIME_WAIT), not by a listener; retry in a minute or use a port outside the ephemeral range (net.ipv4.ip_local_port_range)"
+                )
+            };
+            Err(io::Error::new(io::ErrorKind::AddrInUse, why))
+        }
         Err(e) => Err(e),
     }
 }

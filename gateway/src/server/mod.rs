@@ -179,6 +179,15 @@ where
             .map_err(|e| format!("cannot spawn worker: {e}"))?;
         threads.push(t);
     }
+    // Report started only once every worker accepts, so that "listening" (and /readyz)
+    // are true when said.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while shared.ready_workers.load(Ordering::Acquire) < settings.workers {
+        if std::time::Instant::now() > deadline {
+            return Err("workers did not start within 10 s".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     for i in 0..settings.workers {
         metrics::gauge!(m::IO_DRIVER, "driver" => driver.as_str(), "worker" => i.to_string())
             .set(1.0);

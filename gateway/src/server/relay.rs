@@ -1,7 +1,11 @@
 //! The relay between one browser and one VM, after the upgrade.
 //!
 //! VM -> browser carries the bulk (framebuffer updates). Server frames are unmasked, so the
-//! payload never needs to enter user space: `splice(2)` moves what the VM sent into a pipe,
+//! payload never needs to enter user space. Small writes from the VM (a cut-text echo, an
+//! incremental update of a few rectangles) are cheapest copied: one `recv` into a pooled
+//! buffer that keeps headroom for the frame header, and one `send` of header and payload
+//! together. When a read fills the buffer, the VM is streaming, and the relay switches to
+//! splicing until the VM's socket runs dry: `splice(2)` moves what the VM sent into a pipe,
 //! the 2-10 byte frame header goes out with `MSG_MORE`, and a second `splice(2)` moves the
 //! pipe into the browser's socket. One frame carries what one splice moved (at most the pipe
 //! capacity, 1 MiB by default, well under noVNC's 40 MiB receive limit). The syscalls are
@@ -51,17 +55,31 @@ pub enum End {
 /// closing path can finish the frame before its close frame.
 #[derive(Default)]
 struct Outbound {
+    /// Splice path: the header, then `in_pipe` payload bytes in `pipe`.
     pipe: Option<Pipe>,
     hdr: [u8; MAX_SERVER_HEADER],
     hdr_len: u8,
     hdr_off: u8,
     in_pipe: usize,
+    /// Copy path: a whole frame (header in the headroom, then payload) at `off..end`.
+    buf: Option<Box<[u8]>>,
+    off: usize,
+    end: usize,
 }
 
 impl Outbound {
     fn idle(&self) -> bool {
-        self.hdr_off == self.hdr_len && self.in_pipe == 0
+        self.hdr_off == self.hdr_len && self.in_pipe == 0 && self.off == self.end
     }
+}
+
+/// What one read from the VM produced.
+enum FromVm {
+    /// A frame of this many payload bytes is in flight; `full` when the read filled its
+    /// buffer (the VM is streaming).
+    Frame { len: usize, full: bool },
+    /// The VM's socket is empty.
+    WouldBlock,
 }
 
 pub struct Relay<'a, S: RouteSource> {
@@ -176,49 +194,99 @@ impl<'a, S: RouteSource> Relay<'a, S> {
     }
 
     async fn vm_to_browser(&self) -> End {
+        // Splice while the VM streams; copy small bursts.
+        let mut streaming = false;
         loop {
             if let Err(e) = self.flush_inflight().await {
                 return client_write_error(&e);
             }
-            // The pipe is empty here: borrow one only now that data may be coming.
-            let pipe = match self.out.borrow_mut().pipe.take() {
-                Some(p) => p,
-                None => match self.w.pipes.lend() {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot create relay pipe");
-                        return End::Cause(close::INTERNAL);
-                    }
-                },
+            let read = if streaming {
+                self.splice_from_vm()
+            } else {
+                self.copy_from_vm()
             };
-            match sys::splice(self.ufd, pipe.write_fd(), pipe.capacity(), false) {
-                Ok(0) => {
-                    self.w.pipes.give(pipe);
-                    return End::Cause(close::UPSTREAM_CLOSED);
-                }
-                Ok(n) => {
-                    let mut o = self.out.borrow_mut();
-                    o.hdr_len = encode_header(&mut o.hdr, OP_BINARY, n as u64) as u8;
-                    o.hdr_off = 0;
-                    o.in_pipe = n;
-                    o.pipe = Some(pipe);
-                    self.to_browser.set(self.to_browser.get() + n as u64);
+            match read {
+                Ok(FromVm::Frame { len, full }) => {
+                    self.to_browser.set(self.to_browser.get() + len as u64);
                     let st = &self.w.stats.to_browser;
-                    st.set(st.get() + n as u64);
+                    st.set(st.get() + len as u64);
                     self.last_activity.set(Instant::now());
+                    streaming |= full;
                 }
-                Err(e) if is_would_block(&e) => {
-                    // The VM went quiet: give the pipe back before waiting.
-                    self.w.pipes.give(pipe);
+                Ok(FromVm::WouldBlock) => {
+                    streaming = false;
                     if self.upstream.readable(false).await.is_err() {
                         return End::Cause(close::UPSTREAM_ERROR);
                     }
                 }
-                Err(e) => {
-                    self.w.pipes.give(pipe);
-                    tracing::debug!(error = %e, "upstream read failed");
-                    return End::Cause(close::UPSTREAM_ERROR);
-                }
+                Err(end) => return end,
+            }
+        }
+    }
+
+    /// Reads into a pooled buffer behind room for the header, and frames it in place.
+    fn copy_from_vm(&self) -> Result<FromVm, End> {
+        let mut buf = self.w.bufs.lend();
+        match sys::recv(self.ufd, &mut buf[MAX_SERVER_HEADER..]) {
+            Ok(0) => {
+                self.w.bufs.give(buf);
+                Err(End::Cause(close::UPSTREAM_CLOSED))
+            }
+            Ok(n) => {
+                let mut hdr = [0u8; MAX_SERVER_HEADER];
+                let hl = encode_header(&mut hdr, OP_BINARY, n as u64);
+                let start = MAX_SERVER_HEADER - hl;
+                buf[start..MAX_SERVER_HEADER].copy_from_slice(&hdr[..hl]);
+                let full = n == buf.len() - MAX_SERVER_HEADER;
+                let mut o = self.out.borrow_mut();
+                o.buf = Some(buf);
+                o.off = start;
+                o.end = MAX_SERVER_HEADER + n;
+                Ok(FromVm::Frame { len: n, full })
+            }
+            Err(e) if is_would_block(&e) => {
+                self.w.bufs.give(buf);
+                Ok(FromVm::WouldBlock)
+            }
+            Err(e) => {
+                self.w.bufs.give(buf);
+                tracing::debug!(error = %e, "upstream read failed");
+                Err(End::Cause(close::UPSTREAM_ERROR))
+            }
+        }
+    }
+
+    /// Splices from the VM's socket into a pipe, borrowed only now that data is flowing.
+    fn splice_from_vm(&self) -> Result<FromVm, End> {
+        let pipe = match self.out.borrow_mut().pipe.take() {
+            Some(p) => p,
+            None => self.w.pipes.lend().map_err(|e| {
+                tracing::error!(error = %e, "cannot create relay pipe");
+                End::Cause(close::INTERNAL)
+            })?,
+        };
+        match sys::splice(self.ufd, pipe.write_fd(), pipe.capacity(), false) {
+            Ok(0) => {
+                self.w.pipes.give(pipe);
+                Err(End::Cause(close::UPSTREAM_CLOSED))
+            }
+            Ok(n) => {
+                let mut o = self.out.borrow_mut();
+                o.hdr_len = encode_header(&mut o.hdr, OP_BINARY, n as u64) as u8;
+                o.hdr_off = 0;
+                o.in_pipe = n;
+                o.pipe = Some(pipe);
+                Ok(FromVm::Frame { len: n, full: true })
+            }
+            Err(e) if is_would_block(&e) => {
+                // The VM went quiet: give the pipe back before waiting.
+                self.w.pipes.give(pipe);
+                Ok(FromVm::WouldBlock)
+            }
+            Err(e) => {
+                self.w.pipes.give(pipe);
+                tracing::debug!(error = %e, "upstream read failed");
+                Err(End::Cause(close::UPSTREAM_ERROR))
             }
         }
     }
@@ -232,7 +300,20 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         loop {
             let r = {
                 let mut o = self.out.borrow_mut();
-                if o.hdr_off < o.hdr_len {
+                if o.off < o.end {
+                    let buf = o.buf.as_ref().expect("buffer holds the frame");
+                    match sys::send(self.cfd, &buf[o.off..o.end], false) {
+                        Ok(n) => {
+                            o.off += n;
+                            if o.off == o.end {
+                                let buf = o.buf.take().expect("buffer holds the frame");
+                                self.w.bufs.give(buf);
+                            }
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                } else if o.hdr_off < o.hdr_len {
                     let (off, len) = (o.hdr_off as usize, o.hdr_len as usize);
                     sys::send(self.cfd, &o.hdr[off..len], true).map(|n| {
                         o.hdr_off += n as u8;
@@ -419,6 +500,9 @@ fn client_write_error(e: &io::Error) -> End {
 impl<S: RouteSource> Drop for Relay<'_, S> {
     fn drop(&mut self) {
         let mut o = self.out.borrow_mut();
+        if let Some(b) = o.buf.take() {
+            self.w.bufs.give(b);
+        }
         if let Some(p) = o.pipe.take() {
             if o.in_pipe == 0 {
                 self.w.pipes.give(p);

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds vncgate and the bench, installs the comparison proxies when missing, runs the
+# bench (all arguments are passed on to it) and says where the table went.
+#
+#   bench/run.sh                      # full run: 3 reps, 3 s per point, 1000 idle sessions
+#   bench/run.sh --reps 1 --secs 1 --idle 200 --only direct,websocat
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target="${CARGO_TARGET_DIR:-target}"
+
+if ! nice -n 10 cargo build --release -p vncgate -p vncgate-bench; then
+    echo "run.sh: building vncgate failed; building the bench alone (vncgate will be skipped if it has no binary)" >&2
+    nice -n 10 cargo build --release -p vncgate-bench
+fi
+
+if ! command -v websocat >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/websocat" ]; then
+    echo "run.sh: installing websocat (a few minutes)" >&2
+    nice -n 10 timeout 1200 cargo install websocat --locked || echo "run.sh: websocat install failed; it will be skipped" >&2
+fi
+if ! command -v websockify >/dev/null 2>&1; then
+    echo "run.sh: installing websockify" >&2
+    timeout 300 python3 -m pip install --quiet websockify || echo "run.sh: websockify install failed; it will be skipped" >&2
+fi
+
+"$target/release/vncgate-bench" --vncgate "$target/release/vncgate" "$@"
+echo "run.sh: table in bench/out/results.md, raw figures in bench/out/results.json, proxy logs in bench/out/logs/" >&2

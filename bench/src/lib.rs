@@ -1,0 +1,23 @@
+//! vncgate-bench: a side-by-side benchmark of WebSocket-to-TCP relays (vncgate, websocat,
+//! websockify) against direct TCP, all in one run on loopback.
+//!
+//! - `ws`: RFC 6455 client role without I/O (upgrade, masked frames, frame decoder).
+//! - `conn`: one client connection over a blocking socket, raw TCP or WebSocket.
+//! - `targets`: the in-process upstreams (bulk source, echo server).
+//! - `proxy`: the relays under test, started as child processes and killed by pid.
+//! - `measure`: throughput, round trips, upgrades, idle memory; each bounded in time.
+//! - `procfs`: CPU time and memory of a proxy's process tree.
+//! - `report`: medians, ratios to direct, the markdown table and the JSON record.
+//! - `runner`: the interleaved repetitions that tie it together.
+//! - `sys`: the only `unsafe` (rlimit, clock ticks, kill).
+#![deny(unsafe_code)]
+
+pub mod conn;
+pub mod measure;
+pub mod procfs;
+pub mod proxy;
+pub mod report;
+pub mod runner;
+mod sys;
+pub mod targets;
+pub mod ws;

@@ -1,0 +1,317 @@
+//! The five measurements. Each one is bounded in time (a fixed window plus socket timeouts)
+//! and in connection count, and returns `Err(reason)` rather than a figure it cannot trust.
+//!
+//! Timed windows share one shape: connections are opened first (handshakes excluded), the
+//! worker threads start, traffic runs for a warm-up (which drains what the kernel and the
+//! proxy buffered while connecting), then bytes or round trips are counted over `secs`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::conn::{Conn, Read1, Target};
+use crate::procfs;
+
+/// Client read buffer for bulk: large, so the client makes few syscalls per MB.
+const BULK_BUF: usize = 256 * 1024;
+/// Payload of one round trip.
+const RT_PAYLOAD: [u8; 16] = *b"vncgate-bench-16";
+
+/// Warm-up before a counted window: a tenth of it, at least 200 ms.
+fn warmup(secs: f64) -> Duration {
+    Duration::from_secs_f64((secs / 10.0).max(0.2))
+}
+
+/// Opens `n` connections to `t`, sequentially.
+fn open_all(t: &Target, n: usize, seed: u64) -> Result<Vec<Conn>, String> {
+    (0..n)
+        .map(|i| {
+            Conn::open(t, seed.wrapping_add(i as u64 * 0x9e37_79b9))
+                .map_err(|e| format!("connection {i} of {n}: {e}"))
+        })
+        .collect()
+}
+
+/// Start of the counted window and its end.
+struct Window {
+    t0: Instant,
+    end: Instant,
+}
+
+impl Window {
+    /// Leaves 50 ms for the workers to spawn, then the warm-up.
+    fn new(secs: f64) -> Window {
+        let t0 = Instant::now() + Duration::from_millis(50) + warmup(secs);
+        Window {
+            t0,
+            end: t0 + Duration::from_secs_f64(secs),
+        }
+    }
+
+    fn sleep_until(t: Instant) {
+        let now = Instant::now();
+        if t > now {
+            thread::sleep(t - now);
+        }
+    }
+}
+
+pub struct Throughput {
+    /// Aggregate payload rate, 10^6 bytes per second.
+    pub mb_s: f64,
+    /// Jain's index over per-connection bytes: 1 = perfectly even, 1/n = one takes all.
+    pub jain: f64,
+    pub bytes: u64,
+    /// Proxy CPU seconds over the window (`None` for direct).
+    pub cpu_s: Option<f64>,
+}
+
+/// VM -> browser: `n` connections to the bulk route, each reading as fast as it can.
+pub fn throughput(
+    t: &Target,
+    n: usize,
+    secs: f64,
+    proxy_pids: &[u32],
+    seed: u64,
+) -> Result<Throughput, String> {
+    let conns = open_all(t, n, seed)?;
+    let w = Arc::new(Window::new(secs));
+    let workers: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            let w = w.clone();
+            thread::spawn(move || -> Result<u64, String> {
+                let mut buf = vec![0u8; BULK_BUF];
+                let mut counted = 0u64;
+                loop {
+                    let r = c.read_payload(&mut buf);
+                    let now = Instant::now();
+                    if now >= w.end {
+                        return Ok(counted);
+                    }
+                    match r {
+                        Ok(Read1::Payload(b)) if now >= w.t0 => counted += b,
+                        Ok(Read1::Payload(_)) => {}
+                        Ok(Read1::Closed) => return Err("proxy closed a bulk stream".into()),
+                        Err(e) => return Err(format!("bulk read: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    Window::sleep_until(w.t0);
+    let cpu0 = procfs::cpu_seconds(proxy_pids);
+    Window::sleep_until(w.end);
+    let cpu1 = procfs::cpu_seconds(proxy_pids);
+    let per_conn = join_all(workers)?;
+    let bytes: u64 = per_conn.iter().sum();
+    Ok(Throughput {
+        mb_s: bytes as f64 / secs / 1e6,
+        jain: jain(&per_conn),
+        bytes,
+        cpu_s: (!proxy_pids.is_empty()).then_some(cpu1 - cpu0),
+    })
+}
+
+fn jain(x: &[u64]) -> f64 {
+    let sum: f64 = x.iter().map(|&v| v as f64).sum();
+    let sq: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    if sq == 0.0 {
+        0.0
+    } else {
+        sum * sum / (x.len() as f64 * sq)
+    }
+}
+
+fn join_all<T>(workers: Vec<thread::JoinHandle<Result<T, String>>>) -> Result<Vec<T>, String> {
+    let mut out = Vec::with_capacity(workers.len());
+    let mut first_err = None;
+    for h in workers {
+        match h.join() {
+            Ok(Ok(v)) => out.push(v),
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {
+                first_err.get_or_insert("worker panicked".to_owned());
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+pub struct RoundTrips {
+    /// Completed round trips per second, all connections together.
+    pub rate: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Mean and worst round trip: a mean far above p50 means rare long stalls.
+    pub mean_us: f64,
+    pub max_us: f64,
+}
+
+/// `n` connections to the echo route, each in lockstep: send 16 bytes, wait for 16 back.
+pub fn round_trips(t: &Target, n: usize, secs: f64, seed: u64) -> Result<RoundTrips, String> {
+    let conns = open_all(t, n, seed)?;
+    let w = Arc::new(Window::new(secs));
+    let workers: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            let w = w.clone();
+            thread::spawn(move || -> Result<Vec<u32>, String> {
+                let mut buf = vec![0u8; 4096];
+                // Nanoseconds per counted round trip; u32 holds up to 4.2 s.
+                let mut lat = Vec::with_capacity(1 << 16);
+                loop {
+                    let start = Instant::now();
+                    if start >= w.end {
+                        return Ok(lat);
+                    }
+                    c.send_payload(&RT_PAYLOAD)
+                        .and_then(|()| c.read_exact_payload(RT_PAYLOAD.len() as u64, &mut buf))
+                        .map_err(|e| format!("round trip: {e}"))?;
+                    if start >= w.t0 {
+                        let done = Instant::now();
+                        if done <= w.end {
+                            lat.push((done - start).as_nanos().min(u32::MAX as u128) as u32);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut lat: Vec<u32> = join_all(workers)?.into_iter().flatten().collect();
+    if lat.is_empty() {
+        return Err("no round trip completed in the window".into());
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize] as f64 / 1e3;
+    Ok(RoundTrips {
+        rate: lat.len() as f64 / secs,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        mean_us: lat.iter().map(|&v| v as f64).sum::<f64>() / lat.len() as f64 / 1e3,
+        max_us: lat[lat.len() - 1] as f64 / 1e3,
+    })
+}
+
+pub struct Upgrades {
+    /// Completed upgrades (direct: connect + one echo) per second.
+    pub rate: f64,
+    pub failures: u64,
+}
+
+/// `connectors` threads, each in a loop for `secs`: open (upgrade), close. With
+/// `with_echo` (always for direct) one 16-byte round trip runs before the close, so the
+/// figure counts sessions that reached the upstream, not just handshakes: a proxy that dials
+/// the upstream only after the `101` (or only on first data) gains nothing from it.
+pub fn upgrades(
+    t: &Target,
+    connectors: usize,
+    secs: f64,
+    seed: u64,
+    with_echo: bool,
+) -> Result<Upgrades, String> {
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let last_err = Arc::new(std::sync::Mutex::new(None::<String>));
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let workers: Vec<_> = (0..connectors)
+        .map(|i| {
+            let (t, ok, failed, last_err) =
+                (t.clone(), ok.clone(), failed.clone(), last_err.clone());
+            thread::spawn(move || {
+                let mut seed = seed.wrapping_add(i as u64) | 1;
+                let mut buf = [0u8; 512];
+                while Instant::now() < end {
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    let r = Conn::open(&t, seed).and_then(|mut c| {
+                        if with_echo || t.ws_path.is_none() {
+                            c.send_payload(&RT_PAYLOAD)?;
+                            c.read_exact_payload(RT_PAYLOAD.len() as u64, &mut buf)?;
+                        }
+                        c.close();
+                        Ok(())
+                    });
+                    match r {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            *last_err.lock().unwrap() = Some(e.to_string());
+                            // Back off a little so a refusing proxy is not hammered in a spin.
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let ok = ok.load(Ordering::Relaxed);
+    let failures = failed.load(Ordering::Relaxed);
+    if ok == 0 {
+        let e = last_err.lock().unwrap().take().unwrap_or_default();
+        return Err(format!(
+            "no upgrade succeeded ({failures} failed; last: {e})"
+        ));
+    }
+    if failures > 0 {
+        let e = last_err.lock().unwrap().take().unwrap_or_default();
+        eprintln!("    upgrades: {failures} failed (last: {e})");
+    }
+    Ok(Upgrades {
+        rate: ok as f64 / elapsed,
+        failures,
+    })
+}
+
+pub struct IdleMemory {
+    pub conns: usize,
+    pub rss_kib_per_conn: f64,
+    pub pss_kib_per_conn: f64,
+}
+
+/// Opens `n` sessions to the echo route, each used for one round trip (so the proxy has
+/// connected upstream and set the session up), holds them, and charges the growth of the
+/// proxy's memory to them.
+pub fn idle_memory(
+    t: &Target,
+    n: usize,
+    proxy_pids: &[u32],
+    seed: u64,
+) -> Result<IdleMemory, String> {
+    if proxy_pids.is_empty() {
+        return Err("no proxy process".into());
+    }
+    let before = procfs::memory(proxy_pids);
+    let mut held: Vec<Conn> = Vec::with_capacity(n);
+    let mut buf = [0u8; 512];
+    for i in 0..n {
+        let mut c = Conn::open(t, seed.wrapping_add(i as u64 * 0x9e37_79b9))
+            .map_err(|e| format!("idle session {i} of {n}: {e}"))?;
+        c.send_payload(&RT_PAYLOAD)
+            .and_then(|()| c.read_exact_payload(RT_PAYLOAD.len() as u64, &mut buf))
+            .map_err(|e| format!("idle session {i} of {n}: {e}"))?;
+        held.push(c);
+    }
+    // Let lazily freed buffers and worker bookkeeping settle before sampling.
+    thread::sleep(Duration::from_millis(500));
+    let after = procfs::memory(proxy_pids);
+    drop(held);
+    let per = |a: u64, b: u64| (a as f64 - b as f64) / n as f64;
+    Ok(IdleMemory {
+        conns: n,
+        rss_kib_per_conn: per(after.rss_kib, before.rss_kib),
+        pss_kib_per_conn: per(after.pss_kib, before.pss_kib),
+    })
+}

@@ -1,0 +1,275 @@
+//! Turns per-repetition figures into the markdown table and the JSON record: medians per
+//! proxy, and each median's ratio to the direct-TCP median of the same run.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::proxy::Kind;
+
+/// One row of the table.
+pub struct Metric {
+    pub id: &'static str,
+    pub label: String,
+    pub decimals: usize,
+    /// Whether a ratio to direct means anything (not for proxy-only costs).
+    pub has_ratio: bool,
+}
+
+pub fn metrics(conns: usize, connectors: usize, idle: usize) -> Vec<Metric> {
+    let m = |id, label: String, decimals, has_ratio| Metric {
+        id,
+        label,
+        decimals,
+        has_ratio,
+    };
+    vec![
+        m(
+            "tput_1_mbs",
+            "VM→browser throughput, 1 conn (MB/s)".into(),
+            1,
+            true,
+        ),
+        m(
+            "tput_n_mbs",
+            format!("VM→browser throughput, {conns} conns, aggregate (MB/s)"),
+            1,
+            true,
+        ),
+        m(
+            "jain_n",
+            format!("Jain fairness index, {conns} conns"),
+            3,
+            true,
+        ),
+        m(
+            "cpu_s_per_gb",
+            "Proxy CPU-seconds per GB relayed".into(),
+            2,
+            false,
+        ),
+        m(
+            "rt_1_rate",
+            "16 B round trips, 1 conn (per s)".into(),
+            0,
+            true,
+        ),
+        m(
+            "rt_1_p50_us",
+            "16 B round trip p50, 1 conn (µs)".into(),
+            1,
+            true,
+        ),
+        m(
+            "rt_1_p99_us",
+            "16 B round trip p99, 1 conn (µs)".into(),
+            1,
+            true,
+        ),
+        m(
+            "rt_n_rate",
+            format!("16 B round trips, {conns} conns (per s)"),
+            0,
+            true,
+        ),
+        m(
+            "rt_n_p50_us",
+            format!("16 B round trip p50, {conns} conns (µs)"),
+            1,
+            true,
+        ),
+        m(
+            "rt_n_p99_us",
+            format!("16 B round trip p99, {conns} conns (µs)"),
+            1,
+            true,
+        ),
+        m(
+            "upgrades_s",
+            format!("Upgrades per second, {connectors} connectors"),
+            0,
+            true,
+        ),
+        m(
+            "sessions_s",
+            format!("Upgrade + one 16 B echo per second, {connectors} connectors"),
+            0,
+            true,
+        ),
+        m(
+            "idle_rss_kib",
+            format!("RSS per idle session, {idle} held (KiB)"),
+            1,
+            false,
+        ),
+        m(
+            "idle_pss_kib",
+            format!("PSS per idle session, {idle} held (KiB)"),
+            1,
+            false,
+        ),
+    ]
+}
+
+/// Figures of one proxy in one repetition, by metric id.
+pub type Run = BTreeMap<&'static str, f64>;
+
+/// Everything one proxy produced over the run.
+pub struct ProxyResult {
+    pub kind: Kind,
+    /// Why the proxy was not run at all, if it was not.
+    pub skipped: Option<String>,
+    pub runs: Vec<Run>,
+    /// Failures of single measurements, as printed during the run.
+    pub errors: Vec<String>,
+}
+
+impl ProxyResult {
+    pub fn median(&self, id: &str) -> Option<f64> {
+        let mut v: Vec<f64> = self
+            .runs
+            .iter()
+            .filter_map(|r| r.get(id).copied())
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
+        Some(if v.len() % 2 == 1 {
+            v[mid]
+        } else {
+            (v[mid - 1] + v[mid]) / 2.0
+        })
+    }
+}
+
+/// Context printed above the table and stored in the JSON.
+pub struct Header {
+    pub date: String,
+    pub nproc: usize,
+    pub kernel: String,
+    pub cpu: String,
+    /// `/proc/loadavg` when the run started and when it ended: other work on the box.
+    pub load: (String, String),
+    pub settings: Value,
+    pub settings_line: String,
+}
+
+pub fn markdown(h: &Header, metrics: &[Metric], results: &[ProxyResult]) -> String {
+    let direct = results.iter().find(|r| r.kind == Kind::Direct);
+    let mut s = String::new();
+    s.push_str("# vncgate-bench results\n\n");
+    s.push_str(&format!(
+        "{} · {} CPUs ({}) · Linux {} · load average {} at start, {} at end\n\n{}\n\n",
+        h.date, h.nproc, h.cpu, h.kernel, h.load.0, h.load.1, h.settings_line
+    ));
+    s.push_str("| metric |");
+    let mut rule = String::from("|---|");
+    for r in results {
+        if r.kind == Kind::Direct {
+            s.push_str(" direct |");
+            rule.push_str("---:|");
+        } else {
+            s.push_str(&format!(" {} | ratio |", r.kind.name()));
+            rule.push_str("---:|---:|");
+        }
+    }
+    s.push('\n');
+    s.push_str(&rule);
+    s.push('\n');
+    for m in metrics {
+        s.push_str(&format!("| {} |", m.label));
+        let base = direct.and_then(|d| d.median(m.id));
+        for r in results {
+            let v = r.median(m.id);
+            s.push_str(&format!(" {} |", fmt(v, m.decimals)));
+            if r.kind != Kind::Direct {
+                let ratio = match (m.has_ratio, v, base) {
+                    (true, Some(v), Some(b)) if b != 0.0 => format!("{:.2}x", v / b),
+                    _ => "—".to_owned(),
+                };
+                s.push_str(&format!(" {ratio} |"));
+            }
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+    for r in results {
+        if let Some(why) = &r.skipped {
+            s.push_str(&format!("- {} skipped: {why}\n", r.kind.name()));
+        }
+        for e in &r.errors {
+            s.push_str(&format!("- {} error: {e}\n", r.kind.name()));
+        }
+    }
+    s
+}
+
+fn fmt(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(v) => format!("{v:.decimals$}"),
+        None => "—".to_owned(),
+    }
+}
+
+pub fn json(h: &Header, metrics: &[Metric], results: &[ProxyResult]) -> Value {
+    let direct = results.iter().find(|r| r.kind == Kind::Direct);
+    let mut proxies = serde_json::Map::new();
+    for r in results {
+        let mut median = serde_json::Map::new();
+        let mut ratio = serde_json::Map::new();
+        for m in metrics {
+            if let Some(v) = r.median(m.id) {
+                median.insert(m.id.into(), json!(v));
+                if let (true, Some(b)) = (m.has_ratio, direct.and_then(|d| d.median(m.id)))
+                    && b != 0.0
+                {
+                    ratio.insert(m.id.into(), json!(v / b));
+                }
+            }
+        }
+        proxies.insert(
+            r.kind.name().into(),
+            json!({
+                "skipped": r.skipped,
+                "errors": r.errors,
+                "runs": r.runs,
+                "median": median,
+                "ratio_to_direct": ratio,
+            }),
+        );
+    }
+    json!({
+        "date": h.date,
+        "machine": { "nproc": h.nproc, "kernel": h.kernel, "cpu": h.cpu },
+        "loadavg": { "start": h.load.0, "end": h.load.1 },
+        "settings": h.settings,
+        "metrics": metrics.iter().map(|m| json!({"id": m.id, "label": m.label})).collect::<Vec<_>>(),
+        "proxies": proxies,
+    })
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for now, without a date crate (days-to-civil, H. Hinnant).
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}

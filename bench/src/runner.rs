@@ -1,0 +1,316 @@
+//! The run: start the targets, find the proxies, then for each repetition start each proxy
+//! in turn (direct, vncgate, websocat, websockify, direct, ...) on a fresh process, take every
+//! measurement, and kill it. Interleaving spreads the noise of a shared machine over all
+//! proxies instead of charging one of them with a bad minute.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::measure;
+use crate::proxy::{self, Kind, Running};
+use crate::report::{self, Header, ProxyResult, Run};
+use crate::{conn, sys, targets};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub vncgate: PathBuf,
+    pub workers: usize,
+    pub vncgate_args: Vec<String>,
+    pub reps: usize,
+    pub secs: f64,
+    pub idle: usize,
+    pub conns: usize,
+    pub connectors: usize,
+    pub only: Vec<Kind>,
+    pub out: PathBuf,
+}
+
+/// Pause between measurements, so sockets of the last one are torn down (and websockify's
+/// per-connection workers have exited) before the next one starts.
+const SETTLE: Duration = Duration::from_millis(300);
+
+pub fn run(cfg: &Config) -> Result<(), String> {
+    let logs = cfg.out.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
+    // Logs are appended per repetition; a new run starts them afresh.
+    for e in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let nofile = sys::raise_nofile().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
+    // Client side + in-process target side per idle session, plus slack.
+    let need = 2 * cfg.idle as u64 + 256;
+    if nofile < need {
+        return Err(format!(
+            "open-file limit {nofile} is below {need} needed for --idle {}; lower --idle or raise the hard limit",
+            cfg.idle
+        ));
+    }
+    let load_start = loadavg();
+    let tg = targets::start().map_err(|e| format!("targets: {e}"))?;
+    eprintln!("targets: bulk source {}, echo {}", tg.bulk, tg.echo);
+
+    let settings = proxy::Settings {
+        vncgate: cfg.vncgate.clone(),
+        workers: cfg.workers,
+        vncgate_args: cfg.vncgate_args.clone(),
+        out: cfg.out.clone(),
+    };
+    let mut results: Vec<ProxyResult> = Vec::new();
+    let mut exes = Vec::new();
+    for &kind in &Kind::ALL {
+        if !cfg.only.contains(&kind) {
+            continue;
+        }
+        let mut r = ProxyResult {
+            kind,
+            skipped: None,
+            runs: Vec::new(),
+            errors: Vec::new(),
+        };
+        match proxy::locate(kind, &settings) {
+            Ok(exe) => exes.push(exe),
+            Err(why) => {
+                eprintln!("skip {}: {why}", kind.name());
+                r.skipped = Some(why);
+                exes.push(None);
+            }
+        }
+        results.push(r);
+    }
+
+    let mut seed = conn::random_seed();
+    for rep in 1..=cfg.reps {
+        for (r, exe) in results.iter_mut().zip(&exes) {
+            if r.skipped.is_some() {
+                continue;
+            }
+            eprintln!("rep {rep}/{} {}", cfg.reps, r.kind.name());
+            seed = seed.wrapping_add(0x1_0000_0001);
+            match proxy::start(r.kind, exe.as_deref(), &settings, tg, rep) {
+                Ok(running) => {
+                    let (run, errors) = measure_one(cfg, running, seed);
+                    r.runs.push(run);
+                    r.errors
+                        .extend(errors.into_iter().map(|e| format!("rep {rep}: {e}")));
+                }
+                Err(e) => {
+                    let e = format!("{e} (its output: {}/logs/)", cfg.out.display());
+                    eprintln!("  {} did not start: {e}", r.kind.name());
+                    r.errors.push(format!("rep {rep}: did not start: {e}"));
+                }
+            }
+            std::thread::sleep(SETTLE);
+        }
+    }
+
+    let metrics = report::metrics(cfg.conns, cfg.connectors, cfg.idle);
+    let header = header(cfg, (load_start, loadavg()));
+    let md = report::markdown(&header, &metrics, &results);
+    let js = report::json(&header, &metrics, &results);
+    let md_path = cfg.out.join("results.md");
+    let js_path = cfg.out.join("results.json");
+    std::fs::write(&md_path, &md).map_err(|e| format!("{}: {e}", md_path.display()))?;
+    let js_text = serde_json::to_string_pretty(&js).map_err(|e| e.to_string())?;
+    std::fs::write(&js_path, js_text + "\n").map_err(|e| format!("{}: {e}", js_path.display()))?;
+    println!("{md}");
+    eprintln!("wrote {} and {}", md_path.display(), js_path.display());
+    Ok(())
+}
+
+/// Every measurement against one started proxy; a failed measurement leaves its figures
+/// out and the next one still runs, unless the proxy died.
+fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
+    let mut run = Run::new();
+    let mut errors = Vec::new();
+    let pids = p.pids();
+    let secs = cfg.secs;
+    let fail = |what: &str, e: String, errors: &mut Vec<String>| {
+        eprintln!("  {what}: FAILED: {e}");
+        errors.push(format!("{what}: {e}"));
+    };
+
+    // Memory first, on a fresh process: "what does one more idle session cost" without
+    // buffers the bulk runs left in the allocator.
+    if !pids.is_empty() && cfg.idle > 0 {
+        match measure::idle_memory(&p.echo, cfg.idle, &pids, seed) {
+            Ok(m) => {
+                eprintln!(
+                    "  idle: {} sessions, {:.1} KiB RSS / {:.1} KiB PSS each",
+                    m.conns, m.rss_kib_per_conn, m.pss_kib_per_conn
+                );
+                run.insert("idle_rss_kib", m.rss_kib_per_conn);
+                run.insert("idle_pss_kib", m.pss_kib_per_conn);
+            }
+            Err(e) => fail("idle memory", e, &mut errors),
+        }
+        std::thread::sleep(SETTLE);
+    }
+
+    let mut cpu = 0.0;
+    let mut bytes = 0u64;
+    for (n, id_t, id_j) in [
+        (1, "tput_1_mbs", None),
+        (cfg.conns, "tput_n_mbs", Some("jain_n")),
+    ] {
+        if let Err(e) = p.check_alive() {
+            fail("proxy", e, &mut errors);
+            return (run, errors);
+        }
+        match measure::throughput(&p.bulk, n, secs, &pids, seed ^ n as u64) {
+            Ok(t) => {
+                eprintln!("  throughput x{n}: {:.1} MB/s, jain {:.3}", t.mb_s, t.jain);
+                run.insert(id_t, t.mb_s);
+                if let Some(id) = id_j {
+                    run.insert(id, t.jain);
+                }
+                if let Some(c) = t.cpu_s {
+                    cpu += c;
+                    bytes += t.bytes;
+                }
+            }
+            Err(e) => fail(&format!("throughput x{n}"), e, &mut errors),
+        }
+        std::thread::sleep(SETTLE);
+    }
+    if !pids.is_empty() && bytes > 0 {
+        let per_gb = cpu / (bytes as f64 / 1e9);
+        eprintln!(
+            "  cpu: {cpu:.2} s for {:.2} GB = {per_gb:.2} s/GB",
+            bytes as f64 / 1e9
+        );
+        run.insert("cpu_s_per_gb", per_gb);
+    }
+
+    for (n, ids) in [
+        (
+            1,
+            [
+                "rt_1_rate",
+                "rt_1_p50_us",
+                "rt_1_p99_us",
+                "rt_1_mean_us",
+                "rt_1_max_us",
+            ],
+        ),
+        (
+            cfg.conns,
+            [
+                "rt_n_rate",
+                "rt_n_p50_us",
+                "rt_n_p99_us",
+                "rt_n_mean_us",
+                "rt_n_max_us",
+            ],
+        ),
+    ] {
+        if let Err(e) = p.check_alive() {
+            fail("proxy", e, &mut errors);
+            return (run, errors);
+        }
+        match measure::round_trips(&p.echo, n, secs, seed ^ ((n as u64) << 8)) {
+            Ok(r) => {
+                eprintln!(
+                    "  round trips x{n}: {:.0}/s, p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs, max {:.0} µs",
+                    r.rate, r.p50_us, r.p99_us, r.mean_us, r.max_us
+                );
+                // Mean and max go to the JSON only; the table keeps p50 and p99.
+                for (id, v) in ids
+                    .into_iter()
+                    .zip([r.rate, r.p50_us, r.p99_us, r.mean_us, r.max_us])
+                {
+                    run.insert(id, v);
+                }
+            }
+            Err(e) => fail(&format!("round trips x{n}"), e, &mut errors),
+        }
+        std::thread::sleep(SETTLE);
+    }
+
+    // Direct has no handshake: its one figure (connect + one echo) serves both rows.
+    let direct = pids.is_empty();
+    for (with_echo, id, what) in [
+        (false, "upgrades_s", "upgrades"),
+        (true, "sessions_s", "upgrade+echo"),
+    ] {
+        if direct && with_echo {
+            if let Some(&v) = run.get("upgrades_s") {
+                run.insert(id, v);
+            }
+            continue;
+        }
+        if let Err(e) = p.check_alive() {
+            fail("proxy", e, &mut errors);
+            return (run, errors);
+        }
+        match measure::upgrades(&p.echo, cfg.connectors, secs, seed ^ 0xabcd, with_echo) {
+            Ok(u) => {
+                eprintln!("  {what}: {:.0}/s ({} failed)", u.rate, u.failures);
+                run.insert(id, u.rate);
+            }
+            Err(e) => fail(what, e, &mut errors),
+        }
+        std::thread::sleep(SETTLE);
+    }
+    if let Err(e) = p.check_alive() {
+        fail("proxy", e, &mut errors);
+    }
+    p.stop();
+    (run, errors)
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| {
+            s.split_ascii_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+fn header(cfg: &Config, load: (String, String)) -> Header {
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let only: Vec<&str> = cfg.only.iter().map(|k| k.name()).collect();
+    Header {
+        date: report::utc_now(),
+        nproc,
+        kernel,
+        cpu,
+        load,
+        settings: json!({
+            "reps": cfg.reps,
+            "secs": cfg.secs,
+            "conns": cfg.conns,
+            "connectors": cfg.connectors,
+            "idle": cfg.idle,
+            "vncgate_workers": cfg.workers,
+            "vncgate_args": cfg.vncgate_args,
+            "vncgate": cfg.vncgate,
+            "only": only,
+        }),
+        settings_line: format!(
+            "Medians of {} interleaved repetitions, {} s per timed point; vncgate --workers {}. \
+             Ratio = proxy / direct TCP from this run (higher is better for rates, lower for \
+             latency). CPU and memory are the proxy's own (process tree), so they have no ratio.",
+            cfg.reps, cfg.secs, cfg.workers
+        ),
+    }
+}

@@ -1,0 +1,121 @@
+//! The two upstreams every proxy relays to, run in-process on 127.0.0.1:0: a bulk source
+//! (stands in for a VM sending framebuffer updates) and an echo server (for round trips).
+//! Blocking thread per connection (from a pool): up to a few thousand connections, simple
+//! and predictable.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+
+/// The bulk source writes this many bytes per `write` call.
+const PATTERN: usize = 64 * 1024;
+/// Handler threads only need a small stack: one syscall loop over a heap buffer.
+const HANDLER_STACK: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Targets {
+    pub bulk: SocketAddr,
+    pub echo: SocketAddr,
+}
+
+/// Starts both servers; they run until the process exits.
+pub fn start() -> io::Result<Targets> {
+    Ok(Targets {
+        bulk: serve("bulk-source", bulk)?,
+        echo: serve("echo", echo)?,
+    })
+}
+
+fn serve(name: &str, handler: fn(TcpStream)) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let name = name.to_owned();
+    thread::Builder::new()
+        .name(format!("{name}-accept"))
+        .spawn(move || {
+            let pool = Pool::new(name, handler);
+            // Accept errors (EMFILE under load) drop one connection, not the server.
+            for stream in listener.incoming().flatten() {
+                pool.dispatch(stream);
+            }
+        })?;
+    Ok(addr)
+}
+
+/// Handler threads that outlive their connection and wait for the next one. Spawning a
+/// thread costs ~100 µs on this kind of VM: paid per accept, it capped the upgrade rate of
+/// every proxy at the target, not at the proxy. The pool grows when no thread is free, so a
+/// connection never waits for another one to end (1000 idle sessions: 1000 threads).
+struct Pool {
+    name: String,
+    handler: fn(TcpStream),
+    /// Threads that declared themselves free and are (or will soon be) waiting on `rx`.
+    /// Only `dispatch` decrements it, once per stream sent, so a sent stream always has a
+    /// free thread to take it.
+    free: Arc<AtomicUsize>,
+    tx: mpsc::Sender<TcpStream>,
+    rx: Arc<Mutex<mpsc::Receiver<TcpStream>>>,
+}
+
+impl Pool {
+    fn new(name: String, handler: fn(TcpStream)) -> Pool {
+        let (tx, rx) = mpsc::channel();
+        Pool {
+            name,
+            handler,
+            free: Arc::new(AtomicUsize::new(0)),
+            tx,
+            rx: Arc::new(Mutex::new(rx)),
+        }
+    }
+
+    fn dispatch(&self, stream: TcpStream) {
+        if self.free.load(Ordering::Acquire) > 0 {
+            self.free.fetch_sub(1, Ordering::AcqRel);
+            let _ = self.tx.send(stream);
+            return;
+        }
+        let (handler, free, rx) = (self.handler, self.free.clone(), self.rx.clone());
+        // If no thread can be spawned the connection is dropped: the client sees it.
+        let _ = thread::Builder::new()
+            .name(self.name.clone())
+            .stack_size(HANDLER_STACK)
+            .spawn(move || {
+                handler(stream);
+                loop {
+                    free.fetch_add(1, Ordering::AcqRel);
+                    let next = rx
+                        .lock()
+                        .map_err(drop)
+                        .and_then(|rx| rx.recv().map_err(drop));
+                    match next {
+                        Ok(s) => handler(s),
+                        Err(()) => return,
+                    }
+                }
+            });
+    }
+}
+
+/// Writes a fixed 64 KiB pattern as fast as the peer takes it, until the peer goes away.
+fn bulk(mut s: TcpStream) {
+    let pattern: Vec<u8> = (0..PATTERN).map(|i| (i * 31 % 251) as u8).collect();
+    while s.write_all(&pattern).is_ok() {}
+}
+
+fn echo(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

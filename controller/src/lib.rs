@@ -1,0 +1,15 @@
+//! The vncgate control plane. For now: the VM readiness probe that decides when a session's
+//! route may be published (see DESIGN.md, "Controller"); the session API, VM backends,
+//! reconciler and credentials store come later.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`readiness`] | sans-IO: is this byte string an RFB `ProtocolVersion` banner? |
+//! | [`probe`] | connect to a VM's VNC port, read the banner under a deadline, name the outcome |
+//!
+//! The binary (`src/main.rs`) parses flags and calls [`probe::probe`].
+
+#![forbid(unsafe_code)]
+
+pub mod probe;
+pub mod readiness;

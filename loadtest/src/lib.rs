@@ -1,0 +1,23 @@
+//! Load-test tooling for vncgate: a synthetic RFB server and a swarm of RFB-over-WebSocket
+//! clients.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`rfb`] | RFB 3.8 for both roles, sans-IO: handshake state machines, message encoders, incremental decoders, VNC auth |
+//! | [`fakevm`] | the synthetic RFB server: the demo's VM, the tests' upstream, a load-test target |
+//! | [`swarm`] | N simulated noVNC clients over WebSocket and the report they produce |
+//! | [`stats`] | percentiles and the report's number formatting |
+//! | [`limits`] | raising `RLIMIT_NOFILE` so thousands of sockets fit |
+//!
+//! The binary (`src/main.rs`) only parses flags and calls [`fakevm::run`] or
+//! [`swarm::run`].
+//!
+//! No `unsafe` here: raising the file-descriptor limit goes through the `rlimit` crate.
+
+#![forbid(unsafe_code)]
+
+pub mod fakevm;
+pub mod limits;
+pub mod rfb;
+pub mod stats;
+pub mod swarm;

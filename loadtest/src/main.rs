@@ -1,0 +1,186 @@
+//! `vncgate-loadtest`: flags in, library calls out. See the library docs for what each
+//! subcommand does.
+
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use vncgate_loadtest::fakevm::{self, Payload, UpdateArea};
+use vncgate_loadtest::swarm;
+
+#[derive(Parser)]
+#[command(
+    name = "vncgate-loadtest",
+    version,
+    about = "Fake VNC VM and RFB-over-WebSocket load generator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve synthetic RFB 3.8 desktops (a fake VM).
+    Fakevm(FakevmArgs),
+    /// Run N simulated noVNC clients against an RFB-over-WebSocket URL and report.
+    Swarm(SwarmArgs),
+}
+
+#[derive(Args)]
+struct FakevmArgs {
+    /// Address to listen on (repeatable), e.g. 127.0.0.1:5900; port 0 picks a free one and
+    /// `listening ADDR` on stdout says which.
+    #[arg(long, required = true)]
+    listen: Vec<String>,
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..))]
+    width: u16,
+    #[arg(long, default_value_t = 768, value_parser = clap::value_parser!(u16).range(1..))]
+    height: u16,
+    /// Most framebuffer updates per second per session (0: unpaced).
+    #[arg(long, default_value_t = 30)]
+    fps: u32,
+    /// Shape of the update content.
+    #[arg(long, value_enum, default_value_t = Payload::Raw)]
+    payload: Payload,
+    /// Screen share one incremental update repaints: a fraction (0.1: a full-width band a
+    /// tenth of the height), a size (256x64) or `full`.
+    #[arg(long, default_value = "0.1")]
+    update_area: UpdateArea,
+    /// Offer VNC Authentication with this password instead of None.
+    #[arg(long)]
+    password: Option<String>,
+    /// Desktop name sent in ServerInit.
+    #[arg(long, default_value = "vncgate fakevm")]
+    name: String,
+}
+
+#[derive(Args)]
+struct SwarmArgs {
+    /// RFB-over-WebSocket endpoint, e.g. ws://127.0.0.1:8080/vnc/s1?token=t
+    #[arg(long)]
+    url: String,
+    /// Number of simulated clients.
+    #[arg(long, default_value_t = 10)]
+    sessions: usize,
+    /// Length of the whole run in seconds (ramp-up included).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Spread session starts over this many seconds.
+    #[arg(long, default_value_t = 0.0)]
+    ramp_up: f64,
+    /// Share of sessions that park after their first update (0..=1).
+    #[arg(long, default_value_t = 0.0)]
+    idle_fraction: f64,
+    /// Input events per second per busy session.
+    #[arg(long, default_value_t = 10.0)]
+    input_rate: f64,
+    /// VNC password, used when the server offers VNC Authentication.
+    #[arg(long)]
+    password: Option<String>,
+    /// WebSocket subprotocol to offer (e.g. `binary`); none by default, like noVNC.
+    #[arg(long)]
+    subprotocol: Option<String>,
+    /// Seconds allowed for TCP connect + WebSocket upgrade.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
+    /// Print the report as one JSON object (the last line on stdout).
+    #[arg(long)]
+    json: bool,
+}
+
+fn secs(name: &str, v: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(v).map_err(|_| format!("--{name} must be a non-negative number"))
+}
+
+fn init_tracing(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Fakevm(a) => {
+            init_tracing("info");
+            let cfg = fakevm::Config {
+                width: a.width,
+                height: a.height,
+                fps: a.fps,
+                payload: a.payload,
+                update_area: a.update_area,
+                password: a.password,
+                name: a.name,
+            };
+            let mut addrs = Vec::new();
+            for l in &a.listen {
+                match tokio::net::lookup_host(l).await {
+                    Ok(found) => addrs.extend(found.take(1)),
+                    Err(e) => {
+                        eprintln!("vncgate-loadtest: cannot resolve --listen {l}: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            match fakevm::run(&addrs, cfg).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vncgate-loadtest: fakevm: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Swarm(a) => {
+            init_tracing("warn");
+            let durations = (|| {
+                Ok::<_, String>((
+                    secs("duration", a.duration)?,
+                    secs("ramp-up", a.ramp_up)?,
+                    secs("connect-timeout", a.connect_timeout)?,
+                ))
+            })();
+            let (duration, ramp_up, connect_timeout) = match durations {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("vncgate-loadtest: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let cfg = swarm::Config {
+                url: a.url,
+                sessions: a.sessions,
+                duration,
+                ramp_up,
+                idle_fraction: a.idle_fraction,
+                input_rate: a.input_rate,
+                password: a.password,
+                subprotocol: a.subprotocol,
+                connect_timeout,
+                progress: std::io::stderr().is_terminal() && duration > Duration::from_secs(5),
+            };
+            match swarm::run(cfg).await {
+                Ok(report) if a.json => {
+                    println!("{}", report.to_json_line());
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vncgate-loadtest: swarm: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
