@@ -28,6 +28,9 @@ cargo nextest run --workspace --no-fail-fast
 step "doc tests"
 cargo test --workspace --doc
 
+step "noVNC in headless Chromium through the gateway"
+scripts/browser-test.sh
+
 fuzz_seconds=${FUZZ_SECONDS:-15}
 if [ "$fuzz_seconds" != "0" ] && [ -x gateway/fuzz/smoke.sh ]; then
   step "fuzz smoke (${fuzz_seconds}s per target)"

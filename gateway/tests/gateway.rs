@@ -515,6 +515,40 @@ fn drain_closes_sessions_with_1001(driver: &str) {
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
+/// Many concurrent noVNC-shaped clients (the load generator's swarm: RFB handshake,
+/// update-request loop, pointer and key events, cut-text round trips), half of them idle.
+fn swarm_of_rfb_clients(driver: &str) {
+    let vm = vncgate_loadtest::fakevm::spawn_background(vncgate_loadtest::fakevm::Config {
+        width: 320,
+        height: 240,
+        ..Default::default()
+    })
+    .unwrap();
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("desk={vm}"),
+            "--allow-upstream",
+            "127.0.0.1",
+        ],
+    );
+    let cfg = vncgate_loadtest::swarm::Config {
+        url: gw.url("desk"),
+        sessions: 40,
+        duration: Duration::from_secs(3),
+        idle_fraction: 0.5,
+        input_rate: 20.0,
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(vncgate_loadtest::swarm::run(cfg)).unwrap();
+    assert_eq!(report.sessions_ok, 40, "{report:?}");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(report.rtt_ms.is_some(), "cut-text round trips measured");
+    assert!(report.updates > 40);
+}
+
 macro_rules! driver_tests {
     ($($name:ident),* $(,)?) => {
         mod uring { $( #[test] fn $name() { super::$name("uring") } )* }
@@ -535,6 +569,7 @@ driver_tests!(
     idle_timeout_and_duration_cap,
     keepalive_without_pong_closes_4008,
     drain_closes_sessions_with_1001,
+    swarm_of_rfb_clients,
 );
 
 // ---- Before the upgrade: statuses (driver-independent; run under auto) ----

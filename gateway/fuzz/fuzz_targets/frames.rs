@@ -59,10 +59,13 @@ impl Trace {
 fn feed(wire: &[u8], max_message: u64, sizes: &mut dyn Iterator<Item = usize>) -> Trace {
     let mut p = FrameParser::new(max_message);
     let mut t = Trace::new();
+    let mut read = Vec::with_capacity(wire.len());
     let mut at = 0;
     while at < wire.len() {
         let n = sizes.next().unwrap().clamp(1, wire.len() - at);
-        let mut read = wire[at..at + n].to_vec();
+        // A fresh copy per read: step unmasks in place.
+        read.clear();
+        read.extend_from_slice(&wire[at..at + n]);
         at += n;
         let mut off = 0;
         while off < read.len() {

@@ -194,7 +194,9 @@ impl<'a, S: RouteSource> Relay<'a, S> {
     }
 
     async fn vm_to_browser(&self) -> End {
-        // Splice while the VM streams; copy small bursts.
+        // Splice while reads come big, copy while they come small: the mode follows the
+        // size of what the VM's socket held at the last read, not whether it ran dry (with
+        // many sessions per worker, a streaming socket runs dry between readiness events).
         let mut streaming = false;
         loop {
             if let Err(e) = self.flush_inflight().await {
@@ -211,10 +213,9 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                     let st = &self.w.stats.to_browser;
                     st.set(st.get() + len as u64);
                     self.last_activity.set(Instant::now());
-                    streaming |= full;
+                    streaming = full;
                 }
                 Ok(FromVm::WouldBlock) => {
-                    streaming = false;
                     if self.upstream.readable(false).await.is_err() {
                         return End::Cause(close::UPSTREAM_ERROR);
                     }
