@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use vncgate::config::{Cli, Command, LogFormat, ServeArgs};
-use vncgate::route::Route;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -31,6 +30,11 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
     }
+}
+
+#[cfg(not(feature = "demo"))]
+fn demo_settings(_: &ServeArgs) -> Result<vncgate::config::Settings, String> {
+    Err("this build has no demo (built without the `demo` feature)".into())
 }
 
 fn run(cmd: &Command) -> Result<(), String> {
@@ -90,6 +94,7 @@ fn run(cmd: &Command) -> Result<(), String> {
 }
 
 /// `serve` plus a synthetic RFB desktop on a loopback port as the VM of route `demo`.
+#[cfg(feature = "demo")]
 fn demo_settings(a: &ServeArgs) -> Result<vncgate::config::Settings, String> {
     let vm = vncgate_loadtest::fakevm::spawn_background(vncgate_loadtest::fakevm::Config {
         name: "vncgate demo desktop".into(),
@@ -100,7 +105,7 @@ fn demo_settings(a: &ServeArgs) -> Result<vncgate::config::Settings, String> {
     a.allow_upstream.push(format!("{}/32", vm.ip()));
     a.settings(vec![(
         "demo".into(),
-        Route {
+        vncgate::route::Route {
             upstream: vm,
             token_digest: None,
             expires_at: None,

@@ -180,7 +180,7 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
         return Err(Reject::BadRequest("invalid session id"));
     }
 
-    let mut host = false;
+    let mut host: Option<&[u8]> = None;
     let mut upgrade = false;
     let mut connection_upgrade = false;
     let mut key: Option<&[u8]> = None;
@@ -194,10 +194,10 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
         let name = h.name;
         let value = h.value;
         if name.eq_ignore_ascii_case("host") {
-            if host {
+            if host.is_some() {
                 return Err(Reject::BadRequest("duplicate Host header"));
             }
-            host = !trim(value).is_empty();
+            host = Some(trim(value));
         } else if name.eq_ignore_ascii_case("upgrade") {
             upgrade |= list_contains(value, b"websocket");
         } else if name.eq_ignore_ascii_case("connection") {
@@ -208,8 +208,14 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
             }
             key = Some(trim(value));
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            if version.is_some() {
+                return Err(Reject::BadRequest("duplicate Sec-WebSocket-Version"));
+            }
             version = Some(trim(value));
         } else if name.eq_ignore_ascii_case("origin") {
+            if origin.is_some() {
+                return Err(Reject::BadRequest("duplicate Origin header"));
+            }
             origin = Some(trim(value));
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             for p in value
@@ -238,7 +244,7 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
     if !connection_upgrade {
         return Err(Reject::BadRequest("Connection header lacks upgrade"));
     }
-    if !host {
+    if host.is_none_or(|h| h.is_empty()) {
         return Err(Reject::BadRequest("missing Host header"));
     }
     match version {
@@ -527,6 +533,23 @@ mod tests {
             reject(&with_headers("Sec-WebSocket-Protocol: base64\r\n")).status(),
             400
         );
+    }
+
+    #[test]
+    fn duplicated_security_headers_are_refused() {
+        // An empty first Host must not let a second one through; the last Origin or
+        // Version must not override the first.
+        let empty_first =
+            with_headers("").replace_bytes("Host: gw\r\n", "Host: \r\nHost: evil\r\n");
+        assert_eq!(reject(&empty_first).status(), 400);
+        for dup in [
+            "Origin: https://evil.example\r\nOrigin: https://app.example\r\n",
+            "Sec-WebSocket-Version: 8\r\n",
+        ] {
+            let req = with_headers(dup);
+            let r = reject(&req);
+            assert_eq!(r.status(), 400, "{dup:?}: {r:?}");
+        }
     }
 
     #[test]
