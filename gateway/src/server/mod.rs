@@ -161,11 +161,7 @@ where
                     worker_main(w, l, shared2)
                 };
                 let r = match driver {
-                    DriverKind::IoUring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                        .enable_timer()
-                        .with_entries(4096)
-                        .build()
-                        .map(|mut rt| rt.block_on(run())),
+                    DriverKind::IoUring => uring_runtime().map(|mut rt| rt.block_on(run())),
                     DriverKind::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                         .enable_timer()
                         .build()
@@ -206,6 +202,28 @@ where
         shared,
         threads,
     })
+}
+
+/// A worker's io_uring runtime. Each ring is used by its own thread only, and completions
+/// need not interrupt a worker that is busy in user space: `SINGLE_ISSUER` and
+/// `COOP_TASKRUN` (kernel 6.0+) tell the kernel so and spare it inter-processor interrupts.
+/// Older kernels refuse the flags; then the ring is built without them.
+fn uring_runtime()
+-> std::io::Result<monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>> {
+    let mut tuned = io_uring::IoUring::builder();
+    tuned.setup_coop_taskrun().setup_single_issuer();
+    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .uring_builder(tuned)
+        .enable_timer()
+        .with_entries(4096)
+        .build()
+        .or_else(|e| {
+            tracing::debug!(error = %e, "io_uring setup flags refused; building a plain ring");
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .enable_timer()
+                .with_entries(4096)
+                .build()
+        })
 }
 
 async fn worker_main<S: RouteSource>(

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
 
-use super::signal::{Signal, WriteGate};
+use super::signal::{Signal, WriteGate, yield_now};
 use super::worker::Worker;
 use crate::close::{self, CloseCause};
 use crate::route::RouteSource;
@@ -135,6 +135,10 @@ pub async fn linger_close(stream: &TcpStream, linger: Duration) {
     let _ = monoio::time::timeout(linger, drain).await;
 }
 
+/// Bytes a session may move in one direction before it yields to the worker's other
+/// sessions; this bounds how long one busy session can delay the rest (fairness).
+const RELAY_BUDGET: usize = 512 << 10;
+
 fn is_would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
@@ -198,9 +202,17 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         // size of what the VM's socket held at the last read, not whether it ran dry (with
         // many sessions per worker, a streaming socket runs dry between readiness events).
         let mut streaming = false;
+        // A short copy read emptied the socket: wait for readiness rather than spend a
+        // syscall learning EAGAIN (the interactive case: small updates, echoes). While
+        // streaming, reading optimistically wins, since data usually arrived meanwhile.
+        let mut drained = false;
+        let mut budget = RELAY_BUDGET;
         loop {
             if let Err(e) = self.flush_inflight().await {
                 return client_write_error(&e);
+            }
+            if drained && self.upstream.readable(false).await.is_err() {
+                return End::Cause(close::UPSTREAM_ERROR);
             }
             let read = if streaming {
                 self.splice_from_vm()
@@ -213,13 +225,15 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                     let st = &self.w.stats.to_browser;
                     st.set(st.get() + len as u64);
                     self.last_activity.set(Instant::now());
+                    drained = !streaming && !full;
                     streaming = full;
-                }
-                Ok(FromVm::WouldBlock) => {
-                    if self.upstream.readable(false).await.is_err() {
-                        return End::Cause(close::UPSTREAM_ERROR);
+                    budget = budget.saturating_sub(len);
+                    if budget == 0 {
+                        budget = RELAY_BUDGET;
+                        yield_now().await;
                     }
                 }
+                Ok(FromVm::WouldBlock) => drained = true,
                 Err(end) => return end,
             }
         }
@@ -343,7 +357,14 @@ impl<'a, S: RouteSource> Relay<'a, S> {
 
     async fn browser_to_vm(&self, early: &[u8]) -> End {
         let mut early = Some(early).filter(|e| !e.is_empty());
+        let mut budget = RELAY_BUDGET;
+        // Browser messages are small: after a short read the socket is empty, so wait for
+        // readiness first instead of spending a syscall on EAGAIN.
+        let mut drained = false;
         loop {
+            if drained && self.client.readable(false).await.is_err() {
+                return End::ClientGone("browser connection error");
+            }
             let mut buf = self.w.bufs.lend();
             let n = match early.take() {
                 Some(e) => {
@@ -362,9 +383,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                     Err(e) if is_would_block(&e) => {
                         // Nothing to read: hold no buffer while waiting.
                         self.w.bufs.give(buf);
-                        if self.client.readable(false).await.is_err() {
-                            return End::ClientGone("browser connection error");
-                        }
+                        drained = true;
                         continue;
                     }
                     Err(_) => {
@@ -373,10 +392,16 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                     }
                 },
             };
+            drained = n < buf.len();
             let r = self.forward_browser_bytes(&mut buf[..n]).await;
             self.w.bufs.give(buf);
             if let Err(end) = r {
                 return end;
+            }
+            budget = budget.saturating_sub(n);
+            if budget == 0 {
+                budget = RELAY_BUDGET;
+                yield_now().await;
             }
         }
     }

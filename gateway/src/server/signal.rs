@@ -82,3 +82,20 @@ impl Drop for GateGuard<'_> {
         }
     }
 }
+
+/// Gives other tasks on this worker a turn: returns `Pending` once, after asking to be
+/// polled again. A relay that always finds both sockets ready would otherwise keep the
+/// worker to itself (monoio does not preempt), starving the other sessions.
+pub async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}
