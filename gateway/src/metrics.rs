@@ -6,6 +6,10 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// TCP connections accepted, by worker.
 pub const CONNECTIONS_ACCEPTED: &str = "vncgate_connections_accepted_total";
+/// Connections accepted by one worker and handed to a less-loaded one.
+pub const CONNECTIONS_HANDED_OFF: &str = "vncgate_connections_handed_off_total";
+/// Connections each worker holds now (handshaking or relaying), by worker.
+pub const WORKER_CONNECTIONS: &str = "vncgate_worker_connections";
 /// Upgrade requests answered with an HTTP error, by `status` and `reason`.
 pub const HANDSHAKE_REJECTED: &str = "vncgate_handshake_rejected_total";
 /// Upgrades completed (101 sent).

@@ -138,6 +138,13 @@ impl Pipe {
     }
 }
 
+/// Takes ownership of a connected TCP socket descriptor handed over from another worker.
+/// The caller must own `fd` (it comes from `IntoRawFd`), and gives it up here.
+pub fn tcp_from_raw_fd(fd: RawFd) -> std::net::TcpStream {
+    // SAFETY: per the contract above, `fd` is an open TCP socket owned by nobody else.
+    unsafe { std::net::TcpStream::from_raw_fd(fd) }
+}
+
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit. A
 /// gateway holds two descriptors per session.
 pub fn raise_nofile_limit() -> io::Result<u64> {

@@ -907,3 +907,45 @@ fn demo_serves_the_synthetic_desktop() {
     let mut ws = RawWs::connect(gw.addr, "/vnc/demo", "");
     assert_eq!(ws.read_data(12), b"RFB 003.008\n");
 }
+
+/// Connections are evened out across workers whatever SO_REUSEPORT's hash decides.
+#[test]
+fn connections_are_balanced_across_workers() {
+    let (vm, _) = silent_server();
+    let gw = Gw::start(
+        "auto",
+        &[
+            "--route",
+            &format!("s={vm}"),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--workers",
+            "4",
+        ],
+    );
+    // Four workers: a hash alone would leave them within 2 of each other only rarely.
+    let held: Vec<RawWs> = (0..40)
+        .map(|_| RawWs::connect(gw.addr, "/vnc/s", ""))
+        .collect();
+    let per_worker = || -> Vec<u64> {
+        let (_, m) = gw.admin_get("/metrics");
+        m.lines()
+            .filter(|l| l.starts_with("vncgate_worker_connections{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let c = per_worker();
+            c.len() == 4 && c.iter().sum::<u64>() == 40
+        }),
+        "{:?}",
+        per_worker()
+    );
+    let counts = per_worker();
+    assert_eq!(counts.len(), 4);
+    let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+    assert!(hi - lo <= 2, "unbalanced: {counts:?}");
+    drop(held);
+}

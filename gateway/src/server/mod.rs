@@ -4,6 +4,7 @@
 //! admin endpoint ([`admin`]).
 
 pub mod admin;
+pub mod balance;
 pub mod listener;
 pub mod pool;
 pub mod relay;
@@ -12,6 +13,7 @@ pub mod signal;
 pub mod worker;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd as _, IntoRawFd as _};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -30,6 +32,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     pub ready_workers: AtomicUsize,
     pub workers: usize,
+    /// Each worker's load and inbox, for evening out connections (see [`balance`]).
+    pub lanes: Vec<balance::Lane>,
 }
 
 /// The I/O driver the workers run.
@@ -128,6 +132,10 @@ where
         draining: AtomicBool::new(false),
         ready_workers: AtomicUsize::new(0),
         workers: settings.workers,
+        lanes: (0..settings.workers)
+            .map(|_| balance::Lane::new())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("cannot create worker lanes: {e}"))?,
     });
     let admin_addr = match settings.admin {
         Some(a) => {
@@ -239,6 +247,9 @@ async fn worker_main<S: RouteSource>(
         }
     };
     let housekeeping = monoio::spawn(worker::housekeeping(w.clone()));
+    if let Some(bell) = shared.lanes[w.index].take_bell() {
+        monoio::spawn(inbox(w.clone(), bell, shared.clone()));
+    }
     shared.ready_workers.fetch_add(1, Ordering::Release);
     let worker_label = w.index.to_string();
     loop {
@@ -251,9 +262,21 @@ async fn worker_main<S: RouteSource>(
             Some(Ok((stream, peer))) => {
                 metrics::counter!(m::CONNECTIONS_ACCEPTED, "worker" => worker_label.clone())
                     .increment(1);
-                let fut = session::serve(w.clone(), stream, peer);
-                tracing::trace!(bytes = std::mem::size_of_val(&fut), "session task size");
-                monoio::spawn(fut);
+                let to = balance::pick(&shared.lanes, w.index).unwrap_or(w.index);
+                shared.lanes[to].conns.fetch_add(1, Ordering::Relaxed);
+                match (to != w.index).then_some(to) {
+                    Some(to) => {
+                        // Detach from this worker's driver, then deliver the descriptor.
+                        let std_stream = crate::sys::tcp_from_raw_fd(stream.into_raw_fd());
+                        shared.lanes[to].deliver(std_stream, peer);
+                        metrics::counter!(m::CONNECTIONS_HANDED_OFF).increment(1);
+                    }
+                    None => {
+                        let fut = session::serve(w.clone(), stream, peer);
+                        tracing::trace!(bytes = std::mem::size_of_val(&fut), "session task size");
+                        monoio::spawn(fut);
+                    }
+                }
             }
             Some(Err(e)) => {
                 // EMFILE and friends: back off instead of spinning on a full table.
@@ -265,6 +288,38 @@ async fn worker_main<S: RouteSource>(
     drop(listener);
     shared.ready_workers.fetch_sub(1, Ordering::Release);
     housekeeping.await;
+}
+
+/// Serves connections other workers handed to this one (see [`balance`]).
+async fn inbox<S: RouteSource>(
+    w: Rc<Worker<S>>,
+    bell: std::os::unix::net::UnixStream,
+    shared: Arc<Shared>,
+) {
+    let bell = match monoio::net::UnixStream::from_std(bell) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(worker = w.index, error = %e, "cannot register the worker's bell");
+            return;
+        }
+    };
+    let mut scratch = [0u8; 64];
+    loop {
+        if bell.readable(false).await.is_err() {
+            return;
+        }
+        while matches!(crate::sys::recv(bell.as_raw_fd(), &mut scratch), Ok(n) if n > 0) {}
+        for (s, peer) in shared.lanes[w.index].take_inbox() {
+            match monoio::net::TcpStream::from_std(s) {
+                Ok(stream) => {
+                    monoio::spawn(session::serve(w.clone(), stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(worker = w.index, %peer, error = %e, "cannot adopt a handed-off connection")
+                }
+            }
+        }
+    }
 }
 
 /// The static table as a per-worker source (it is shared read-only behind an `Arc`).

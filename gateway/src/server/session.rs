@@ -30,6 +30,7 @@ enum HeadError {
 }
 
 pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: SocketAddr) {
+    let _held = w.adopt_connection();
     let fd = stream.as_raw_fd();
     if let Err(e) = sys::set_nonblocking(fd) {
         tracing::warn!(%peer, error = %e, "cannot make socket non-blocking");

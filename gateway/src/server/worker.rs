@@ -26,6 +26,15 @@ pub struct SessionCtl {
     key: u64,
 }
 
+/// Keeps a connection counted in its worker's lane (see `server::balance`).
+pub struct ConnGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Bytes relayed by this worker since the last flush to the metrics registry.
 #[derive(Default)]
 pub struct Stats {
@@ -77,6 +86,12 @@ impl<S: RouteSource> Worker<S> {
         }
     }
 
+    /// Takes over the count of a connection in this worker's lane (counted by whoever
+    /// accepted it, at once, so that a burst of accepts sees it), until the guard drops.
+    pub fn adopt_connection(&self) -> ConnGuard<'_> {
+        ConnGuard(&self.shared.lanes[self.index].conns)
+    }
+
     pub fn session_count(&self) -> usize {
         self.sessions.borrow().len()
     }
@@ -117,6 +132,8 @@ impl<S: RouteSource> Worker<S> {
         if v > 0 {
             metrics::counter!(m::RELAYED_BYTES, "direction" => "browser_to_vm").increment(v);
         }
+        metrics::gauge!(m::WORKER_CONNECTIONS, "worker" => self.index.to_string())
+            .set(self.shared.lanes[self.index].conns.load(Ordering::Relaxed) as f64);
         metrics::gauge!(m::PIPES_LENT, "worker" => self.index.to_string())
             .set(self.pipes.lent() as f64);
         metrics::gauge!(m::PIPES_POOLED, "worker" => self.index.to_string())

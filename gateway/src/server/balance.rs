@@ -1,0 +1,94 @@
+//! Evening out connections across workers.
+//!
+//! `SO_REUSEPORT` spreads connections by a hash of their addresses, so two workers given 50
+//! connections typically get 28 and 22, sometimes 30 and 20; with VNC sessions lasting hours,
+//! that skew stays, and the busier worker's sessions see more latency while the other core
+//! idles. So each worker publishes how many connections it holds in a [`Lane`], and a worker
+//! that accepts a connection while holding more than one above the least-loaded worker hands
+//! it over: the descriptor goes into that worker's inbox and a byte on its bell socket wakes
+//! it. This touches shared state once per accepted connection, never on the relay path.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// One worker's load and inbox.
+#[derive(Debug)]
+pub struct Lane {
+    /// Connections this worker holds (handshaking or relaying).
+    pub conns: AtomicUsize,
+    inbox: Mutex<Vec<(std::net::TcpStream, SocketAddr)>>,
+    bell_tx: UnixStream,
+    bell_rx: Mutex<Option<UnixStream>>,
+}
+
+impl Lane {
+    pub fn new() -> std::io::Result<Lane> {
+        let (tx, rx) = UnixStream::pair()?;
+        tx.set_nonblocking(true)?;
+        rx.set_nonblocking(true)?;
+        Ok(Lane {
+            conns: AtomicUsize::new(0),
+            inbox: Mutex::new(Vec::new()),
+            bell_tx: tx,
+            bell_rx: Mutex::new(Some(rx)),
+        })
+    }
+
+    /// The bell's receiving end, taken once by the lane's worker.
+    pub fn take_bell(&self) -> Option<UnixStream> {
+        self.bell_rx.lock().ok()?.take()
+    }
+
+    /// Queues a connection for this lane's worker and rings its bell.
+    pub fn deliver(&self, stream: std::net::TcpStream, peer: SocketAddr) {
+        if let Ok(mut q) = self.inbox.lock() {
+            q.push((stream, peer));
+        }
+        // A full bell already holds an unread ring: the worker will drain the inbox.
+        let _ = (&self.bell_tx).write(&[1]);
+    }
+
+    pub fn take_inbox(&self) -> Vec<(std::net::TcpStream, SocketAddr)> {
+        self.inbox
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default()
+    }
+}
+
+/// The lane a new connection accepted by worker `me` should go to, if not `me`: the
+/// least-loaded worker, when `me` holds more than one connection above it.
+pub fn pick(lanes: &[Lane], me: usize) -> Option<usize> {
+    let mine = lanes[me].conns.load(Ordering::Relaxed);
+    let (j, least) = lanes
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i, l.conns.load(Ordering::Relaxed)))
+        .min_by_key(|&(_, c)| c)?;
+    (j != me && mine > least + 1).then_some(j)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hands_off_only_past_a_slack_of_one() {
+        let lanes: Vec<Lane> = (0..3).map(|_| Lane::new().unwrap()).collect();
+        let set = |v: [usize; 3]| {
+            for (l, c) in lanes.iter().zip(v) {
+                l.conns.store(c, Ordering::Relaxed);
+            }
+        };
+        set([5, 4, 6]);
+        assert_eq!(pick(&lanes, 0), None);
+        set([6, 4, 6]);
+        assert_eq!(pick(&lanes, 0), Some(1));
+        assert_eq!(pick(&lanes, 1), None);
+        set([0, 0, 0]);
+        assert_eq!(pick(&lanes, 2), None);
+    }
+}
