@@ -7,6 +7,8 @@
 //! - `proxy`: the relays under test, started as child processes and killed by pid.
 //! - `measure`: throughput, round trips, upgrades, idle memory; each bounded in time.
 //! - `procfs`: CPU time and memory of a proxy's process tree.
+//! - `point`: the measurement points a run takes (`--points`).
+//! - `plot`: the SVG charts (ratios to direct; memory and CPU cost), from the JSON record.
 //! - `report`: medians, ratios to direct, the markdown table and the JSON record.
 //! - `runner`: the interleaved repetitions that tie it together.
 //! - `sys`: the only `unsafe` (rlimit, clock ticks, kill).
@@ -14,6 +16,8 @@
 
 pub mod conn;
 pub mod measure;
+pub mod plot;
+pub mod point;
 pub mod procfs;
 pub mod proxy;
 pub mod report;

@@ -1,17 +1,23 @@
-//! `vncgate-bench`: flags in, `runner::run` does the rest.
+//! `vncgate-bench`: flags in, `runner::run` does the rest (or `plot::plot_file` alone with
+//! `--plot-only`).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use vncgate_bench::plot;
+use vncgate_bench::point::Point;
 use vncgate_bench::proxy::Kind;
 use vncgate_bench::runner::{self, Config};
 
 /// Benchmark WebSocket-to-TCP relays against direct TCP on loopback; prints a markdown
-/// table and writes results.md and results.json.
+/// table and writes results.md, results.json and the charts results.svg and
+/// results-memory.svg.
 #[derive(Parser, Debug)]
-#[command(name = "vncgate-bench", version)]
+// A flag given twice takes the last value (scripts put their defaults first; `scaling.sh`
+// relies on it); repeatable flags (`--vncgate-arg`) still collect every value.
+#[command(name = "vncgate-bench", version, args_override_self = true)]
 struct Args {
     /// Path of the vncgate binary.
     #[arg(long, default_value = "target/release/vncgate")]
@@ -44,13 +50,56 @@ struct Args {
         default_value = "direct,vncgate,websocat,websockify"
     )]
     only: Vec<String>,
-    /// Output folder for results.md, results.json and the proxies' logs.
+    /// Comma-separated measurement points to take: idle (memory per idle session), tput
+    /// (throughput 1 and N conns, Jain, CPU per GB), rt (16 B round trips), upgrades
+    /// (upgrades and upgrade+echo per second), or all.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    points: Vec<String>,
+    /// Draw the charts from an existing results JSON and exit, running nothing: X.json
+    /// gives X.svg and X-memory.svg beside it. Other flags are ignored.
+    #[arg(long, value_name = "JSON")]
+    plot_only: Option<PathBuf>,
+    /// Output folder for results.md, results.json, the charts and the proxies' logs.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/out"))]
     out: PathBuf,
 }
 
 fn main() -> ExitCode {
     let a = Args::parse();
+    if let Some(json) = &a.plot_only {
+        return match plot::plot_file(json) {
+            Ok(paths) => {
+                for p in paths {
+                    println!("{}", p.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vncgate-bench --plot-only: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let mut points = match Point::parse_list(&a.points) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("--points: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // `--idle 0` and a selection without `idle` mean the same: no idle sessions.
+    let idle = if points.contains(&Point::Idle) {
+        a.idle
+    } else {
+        0
+    };
+    if idle == 0 {
+        points.retain(|&p| p != Point::Idle);
+        if points.is_empty() {
+            eprintln!("--points idle with --idle 0 leaves nothing to measure");
+            return ExitCode::from(2);
+        }
+    }
     let mut only = Vec::new();
     for name in &a.only {
         match Kind::parse(name.trim()) {
@@ -78,10 +127,11 @@ fn main() -> ExitCode {
         vncgate_args: a.vncgate_args,
         reps: a.reps,
         secs: a.secs,
-        idle: a.idle,
+        idle,
         conns: a.conns,
         connectors: a.connectors,
         only,
+        points,
         out: a.out,
     };
     match runner::run(&cfg) {
@@ -90,5 +140,43 @@ fn main() -> ExitCode {
             eprintln!("vncgate-bench: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_flags_override_earlier_ones_and_repeatable_ones_collect() {
+        let a = Args::try_parse_from([
+            "vncgate-bench",
+            "--reps",
+            "1",
+            "--points",
+            "tput,upgrades",
+            "--vncgate-arg=--io-driver=epoll",
+            "--reps",
+            "3",
+            "--vncgate-arg",
+            "--x",
+        ])
+        .unwrap();
+        assert_eq!(a.reps, 3);
+        assert_eq!(a.points, ["tput", "upgrades"]);
+        assert_eq!(a.vncgate_args, ["--io-driver=epoll", "--x"]);
+        assert_eq!(
+            Point::parse_list(&a.points).unwrap(),
+            [Point::Tput, Point::Upgrades]
+        );
+    }
+
+    #[test]
+    fn defaults_take_every_point_and_plot_only_takes_a_path() {
+        let a = Args::try_parse_from(["vncgate-bench"]).unwrap();
+        assert_eq!(Point::parse_list(&a.points).unwrap(), Point::ALL);
+        assert!(a.plot_only.is_none());
+        let a = Args::try_parse_from(["vncgate-bench", "--plot-only", "out/results.json"]).unwrap();
+        assert_eq!(a.plot_only, Some(PathBuf::from("out/results.json")));
     }
 }

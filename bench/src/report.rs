@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
+use crate::point::Point;
 use crate::proxy::Kind;
 
 /// One row of the table.
@@ -14,14 +15,18 @@ pub struct Metric {
     pub decimals: usize,
     /// Whether a ratio to direct means anything (not for proxy-only costs).
     pub has_ratio: bool,
+    /// The measurement point that produces it (rows of points not taken are left out).
+    pub point: Point,
 }
 
+/// Every row of the table, in order.
 pub fn metrics(conns: usize, connectors: usize, idle: usize) -> Vec<Metric> {
-    let m = |id, label: String, decimals, has_ratio| Metric {
+    let m = |id: &'static str, label: String, decimals, has_ratio| Metric {
         id,
         label,
         decimals,
         has_ratio,
+        point: point_of(id),
     };
     vec![
         m(
@@ -109,6 +114,20 @@ pub fn metrics(conns: usize, connectors: usize, idle: usize) -> Vec<Metric> {
             false,
         ),
     ]
+}
+
+/// The point whose measurement yields metric `id` (ids are prefixed by what they measure).
+fn point_of(id: &str) -> Point {
+    if id.starts_with("idle_") {
+        Point::Idle
+    } else if id.starts_with("rt_") {
+        Point::Rt
+    } else if id == "upgrades_s" || id == "sessions_s" {
+        Point::Upgrades
+    } else {
+        // tput_*, jain_n, cpu_s_per_gb
+        Point::Tput
+    }
 }
 
 /// Figures of one proxy in one repetition, by metric id.
@@ -272,4 +291,24 @@ pub fn utc_now() -> String {
         rem / 60 % 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_point_has_rows_and_ids_map_as_the_runner_records_them() {
+        let ms = metrics(50, 4, 1000);
+        for p in Point::ALL {
+            assert!(ms.iter().any(|m| m.point == p), "{p:?} has no row");
+        }
+        let point = |id: &str| ms.iter().find(|m| m.id == id).unwrap().point;
+        assert_eq!(point("tput_n_mbs"), Point::Tput);
+        assert_eq!(point("jain_n"), Point::Tput);
+        assert_eq!(point("cpu_s_per_gb"), Point::Tput);
+        assert_eq!(point("rt_n_p99_us"), Point::Rt);
+        assert_eq!(point("sessions_s"), Point::Upgrades);
+        assert_eq!(point("idle_pss_kib"), Point::Idle);
+    }
 }

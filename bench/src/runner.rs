@@ -1,6 +1,7 @@
 //! The run: start the targets, find the proxies, then for each repetition start each proxy
 //! in turn (direct, vncgate, websocat, websockify, direct, ...) on a fresh process, take every
-//! measurement, and kill it. Interleaving spreads the noise of a shared machine over all
+//! measurement (those of `--points`), and kill it. The table, the JSON and the charts are
+//! written at the end. Interleaving spreads the noise of a shared machine over all
 //! proxies instead of charging one of them with a bad minute.
 
 use std::path::PathBuf;
@@ -9,6 +10,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::measure;
+use crate::plot;
+use crate::point::Point;
 use crate::proxy::{self, Kind, Running};
 use crate::report::{self, Header, ProxyResult, Run};
 use crate::{conn, sys, targets};
@@ -24,6 +27,9 @@ pub struct Config {
     pub conns: usize,
     pub connectors: usize,
     pub only: Vec<Kind>,
+    /// Measurement points to take, in `Point::ALL` order; `idle` is 0 when `Idle` is not
+    /// among them.
+    pub points: Vec<Point>,
     pub out: PathBuf,
 }
 
@@ -107,7 +113,8 @@ pub fn run(cfg: &Config) -> Result<(), String> {
         }
     }
 
-    let metrics = report::metrics(cfg.conns, cfg.connectors, cfg.idle);
+    let mut metrics = report::metrics(cfg.conns, cfg.connectors, cfg.idle);
+    metrics.retain(|m| cfg.points.contains(&m.point));
     let header = header(cfg, (load_start, loadavg()));
     let md = report::markdown(&header, &metrics, &results);
     let js = report::json(&header, &metrics, &results);
@@ -118,6 +125,16 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     std::fs::write(&js_path, js_text + "\n").map_err(|e| format!("{}: {e}", js_path.display()))?;
     println!("{md}");
     eprintln!("wrote {} and {}", md_path.display(), js_path.display());
+    // The charts are drawn from the JSON just written, as `--plot-only` would; a chart
+    // that fails is reported but does not fail a run whose figures are already saved.
+    match plot::write_charts(&js, &js_path) {
+        Ok(paths) => {
+            for p in paths {
+                eprintln!("wrote {}", p.display());
+            }
+        }
+        Err(e) => eprintln!("charts: {e}"),
+    }
     Ok(())
 }
 
@@ -135,7 +152,7 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
 
     // Memory first, on a fresh process: "what does one more idle session cost" without
     // buffers the bulk runs left in the allocator.
-    if !pids.is_empty() && cfg.idle > 0 {
+    if !pids.is_empty() && cfg.idle > 0 && cfg.points.contains(&Point::Idle) {
         match measure::idle_memory(&p.echo, cfg.idle, &pids, seed) {
             Ok(m) => {
                 eprintln!(
@@ -152,10 +169,15 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
 
     let mut cpu = 0.0;
     let mut bytes = 0u64;
-    for (n, id_t, id_j) in [
-        (1, "tput_1_mbs", None),
-        (cfg.conns, "tput_n_mbs", Some("jain_n")),
-    ] {
+    let tput: &[_] = if cfg.points.contains(&Point::Tput) {
+        &[
+            (1, "tput_1_mbs", None),
+            (cfg.conns, "tput_n_mbs", Some("jain_n")),
+        ]
+    } else {
+        &[]
+    };
+    for &(n, id_t, id_j) in tput {
         if let Err(e) = p.check_alive() {
             fail("proxy", e, &mut errors);
             return (run, errors);
@@ -185,7 +207,7 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
         run.insert("cpu_s_per_gb", per_gb);
     }
 
-    for (n, ids) in [
+    let rts = [
         (
             1,
             [
@@ -206,7 +228,13 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
                 "rt_n_max_us",
             ],
         ),
-    ] {
+    ];
+    let rts: &[_] = if cfg.points.contains(&Point::Rt) {
+        &rts
+    } else {
+        &[]
+    };
+    for &(n, ids) in rts {
         if let Err(e) = p.check_alive() {
             fail("proxy", e, &mut errors);
             return (run, errors);
@@ -232,10 +260,15 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
 
     // Direct has no handshake: its one figure (connect + one echo) serves both rows.
     let direct = pids.is_empty();
-    for (with_echo, id, what) in [
-        (false, "upgrades_s", "upgrades"),
-        (true, "sessions_s", "upgrade+echo"),
-    ] {
+    let upgrades: &[_] = if cfg.points.contains(&Point::Upgrades) {
+        &[
+            (false, "upgrades_s", "upgrades"),
+            (true, "sessions_s", "upgrade+echo"),
+        ]
+    } else {
+        &[]
+    };
+    for &(with_echo, id, what) in upgrades {
         if direct && with_echo {
             if let Some(&v) = run.get("upgrades_s") {
                 run.insert(id, v);
@@ -289,6 +322,12 @@ fn header(cfg: &Config, load: (String, String)) -> Header {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let only: Vec<&str> = cfg.only.iter().map(|k| k.name()).collect();
+    let points: Vec<&str> = cfg.points.iter().map(|p| p.name()).collect();
+    let points_note = if cfg.points.len() == Point::ALL.len() {
+        String::new()
+    } else {
+        format!(" Points taken: {}.", points.join(", "))
+    };
     Header {
         date: report::utc_now(),
         nproc,
@@ -305,12 +344,13 @@ fn header(cfg: &Config, load: (String, String)) -> Header {
             "vncgate_args": cfg.vncgate_args,
             "vncgate": cfg.vncgate,
             "only": only,
+            "points": points,
         }),
         settings_line: format!(
             "Medians of {} interleaved repetitions, {} s per timed point; vncgate --workers {}. \
              Ratio = proxy / direct TCP from this run (higher is better for rates, lower for \
-             latency). CPU and memory are the proxy's own (process tree), so they have no ratio.",
-            cfg.reps, cfg.secs, cfg.workers
+             latency). CPU and memory are the proxy's own (process tree), so they have no ratio.{}",
+            cfg.reps, cfg.secs, cfg.workers, points_note
         ),
     }
 }
