@@ -23,7 +23,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::{IoDriver, Settings};
 use crate::metrics as m;
-use crate::route::{RouteSource, StaticRoutes};
+use crate::route::RouteSource;
 use worker::Worker;
 
 /// State shared by all workers: only flags, read or written rarely.
@@ -34,6 +34,14 @@ pub struct Shared {
     pub workers: usize,
     /// Each worker's load and inbox, for evening out connections (see [`balance`]).
     pub lanes: Vec<balance::Lane>,
+}
+
+impl Shared {
+    /// Starts a drain: stop accepting, close sessions with 1001 after the drain timeout.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        metrics::gauge!(m::DRAINING).set(1.0);
+    }
 }
 
 /// The I/O driver the workers run.
@@ -87,12 +95,6 @@ pub struct Running {
 }
 
 impl Running {
-    /// Starts a drain: stop accepting, close sessions with 1001 after the drain timeout.
-    pub fn drain(&self) {
-        self.shared.draining.store(true, Ordering::Relaxed);
-        metrics::gauge!(m::DRAINING).set(1.0);
-    }
-
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
     }
@@ -320,12 +322,4 @@ async fn inbox<S: RouteSource>(
             }
         }
     }
-}
-
-/// The static table as a per-worker source (it is shared read-only behind an `Arc`).
-pub fn static_source(
-    routes: &StaticRoutes,
-) -> impl Fn(usize) -> StaticRoutes + Send + Sync + 'static {
-    let routes = routes.clone();
-    move |_| routes.clone()
 }
