@@ -81,10 +81,7 @@ fn run(cmd: &Command) -> Result<(), String> {
                     sig,
                     "drain requested: no new sessions; open ones close after the drain timeout"
                 );
-                shared
-                    .draining
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                metrics::gauge!(vncgate::metrics::DRAINING).set(1.0);
+                shared.drain();
             }
         })
         .map_err(|e| e.to_string())?;
