@@ -31,6 +31,9 @@ cargo test --workspace --doc
 step "noVNC in headless Chromium through the gateway"
 scripts/browser-test.sh
 
+step "Autobahn|Testsuite fuzzingclient, compared with the expected results"
+scripts/autobahn.sh
+
 fuzz_seconds=${FUZZ_SECONDS:-15}
 if [ "$fuzz_seconds" != "0" ] && [ -x gateway/fuzz/smoke.sh ]; then
   step "fuzz smoke (${fuzz_seconds}s per target)"

@@ -36,7 +36,8 @@ use crate::close::{self, CloseCause};
 use crate::route::RouteSource;
 use crate::sys::{self, Pipe};
 use crate::ws::frame::{
-    ControlFrame, FrameParser, Item, MAX_SERVER_HEADER, OP_BINARY, OP_PING, OP_PONG, encode_header,
+    ControlFrame, ControlPayload, FrameParser, Item, MAX_SERVER_HEADER, OP_BINARY, OP_PING,
+    OP_PONG, encode_header,
 };
 
 /// How a relayed session ended.
@@ -412,7 +413,9 @@ impl<'a, S: RouteSource> Relay<'a, S> {
     async fn forward_browser_bytes(&self, buf: &mut [u8]) -> Result<(), End> {
         let mut off = 0;
         let mut data_end = 0;
-        let mut pong = None;
+        // Every ping gets its pong, in order (answering only the last one is allowed by
+        // RFC 6455 §5.5.3, but clients measuring latency count them). Rarely more than one.
+        let mut pongs: Vec<ControlPayload> = Vec::new();
         let mut outcome = Ok(());
         while off < buf.len() {
             let step = self.parser.borrow_mut().step(&mut buf[off..]);
@@ -428,7 +431,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                             buf.copy_within(off + r.start..off + r.end, data_end);
                             data_end += len;
                         }
-                        Some(Item::Ping(p)) => pong = Some(p),
+                        Some(Item::Ping(p)) => pongs.push(p),
                         Some(Item::Pong(_)) => self.pong_due.set(None),
                         Some(Item::Close(c)) => {
                             outcome = Err(End::ClientClose(c.code));
@@ -450,12 +453,14 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             st.set(st.get() + data_end as u64);
             self.last_activity.set(Instant::now());
         }
-        if let Some(p) = pong
-            && outcome.is_ok()
-        {
-            self.send_control(&ControlFrame::new(OP_PONG, p.as_slice()))
-                .await
-                .map_err(|e| client_write_error(&e))?;
+        // Pings that came before a close still get their pongs; after a protocol error
+        // nothing but the close frame is sent.
+        if matches!(outcome, Ok(()) | Err(End::ClientClose(_))) {
+            for p in &pongs {
+                self.send_control(&ControlFrame::new(OP_PONG, p.as_slice()))
+                    .await
+                    .map_err(|e| client_write_error(&e))?;
+            }
         }
         outcome
     }
