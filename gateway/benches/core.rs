@@ -6,7 +6,7 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use vncgate::ws::frame::{FrameParser, Item};
+use vncgate::ws::frame::{FrameParser, Item, encode_client_frame};
 use vncgate::ws::handshake::{HandshakeConfig, Parsed, parse_request};
 use vncgate::ws::mask::unmask;
 
@@ -15,23 +15,10 @@ const NOVNC: &[u8] = b"GET /vnc/0123456789abcdef HTTP/1.1\r\nHost: gateway.examp
 const SIZES: [usize; 3] = [16, 1024, 64 * 1024];
 
 fn masked_frames(payload: usize, total: usize) -> Vec<u8> {
-    let mask = [0x12, 0x34, 0x56, 0x78];
+    let body: Vec<u8> = (0..payload).map(|i| i as u8).collect();
     let mut out = Vec::with_capacity(total + 64);
     while out.len() < total {
-        out.push(0x82);
-        match payload {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend((0..payload).map(|i| (i as u8) ^ mask[i % 4]));
+        encode_client_frame(&mut out, 0x82, &body, [0x12, 0x34, 0x56, 0x78]);
     }
     out
 }

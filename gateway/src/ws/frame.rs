@@ -353,6 +353,28 @@ pub fn encode_header(out: &mut [u8; MAX_SERVER_HEADER], opcode: u8, len: u64) ->
     }
 }
 
+/// Appends a masked client frame (the browser's side of §5.2) with first byte `b0` (FIN,
+/// RSV and opcode) to `out`. The gateway never sends these; tests, benchmarks, fuzzing and
+/// load tools that play the browser do.
+pub fn encode_client_frame(out: &mut Vec<u8>, b0: u8, payload: &[u8], mask: [u8; 4]) {
+    out.push(b0);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    unmask(&mut out[start..], mask, 0);
+}
+
 /// A complete server control frame (at most 127 bytes), built without allocating.
 #[derive(Clone, Copy)]
 pub struct ControlFrame {
@@ -406,22 +428,8 @@ mod tests {
 
     /// A masked client frame, as a browser would send it.
     fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![b0];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&MASK);
-        let start = f.len();
-        f.extend_from_slice(payload);
-        unmask(&mut f[start..], MASK, 0);
+        let mut f = Vec::new();
+        encode_client_frame(&mut f, b0, payload, MASK);
         f
     }
 
