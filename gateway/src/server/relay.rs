@@ -260,14 +260,9 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                 o.end = MAX_SERVER_HEADER + n;
                 Ok(FromVm::Frame { len: n, full })
             }
-            Err(e) if is_would_block(&e) => {
-                self.w.bufs.give(buf);
-                Ok(FromVm::WouldBlock)
-            }
             Err(e) => {
                 self.w.bufs.give(buf);
-                tracing::debug!(error = %e, "upstream read failed");
-                Err(End::Cause(close::UPSTREAM_ERROR))
+                vm_read_failed(e)
             }
         }
     }
@@ -294,15 +289,10 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                 o.pipe = Some(pipe);
                 Ok(FromVm::Frame { len: n, full: true })
             }
-            Err(e) if is_would_block(&e) => {
-                // The VM went quiet: give the pipe back before waiting.
-                self.w.pipes.give(pipe);
-                Ok(FromVm::WouldBlock)
-            }
             Err(e) => {
+                // Also when the VM just went quiet: give the pipe back before waiting.
                 self.w.pipes.give(pipe);
-                tracing::debug!(error = %e, "upstream read failed");
-                Err(End::Cause(close::UPSTREAM_ERROR))
+                vm_read_failed(e)
             }
         }
     }
@@ -521,6 +511,15 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             }
         }
     }
+}
+
+/// A failed read from the VM: an empty socket, or the end of the session.
+fn vm_read_failed(e: io::Error) -> Result<FromVm, End> {
+    if is_would_block(&e) {
+        return Ok(FromVm::WouldBlock);
+    }
+    tracing::debug!(error = %e, "upstream read failed");
+    Err(End::Cause(close::UPSTREAM_ERROR))
 }
 
 fn client_write_error(e: &io::Error) -> End {

@@ -185,32 +185,41 @@ pub struct Echo {
 }
 
 pub fn echo_server() -> Echo {
+    let (addr, open) = counted_server(|mut s| {
+        let mut buf = [0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    Echo { addr, open }
+}
+
+/// A server on a background thread running `handle` per connection on its own thread;
+/// the counter holds how many connections are open right now.
+fn counted_server(handle: fn(TcpStream)) -> (SocketAddr, Arc<AtomicU64>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let open = Arc::new(AtomicU64::new(0));
     let open2 = open.clone();
     thread::spawn(move || {
         for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
+            let Ok(s) = s else { continue };
             let open = open2.clone();
             open.fetch_add(1, Ordering::SeqCst);
             thread::spawn(move || {
-                let mut buf = [0u8; 65536];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
+                handle(s);
                 open.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
-    Echo { addr, open }
+    (addr, open)
 }
 
 /// An upstream that accepts, writes `data`, then closes (a VM whose VNC server exits).
@@ -233,23 +242,10 @@ pub fn say_and_close(data: Vec<u8>) -> SocketAddr {
 
 /// An upstream that accepts and never sends anything.
 pub fn silent_server() -> (SocketAddr, Arc<AtomicU64>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let open = Arc::new(AtomicU64::new(0));
-    let open2 = open.clone();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let open = open2.clone();
-            open.fetch_add(1, Ordering::SeqCst);
-            thread::spawn(move || {
-                let mut sink = [0u8; 4096];
-                while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
-                open.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    });
-    (addr, open)
+    counted_server(|mut s| {
+        let mut sink = [0u8; 4096];
+        while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+    })
 }
 
 /// An upstream that writes a counting byte pattern (byte i = i mod 251) as fast as the
