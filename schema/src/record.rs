@@ -1,0 +1,218 @@
+//! The route record: one Redis hash per session at `vncgate:route:<session>`.
+//!
+//! | field | required | value |
+//! |---|---|---|
+//! | `v` | yes | schema version, `1` |
+//! | `upstream` | yes | the VM's RFB address, `IP:PORT` (an address, never a name: gateways do not resolve) |
+//! | `token_sha256` | no | 64 hex digits, SHA-256 of the session token; absent admits any client |
+//! | `expires_at` | no | Unix seconds; live sessions close with 4005 then |
+//! | `max_viewers` | no | concurrent connections allowed; `0` = unlimited; absent = the gateway's `--max-viewers` |
+//! | `created_at` | yes | Unix seconds of the write |
+//! | `writer` | no | who wrote it (`vncgate route add`, `vncgate-controller`), for operators |
+//!
+//! Readers ignore fields they do not know (a later version 1 writer may add some) and
+//! refuse a record whose `v` is newer than theirs.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use crate::SCHEMA_VERSION;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRecord {
+    pub upstream: SocketAddr,
+    pub token_sha256: Option<[u8; 32]>,
+    pub expires_at: Option<u64>,
+    pub max_viewers: Option<u32>,
+    pub created_at: u64,
+    pub writer: Option<String>,
+}
+
+/// A hash at a route key that is not a usable record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("route record has no '{0}' field")]
+    Missing(&'static str),
+    #[error("route record field '{field}' is invalid: {why}")]
+    Invalid { field: &'static str, why: String },
+    #[error("route record is schema version {0}, newer than this reader's {SCHEMA_VERSION}")]
+    NewerVersion(u32),
+}
+
+impl RecordError {
+    /// A short metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RecordError::Missing(_) => "missing_field",
+            RecordError::Invalid { .. } => "invalid_field",
+            RecordError::NewerVersion(_) => "newer_version",
+        }
+    }
+}
+
+fn invalid(field: &'static str, why: impl Into<String>) -> RecordError {
+    RecordError::Invalid {
+        field,
+        why: why.into(),
+    }
+}
+
+/// Checks an upstream address a record may carry: a concrete unicast address and a port.
+pub fn check_upstream(addr: &SocketAddr) -> Result<(), String> {
+    let ip = addr.ip();
+    if addr.port() == 0 {
+        return Err(format!("upstream {addr} has port 0"));
+    }
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(format!("upstream {addr} is not a unicast address"));
+    }
+    if let std::net::IpAddr::V4(v4) = ip
+        && v4.is_broadcast()
+    {
+        return Err(format!("upstream {addr} is a broadcast address"));
+    }
+    Ok(())
+}
+
+impl RouteRecord {
+    /// The fields to write, and the optional fields this record leaves out (to delete, so
+    /// an overwrite never keeps a stale token or expiry).
+    pub fn to_fields(&self) -> (Vec<(&'static str, String)>, Vec<&'static str>) {
+        let mut set = vec![
+            ("v", SCHEMA_VERSION.to_string()),
+            ("upstream", self.upstream.to_string()),
+            ("created_at", self.created_at.to_string()),
+        ];
+        let mut absent = Vec::new();
+        let mut opt = |name: &'static str, v: Option<String>| match v {
+            Some(v) => set.push((name, v)),
+            None => absent.push(name),
+        };
+        opt("token_sha256", self.token_sha256.map(hex::encode));
+        opt("expires_at", self.expires_at.map(|t| t.to_string()));
+        opt("max_viewers", self.max_viewers.map(|n| n.to_string()));
+        opt("writer", self.writer.clone());
+        (set, absent)
+    }
+
+    /// Reads a record from the fields of its hash.
+    pub fn from_fields(f: &HashMap<String, String>) -> Result<Self, RecordError> {
+        let get = |name: &'static str| f.get(name).map(|s| s.trim());
+        let v: u32 = get("v")
+            .ok_or(RecordError::Missing("v"))?
+            .parse()
+            .map_err(|_| invalid("v", "not a number"))?;
+        if v > SCHEMA_VERSION {
+            return Err(RecordError::NewerVersion(v));
+        }
+        if v == 0 {
+            return Err(invalid("v", "version 0 does not exist"));
+        }
+        let upstream: SocketAddr = get("upstream")
+            .ok_or(RecordError::Missing("upstream"))?
+            .parse()
+            .map_err(|_| invalid("upstream", "not an IP:PORT address"))?;
+        check_upstream(&upstream).map_err(|e| invalid("upstream", e))?;
+        let token_sha256 = match get("token_sha256") {
+            None => None,
+            Some(h) => {
+                let mut d = [0u8; 32];
+                hex::decode_to_slice(h, &mut d)
+                    .map_err(|_| invalid("token_sha256", "not 64 hex digits"))?;
+                Some(d)
+            }
+        };
+        let num = |name: &'static str| -> Result<Option<u64>, RecordError> {
+            get(name)
+                .map(|s| s.parse().map_err(|_| invalid(name, "not a number")))
+                .transpose()
+        };
+        let max_viewers = num("max_viewers")?
+            .map(|n| u32::try_from(n).map_err(|_| invalid("max_viewers", "too large")))
+            .transpose()?;
+        Ok(RouteRecord {
+            upstream,
+            token_sha256,
+            expires_at: num("expires_at")?,
+            max_viewers,
+            created_at: num("created_at")?.ok_or(RecordError::Missing("created_at"))?,
+            writer: get("writer").map(str::to_owned),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> RouteRecord {
+        RouteRecord {
+            upstream: "10.0.0.5:6080".parse().unwrap(),
+            token_sha256: Some([7; 32]),
+            expires_at: Some(1_900_000_000),
+            max_viewers: Some(2),
+            created_at: 1_800_000_000,
+            writer: Some("test".into()),
+        }
+    }
+
+    fn as_map(set: &[(&'static str, String)]) -> HashMap<String, String> {
+        set.iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_and_absent_fields() {
+        let r = sample();
+        let (set, absent) = r.to_fields();
+        assert!(absent.is_empty());
+        assert_eq!(RouteRecord::from_fields(&as_map(&set)).unwrap(), r);
+
+        let bare = RouteRecord {
+            token_sha256: None,
+            expires_at: None,
+            max_viewers: None,
+            writer: None,
+            ..r
+        };
+        let (set, absent) = bare.to_fields();
+        assert_eq!(
+            absent,
+            ["token_sha256", "expires_at", "max_viewers", "writer"]
+        );
+        assert_eq!(RouteRecord::from_fields(&as_map(&set)).unwrap(), bare);
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let (set, _) = sample().to_fields();
+        let with = |k: &str, v: &str| {
+            let mut m = as_map(&set);
+            m.insert(k.into(), v.into());
+            RouteRecord::from_fields(&m)
+        };
+        assert_eq!(with("v", "2"), Err(RecordError::NewerVersion(2)));
+        assert!(matches!(
+            with("upstream", "vm.local:6080"),
+            Err(RecordError::Invalid {
+                field: "upstream",
+                ..
+            })
+        ));
+        assert!(with("upstream", "0.0.0.0:6080").is_err());
+        assert!(with("upstream", "10.0.0.1:0").is_err());
+        assert!(with("upstream", "255.255.255.255:1").is_err());
+        assert!(with("token_sha256", "abc").is_err());
+        assert!(with("expires_at", "soon").is_err());
+        assert!(with("max_viewers", "99999999999").is_err());
+        // Unknown fields are a later writer's business.
+        assert!(with("colour", "blue").is_ok());
+        let mut m = as_map(&set);
+        m.remove("upstream");
+        assert_eq!(
+            RouteRecord::from_fields(&m),
+            Err(RecordError::Missing("upstream"))
+        );
+    }
+}
