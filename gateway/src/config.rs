@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::policy::{UpstreamPolicy, parse_cidr};
 use crate::route::{self, Route, StaticRoutes};
+use crate::routing::RedisSettings;
 use crate::ws::handshake::HandshakeConfig;
 
 #[derive(Debug, Parser)]
@@ -28,6 +29,93 @@ pub enum Command {
     /// Run the gateway with an embedded synthetic desktop as the VM (route `demo`, no
     /// Redis, nothing else to start) and print the URL to open.
     Demo(ServeArgs),
+    /// Manage routes in Redis (for deployments without the controller).
+    #[command(subcommand)]
+    Route(RouteCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Write a route (create or replace) and announce it to the gateways.
+    Add(RouteAddArgs),
+    /// Delete a route; gateways close its live sessions with 4006 "session revoked".
+    Del(RouteDelArgs),
+    /// List the routes.
+    List(RouteListArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisArg {
+    /// Redis URL: redis://HOST:PORT[/DB], redis+sentinel://H:P[,H:P...]/SERVICE or
+    /// redis+cluster://H:P[,H:P...].
+    #[arg(long, value_name = "URL", env = "VNCGATE_REDIS")]
+    pub redis: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RouteAddArgs {
+    #[command(flatten)]
+    pub redis: RedisArg,
+    /// Session id (the last path segment the browser opens).
+    #[arg(long)]
+    pub session: String,
+    /// The VM's VNC address, HOST:PORT (a name is resolved now; the route holds the address).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: String,
+    /// The session token clients must present (stored as its SHA-256 only).
+    #[arg(long, conflicts_with = "token_sha256")]
+    pub token: Option<String>,
+    /// The token's SHA-256 in hex, when the token itself should never reach this host.
+    #[arg(long, value_name = "HEX")]
+    pub token_sha256: Option<String>,
+    /// Seconds until the route expires; live sessions then close with 4005.
+    #[arg(long, value_parser = parse_secs)]
+    pub ttl: Option<Duration>,
+    /// Concurrent connections allowed for this session (0: unlimited) [default: the
+    /// gateway's --max-viewers].
+    #[arg(long)]
+    pub max_viewers: Option<u32>,
+    /// CIDR the gateways may dial (repeatable); the upstream must fall inside. Also read
+    /// from --config and VNCGATE_ALLOW_UPSTREAM (comma-separated).
+    #[arg(
+        long = "allow-upstream",
+        value_name = "CIDR",
+        env = "VNCGATE_ALLOW_UPSTREAM",
+        value_delimiter = ','
+    )]
+    pub allow_upstream: Vec<String>,
+    /// The gateway's TOML config, for its allow_upstream.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum DelReason {
+    /// Live sessions close with 4006 "session revoked".
+    #[default]
+    Revoked,
+    /// Live sessions close with 4005 "session expired".
+    Expired,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RouteDelArgs {
+    #[command(flatten)]
+    pub redis: RedisArg,
+    #[arg(long)]
+    pub session: String,
+    /// What live sessions are told.
+    #[arg(long, value_enum, default_value = "revoked")]
+    pub reason: DelReason,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RouteListArgs {
+    #[command(flatten)]
+    pub redis: RedisArg,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -108,6 +196,23 @@ pub struct ServeArgs {
     /// Capacity of each relay pipe in bytes [default: 1 MiB].
     #[arg(long)]
     pub pipe_size: Option<usize>,
+    /// Read routes from Redis (after the static ones): redis://HOST:PORT[/DB],
+    /// redis+sentinel://H:P[,H:P...]/SERVICE or redis+cluster://H:P[,H:P...].
+    #[arg(long, value_name = "URL", env = "VNCGATE_REDIS")]
+    pub redis: Option<String>,
+    /// Seconds a worker serves a Redis route from its cache; 0 disables the cache [default: 30].
+    #[arg(long, value_parser = parse_secs)]
+    pub route_cache_ttl: Option<Duration>,
+    /// Seconds an unknown session is remembered as unknown; 0 disables [default: 1].
+    #[arg(long, value_parser = parse_secs)]
+    pub route_negative_ttl: Option<Duration>,
+    /// Deadline of one Redis lookup or connection attempt, in seconds [default: 0.5].
+    #[arg(long, value_parser = parse_secs)]
+    pub redis_timeout: Option<Duration>,
+    /// Concurrent connections per session where the route does not say; 0 = unlimited
+    /// [default: 0]. Over the limit, the upgrade closes with 4009 "too many viewers".
+    #[arg(long)]
+    pub max_viewers: Option<u32>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -149,6 +254,11 @@ pub struct FileConfig {
     pub drain_timeout: Option<f64>,
     pub pipe_size: Option<usize>,
     pub max_header_bytes: Option<usize>,
+    pub redis: Option<String>,
+    pub route_cache_ttl: Option<f64>,
+    pub route_negative_ttl: Option<f64>,
+    pub redis_timeout: Option<f64>,
+    pub max_viewers: Option<u32>,
 }
 
 /// Session limits and timers. `None` disables a timer.
@@ -171,6 +281,8 @@ pub struct Limits {
     pub max_idle_pipes: usize,
     /// Browser-to-VM read buffer, lent per read from a worker pool.
     pub read_buffer: usize,
+    /// Concurrent connections per session where the route does not say; 0 = unlimited.
+    pub max_viewers: u32,
 }
 
 impl Default for Limits {
@@ -189,6 +301,7 @@ impl Default for Limits {
             pipe_size: 1 << 20,
             max_idle_pipes: 32,
             read_buffer: 32 << 10,
+            max_viewers: 0,
         }
     }
 }
@@ -205,6 +318,8 @@ pub struct Settings {
     pub policy: UpstreamPolicy,
     pub routes: StaticRoutes,
     pub limits: Limits,
+    /// Where routes come from besides the static ones.
+    pub redis: Option<RedisSettings>,
 }
 
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -235,7 +350,7 @@ fn timer(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-fn read_file_config(path: &Path) -> Result<FileConfig, String> {
+pub(crate) fn read_file_config(path: &Path) -> Result<FileConfig, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
@@ -377,8 +492,37 @@ impl ServeArgs {
             )?,
             drain_timeout: opt_secs(self.drain_timeout, file.drain_timeout, d.drain_timeout)?,
             pipe_size: self.pipe_size.or(file.pipe_size).unwrap_or(d.pipe_size),
+            max_viewers: self
+                .max_viewers
+                .or(file.max_viewers)
+                .unwrap_or(d.max_viewers),
             ..d
         };
+        let redis = match self.redis.as_ref().or(file.redis.as_ref()) {
+            None => None,
+            Some(url) => Some(RedisSettings {
+                url: url.parse().map_err(|e| format!("--redis: {e}"))?,
+                cache_ttl: opt_secs(
+                    self.route_cache_ttl,
+                    file.route_cache_ttl,
+                    Duration::from_secs(30),
+                )?,
+                negative_ttl: opt_secs(
+                    self.route_negative_ttl,
+                    file.route_negative_ttl,
+                    Duration::from_secs(1),
+                )?,
+                timeout: opt_secs(
+                    self.redis_timeout,
+                    file.redis_timeout,
+                    Duration::from_millis(500),
+                )?,
+                recheck_interval: Duration::from_secs(5),
+            }),
+        };
+        if redis.as_ref().is_some_and(|r| r.timeout.is_zero()) {
+            return Err("--redis-timeout must be positive".into());
+        }
         if limits.handshake_timeout.is_zero() || limits.connect_timeout.is_zero() {
             return Err("--handshake-timeout and --connect-timeout must be positive".into());
         }
@@ -405,6 +549,7 @@ impl ServeArgs {
             policy,
             routes: StaticRoutes::new(table),
             limits,
+            redis,
         })
     }
 }
@@ -418,7 +563,7 @@ mod tests {
         full.extend_from_slice(v);
         match Cli::try_parse_from(full).unwrap().command {
             Command::Serve(a) => a,
-            Command::Demo(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 
@@ -507,5 +652,7 @@ mod example_tests {
         a.routes_file = Some(format!("{root}/config/routes.example.toml").into());
         let s = a.settings(vec![]).unwrap();
         assert_eq!(s.routes.len(), 3);
+        assert_eq!(s.limits.max_viewers, 0);
+        assert!(s.redis.is_none(), "the example keeps Redis commented out");
     }
 }

@@ -8,6 +8,8 @@
 //!   incremental frame parser, frame encoders, unmasking.
 //! - [`token`]: session tokens, held as SHA-256 digests and compared in constant time.
 //! - [`route`]: the [`route::RouteSource`] trait and the static sources (flags, routes file).
+//! - [`route_admin`]: `vncgate route add|del|list`, route management in Redis.
+//! - [`routing`]: routes from Redis: the control-plane thread and the per-worker cache.
 //! - [`policy`]: the upstream CIDR allowlist that keeps the gateway from being an open proxy.
 //! - [`close`]: every way a session ends: close code, reason, who is to blame, metric label.
 //! - [`config`]: flags and the config file, merged and validated.
@@ -21,6 +23,8 @@ pub mod config;
 pub mod metrics;
 pub mod policy;
 pub mod route;
+pub mod route_admin;
+pub mod routing;
 pub mod server;
 pub mod sys;
 pub mod token;

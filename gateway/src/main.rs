@@ -8,9 +8,23 @@ use vncgate::config::{Cli, Command, LogFormat, ServeArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Serve(args) | Command::Demo(args)) = &cli.command;
-    init_logging(args.log_format);
-    match run(&cli.command) {
+    let cmd = match &cli.command {
+        Command::Serve(args) | Command::Demo(args) => {
+            init_logging(args.log_format);
+            &cli.command
+        }
+        Command::Route(r) => {
+            return match vncgate::route_admin::run(r) {
+                Ok(vncgate::route_admin::Outcome::Done) => ExitCode::SUCCESS,
+                Ok(vncgate::route_admin::Outcome::NotFound) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("vncgate: error: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+    };
+    match run(cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vncgate: error: {e}");
@@ -41,6 +55,7 @@ fn run(cmd: &Command) -> Result<(), String> {
     let (settings, demo) = match cmd {
         Command::Serve(a) => (a.settings(vec![])?, false),
         Command::Demo(a) => (demo_settings(a)?, true),
+        Command::Route(_) => unreachable!("handled in main"),
     };
     match vncgate::sys::raise_nofile_limit() {
         Ok(n) => tracing::debug!(nofile = n, "descriptor limit raised"),
@@ -48,7 +63,28 @@ fn run(cmd: &Command) -> Result<(), String> {
     }
     let prom = vncgate::metrics::install()?;
     let prefix = settings.handshake.path_prefix.clone();
-    let running = vncgate::server::start(settings, Some(prom))?;
+    let running = match settings.redis.clone() {
+        None => vncgate::server::start(settings, Some(prom))?,
+        Some(redis) => {
+            let viewers = std::sync::Arc::new(vncgate::server::viewers::Viewers::default());
+            let fixed = settings.routes.clone();
+            tracing::info!(redis = %redis.url, cache_ttl = ?redis.cache_ttl, "routes from redis");
+            let wait = (redis.timeout * 4).max(std::time::Duration::from_secs(2));
+            let control =
+                vncgate::routing::spawn(redis, settings.workers, viewers.clone(), fixed.clone())?;
+            if !control.wait_connected(wait) {
+                let h = control.health();
+                tracing::warn!(error = %h.why(), "starting without redis: uncached lookups fail with 503 until it answers");
+            }
+            let hooks = vncgate::server::Hooks {
+                viewers,
+                route_health: Some(control.health()),
+            };
+            vncgate::server::start_with(settings, Some(prom), hooks, move |i| {
+                vncgate::routing::RedisRoutes::new(i, control.clone(), fixed.clone())
+            })?
+        }
+    };
     // Machine-readable lines on stdout, so scripts and tests can use port 0.
     println!("vncgate: listening on ws://{}{prefix}", running.local_addr);
     if let Some(a) = running.admin_addr {
@@ -106,6 +142,7 @@ fn demo_settings(a: &ServeArgs) -> Result<vncgate::config::Settings, String> {
             upstream: vm,
             token_digest: None,
             expires_at: None,
+            max_viewers: None,
         },
     )])
 }

@@ -33,6 +33,21 @@ pub const PIPES_POOLED: &str = "vncgate_pipes_pooled";
 pub const PIPE_SIZE_FALLBACK: &str = "vncgate_pipe_size_fallback_total";
 /// 1 while draining after SIGTERM.
 pub const DRAINING: &str = "vncgate_draining";
+/// 1 while the Redis route source answers (`--redis`), else 0.
+pub const REDIS_UP: &str = "vncgate_redis_up";
+/// Redis failures, by `op` (`connect`, `ping`, `lookup`, `lookup_timeout`, `subscribe`,
+/// `subscription_lost`, `recheck`).
+pub const REDIS_ERRORS: &str = "vncgate_redis_errors_total";
+/// Route lookups by the per-worker cache, by `result`: `hit`, `negative_hit`, `miss`
+/// (asked Redis), `stale` (Redis down or failing; a cached route served past its TTL),
+/// `unavailable` (nothing cached and Redis down: 503).
+pub const ROUTE_CACHE: &str = "vncgate_route_cache_total";
+/// Time of one Redis route lookup on the control thread.
+pub const ROUTE_LOOKUP_SECONDS: &str = "vncgate_route_lookup_seconds";
+/// Route records in Redis that could not be used, by `error`.
+pub const ROUTE_RECORDS_INVALID: &str = "vncgate_route_records_invalid_total";
+/// Route events received, by `op`: `put`, `del`, `invalid`, `resubscribe`, `recheck_gone`.
+pub const ROUTE_EVENTS: &str = "vncgate_route_events_total";
 
 /// Installs the global Prometheus recorder and returns the handle that renders it.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -40,6 +55,13 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(UPSTREAM_CONNECT_SECONDS.into()),
             &[0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
+        )
+        .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(ROUTE_LOOKUP_SECONDS.into()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+            ],
         )
         .map_err(|e| e.to_string())?
         .install_recorder()

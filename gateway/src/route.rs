@@ -8,10 +8,13 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
+
+use vncgate_schema::check_session_id;
 
 use crate::token::{Token, TokenDigest, parse_digest_hex};
 
@@ -22,6 +25,8 @@ pub struct Route {
     pub token_digest: Option<TokenDigest>,
     /// When the session ends, as seconds since the Unix epoch.
     pub expires_at: Option<u64>,
+    /// Concurrent connections allowed; `None` takes `--max-viewers`, `Some(0)` is unlimited.
+    pub max_viewers: Option<u32>,
 }
 
 /// Why a client may not use a route, decided before the upgrade.
@@ -31,6 +36,17 @@ pub enum Denied {
     MissingToken,
     /// 403: the token does not match.
     BadToken,
+}
+
+impl From<vncgate_schema::RouteRecord> for Route {
+    fn from(r: vncgate_schema::RouteRecord) -> Self {
+        Route {
+            upstream: r.upstream,
+            token_digest: r.token_sha256,
+            expires_at: r.expires_at,
+            max_viewers: r.max_viewers,
+        }
+    }
 }
 
 impl Route {
@@ -55,6 +71,58 @@ impl Route {
 #[error("route source unavailable: {0}")]
 pub struct Unavailable(pub &'static str);
 
+/// Whether a route source that can fail (Redis) answers now: read by `/readyz`, and by
+/// workers to fail uncached lookups at once instead of waiting out a deadline.
+#[derive(Debug)]
+pub struct SourceHealth {
+    name: &'static str,
+    up: AtomicBool,
+    why: Mutex<String>,
+}
+
+impl SourceHealth {
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            up: AtomicBool::new(false),
+            why: Mutex::new("not connected yet".into()),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Marks the source up; returns whether it was down.
+    pub fn set_up(&self) -> bool {
+        !self.up.swap(true, Ordering::AcqRel)
+    }
+
+    /// Marks the source down with a reason; returns whether it was up.
+    pub fn set_down(&self, why: String) -> bool {
+        *self.why.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        self.up.swap(false, Ordering::AcqRel)
+    }
+
+    /// Why the source is down (the last failure).
+    pub fn why(&self) -> String {
+        self.why.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A change to a route that live sessions must follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteChange {
+    /// The route is gone: its sessions close with 4006 (revoked) or 4005 (expired).
+    Removed { session: String, expired: bool },
+    /// The route was rewritten: its sessions take up the new expiry.
+    Changed { session: String },
+}
+
 /// A source of routes, queried once per upgrade by a worker. Implementations are used from
 /// one worker thread each, so the future need not be `Send`.
 pub trait RouteSource: 'static {
@@ -62,6 +130,19 @@ pub trait RouteSource: 'static {
         &self,
         session_id: &str,
     ) -> impl std::future::Future<Output = Result<Option<Arc<Route>>, Unavailable>>;
+
+    /// Route changes since the last call, for the worker to apply to its live sessions
+    /// (called when the source's bell rings, and every housekeeping tick). Immutable
+    /// sources have none.
+    fn changes(&self) -> Vec<RouteChange> {
+        Vec::new()
+    }
+
+    /// The receiving end of a bell the source rings from another thread when it has news
+    /// (answers, changes); taken once by the worker, which then calls [`Self::changes`].
+    fn bell(&self) -> Option<std::os::unix::net::UnixStream> {
+        None
+    }
 }
 
 /// An immutable in-memory table, shared read-only by all workers.
@@ -87,6 +168,10 @@ impl StaticRoutes {
 
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<Route>)> {
         self.routes.iter()
+    }
+
+    pub fn get(&self, session_id: &str) -> Option<&Arc<Route>> {
+        self.routes.get(session_id)
     }
 }
 
@@ -116,23 +201,9 @@ pub fn parse_route_flag(s: &str) -> Result<(String, Route), String> {
             upstream: resolve(addr)?,
             token_digest: None,
             expires_at: None,
+            max_viewers: None,
         },
     ))
-}
-
-fn check_session_id(id: &str) -> Result<(), String> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "session id '{id}' must be 1-128 characters of A-Z a-z 0-9 - _ ."
-        ))
-    }
 }
 
 /// One entry of a routes file.
@@ -147,6 +218,8 @@ struct FileRoute {
     token: Option<String>,
     /// Unix seconds.
     expires_at: Option<u64>,
+    /// Concurrent connections allowed (0: unlimited).
+    max_viewers: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,6 +271,7 @@ pub fn parse_routes_file(text: &str) -> Result<Vec<(String, Route)>, String> {
                     upstream: resolve(&r.upstream)?,
                     token_digest,
                     expires_at: r.expires_at,
+                    max_viewers: r.max_viewers,
                 },
             ))
         })
@@ -243,6 +317,7 @@ mod tests {
             upstream: "127.0.0.1:1".parse().unwrap(),
             token_digest: Some(Token::digest_of(b"t")),
             expires_at: Some(1000),
+            max_viewers: None,
         };
         assert_eq!(r.authorize(None), Err(Denied::MissingToken));
         assert_eq!(

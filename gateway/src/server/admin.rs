@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process runs) and
-//! `/readyz` (every worker accepts and no drain is under way). It runs on its own plain
+//! `/readyz` (every worker accepts, no drain is under way, and Redis answers where routes
+//! come from Redis). It runs on its own plain
 //! thread with blocking sockets: it serves a scraper every few seconds, not users, and
 //! keeps the workers' runtimes free of anything but sessions.
 
@@ -62,19 +63,23 @@ fn handle(
             _ => return respond(&mut s, 400, "text/plain", b"bad request\n"),
         }
     };
-    let ready = shared.ready_workers.load(Ordering::Acquire) == shared.workers
-        && !shared.draining.load(Ordering::Relaxed);
+    let not_ready = if shared.draining.load(Ordering::Relaxed) {
+        Some("draining".to_owned())
+    } else if shared.ready_workers.load(Ordering::Acquire) < shared.workers {
+        Some("workers starting".to_owned())
+    } else {
+        shared
+            .route_health
+            .as_ref()
+            .filter(|h| !h.is_up())
+            .map(|h| format!("{} unavailable: {}", h.name(), h.why()))
+    };
     match path.split('?').next().unwrap_or("") {
         "/healthz" | "/live" => respond(&mut s, 200, "text/plain", b"ok\n"),
-        "/readyz" | "/ready" if ready => respond(&mut s, 200, "text/plain", b"ready\n"),
-        "/readyz" | "/ready" => {
-            let why: &[u8] = if shared.draining.load(Ordering::Relaxed) {
-                b"draining\n"
-            } else {
-                b"workers starting\n"
-            };
-            respond(&mut s, 503, "text/plain", why)
-        }
+        "/readyz" | "/ready" => match not_ready {
+            None => respond(&mut s, 200, "text/plain", b"ready\n"),
+            Some(why) => respond(&mut s, 503, "text/plain", format!("{why}\n").as_bytes()),
+        },
         "/metrics" => match prom {
             Some(p) => {
                 let body = p.render();

@@ -8,54 +8,26 @@
 //! it over: the descriptor goes into that worker's inbox and a byte on its bell socket wakes
 //! it. This touches shared state once per accepted connection, never on the relay path.
 
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::mailbox::Mailbox;
 
 /// One worker's load and inbox.
 #[derive(Debug)]
 pub struct Lane {
     /// Connections this worker holds (handshaking or relaying).
     pub conns: AtomicUsize,
-    inbox: Mutex<Vec<(std::net::TcpStream, SocketAddr)>>,
-    bell_tx: UnixStream,
-    bell_rx: Mutex<Option<UnixStream>>,
+    /// Connections handed to this worker.
+    pub inbox: Mailbox<(std::net::TcpStream, SocketAddr)>,
 }
 
 impl Lane {
     pub fn new() -> std::io::Result<Lane> {
-        let (tx, rx) = UnixStream::pair()?;
-        tx.set_nonblocking(true)?;
-        rx.set_nonblocking(true)?;
         Ok(Lane {
             conns: AtomicUsize::new(0),
-            inbox: Mutex::new(Vec::new()),
-            bell_tx: tx,
-            bell_rx: Mutex::new(Some(rx)),
+            inbox: Mailbox::new()?,
         })
-    }
-
-    /// The bell's receiving end, taken once by the lane's worker.
-    pub fn take_bell(&self) -> Option<UnixStream> {
-        self.bell_rx.lock().ok()?.take()
-    }
-
-    /// Queues a connection for this lane's worker and rings its bell.
-    pub fn deliver(&self, stream: std::net::TcpStream, peer: SocketAddr) {
-        if let Ok(mut q) = self.inbox.lock() {
-            q.push((stream, peer));
-        }
-        // A full bell already holds an unread ring: the worker will drain the inbox.
-        let _ = (&self.bell_tx).write(&[1]);
-    }
-
-    pub fn take_inbox(&self) -> Vec<(std::net::TcpStream, SocketAddr)> {
-        self.inbox
-            .lock()
-            .map(|mut q| std::mem::take(&mut *q))
-            .unwrap_or_default()
     }
 }
 

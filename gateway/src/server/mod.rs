@@ -6,14 +6,16 @@
 pub mod admin;
 pub mod balance;
 pub mod listener;
+pub mod mailbox;
 pub mod pool;
 pub mod relay;
 pub mod session;
 pub mod signal;
+pub mod viewers;
 pub mod worker;
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd as _, IntoRawFd as _};
+use std::os::fd::IntoRawFd as _;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,7 +25,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::{IoDriver, Settings};
 use crate::metrics as m;
-use crate::route::RouteSource;
+use crate::route::{RouteSource, SourceHealth};
 use worker::Worker;
 
 /// State shared by all workers: only flags, read or written rarely.
@@ -34,6 +36,17 @@ pub struct Shared {
     pub workers: usize,
     /// Each worker's load and inbox, for evening out connections (see [`balance`]).
     pub lanes: Vec<balance::Lane>,
+    /// Live connections per session, for viewer limits (see [`viewers`]).
+    pub viewers: Arc<viewers::Viewers>,
+    /// The health of a route source that can fail (Redis), for `/readyz`.
+    pub route_health: Option<Arc<SourceHealth>>,
+}
+
+/// What the route source shares with the rest of the process.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    pub viewers: Arc<viewers::Viewers>,
+    pub route_health: Option<Arc<SourceHealth>>,
 }
 
 impl Shared {
@@ -110,7 +123,7 @@ impl Running {
 /// Binds the listeners and starts the workers with the static route table.
 pub fn start(settings: Settings, prom: Option<PrometheusHandle>) -> Result<Running, String> {
     let routes = settings.routes.clone();
-    start_with(settings, prom, move |_| routes.clone())
+    start_with(settings, prom, Hooks::default(), move |_| routes.clone())
 }
 
 /// Starts the workers with a route source built per worker by `make_routes` (each worker
@@ -118,6 +131,7 @@ pub fn start(settings: Settings, prom: Option<PrometheusHandle>) -> Result<Runni
 pub fn start_with<S, F>(
     settings: Settings,
     prom: Option<PrometheusHandle>,
+    hooks: Hooks,
     make_routes: F,
 ) -> Result<Running, String>
 where
@@ -138,6 +152,8 @@ where
             .map(|_| balance::Lane::new())
             .collect::<Result<_, _>>()
             .map_err(|e| format!("cannot create worker lanes: {e}"))?,
+        viewers: hooks.viewers,
+        route_health: hooks.route_health,
     });
     let admin_addr = match settings.admin {
         Some(a) => {
@@ -249,8 +265,11 @@ async fn worker_main<S: RouteSource>(
         }
     };
     let housekeeping = monoio::spawn(worker::housekeeping(w.clone()));
-    if let Some(bell) = shared.lanes[w.index].take_bell() {
+    if let Some(bell) = shared.lanes[w.index].inbox.take_bell() {
         monoio::spawn(inbox(w.clone(), bell, shared.clone()));
+    }
+    if let Some(bell) = w.routes.bell() {
+        monoio::spawn(worker::route_news(w.clone(), bell));
     }
     shared.ready_workers.fetch_add(1, Ordering::Release);
     let worker_label = w.index.to_string();
@@ -270,7 +289,7 @@ async fn worker_main<S: RouteSource>(
                     Some(to) => {
                         // Detach from this worker's driver, then deliver the descriptor.
                         let std_stream = crate::sys::tcp_from_raw_fd(stream.into_raw_fd());
-                        shared.lanes[to].deliver(std_stream, peer);
+                        shared.lanes[to].inbox.post((std_stream, peer));
                         metrics::counter!(m::CONNECTIONS_HANDED_OFF).increment(1);
                     }
                     None => {
@@ -298,20 +317,18 @@ async fn inbox<S: RouteSource>(
     bell: std::os::unix::net::UnixStream,
     shared: Arc<Shared>,
 ) {
-    let bell = match monoio::net::UnixStream::from_std(bell) {
+    let bell = match mailbox::Bell::new(bell) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(worker = w.index, error = %e, "cannot register the worker's bell");
             return;
         }
     };
-    let mut scratch = [0u8; 64];
     loop {
-        if bell.readable(false).await.is_err() {
+        if bell.rung().await.is_err() {
             return;
         }
-        while matches!(crate::sys::recv(bell.as_raw_fd(), &mut scratch), Ok(n) if n > 0) {}
-        for (s, peer) in shared.lanes[w.index].take_inbox() {
+        for (s, peer) in shared.lanes[w.index].inbox.take_all() {
             match monoio::net::TcpStream::from_std(s) {
                 Ok(stream) => {
                     monoio::spawn(session::serve(w.clone(), stream, peer));

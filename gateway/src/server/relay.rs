@@ -167,7 +167,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
     pub async fn run(
         &self,
         kill: &Signal<CloseCause>,
-        expires: Option<Instant>,
+        expires: &Cell<Option<Instant>>,
         early: &[u8],
     ) -> End {
         monoio::select! {
@@ -462,13 +462,14 @@ impl<'a, S: RouteSource> Relay<'a, S> {
 
     /// Keepalive pings and their pong deadline, the idle timeout, the route's expiry and
     /// the session duration cap.
-    async fn timers(&self, expires: Option<Instant>) -> End {
+    async fn timers(&self, expires_at: &Cell<Option<Instant>>) -> End {
         let l = &self.w.limits;
         let started = Instant::now();
         let max_end = l.max_session_duration.map(|d| started + d);
         let mut next_ping = l.keepalive_interval.map(|i| started + i);
         loop {
             let now = Instant::now();
+            let expires = expires_at.get();
             let idle_at = l.idle_timeout.map(|d| self.last_activity.get() + d);
             if expires.is_some_and(|t| now >= t) {
                 return End::Cause(close::SESSION_EXPIRED);

@@ -129,17 +129,22 @@ pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: So
     let started = Instant::now();
     drop(req);
 
-    let expires = route
-        .time_left(SystemTime::now())
-        .map(|left| Instant::now() + left);
-    let (end, to_browser, to_vm) = if expires.is_some_and(|t| t <= Instant::now()) {
+    ctl.expires.set(
+        route
+            .time_left(SystemTime::now())
+            .map(|left| Instant::now() + left),
+    );
+    let viewer_limit = route.max_viewers.unwrap_or(w.limits.max_viewers);
+    let mut _viewer = None;
+    let (end, to_browser, to_vm) = if ctl.expires.get().is_some_and(|t| t <= Instant::now()) {
         close_before_relay(&stream, close::SESSION_EXPIRED).await
     } else if !w.policy.allows(&route.upstream) {
         // A route pointing outside the allowed networks is a poisoned or mistaken route:
         // never dialed, and loud in the log (the VM address stays out of the close reason).
         tracing::error!(session = %id, upstream = %route.upstream, "route upstream outside --allow-upstream; refusing to dial");
         close_before_relay(&stream, close::UPSTREAM_FORBIDDEN).await
-    } else {
+    } else if let Some(slot) = w.viewers().try_join(&id, viewer_limit) {
+        _viewer = Some(slot);
         let dial = monoio::select! {
             r = connect_upstream(&w, route.upstream, &id) => r,
             c = ctl.kill.wait() => Err(c),
@@ -148,13 +153,17 @@ pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: So
             Err(cause) => close_before_relay(&stream, cause).await,
             Ok(upstream) => {
                 let relay = Relay::new(&w, &stream, &upstream);
-                let end = relay.run(&ctl.kill, expires, &early).await;
+                let end = relay.run(&ctl.kill, &ctl.expires, &early).await;
                 relay.finish(end).await;
                 (end, relay.to_browser.get(), relay.to_vm.get())
             }
         }
+    } else {
+        tracing::info!(session = %id, limit = viewer_limit, "viewer limit reached");
+        close_before_relay(&stream, close::TOO_MANY_VIEWERS).await
     };
     w.unregister(&ctl);
+    drop(_viewer);
     let (code, cause, blame) = match end {
         End::Cause(c) => (c.code, c.name, c.blame),
         End::ClientClose(code) => (code.unwrap_or(1005), "browser_close", Blame::Browser),

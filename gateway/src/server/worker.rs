@@ -1,28 +1,34 @@
 //! A worker: one thread, one monoio runtime, one `SO_REUSEPORT` listener, and the sessions
-//! it accepted. Nothing here is shared with other workers except the read-only route table
-//! and the drain flag; pools, counters and the session registry are thread-local.
+//! it accepted. Nothing here is shared with other workers except the read-only route table,
+//! the drain flag and the viewer counts; pools, counters and the session registry are
+//! thread-local.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::Shared;
+use super::mailbox::Bell;
 use super::pool::{BufPool, PipePool};
 use super::signal::Signal;
+use super::viewers::Viewers;
 use crate::close::{self, CloseCause};
 use crate::config::Limits;
 use crate::metrics as m;
 use crate::policy::UpstreamPolicy;
-use crate::route::RouteSource;
+use crate::route::{RouteChange, RouteSource};
 use crate::ws::handshake::HandshakeConfig;
 
-/// A live session's handle, by which the worker can end it (drain; revocation later).
+/// A live session's handle, by which the worker can end it (drain, revocation) or move its
+/// expiry (a rewritten route).
 pub struct SessionCtl {
     pub session_id: String,
     pub kill: Signal<CloseCause>,
+    /// When the route expires; the relay re-reads it whenever its timer fires.
+    pub expires: Cell<Option<Instant>>,
     key: u64,
 }
 
@@ -102,6 +108,7 @@ impl<S: RouteSource> Worker<S> {
         let ctl = Rc::new(SessionCtl {
             session_id: session_id.to_owned(),
             kill: Signal::new(),
+            expires: Cell::new(None),
             key,
         });
         self.sessions.borrow_mut().insert(key, ctl.clone());
@@ -123,6 +130,49 @@ impl<S: RouteSource> Worker<S> {
         }
     }
 
+    /// This worker's live sessions of one session id.
+    pub fn sessions_of(&self, session_id: &str) -> Vec<Rc<SessionCtl>> {
+        self.sessions
+            .borrow()
+            .values()
+            .filter(|s| s.session_id == session_id)
+            .cloned()
+            .collect()
+    }
+
+    /// The process-wide viewer counts.
+    pub fn viewers(&self) -> &Arc<Viewers> {
+        &self.shared.viewers
+    }
+
+    /// Applies the route source's changes to live sessions: a removed route ends them, a
+    /// rewritten one is looked up again for its new expiry.
+    pub fn follow_route_changes(self: &Rc<Self>) {
+        for change in self.routes.changes() {
+            match change {
+                RouteChange::Removed { session, expired } => {
+                    let cause = if expired {
+                        close::SESSION_EXPIRED
+                    } else {
+                        close::SESSION_REVOKED
+                    };
+                    let live = self.sessions_of(&session);
+                    for s in &live {
+                        s.kill.fire(cause);
+                    }
+                    if !live.is_empty() {
+                        tracing::info!(worker = self.index, session = %session, connections = live.len(), cause = cause.name, "route removed; closing its sessions");
+                    }
+                }
+                RouteChange::Changed { session } => {
+                    if !self.sessions_of(&session).is_empty() {
+                        monoio::spawn(follow_rewrite(self.clone(), session));
+                    }
+                }
+            }
+        }
+    }
+
     fn flush_stats(&self) {
         let b = self.stats.to_browser.replace(0);
         let v = self.stats.to_vm.replace(0);
@@ -141,6 +191,59 @@ impl<S: RouteSource> Worker<S> {
     }
 }
 
+/// Follows the route source's news as it arrives: revocations reach sessions at once,
+/// not at the next housekeeping tick.
+pub async fn route_news<S: RouteSource>(w: Rc<Worker<S>>, bell: std::os::unix::net::UnixStream) {
+    let bell = match Bell::new(bell) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(worker = w.index, error = %e, "cannot register the route source's bell; changes follow at housekeeping ticks");
+            return;
+        }
+    };
+    while bell.rung().await.is_ok() {
+        w.follow_route_changes();
+    }
+}
+
+/// A live session's route was rewritten: take up its new expiry, or end the sessions if
+/// the route is gone by now.
+async fn follow_rewrite<S: RouteSource>(w: Rc<Worker<S>>, session: String) {
+    let route = match w.routes.lookup(&session).await {
+        Ok(r) => r,
+        // Unanswerable now: the sessions keep their expiry; the next change decides.
+        Err(e) => {
+            tracing::warn!(worker = w.index, session = %session, error = %e, "cannot re-read a rewritten route");
+            return;
+        }
+    };
+    let live = w.sessions_of(&session);
+    let Some(route) = route else {
+        for s in &live {
+            s.kill.fire(close::SESSION_REVOKED);
+        }
+        return;
+    };
+    let at = route
+        .time_left(SystemTime::now())
+        .map(|left| Instant::now() + left);
+    let mut earlier = false;
+    for s in &live {
+        earlier |= at.is_some_and(|a| s.expires.get().is_none_or(|old| a < old));
+        s.expires.set(at);
+    }
+    // A later expiry is seen by each relay when its timer fires; an earlier one needs a
+    // timer of its own.
+    if let (true, Some(at)) = (earlier, at) {
+        monoio::time::sleep(at.saturating_duration_since(Instant::now())).await;
+        for s in w.sessions_of(&session) {
+            if s.expires.get().is_some_and(|t| t <= Instant::now()) {
+                s.kill.fire(close::SESSION_EXPIRED);
+            }
+        }
+    }
+}
+
 /// The worker's housekeeping: flushes counters once a second, and runs the drain: stop
 /// accepting at once, let sessions finish until the drain deadline, then close the rest
 /// with 1001. Returns when draining and no session is left.
@@ -151,6 +254,7 @@ pub async fn housekeeping<S: RouteSource>(w: Rc<Worker<S>>) {
     let mut killed = false;
     loop {
         monoio::time::sleep(tick).await;
+        w.follow_route_changes();
         if last_flush.elapsed() >= Duration::from_secs(1) {
             w.flush_stats();
             last_flush = Instant::now();

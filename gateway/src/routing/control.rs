@@ -1,0 +1,376 @@
+//! The control-plane thread: one tokio runtime on one thread, holding the Redis connection,
+//! the event subscription and the health flag. Workers talk to it through channels only.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use tokio::sync::{Notify, mpsc};
+use vncgate_schema::store::{self, Conn};
+use vncgate_schema::{EVENTS_CHANNEL, EventOp, RemovalReason, RouteEvent, Timeouts};
+
+use super::{Answer, RedisSettings, ToWorker};
+use crate::metrics as m;
+use crate::route::{Route, RouteChange, SourceHealth, StaticRoutes, Unavailable};
+use crate::server::mailbox::Mailbox;
+use crate::server::viewers::Viewers;
+
+pub(super) struct Request {
+    session: String,
+    worker: usize,
+    id: u64,
+}
+
+/// The workers' handle on the control thread.
+pub struct Control {
+    requests: mpsc::UnboundedSender<Request>,
+    health: Arc<SourceHealth>,
+    mailboxes: Vec<Arc<Mailbox<ToWorker>>>,
+    pub(super) settings: RedisSettings,
+}
+
+impl Control {
+    pub fn health(&self) -> Arc<SourceHealth> {
+        self.health.clone()
+    }
+
+    pub(super) fn is_up(&self) -> bool {
+        self.health.is_up()
+    }
+
+    /// Waits up to `within` for the first connection, so that a gateway whose Redis is
+    /// fine does not answer its first upgrades with 503. Returns whether Redis is up; a
+    /// gateway starts either way (and heals when Redis comes).
+    pub fn wait_connected(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while !self.health.is_up() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.health.is_up()
+    }
+
+    /// Sends lookup `id` of worker `worker`; the answer arrives in that worker's mailbox.
+    /// False when the control thread is gone.
+    pub(super) fn ask(&self, worker: usize, id: u64, session: &str) -> bool {
+        self.requests
+            .send(Request {
+                session: session.to_owned(),
+                worker,
+                id,
+            })
+            .is_ok()
+    }
+
+    /// Worker `index`'s mailbox.
+    pub(super) fn mailbox(&self, index: usize) -> Arc<Mailbox<ToWorker>> {
+        self.mailboxes[index].clone()
+    }
+}
+
+/// What the control thread's tasks share.
+struct State {
+    settings: RedisSettings,
+    timeouts: Timeouts,
+    conn: Mutex<Option<Conn>>,
+    health: Arc<SourceHealth>,
+    /// A lookup saw the connection fail: check it now rather than at the next ping.
+    suspect: Notify,
+    /// The subscription (re)started: check live sessions now.
+    recheck: Notify,
+    to_workers: Vec<Arc<Mailbox<ToWorker>>>,
+    viewers: Arc<Viewers>,
+    fixed: StaticRoutes,
+}
+
+impl State {
+    fn conn(&self) -> Option<Conn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_conn(&self, c: Option<Conn>) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = c;
+    }
+
+    fn broadcast(&self, msg: ToWorker) {
+        for mb in &self.to_workers {
+            mb.post(msg.clone());
+        }
+    }
+
+    fn mark_down(&self, why: String) {
+        metrics::gauge!(m::REDIS_UP).set(0.0);
+        if self.health.set_down(why.clone()) {
+            tracing::warn!(redis = %self.settings.url, error = %why, "redis unavailable: uncached lookups fail with 503 until it returns");
+        }
+    }
+
+    fn mark_up(&self) {
+        metrics::gauge!(m::REDIS_UP).set(1.0);
+        if self.health.set_up() {
+            tracing::info!(redis = %self.settings.url, "redis connected");
+        }
+    }
+}
+
+/// Starts the control thread for `workers` workers. `fixed` are the static routes served
+/// alongside Redis (never rechecked against it).
+pub fn spawn(
+    settings: RedisSettings,
+    workers: usize,
+    viewers: Arc<Viewers>,
+    fixed: StaticRoutes,
+) -> Result<Arc<Control>, String> {
+    let (requests, rx) = mpsc::unbounded_channel();
+    let mailboxes = (0..workers)
+        .map(|_| Mailbox::new().map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cannot create worker mailboxes: {e}"))?;
+    let health = Arc::new(SourceHealth::new("redis"));
+    metrics::gauge!(m::REDIS_UP).set(0.0);
+    let state = Arc::new(State {
+        timeouts: Timeouts {
+            connect: settings.timeout.max(Duration::from_millis(200)),
+            response: settings.timeout,
+        },
+        settings: settings.clone(),
+        conn: Mutex::new(None),
+        health: health.clone(),
+        suspect: Notify::new(),
+        recheck: Notify::new(),
+        to_workers: mailboxes.clone(),
+        viewers,
+        fixed,
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot build the redis control runtime: {e}"))?;
+    std::thread::Builder::new()
+        .name("vncgate-redis".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                tokio::spawn(keep_connected(state.clone()));
+                tokio::spawn(follow_events(state.clone()));
+                tokio::spawn(recheck_live_sessions(state.clone()));
+                serve_lookups(state, rx).await;
+            })
+        })
+        .map_err(|e| format!("cannot start the redis control thread: {e}"))?;
+    Ok(Arc::new(Control {
+        requests,
+        health,
+        mailboxes,
+        settings,
+    }))
+}
+
+fn backoff_next(d: Duration) -> Duration {
+    (d * 2).min(Duration::from_secs(1))
+}
+
+/// Connects, pings once a second, and reconnects with backoff (100 ms doubling to 1 s)
+/// whenever the connection fails.
+async fn keep_connected(s: Arc<State>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(mut c) = s.conn() else {
+            match s.settings.url.connect(s.timeouts).await {
+                Ok(c) => {
+                    s.set_conn(Some(c));
+                    s.mark_up();
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    metrics::counter!(m::REDIS_ERRORS, "op" => "connect").increment(1);
+                    s.mark_down(e.to_string());
+                    tokio::time::sleep(backoff).await;
+                    backoff = backoff_next(backoff);
+                }
+            }
+            continue;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = s.suspect.notified() => {}
+        }
+        let ping = tokio::time::timeout(
+            s.timeouts.response,
+            redis::cmd("PING").query_async::<String>(&mut c),
+        )
+        .await;
+        match ping {
+            Ok(Ok(_)) => s.mark_up(),
+            Ok(Err(e)) => {
+                metrics::counter!(m::REDIS_ERRORS, "op" => "ping").increment(1);
+                s.set_conn(None);
+                s.mark_down(e.to_string());
+            }
+            Err(_) => {
+                metrics::counter!(m::REDIS_ERRORS, "op" => "ping").increment(1);
+                s.set_conn(None);
+                s.mark_down(format!(
+                    "no answer to PING within {:?}",
+                    s.timeouts.response
+                ));
+            }
+        }
+    }
+}
+
+/// Answers the workers' lookups, each in its own task.
+async fn serve_lookups(s: Arc<State>, mut rx: mpsc::UnboundedReceiver<Request>) {
+    while let Some(req) = rx.recv().await {
+        tokio::spawn(answer(s.clone(), req));
+    }
+}
+
+async fn answer(s: Arc<State>, req: Request) {
+    let reply = |answer: Answer| {
+        s.to_workers[req.worker].post(ToWorker::Answer { id: req.id, answer });
+    };
+    let Some(mut c) = s.conn() else {
+        reply(Err(Unavailable("redis unavailable")));
+        return;
+    };
+    let started = Instant::now();
+    let got =
+        tokio::time::timeout(s.settings.timeout, store::get_route(&mut c, &req.session)).await;
+    metrics::histogram!(m::ROUTE_LOOKUP_SECONDS).record(started.elapsed().as_secs_f64());
+    let answer = match got {
+        Ok(Ok(None)) => Ok(None),
+        Ok(Ok(Some(Ok(rec)))) => Ok(Some(Arc::new(Route::from(rec)))),
+        Ok(Ok(Some(Err(e)))) => {
+            metrics::counter!(m::ROUTE_RECORDS_INVALID, "error" => e.label()).increment(1);
+            tracing::error!(session = %req.session, error = %e, "route record in redis is unusable");
+            Err(Unavailable("route record invalid"))
+        }
+        Ok(Err(e)) => {
+            metrics::counter!(m::REDIS_ERRORS, "op" => "lookup").increment(1);
+            tracing::warn!(session = %req.session, error = %e, "route lookup failed");
+            if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                s.suspect.notify_one();
+            }
+            Err(Unavailable("redis lookup failed"))
+        }
+        Err(_) => {
+            metrics::counter!(m::REDIS_ERRORS, "op" => "lookup_timeout").increment(1);
+            tracing::warn!(session = %req.session, timeout = ?s.settings.timeout, "route lookup timed out");
+            s.suspect.notify_one();
+            Err(Unavailable("redis lookup timed out"))
+        }
+    };
+    // The worker may have given up waiting; then it drops the answer.
+    reply(answer);
+}
+
+/// Subscribes to route events and passes them to every worker. Each (re)subscription
+/// flushes every cache and rechecks live sessions: events may have been missed meanwhile.
+async fn follow_events(s: Arc<State>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let sub = async {
+            let mut p = s.settings.url.pubsub(s.timeouts).await?;
+            p.subscribe(EVENTS_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(p)
+        };
+        let pubsub = match tokio::time::timeout(s.timeouts.connect * 2, sub).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                metrics::counter!(m::REDIS_ERRORS, "op" => "subscribe").increment(1);
+                tracing::debug!(error = %e, "cannot subscribe to route events yet");
+                tokio::time::sleep(backoff).await;
+                backoff = backoff_next(backoff);
+                continue;
+            }
+            Err(_) => {
+                metrics::counter!(m::REDIS_ERRORS, "op" => "subscribe").increment(1);
+                tokio::time::sleep(backoff).await;
+                backoff = backoff_next(backoff);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        metrics::counter!(m::ROUTE_EVENTS, "op" => "resubscribe").increment(1);
+        tracing::info!(
+            channel = EVENTS_CHANNEL,
+            "subscribed to route events; flushing route caches"
+        );
+        s.broadcast(ToWorker::Flush);
+        s.recheck.notify_one();
+        let mut stream = pubsub.into_on_message();
+        while let Some(msg) = stream.next().await {
+            let event = match RouteEvent::decode(msg.get_payload_bytes()) {
+                Ok(e) => e,
+                Err(e) => {
+                    metrics::counter!(m::ROUTE_EVENTS, "op" => "invalid").increment(1);
+                    tracing::warn!(error = %e, "ignoring a message on the route events channel");
+                    continue;
+                }
+            };
+            let change = match event.op {
+                EventOp::Put => RouteChange::Changed {
+                    session: event.session,
+                },
+                EventOp::Del => RouteChange::Removed {
+                    session: event.session,
+                    expired: event.reason == Some(RemovalReason::Expired),
+                },
+            };
+            let op = match change {
+                RouteChange::Changed { .. } => "put",
+                RouteChange::Removed { .. } => "del",
+            };
+            metrics::counter!(m::ROUTE_EVENTS, "op" => op).increment(1);
+            tracing::debug!(?change, "route event");
+            s.broadcast(ToWorker::Change(change));
+        }
+        metrics::counter!(m::REDIS_ERRORS, "op" => "subscription_lost").increment(1);
+        tracing::warn!("route event subscription lost; resubscribing");
+        s.suspect.notify_one();
+    }
+}
+
+/// Checks the routes of live sessions every `recheck_interval` and after every
+/// resubscription; a route that is gone ends its sessions with 4006. This catches routes
+/// deleted while events could not arrive, or deleted without an event.
+async fn recheck_live_sessions(s: Arc<State>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(s.settings.recheck_interval) => {}
+            _ = s.recheck.notified() => {}
+        }
+        let Some(c) = s.conn() else { continue };
+        let ids: Vec<String> = s
+            .viewers
+            .sessions()
+            .into_iter()
+            .filter(|id| s.fixed.get(id).is_none())
+            .collect();
+        let timeout = s.settings.timeout;
+        let checks = ids.into_iter().map(|id| {
+            let mut c = c.clone();
+            async move {
+                let r = tokio::time::timeout(timeout, store::route_exists(&mut c, &id)).await;
+                (id, r)
+            }
+        });
+        let results = futures_util::future::join_all(checks).await;
+        for (id, r) in results {
+            match r {
+                Ok(Ok(false)) => {
+                    tracing::info!(session = %id, "route of a live session is gone; revoking");
+                    metrics::counter!(m::ROUTE_EVENTS, "op" => "recheck_gone").increment(1);
+                    s.broadcast(ToWorker::Change(RouteChange::Removed {
+                        session: id,
+                        expired: false,
+                    }));
+                }
+                Ok(Ok(true)) => {}
+                // Unknown: keep the session; the next check decides.
+                Ok(Err(_)) | Err(_) => {
+                    metrics::counter!(m::REDIS_ERRORS, "op" => "recheck").increment(1);
+                }
+            }
+        }
+    }
+}
