@@ -13,6 +13,18 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
+step "redis-server (the Redis routing tests start their own, standalone, Cluster, Sentinel)"
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  fi
+  # The packaged service is not needed: tests run their own servers on free ports.
+  (systemctl disable --now redis-server >/dev/null 2>&1 || true)
+fi
+redis-server --version
+
 step "format"
 cargo fmt --all -- --check
 
