@@ -11,6 +11,8 @@
 //! - `plot`: the SVG charts (ratios to direct; memory and CPU cost), from the JSON record.
 //! - `report`: medians, ratios to direct, the markdown table and the JSON record.
 //! - `runner`: the interleaved repetitions that tie it together.
+//! - `routing`: the routing bench (`vncgate-bench-routing`): upgrades per second with routes
+//!   from Redis, cold and warm cache, as a ratio to static routes.
 //! - `sys`: the only `unsafe` (rlimit, clock ticks, kill).
 #![deny(unsafe_code)]
 
@@ -21,6 +23,7 @@ pub mod point;
 pub mod procfs;
 pub mod proxy;
 pub mod report;
+pub mod routing;
 pub mod runner;
 mod sys;
 pub mod targets;

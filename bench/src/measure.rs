@@ -202,6 +202,8 @@ pub fn round_trips(t: &Target, n: usize, secs: f64, seed: u64) -> Result<RoundTr
 pub struct Upgrades {
     /// Completed upgrades (direct: connect + one echo) per second.
     pub rate: f64,
+    /// Completed upgrades, and failed attempts.
+    pub ok: u64,
     pub failures: u64,
 }
 
@@ -216,39 +218,35 @@ pub fn upgrades(
     seed: u64,
     with_echo: bool,
 ) -> Result<Upgrades, String> {
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let last_err = Arc::new(std::sync::Mutex::new(None::<String>));
+    upgrades_over(std::slice::from_ref(t), connectors, secs, seed, with_echo)
+}
+
+/// [`upgrades`] over several routes of one proxy: each connection goes to one of `targets`
+/// picked at random, so consecutive upgrades ask for different paths (session ids).
+pub fn upgrades_over(
+    targets: &[Target],
+    connectors: usize,
+    secs: f64,
+    seed: u64,
+    with_echo: bool,
+) -> Result<Upgrades, String> {
+    if targets.is_empty() {
+        return Err("no target to upgrade to".into());
+    }
+    let tally = Arc::new(Tally::default());
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
     let workers: Vec<_> = (0..connectors)
         .map(|i| {
-            let (t, ok, failed, last_err) =
-                (t.clone(), ok.clone(), failed.clone(), last_err.clone());
+            let (targets, tally) = (targets.to_vec(), tally.clone());
             thread::spawn(move || {
                 let mut seed = seed.wrapping_add(i as u64) | 1;
                 let mut buf = [0u8; 512];
                 while Instant::now() < end {
                     seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                    let r = Conn::open(&t, seed).and_then(|mut c| {
-                        if with_echo || t.ws_path.is_none() {
-                            c.send_payload(&RT_PAYLOAD)?;
-                            c.read_exact_payload(RT_PAYLOAD.len() as u64, &mut buf)?;
-                        }
-                        c.close();
-                        Ok(())
-                    });
-                    match r {
-                        Ok(()) => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            *last_err.lock().unwrap() = Some(e.to_string());
-                            // Back off a little so a refusing proxy is not hammered in a spin.
-                            thread::sleep(Duration::from_millis(1));
-                        }
-                    }
+                    // The high bits of the LCG: its low bits have short periods.
+                    let t = &targets[(seed >> 33) as usize % targets.len()];
+                    tally.record(open_close(t, seed, with_echo, &mut buf));
                 }
             })
         })
@@ -257,22 +255,114 @@ pub fn upgrades(
         let _ = w.join();
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let ok = ok.load(Ordering::Relaxed);
-    let failures = failed.load(Ordering::Relaxed);
+    let (ok, failures) = tally.counts();
     if ok == 0 {
-        let e = last_err.lock().unwrap().take().unwrap_or_default();
         return Err(format!(
-            "no upgrade succeeded ({failures} failed; last: {e})"
+            "no upgrade succeeded ({failures} failed; last: {})",
+            tally.last_err()
         ));
     }
     if failures > 0 {
-        let e = last_err.lock().unwrap().take().unwrap_or_default();
-        eprintln!("    upgrades: {failures} failed (last: {e})");
+        eprintln!(
+            "    upgrades: {failures} failed (last: {})",
+            tally.last_err()
+        );
     }
     Ok(Upgrades {
         rate: ok as f64 / elapsed,
+        ok,
         failures,
     })
+}
+
+/// Upgrades (open, close) to every one of `targets` `times_each` times, spread over
+/// `connectors` threads, and no longer than `deadline`: a warm-up whose point is to reach
+/// every route a given number of times rather than to run for a while. Returns how many
+/// succeeded and failed, and the last error.
+pub fn touch_all(
+    targets: &[Target],
+    times_each: usize,
+    connectors: usize,
+    deadline: Duration,
+    seed: u64,
+) -> (u64, u64, String) {
+    let total = targets.len() * times_each;
+    let next = Arc::new(AtomicU64::new(0));
+    let tally = Arc::new(Tally::default());
+    let end = Instant::now() + deadline;
+    let workers: Vec<_> = (0..connectors)
+        .map(|i| {
+            let (targets, next, tally) = (targets.to_vec(), next.clone(), tally.clone());
+            thread::spawn(move || {
+                let mut buf = [0u8; 512];
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if k >= total || Instant::now() >= end {
+                        return;
+                    }
+                    let seed = seed.wrapping_add((k * connectors + i) as u64 * 0x9e37_79b9);
+                    tally.record(open_close(
+                        &targets[k % targets.len()],
+                        seed,
+                        false,
+                        &mut buf,
+                    ));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    let (ok, failed) = tally.counts();
+    (ok, failed, tally.last_err())
+}
+
+/// One session as the upgrade points count it: open (upgrade), one 16-byte echo with
+/// `with_echo` or for direct, close.
+fn open_close(t: &Target, seed: u64, with_echo: bool, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut c = Conn::open(t, seed)?;
+    if with_echo || t.ws_path.is_none() {
+        c.send_payload(&RT_PAYLOAD)?;
+        c.read_exact_payload(RT_PAYLOAD.len() as u64, buf)?;
+    }
+    c.close();
+    Ok(())
+}
+
+/// Successes and failures of connector threads, and the last failure.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    last_err: std::sync::Mutex<Option<String>>,
+}
+
+impl Tally {
+    fn record(&self, r: std::io::Result<()>) {
+        match r {
+            Ok(()) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                *self.last_err.lock().unwrap() = Some(e.to_string());
+                // Back off a little so a refusing proxy is not hammered in a spin.
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+
+    fn last_err(&self) -> String {
+        self.last_err.lock().unwrap().clone().unwrap_or_default()
+    }
 }
 
 pub struct IdleMemory {

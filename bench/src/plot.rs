@@ -261,8 +261,9 @@ fn groups_of(
 }
 
 /// When and where: date, machine, kernel and load; then how (repetitions, window, vncgate
-/// settings, points).
-fn context_lines(js: &Value) -> Vec<String> {
+/// settings, points). Reads `date`, `machine`, `loadavg` and `settings` (`reps`, `secs`,
+/// `vncgate_workers`, `vncgate_args`, `points`) of a record; what is missing is left out.
+pub fn context_lines(js: &Value) -> Vec<String> {
     let s = |v: &Value| v.as_str().map(str::to_owned);
     let first = |v: &Value| {
         v.as_str()

@@ -79,7 +79,8 @@ pub fn locate(kind: Kind, s: &Settings) -> Result<Option<PathBuf>, String> {
     }
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+/// The first `name` on `PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)
             .map(|d| d.join(name))
@@ -174,26 +175,15 @@ pub fn start(
     match kind {
         Kind::Direct => {}
         Kind::Vncgate => {
-            let port = free_port()?;
-            let mut args = vec![
-                "serve".to_owned(),
-                "--listen".to_owned(),
-                format!("127.0.0.1:{port}"),
+            let routes = [
                 "--route".to_owned(),
                 format!("bulk={}", t.bulk),
                 "--route".to_owned(),
                 format!("echo={}", t.echo),
                 "--allow-upstream".to_owned(),
                 "127.0.0.1/32".to_owned(),
-                "--workers".to_owned(),
-                s.workers.to_string(),
             ];
-            args.extend(s.vncgate_args.iter().cloned());
-            r.children.push(spawn(exe, &args, &s.out, "vncgate", rep)?);
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            r.bulk = ws(addr, "/vnc/bulk");
-            r.echo = ws(addr, "/vnc/echo");
-            wait_listening(&mut r, &[addr])?;
+            return start_vncgate(exe, s, &routes, "vncgate", rep);
         }
         Kind::Websocat | Kind::Websockify => {
             // One process per upstream: neither routes by path.
@@ -221,9 +211,45 @@ pub fn start(
     Ok(r)
 }
 
+/// Starts `vncgate serve --listen 127.0.0.1:P ROUTES... --workers N EXTRA...` on a free
+/// port, where ROUTES are the arguments that say where routes come from and what may be
+/// dialed (`--route`, `--routes-file`, `--redis`, `--allow-upstream`...) and EXTRA is
+/// `--vncgate-arg`. Its targets are `/vnc/bulk` and `/vnc/echo` on that port; `log_name`
+/// names its log files.
+pub fn start_vncgate(
+    exe: &Path,
+    s: &Settings,
+    routes: &[String],
+    log_name: &str,
+    rep: usize,
+) -> Result<Running, String> {
+    let port = free_port()?;
+    let mut args = vec![
+        "serve".to_owned(),
+        "--listen".to_owned(),
+        format!("127.0.0.1:{port}"),
+    ];
+    args.extend(routes.iter().cloned());
+    args.extend(["--workers".to_owned(), s.workers.to_string()]);
+    args.extend(s.vncgate_args.iter().cloned());
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let ws = |path: &str| Target {
+        addr,
+        ws_path: Some(path.to_owned()),
+    };
+    let mut r = Running {
+        kind: Kind::Vncgate,
+        bulk: ws("/vnc/bulk"),
+        echo: ws("/vnc/echo"),
+        children: vec![spawn(exe, &args, &s.out, log_name, rep)?],
+    };
+    wait_listening(&mut r, &[addr])?;
+    Ok(r)
+}
+
 /// A port that was free a moment ago. The proxy binds it right after: a small race that
 /// only matters if something else on the box grabs the same port in between.
-fn free_port() -> Result<u16, String> {
+pub fn free_port() -> Result<u16, String> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -241,7 +267,14 @@ fn log_file(out: &Path, name: &str, stream: &str, rep: usize) -> Result<File, St
     Ok(f)
 }
 
-fn spawn(exe: &Path, args: &[String], out: &Path, name: &str, rep: usize) -> Result<Child, String> {
+/// Starts `exe` with its stdout and stderr appended to `OUT/logs/NAME.{stdout,stderr}.log`.
+pub fn spawn(
+    exe: &Path,
+    args: &[String],
+    out: &Path,
+    name: &str,
+    rep: usize,
+) -> Result<Child, String> {
     Command::new(exe)
         .args(args)
         .stdin(Stdio::null())

@@ -145,22 +145,27 @@ pub struct ProxyResult {
 
 impl ProxyResult {
     pub fn median(&self, id: &str) -> Option<f64> {
-        let mut v: Vec<f64> = self
-            .runs
-            .iter()
-            .filter_map(|r| r.get(id).copied())
-            .collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let mid = v.len() / 2;
-        Some(if v.len() % 2 == 1 {
-            v[mid]
-        } else {
-            (v[mid - 1] + v[mid]) / 2.0
-        })
+        median_of(
+            self.runs
+                .iter()
+                .filter_map(|r| r.get(id).copied())
+                .collect(),
+        )
     }
+}
+
+/// The median of `v` (the mean of the middle two for an even count); `None` when empty.
+pub fn median_of(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    })
 }
 
 /// Context printed above the table and stored in the JSON.

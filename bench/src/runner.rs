@@ -35,7 +35,7 @@ pub struct Config {
 
 /// Pause between measurements, so sockets of the last one are torn down (and websockify's
 /// per-connection workers have exited) before the next one starts.
-const SETTLE: Duration = Duration::from_millis(300);
+pub const SETTLE: Duration = Duration::from_millis(300);
 
 pub fn run(cfg: &Config) -> Result<(), String> {
     let logs = cfg.out.join("logs");
@@ -296,7 +296,7 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
 }
 
 /// The 1, 5 and 15 minute load averages.
-fn loadavg() -> String {
+pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| {
             s.split_ascii_whitespace()
@@ -307,7 +307,8 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-fn header(cfg: &Config, load: (String, String)) -> Header {
+/// This machine: CPU count, kernel release and CPU model.
+pub fn machine() -> (usize, String, String) {
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
@@ -321,6 +322,11 @@ fn header(cfg: &Config, load: (String, String)) -> Header {
                 .map(|(_, v)| v.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".into());
+    (nproc, kernel, cpu)
+}
+
+fn header(cfg: &Config, load: (String, String)) -> Header {
+    let (nproc, kernel, cpu) = machine();
     let only: Vec<&str> = cfg.only.iter().map(|k| k.name()).collect();
     let points: Vec<&str> = cfg.points.iter().map(|p| p.name()).collect();
     let points_note = if cfg.points.len() == Point::ALL.len() {
