@@ -3,13 +3,11 @@
 //! The plaintext a client presents is hashed as soon as it is parsed and dropped; routes
 //! store digests. `Debug` never prints a digest either, so a token cannot leak into a log.
 
-use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
 use crate::ws::handshake::Reject;
 
-/// Longest token accepted, in bytes: long enough for any JWT a platform would mint.
-pub const MAX_TOKEN_LEN: usize = 4096;
+pub use vncgate_schema::record::MAX_TOKEN_LEN;
 
 pub type TokenDigest = [u8; 32];
 
@@ -21,17 +19,12 @@ impl Token {
     /// Hashes a presented token. Tokens are printable ASCII without spaces or separators
     /// (they ride in a URL query, a subprotocol token or a header).
     pub fn from_bytes(raw: &[u8]) -> Result<Token, Reject> {
-        if raw.is_empty() || raw.len() > MAX_TOKEN_LEN {
-            return Err(Reject::BadRequest("token empty or too long"));
-        }
-        if !raw.iter().all(|b| b.is_ascii_graphic() && *b != b',') {
-            return Err(Reject::BadRequest("token has invalid characters"));
-        }
+        vncgate_schema::record::check_token(raw).map_err(Reject::BadRequest)?;
         Ok(Token(Self::digest_of(raw)))
     }
 
     pub fn digest_of(raw: &[u8]) -> TokenDigest {
-        Sha256::digest(raw).into()
+        vncgate_schema::record::token_digest(raw)
     }
 
     /// Constant-time comparison against a stored digest.

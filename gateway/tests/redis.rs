@@ -7,8 +7,8 @@ use std::io::{Read as _, Write as _};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::redis::{RedisCluster, RedisServer, Sentinel};
 use common::*;
+use vncgate_schema::testing::{RedisCluster, RedisServer, Sentinel};
 
 /// Runs `vncgate route ...`: (exit status, stdout, stderr).
 fn route(args: &[&str]) -> (i32, String, String) {

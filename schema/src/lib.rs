@@ -22,6 +22,8 @@
 pub mod event;
 pub mod record;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod url;
 
 pub use event::{EventOp, RemovalReason, RouteEvent};

@@ -57,6 +57,27 @@ fn invalid(field: &'static str, why: impl Into<String>) -> RecordError {
     }
 }
 
+/// Longest session token, in bytes: long enough for any JWT a platform would mint.
+pub const MAX_TOKEN_LEN: usize = 4096;
+
+/// Checks a session token: 1-4096 printable ASCII characters without spaces or commas (it
+/// rides in a URL query, a subprotocol token or a header).
+pub fn check_token(raw: &[u8]) -> Result<(), &'static str> {
+    if raw.is_empty() || raw.len() > MAX_TOKEN_LEN {
+        return Err("token empty or too long");
+    }
+    if !raw.iter().all(|b| b.is_ascii_graphic() && *b != b',') {
+        return Err("token has invalid characters");
+    }
+    Ok(())
+}
+
+/// The digest a record stores for a token (`token_sha256`).
+pub fn token_digest(raw: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(raw).into()
+}
+
 /// Checks an upstream address a record may carry: a concrete unicast address and a port.
 pub fn check_upstream(addr: &SocketAddr) -> Result<(), String> {
     let ip = addr.ip();

@@ -288,3 +288,98 @@ pub async fn list_routes(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt as _;
+
+    use super::*;
+    use crate::testing::RedisServer;
+    use crate::{EventOp, ROUTE_KEY_PREFIX};
+
+    fn record(port: u16, expires_at: Option<u64>) -> RouteRecord {
+        RouteRecord {
+            upstream: format!("127.0.0.1:{port}").parse().unwrap(),
+            token_sha256: Some(crate::record::token_digest(b"t")),
+            expires_at,
+            max_viewers: Some(3),
+            created_at: crate::unix_now(),
+            writer: Some("test".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn put_get_list_delete_and_events() {
+        let r = RedisServer::start();
+        let url: RedisUrl = r.url().parse().unwrap();
+        let mut c = url.connect(Timeouts::default()).await.unwrap();
+        let mut sub = url.pubsub(Timeouts::default()).await.unwrap();
+        sub.subscribe(EVENTS_CHANNEL).await.unwrap();
+        let mut events = sub.into_on_message();
+
+        let far = crate::unix_now() + 3600;
+        put_route(&mut c, "b", &record(2, Some(far))).await.unwrap();
+        put_route(&mut c, "a", &record(1, None)).await.unwrap();
+        assert_eq!(
+            get_route(&mut c, "a").await.unwrap(),
+            Some(Ok(record(1, None)))
+        );
+        assert_eq!(get_route(&mut c, "zz").await.unwrap(), None);
+        // The key expires a grace period after expires_at; a route without expiry persists.
+        let ttl = r.cli(&["EXPIRETIME", &format!("{ROUTE_KEY_PREFIX}b")]);
+        assert_eq!(ttl.trim(), (far + EXPIRY_GRACE_SECS).to_string());
+        assert_eq!(
+            r.cli(&["TTL", &format!("{ROUTE_KEY_PREFIX}a")]).trim(),
+            "-1"
+        );
+        // An overwrite drops the fields the new record leaves out.
+        let mut bare = record(1, None);
+        bare.token_sha256 = None;
+        put_route(&mut c, "a", &bare).await.unwrap();
+        assert_eq!(get_route(&mut c, "a").await.unwrap(), Some(Ok(bare)));
+
+        let ids: Vec<String> = list_routes(&mut c)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, ["a", "b"]);
+        // A key deleted behind the index's back drops out of the listing.
+        r.cli(&["DEL", &format!("{ROUTE_KEY_PREFIX}b")]);
+        assert_eq!(list_routes(&mut c).await.unwrap().len(), 1);
+
+        assert!(
+            delete_route(&mut c, "a", RemovalReason::Expired)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !delete_route(&mut c, "a", RemovalReason::Revoked)
+                .await
+                .unwrap()
+        );
+        assert!(route_exists(&mut c, "a").await.map(|e| !e).unwrap());
+
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let m = tokio::time::timeout(Duration::from_secs(5), events.next())
+                .await
+                .unwrap()
+                .unwrap();
+            got.push(RouteEvent::decode(m.get_payload_bytes()).unwrap());
+        }
+        let ops: Vec<(EventOp, &str)> = got.iter().map(|e| (e.op, e.session.as_str())).collect();
+        assert_eq!(
+            ops,
+            [
+                (EventOp::Put, "b"),
+                (EventOp::Put, "a"),
+                (EventOp::Put, "a"),
+                (EventOp::Del, "a"),
+                (EventOp::Del, "a")
+            ]
+        );
+        assert_eq!(got[3].reason, Some(RemovalReason::Expired));
+    }
+}

@@ -1,8 +1,6 @@
 //! Test peers and a harness that runs the real `vncgate` binary on port 0.
 #![allow(dead_code)]
 
-pub mod redis;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};

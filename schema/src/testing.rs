@@ -1,6 +1,8 @@
-//! Real Redis servers for tests: standalone (with an append-only file, so a restart keeps
-//! the routes, as a production Redis would), a 3-master Cluster, and a Sentinel.
-//! `scripts/test.sh` installs `redis-server`; without it these tests fail and say so.
+//! Real Redis servers for tests (feature `testing`): standalone (with an append-only file,
+//! so a restart keeps the routes, as a production Redis would), a 3-master Cluster, and a
+//! Sentinel, on free loopback ports, killed when dropped. Used by the gateway's and the
+//! controller's integration tests. `scripts/test.sh` installs `redis-server`; without it
+//! these servers panic and say so.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -108,7 +110,7 @@ impl RedisServer {
             .spawn()
             .expect("start redis-server");
         self.child = Some(child);
-        let ok = super::eventually(Duration::from_secs(10), || {
+        let ok = eventually(Duration::from_secs(10), || {
             command(self.port, "PING").is_some_and(|r| r.starts_with("+PONG"))
         });
         assert!(ok, "redis-server on port {} did not start", self.port);
@@ -182,7 +184,7 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let ok = super::eventually(Duration::from_secs(20), || {
+        let ok = eventually(Duration::from_secs(20), || {
             nodes
                 .iter()
                 .all(|n| n.cli(&["cluster", "info"]).contains("cluster_state:ok"))
@@ -229,7 +231,7 @@ impl Sentinel {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis sentinel");
-        let ok = super::eventually(Duration::from_secs(10), || {
+        let ok = eventually(Duration::from_secs(10), || {
             command(port, "SENTINEL get-master-addr-by-name mymaster")
                 .is_some_and(|r| r.contains(&master.port.to_string()))
         });
@@ -249,4 +251,16 @@ impl Drop for Sentinel {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Waits until `f` holds or `within` passes.
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    f()
 }
