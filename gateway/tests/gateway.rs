@@ -990,3 +990,150 @@ fn thousand_dropped_handshakes_leave_no_trace() {
     let (_, m) = gw.admin_get("/metrics");
     assert!(m.contains("reason=\"client_gone\""), "counted by name");
 }
+
+/// A network namespace joined to this one by a veth pair: the far end stands for a
+/// browser's machine, which can vanish without a FIN or RST by taking the link down.
+struct Netns {
+    name: String,
+    near: String,
+    pub near_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("the ip tool (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    fn create() -> Netns {
+        let id = std::process::id();
+        let (name, near, far) = (format!("vgho{id}"), format!("vgn{id}"), format!("vgf{id}"));
+        let net = format!("10.231.{}", id % 250);
+        ip(&["netns", "add", &name]);
+        let ns = Netns {
+            name: name.clone(),
+            near: near.clone(),
+            near_ip: format!("{net}.1"),
+        };
+        ip(&["link", "add", &near, "type", "veth", "peer", "name", &far]);
+        ip(&["link", "set", &far, "netns", &name]);
+        ip(&["addr", "add", &format!("{net}.1/30"), "dev", &near]);
+        ip(&["link", "set", &near, "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{net}.2/30"),
+            "dev",
+            &far,
+        ]);
+        ip(&["-n", &name, "link", "set", &far, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `f` on a thread that lives in the namespace (sockets it opens belong there).
+    fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap();
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// The browser's machine vanishes: packets to it go nowhere, nothing comes back.
+    fn vanish(&self) {
+        ip(&["link", "set", &self.near, "down"]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.near])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A browser whose machine vanishes (no FIN, no RST: a half-open connection) is found
+/// out by the keepalive, closed with 4008, and its VM connection released, whether the VM
+/// was quiet or streaming. Runs in a network namespace made here (needs root).
+#[test]
+fn half_open_browsers_are_found_and_their_vms_released() {
+    let ns = Netns::create();
+    let (quiet, quiet_open) = silent_server();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (busy, _) = bulk_source(stop.clone());
+    let gw = Gw::spawn(std::process::Command::new(BIN).args([
+        "serve",
+        "--listen",
+        &format!("{}:0", ns.near_ip),
+        "--admin",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--route",
+        &format!("quiet={quiet}"),
+        "--route",
+        &format!("busy={busy}"),
+        "--allow-upstream",
+        "127.0.0.1",
+        "--keepalive-interval",
+        "0.5",
+        "--keepalive-timeout",
+        "1",
+    ]))
+    .unwrap();
+    let addr = gw.addr;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let far = ns.spawn(move || {
+        let mut q = RawWs::connect(addr, "/vnc/quiet", "");
+        let mut b = RawWs::connect(addr, "/vnc/busy", "");
+        b.read_data(1 << 20);
+        q.send(&frame(0x8a, b"")); // unsolicited pong: allowed, ignored
+        ready_tx.send(()).unwrap();
+        // Hold both sockets, reading nothing more, until the test ends.
+        let _ = done_rx.recv();
+        drop((q, b));
+    });
+    ready_rx.recv().unwrap();
+    assert!(eventually(Duration::from_secs(5), || quiet_open
+        .load(Ordering::SeqCst)
+        == 1));
+    ns.vanish();
+    let t = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(15), || quiet_open
+            .load(Ordering::SeqCst)
+            == 0
+            && gw.log().matches("cause=\"keepalive_timeout\"").count() == 2),
+        "half-open sessions not closed: {}",
+        gw.log()
+    );
+    eprintln!("half-open sessions found and closed in {:?}", t.elapsed());
+    // Counted by name; the process answers on.
+    let (code, m) = gw.admin_get("/metrics");
+    assert_eq!(code, 200);
+    assert!(m.contains("code=\"4008\""), "{m}");
+    stop.store(true, Ordering::SeqCst);
+    let _ = done_tx.send(());
+    let _ = far.join();
+}
