@@ -183,7 +183,9 @@ fn deleting_a_route_closes_its_live_sessions_within_a_second() {
         assert_eq!(reason, "session revoked");
     }
     let took = t.elapsed();
-    eprintln!("route del to 4 close frames on 2 workers: {took:?} (the command's own run included)");
+    eprintln!(
+        "route del to 4 close frames on 2 workers: {took:?} (the command's own run included)"
+    );
     assert!(took < Duration::from_secs(1), "revocation took {took:?}");
     assert_eq!(status(&gw, "gone").0, 404);
     // Other sessions are untouched.
