@@ -4,15 +4,17 @@
 /// (so a payload split across reads unmasks correctly piece by piece).
 #[inline]
 pub fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
-    let mut m = mask;
-    m.rotate_left(offset % 4);
+    // The mask starting at byte `offset % 4`, as a little-endian word: a rotation in a
+    // register (a byte-array rotate costs a call into the general slice code).
+    let m32 = u32::from_le_bytes(mask).rotate_right(8 * (offset % 4) as u32);
+    let m = m32.to_le_bytes();
     // Eight bytes at a time with unaligned word loads; the mask repeats every four bytes,
-    // so the same rotated word applies to every 8-byte chunk.
-    let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    // so the same word applies to every 8-byte chunk.
+    let word = u64::from(m32) | (u64::from(m32) << 32);
     let mut chunks = data.chunks_exact_mut(8);
     for c in &mut chunks {
-        let v = u64::from_ne_bytes(c.try_into().expect("8-byte chunk")) ^ word;
-        c.copy_from_slice(&v.to_ne_bytes());
+        let v = u64::from_le_bytes(c.try_into().expect("8-byte chunk")) ^ word;
+        c.copy_from_slice(&v.to_le_bytes());
     }
     for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
         *b ^= m[i % 4];
