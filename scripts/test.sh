@@ -25,6 +25,20 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
 fi
 redis-server --version
 
+step "Xvnc, xterm, xsetroot (the real-VNC-server tests: gateway/tests/real_vnc.rs, browser test)"
+if ! command -v Xvnc >/dev/null 2>&1 || ! command -v xterm >/dev/null 2>&1 \
+  || ! command -v xsetroot >/dev/null 2>&1 || ! dpkg -s xfonts-base >/dev/null 2>&1; then
+  # xfonts-base: xterm's default font, only a Recommends of xterm.
+  xpkgs="tigervnc-standalone-server xterm x11-xserver-utils xfonts-base"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $xpkgs >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $xpkgs >/dev/null
+  fi
+fi
+command -v Xvnc >/dev/null && command -v xterm >/dev/null && command -v xsetroot >/dev/null
+Xvnc -version 2>&1 | awk 'NF && !shown { print; shown = 1 }'
+
 step "format"
 cargo fmt --all -- --check
 

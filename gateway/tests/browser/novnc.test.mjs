@@ -1,13 +1,17 @@
-// noVNC in headless Chromium through vncgate (node --test). Started by scripts/browser-test.sh,
-// which installs Chromium, @novnc/novnc and playwright-core, builds the gateway, and passes:
+// noVNC in headless Chromium through vncgate (node --test): against the synthetic desktop
+// (`vncgate demo`), and against a real VNC server (TigerVNC's Xvnc showing an xterm) behind
+// `vncgate serve`. Started by scripts/browser-test.sh, which installs Chromium, Xvnc, xterm,
+// xsetroot, @novnc/novnc and playwright-core, builds the gateway, and passes:
 //   VNCGATE_BIN   the gateway binary
 //   VIEWER_DIR    a folder holding index.html (config/demo/viewer.html) and node_modules
-import { test, before, after } from 'node:test';
+import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createServer } from 'node:http';
-import { createServer as createTcpServer } from 'node:net';
-import { readFile } from 'node:fs/promises';
+import { connect as tcpConnect, createServer as createTcpServer } from 'node:net';
+import { existsSync } from 'node:fs';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { extname, join } from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -133,4 +137,331 @@ test('an unknown session is refused before the upgrade', async () => {
   }), `${gwUrl}/vnc/nobody`);
   assert.equal(ev.code, 1006, 'a failed handshake is all a browser can see');
   await page.close();
+});
+
+// ---- A real VNC server: Xvnc (TigerVNC) with a solid background and an xterm ----
+
+const SCREEN = { w: 800, h: 600 };
+const BACKGROUND = [0x33, 0x66, 0xcc]; // xsetroot -solid '#3366cc'
+// xterm at +100+100, 80x24 cells of the default 6x13 font: about 100..590 x 100..420. It covers
+// the screen's centre, where Xvnc starts the pointer, so typed keys reach it (no window
+// manager: the X focus follows the pointer).
+const XTERM_AT = { x: 100, y: 100 };
+const OUTSIDE_XTERM = [{ x: 20, y: 20 }, { x: 750, y: 550 }, { x: 700, y: 60 }];
+
+// Processes this file started, killed by pid if the run dies before its after() hooks.
+const started = new Set();
+process.on('exit', () => {
+  for (const c of started) {
+    try { process.kill(c.pid, 'SIGKILL'); } catch { /* already gone */ }
+  }
+});
+
+function track(child) {
+  started.add(child);
+  child.on('exit', () => started.delete(child));
+  return child;
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function freePort() {
+  const probe = createTcpServer();
+  await new Promise((r) => probe.listen(0, '127.0.0.1', r));
+  const { port } = probe.address();
+  await new Promise((r) => probe.close(r));
+  return port;
+}
+
+function exited(child) {
+  return child.exitCode !== null || child.signalCode !== null;
+}
+
+/** SIGTERM (Xvnc then removes its socket and lock file), SIGKILL after 3 s. */
+async function stop(child) {
+  if (!child || exited(child)) return;
+  const gone = new Promise((r) => child.once('exit', r));
+  child.kill('SIGTERM');
+  const t = setTimeout(() => { if (!exited(child)) child.kill('SIGKILL'); }, 3000);
+  await gone;
+  clearTimeout(t);
+  started.delete(child);
+}
+
+/** Whether 127.0.0.1:port sends an RFB banner. */
+function rfbBanner(port) {
+  return new Promise((resolve) => {
+    const s = tcpConnect(port, '127.0.0.1');
+    let buf = '';
+    const done = (ok) => { s.destroy(); resolve(ok); };
+    s.on('data', (d) => { buf += d; if (buf.length >= 12) done(/^RFB \d{3}\.\d{3}\n/.test(buf)); });
+    s.on('error', () => done(false));
+    s.on('close', () => done(false));
+    s.setTimeout(1000, () => done(false));
+  });
+}
+
+function have(cmd) {
+  return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
+}
+
+/**
+ * Xvnc on a free display (no /tmp/.X11-unix/X<N>, no /tmp/.X<N>-lock) and a free loopback
+ * port; another display is tried when one is taken meanwhile. Resolves once the port sends
+ * its RFB banner.
+ */
+async function startXvnc() {
+  for (const cmd of ['Xvnc', 'xsetroot', 'xterm']) {
+    assert.ok(have(cmd), `${cmd} is not installed: scripts/browser-test.sh installs it ` +
+      '(apt-get install tigervnc-standalone-server x11-xserver-utils xterm xfonts-base)');
+  }
+  let n = 100 + (process.pid % 300);
+  let lastLog = '';
+  for (let tries = 0; tries < 20; tries++, n++) {
+    if (existsSync(`/tmp/.X11-unix/X${n}`) || existsSync(`/tmp/.X${n}-lock`)) continue;
+    const port = await freePort();
+    const child = track(spawn('Xvnc', [`:${n}`, '-rfbport', String(port), '-localhost',
+      '-nolisten', 'tcp', '-SecurityTypes', 'None', '-AlwaysShared',
+      '-geometry', `${SCREEN.w}x${SCREEN.h}`, '-depth', '24'],
+    { stdio: ['ignore', 'ignore', 'pipe'] }));
+    let log = '';
+    child.stderr.on('data', (d) => { log += d; });
+    const deadline = Date.now() + 10000;
+    while (Date.now() < deadline && !exited(child)) {
+      if (await rfbBanner(port)) return { child, display: `:${n}`, port, log: () => log };
+      await sleep(100);
+    }
+    lastLog = log;
+    await stop(child);
+  }
+  throw new Error(`Xvnc did not start on any display tried; last log:\n${lastLog}`);
+}
+
+/** The desktop: a solid root window and an xterm running sh, white on black. */
+async function startDesktop(x, markFile) {
+  const env = { ...process.env, DISPLAY: x.display };
+  const root = spawnSync('xsetroot', ['-solid', '#' + BACKGROUND.map((c) => c.toString(16).padStart(2, '0')).join('')],
+    { env, encoding: 'utf8', timeout: 10000 });
+  assert.equal(root.status, 0, `xsetroot: ${root.stderr}`);
+  const xterm = track(spawn('xterm', ['-geometry', `80x24+${XTERM_AT.x}+${XTERM_AT.y}`,
+    '-bg', 'black', '-fg', 'white', '-cr', 'white', '+sb', '-bw', '0', '-xrm', 'XTerm*cursorBlink: false',
+    '-e', '/bin/sh'],
+  { env: { ...env, SHELL: '/bin/sh', PS1: '$ ', ENV: '', VNCGATE_MARK: markFile }, stdio: ['ignore', 'ignore', 'pipe'] }));
+  let log = '';
+  xterm.stderr.on('data', (d) => { log += d; });
+  await sleep(300);
+  assert.ok(!exited(xterm), `xterm exited at once: ${log}`);
+  return xterm;
+}
+
+// Runs in the page before noVNC: records every WebSocket's close event (noVNC's own socket
+// included: it looks WebSocket up when it connects), and reads noVNC's canvas.
+function pageHelpers() {
+  const closes = [];
+  const Native = window.WebSocket;
+  // A wrapper returning the native socket itself (noVNC checks the socket's own prototype, so
+  // a subclass would not do); statics (CONNECTING, OPEN...) come from the native class.
+  function Recorded(...args) {
+    const ws = new Native(...args);
+    ws.addEventListener('close', (e) => closes.push({ code: e.code, reason: e.reason, clean: e.wasClean }));
+    return ws;
+  }
+  Object.setPrototypeOf(Recorded, Native);
+  Recorded.prototype = Native.prototype;
+  window.WebSocket = Recorded;
+  const canvas = () => document.querySelector('#screen canvas');
+  const near = (d, i, rgb, tol) => Math.abs(d[i] - rgb[0]) <= tol && Math.abs(d[i + 1] - rgb[1]) <= tol
+    && Math.abs(d[i + 2] - rgb[2]) <= tol;
+  let snap = null;
+  window.vg = {
+    closes,
+    size: () => { const c = canvas(); return c ? { w: c.width, h: c.height } : null; },
+    pixel: (x, y) => Array.from(canvas().getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3)),
+    // Bounding box of the pixels that are not the background: the xterm.
+    bbox: (bg, tol) => {
+      const c = canvas();
+      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      let x0 = c.width, y0 = c.height, x1 = -1, y1 = -1;
+      for (let y = 0; y < c.height; y++) {
+        for (let x = 0; x < c.width; x++) {
+          if (!near(d, (y * c.width + x) * 4, bg, tol)) {
+            if (x < x0) x0 = x;
+            if (x > x1) x1 = x;
+            if (y < y0) y0 = y;
+            if (y > y1) y1 = y;
+          }
+        }
+      }
+      return x1 < 0 ? null : { x: x0, y: y0, w: x1 - x0 + 1, h: y1 - y0 + 1 };
+    },
+    snapshot: (r) => { snap = { r, d: canvas().getContext('2d').getImageData(r.x, r.y, r.w, r.h).data }; },
+    // Pixels of the snapshot's region that differ now (any channel by more than 32).
+    changed: () => {
+      const { r, d: before } = snap;
+      const now = canvas().getContext('2d').getImageData(r.x, r.y, r.w, r.h).data;
+      let n = 0;
+      for (let i = 0; i < now.length; i += 4) {
+        if (Math.abs(now[i] - before[i]) > 32 || Math.abs(now[i + 1] - before[i + 1]) > 32
+          || Math.abs(now[i + 2] - before[i + 2]) > 32) n++;
+      }
+      return n;
+    },
+    // A PNG (a screenshot) decoded by the browser: the colour at (x, y) of its w x h grid.
+    pngPixel: async (b64, x, y) => {
+      const img = new Image();
+      img.src = `data:image/png;base64,${b64}`;
+      await img.decode();
+      const c = document.createElement('canvas');
+      c.width = img.naturalWidth;
+      c.height = img.naturalHeight;
+      const g = c.getContext('2d');
+      g.drawImage(img, 0, 0);
+      const px = Math.min(c.width - 1, Math.round(x * c.width));
+      const py = Math.min(c.height - 1, Math.round(y * c.height));
+      return { w: c.width, h: c.height, rgb: Array.from(g.getImageData(px, py, 1, 1).data.slice(0, 3)) };
+    },
+  };
+}
+
+const close = (a, b, tol) => a.every((v, i) => Math.abs(v - b[i]) <= tol);
+
+describe('a real VNC server (Xvnc with an xterm) through vncgate serve', () => {
+  let xvnc, xterm, gate, downPort, tmp, markFile;
+
+  before(async () => {
+    tmp = await mkdtemp(join(tmpdir(), 'vncgate-xvnc-'));
+    markFile = join(tmp, 'typed');
+    xvnc = await startXvnc();
+    xterm = await startDesktop(xvnc, markFile);
+    downPort = await freePort();
+    gate = await startGateway(['serve', '--listen', '127.0.0.1:0', '--workers', '2',
+      '--route', `xvnc=127.0.0.1:${xvnc.port}`, '--route', `down=127.0.0.1:${downPort}`,
+      '--allow-upstream', '127.0.0.0/8']);
+    track(gate.child);
+  });
+
+  after(async () => {
+    if (gate) { gate.child.removeAllListeners('exit'); await stop(gate.child); }
+    await stop(xterm);
+    await stop(xvnc?.child);
+    if (tmp) await rm(tmp, { recursive: true, force: true });
+  });
+
+  async function openViewer(session, protocols) {
+    const page = await browser.newPage({ viewport: { width: 900, height: 700 } });
+    await page.addInitScript(pageHelpers);
+    const url = encodeURIComponent(`${gate.base}/vnc/${session}`);
+    const q = protocols ? `&protocols=${protocols}` : '';
+    await page.goto(`http://127.0.0.1:${httpPort}/?url=${url}${q}`);
+    return page;
+  }
+
+  /** Connects, waits for the desktop with its xterm, returns the page and the xterm's box. */
+  async function viewXvnc(protocols) {
+    const page = await openViewer('xvnc', protocols);
+    await page.waitForFunction(() => document.getElementById('status').textContent.startsWith('connected'),
+      null, { timeout: 15000 });
+    await page.waitForFunction(({ w, h }) => { const s = window.vg.size(); return s && s.w === w && s.h === h; },
+      SCREEN, { timeout: 10000 });
+    // The first update is the whole screen, drawn rectangle by rectangle onto a black canvas;
+    // wait until all that is not background is an xterm-sized window.
+    const xtermSized = (b) => b && b.w > 300 && b.h > 200 && b.w < SCREEN.w - 100 && b.h < SCREEN.h - 100;
+    let box = null;
+    const deadline = Date.now() + 10000;
+    while (Date.now() < deadline) {
+      box = await page.evaluate((bg) => window.vg.bbox(bg, 24), BACKGROUND);
+      if (xtermSized(box)) break;
+      await sleep(100);
+    }
+    assert.ok(xtermSized(box), `xterm window visible: ${JSON.stringify(box)}`);
+    assert.ok(Math.abs(box.x - XTERM_AT.x) <= 4 && Math.abs(box.y - XTERM_AT.y) <= 4,
+      `xterm where it was put: ${JSON.stringify(box)}`);
+    return { page, box };
+  }
+
+  async function assertBackground(page) {
+    // noVNC's framebuffer...
+    for (const p of OUTSIDE_XTERM) {
+      const rgb = await page.evaluate(({ x, y }) => window.vg.pixel(x, y), p);
+      assert.ok(close(rgb, BACKGROUND, 24), `framebuffer at ${JSON.stringify(p)}: ${rgb}`);
+    }
+    // ...and what the browser paints: a screenshot of the canvas element, scaled or not.
+    const png = await page.locator('#screen canvas').screenshot();
+    for (const p of OUTSIDE_XTERM) {
+      const shot = await page.evaluate(([b64, x, y]) => window.vg.pngPixel(b64, x, y),
+        [png.toString('base64'), p.x / SCREEN.w, p.y / SCREEN.h]);
+      assert.ok(shot.w > 100 && shot.h > 100, `screenshot size ${shot.w}x${shot.h}`);
+      assert.ok(close(shot.rgb, BACKGROUND, 24), `screenshot at ${JSON.stringify(p)}: ${JSON.stringify(shot)}`);
+    }
+  }
+
+  /** A clean close initiated by the browser: noVNC says clean, and so does the socket. */
+  async function disconnectCleanly(t, page) {
+    await page.evaluate(() => window.rfb.disconnect());
+    await page.waitForFunction(() => document.getElementById('status').textContent.startsWith('disconnected'));
+    assert.equal(await page.textContent('#status'), 'disconnected (clean: true)');
+    await page.waitForFunction(() => window.vg.closes.length === 1);
+    const [ev] = await page.evaluate(() => window.vg.closes);
+    // noVNC closes without a status code; the gateway echoes that, so the browser reports
+    // 1005 (no status received), cleanly.
+    assert.ok(ev.clean, `close event: ${JSON.stringify(ev)}`);
+    assert.ok(ev.code === 1000 || ev.code === 1005, `close event: ${JSON.stringify(ev)}`);
+    t.diagnostic(`close event ${JSON.stringify(ev)}`);
+    await page.close();
+  }
+
+  for (const protocols of [null, 'binary']) {
+    const who = protocols ? 'old noVNC (binary offered)' : 'current noVNC (no subprotocol offered)';
+    test(`${who} shows Xvnc's desktop and closes cleanly`, async (t) => {
+      const { page } = await viewXvnc(protocols);
+      await assertBackground(page);
+      await disconnectCleanly(t, page);
+    });
+  }
+
+  test('keys typed into noVNC reach the xterm on the real VNC server', async (t) => {
+    const { page, box } = await viewXvnc(null);
+    await assertBackground(page);
+    // Point at the xterm (the X focus follows the pointer) and give noVNC the keyboard.
+    const rect = await page.locator('#screen canvas').boundingBox();
+    const cx = box.x + box.w / 2, cy = box.y + box.h / 2;
+    await page.mouse.move(rect.x + cx * rect.width / SCREEN.w, rect.y + cy * rect.height / SCREEN.h);
+    await page.evaluate(() => window.rfb.focus());
+    await sleep(300);
+    await page.evaluate((r) => window.vg.snapshot(r), box);
+    // The shell in the xterm writes the line to a file: the keys (shifted ones included)
+    // arrived as typed.
+    await page.keyboard.type('echo vncgate-ok >"$VNCGATE_MARK"', { delay: 20 });
+    await page.keyboard.press('Enter');
+    // 31 typed characters and a new prompt: several hundred pixels.
+    let changed = 0;
+    const deadline = Date.now() + 10000;
+    while (Date.now() < deadline) {
+      changed = await page.evaluate(() => window.vg.changed());
+      if (changed >= 300) break;
+      await sleep(100);
+    }
+    assert.ok(changed >= 300, `pixels changed inside the xterm after typing: ${changed}`);
+    t.diagnostic(`xterm at ${JSON.stringify(box)}: ${changed} pixels changed`);
+    let typed = null;
+    while (Date.now() < deadline && typed === null) {
+      typed = await readFile(markFile, 'utf8').catch(() => null);
+      if (typed === null) await sleep(100);
+    }
+    assert.equal(typed, 'vncgate-ok\n', 'the shell in the xterm ran the typed line');
+    // Nothing else moved: the background is still the background.
+    await assertBackground(page);
+    await disconnectCleanly(t, page);
+  });
+
+  test('a route to a port where nothing listens closes noVNC with 4000 and its reason', async () => {
+    const page = await openViewer('down', null);
+    await page.waitForFunction(() => document.getElementById('status').textContent.startsWith('disconnected'),
+      null, { timeout: 15000 });
+    const closes = await page.evaluate(() => window.vg.closes);
+    assert.deepEqual(closes, [{ code: 4000, reason: 'vm vnc port refused', clean: true }]);
+    // noVNC itself calls it unclean: the server ended the session before the RFB handshake.
+    assert.equal(await page.textContent('#status'), 'disconnected (clean: false)');
+    await page.close();
+  });
 });
