@@ -57,6 +57,9 @@ cargo test --workspace --doc
 step "noVNC in headless Chromium through the gateway"
 scripts/browser-test.sh
 
+step "Prometheus: the rules' unit tests, and a real Prometheus scraping a real gateway"
+scripts/prometheus-test.sh
+
 step "Autobahn|Testsuite fuzzingclient, compared with the expected results"
 scripts/autobahn.sh
 
