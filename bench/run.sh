@@ -4,6 +4,7 @@
 #
 #   bench/run.sh                      # full run: 3 reps, 3 s per point, 1000 idle sessions
 #   bench/run.sh --reps 1 --secs 1 --idle 200 --only direct,websocat
+#   bench/run.sh --points idle --idle 1000,10000     # memory per idle session at 1k and 10k
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"

@@ -3,7 +3,8 @@
 //!
 //! - `ws`: RFC 6455 client role without I/O (upgrade, masked frames, frame decoder).
 //! - `conn`: one client connection over a blocking socket, raw TCP or WebSocket.
-//! - `targets`: the in-process upstreams (bulk source, echo server).
+//! - `targets`: the in-process upstreams (bulk source, echo server), and the idle point's
+//!   fake VM in a child process.
 //! - `proxy`: the relays under test, started as child processes and killed by pid.
 //! - `measure`: throughput, round trips, upgrades, idle memory; each bounded in time.
 //! - `procfs`: CPU time and memory of a proxy's process tree.

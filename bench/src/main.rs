@@ -34,9 +34,10 @@ struct Args {
     /// Seconds per timed point (throughput, round trips, upgrades).
     #[arg(long, default_value_t = 3.0)]
     secs: f64,
-    /// Idle sessions held for the memory figure (0 skips it).
-    #[arg(long, default_value_t = 1000)]
-    idle: usize,
+    /// Idle sessions held for the memory figures: one count or a comma-separated list
+    /// (`1000,10000`), each measured on a fresh proxy process (0 skips it).
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    idle: Vec<usize>,
     /// Connections for the many-connection throughput and round-trip points.
     #[arg(long, default_value_t = 50)]
     conns: usize,
@@ -62,10 +63,41 @@ struct Args {
     /// Output folder for results.md, results.json, the charts and the proxies' logs.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/out"))]
     out: PathBuf,
+    /// Internal: serve a fake VM on 127.0.0.1:<free port> until killed (the idle point's
+    /// upstream, run as a child process of the bench).
+    #[arg(long = "serve-fakevm", hide = true)]
+    serve_fakevm: bool,
+}
+
+/// `--serve-fakevm`: vncgate-loadtest's fake VM, printing `listening ADDR` on stdout.
+fn serve_fakevm() -> ExitCode {
+    use vncgate_loadtest::fakevm;
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vncgate-bench --serve-fakevm: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    match rt.block_on(fakevm::run(&[addr], fakevm::Config::default())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vncgate-bench --serve-fakevm: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let a = Args::parse();
+    if a.serve_fakevm {
+        return serve_fakevm();
+    }
     if let Some(json) = &a.plot_only {
         return match plot::plot_file(json) {
             Ok(paths) => {
@@ -87,13 +119,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // `--idle 0` and a selection without `idle` mean the same: no idle sessions.
-    let idle = if points.contains(&Point::Idle) {
-        a.idle
-    } else {
-        0
-    };
-    if idle == 0 {
+    // `--idle 0` and a selection without `idle` mean the same: no idle sessions. Counts are
+    // measured in the order given, each once.
+    let mut idle: Vec<usize> = Vec::new();
+    if points.contains(&Point::Idle) {
+        for n in a.idle.iter().copied().filter(|&n| n > 0) {
+            if !idle.contains(&n) {
+                idle.push(n);
+            }
+        }
+    }
+    if idle.is_empty() {
         points.retain(|&p| p != Point::Idle);
         if points.is_empty() {
             eprintln!("--points idle with --idle 0 leaves nothing to measure");
@@ -169,6 +205,19 @@ mod tests {
             Point::parse_list(&a.points).unwrap(),
             [Point::Tput, Point::Upgrades]
         );
+    }
+
+    #[test]
+    fn idle_takes_a_list_of_counts() {
+        let a = Args::try_parse_from(["vncgate-bench", "--idle", "1000,10000"]).unwrap();
+        assert_eq!(a.idle, [1000, 10000]);
+        let a = Args::try_parse_from(["vncgate-bench"]).unwrap();
+        assert_eq!(a.idle, [1000]);
+        assert!(!a.serve_fakevm);
+        let a = Args::try_parse_from(["vncgate-bench", vncgate_bench::targets::SERVE_FAKEVM_FLAG])
+            .unwrap();
+        assert!(a.serve_fakevm);
+        assert!(Args::try_parse_from(["vncgate-bench", "--idle", "1k"]).is_err());
     }
 
     #[test]

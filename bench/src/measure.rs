@@ -1,5 +1,7 @@
 //! The five measurements. Each one is bounded in time (a fixed window plus socket timeouts)
 //! and in connection count, and returns `Err(reason)` rather than a figure it cannot trust.
+//! The idle one uses the load tool's idle mode (`vncgate_loadtest::idle`) rather than the
+//! blocking client of the others: thousands of sessions, from several source addresses.
 //!
 //! Timed windows share one shape: connections are opened first (handshakes excluded), the
 //! worker threads start, traffic runs for a warm-up (which drains what the kernel and the
@@ -369,39 +371,86 @@ pub struct IdleMemory {
     pub conns: usize,
     pub rss_kib_per_conn: f64,
     pub pss_kib_per_conn: f64,
+    /// Seconds the ramp took.
+    pub ramp_s: f64,
 }
 
-/// Opens `n` sessions to the echo route, each used for one round trip (so the proxy has
-/// connected upstream and set the session up), holds them, and charges the growth of the
-/// proxy's memory to them.
-pub fn idle_memory(
-    t: &Target,
-    n: usize,
-    proxy_pids: &[u32],
-    seed: u64,
-) -> Result<IdleMemory, String> {
+/// Loopback source addresses of the idle sessions, round-robin: each has its own ephemeral
+/// ports, so 10 000 sessions (and the TIME_WAIT of the previous repetitions) do not run the
+/// client out of ports towards the proxy's one address.
+pub const IDLE_SOURCES: &str = "127.0.0.1-127.0.0.16";
+/// Sessions opening at once.
+const IDLE_CONCURRENCY: usize = 256;
+/// Per session: TCP + upgrade + RFB handshake.
+const IDLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Let lazily freed buffers and worker bookkeeping settle before sampling.
+const IDLE_SETTLE: Duration = Duration::from_millis(500);
+
+/// The ramp's deadline for `n` sessions: a minute plus 10 ms per session (10 000: 160 s).
+pub fn idle_deadline(n: usize) -> Duration {
+    Duration::from_secs(60) + Duration::from_millis(10 * n as u64)
+}
+
+/// Opens `n` RFB sessions through the proxy's idle route `t` (to the fake VM) with the load
+/// tool's idle mode (`vncgate_loadtest::idle`): from [`IDLE_SOURCES`], at most
+/// [`IDLE_CONCURRENCY`] opening at once, each through the RFB handshake to ServerInit and
+/// then silent. Holds them, and charges the growth of the proxy tree's memory to them. Less
+/// than `n` held is an error that says how many were, why the others failed, and what the
+/// held ones cost, rather than a figure for a count that was not reached. The ramp stops
+/// early once `max(50, n / 100)` sessions failed (a proxy that cannot take more).
+pub fn idle_memory(t: &Target, n: usize, proxy_pids: &[u32]) -> Result<IdleMemory, String> {
+    use vncgate_loadtest::{dial, idle};
     if proxy_pids.is_empty() {
         return Err("no proxy process".into());
     }
+    let Some(path) = &t.ws_path else {
+        return Err("idle sessions need a WebSocket route".into());
+    };
+    let cfg = idle::Config {
+        url: format!("ws://{}{path}", t.addr),
+        sessions: n,
+        sources: dial::parse_sources(IDLE_SOURCES)?,
+        concurrency: IDLE_CONCURRENCY,
+        connect_timeout: IDLE_CONNECT_TIMEOUT,
+        deadline: idle_deadline(n),
+        max_failures: Some((n / 100).max(50)),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
     let before = procfs::memory(proxy_pids);
-    let mut held: Vec<Conn> = Vec::with_capacity(n);
-    let mut buf = [0u8; 512];
-    for i in 0..n {
-        let mut c = Conn::open(t, seed.wrapping_add(i as u64 * 0x9e37_79b9))
-            .map_err(|e| format!("idle session {i} of {n}: {e}"))?;
-        c.send_payload(&RT_PAYLOAD)
-            .and_then(|()| c.read_exact_payload(RT_PAYLOAD.len() as u64, &mut buf))
-            .map_err(|e| format!("idle session {i} of {n}: {e}"))?;
-        held.push(c);
-    }
-    // Let lazily freed buffers and worker bookkeeping settle before sampling.
-    thread::sleep(Duration::from_millis(500));
-    let after = procfs::memory(proxy_pids);
-    drop(held);
-    let per = |a: u64, b: u64| (a as f64 - b as f64) / n as f64;
-    Ok(IdleMemory {
-        conns: n,
-        rss_kib_per_conn: per(after.rss_kib, before.rss_kib),
-        pss_kib_per_conn: per(after.pss_kib, before.pss_kib),
+    rt.block_on(async {
+        let sessions = idle::open(&cfg).await.map_err(|e| e.to_string())?;
+        let ramp_s = sessions.ramp().as_secs_f64();
+        tokio::time::sleep(IDLE_SETTLE).await;
+        let after = procfs::memory(proxy_pids);
+        let held = sessions.sample();
+        let tally = sessions.close().await;
+        let per = |a: u64, b: u64| (a as f64 - b as f64) / held.max(1) as f64;
+        let (rss, pss) = (
+            per(after.rss_kib, before.rss_kib),
+            per(after.pss_kib, before.pss_kib),
+        );
+        if held < n {
+            let mut why = format!(
+                "held {held} of {n} idle sessions after {ramp_s:.1} s; failed: {}",
+                tally.summary()
+            );
+            if held > 0 {
+                why.push_str(&format!(
+                    "; the {held} held cost {pss:.1} KiB PSS ({rss:.1} KiB RSS) each"
+                ));
+            }
+            return Err(why);
+        }
+        Ok(IdleMemory {
+            conns: n,
+            rss_kib_per_conn: rss,
+            pss_kib_per_conn: pss,
+            ramp_s,
+        })
     })
 }

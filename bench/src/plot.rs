@@ -177,19 +177,35 @@ pub fn ratio_figure(js: &Value) -> Option<Figure> {
 /// neither was measured.
 pub fn cost_figure(js: &Value) -> Option<Figure> {
     let series = series_of(js);
-    let idle = js["settings"]["idle"].as_u64().unwrap_or(0);
+    // `settings.idle` is a list of counts (`--idle 1000,10000`), or one number in records
+    // from before lists, whose rows are `idle_rss_kib` / `idle_pss_kib`.
+    let counts: Vec<u64> = match &js["settings"]["idle"] {
+        Value::Array(v) => v.iter().filter_map(Value::as_u64).collect(),
+        v => v.as_u64().into_iter().collect(),
+    };
+    let mut rows: Vec<(String, String)> = vec![
+        ("idle_rss_kib".into(), "RSS per idle session".into()),
+        ("idle_pss_kib".into(), "PSS per idle session".into()),
+    ];
+    for n in &counts {
+        rows.push((
+            format!("idle_rss_kib_{n}"),
+            format!("RSS per idle session, {n} held"),
+        ));
+        rows.push((
+            format!("idle_pss_kib_{n}"),
+            format!("PSS per idle session, {n} held"),
+        ));
+    }
+    let rows: Vec<(&str, String)> = rows
+        .iter()
+        .map(|(id, l)| (id.as_str(), l.clone()))
+        .collect();
+    let held: Vec<String> = counts.iter().map(u64::to_string).collect();
     let memory = Panel {
-        title: format!("Memory per idle session ({idle} held)"),
+        title: format!("Memory per idle session ({} held)", held.join(", ")),
         x_desc: "KiB per session, growth of the proxy's process tree (log scale)".into(),
-        groups: groups_of(
-            js,
-            &series,
-            "median",
-            &[
-                ("idle_rss_kib", "RSS per idle session".into()),
-                ("idle_pss_kib", "PSS per idle session".into()),
-            ],
-        ),
+        groups: groups_of(js, &series, "median", &rows),
         series: series.clone(),
         scale: Scale::Log,
         reference: None,
@@ -743,6 +759,31 @@ mod tests {
             }
         );
         assert_eq!(f.panels[1].groups[0].values, vec![Some(0.27), Some(1.06)]);
+    }
+
+    #[test]
+    fn memory_rows_per_idle_count() {
+        let mut js = record();
+        js["settings"]["idle"] = json!([1000, 10000]);
+        js["proxies"]["vncgate"]["median"] = json!({
+            "idle_rss_kib_1000": 5.0, "idle_pss_kib_1000": 4.9,
+            "idle_pss_kib_10000": 4.5,
+        });
+        js["proxies"]["websockify"]["median"] = json!({"idle_pss_kib_1000": 3500.0});
+        let f = cost_figure(&js).unwrap();
+        let p = &f.panels[0];
+        assert_eq!(p.title, "Memory per idle session (1000, 10000 held)");
+        let labels: Vec<&str> = p.groups.iter().map(|g| g.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "RSS per idle session, 1000 held",
+                "PSS per idle session, 1000 held",
+                "PSS per idle session, 10000 held",
+            ]
+        );
+        assert_eq!(p.groups[1].values, vec![Some(4.9), Some(3500.0)]);
+        assert_eq!(p.groups[2].values, vec![Some(4.5), None]);
     }
 
     #[test]

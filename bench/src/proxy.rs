@@ -93,11 +93,13 @@ fn home_bin(rel: &str) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
-/// A started proxy (or the direct baseline) and where its two routes are reached.
+/// A started proxy (or the direct baseline) and where its routes are reached.
 pub struct Running {
     pub kind: Kind,
     pub bulk: Target,
     pub echo: Target,
+    /// The route to the idle point's fake VM, when [`Targets::idle`] was given.
+    pub idle: Option<Target>,
     children: Vec<Child>,
 }
 
@@ -167,6 +169,7 @@ pub fn start(
         kind,
         bulk: direct(t.bulk),
         echo: direct(t.echo),
+        idle: t.idle.map(direct),
         children: Vec::new(),
     };
     let Some(exe) = exe else {
@@ -175,7 +178,7 @@ pub fn start(
     match kind {
         Kind::Direct => {}
         Kind::Vncgate => {
-            let routes = [
+            let mut routes = vec![
                 "--route".to_owned(),
                 format!("bulk={}", t.bulk),
                 "--route".to_owned(),
@@ -183,12 +186,22 @@ pub fn start(
                 "--allow-upstream".to_owned(),
                 "127.0.0.1/32".to_owned(),
             ];
-            return start_vncgate(exe, s, &routes, "vncgate", rep);
+            if let Some(idle) = t.idle {
+                routes.extend(["--route".to_owned(), format!("idle={idle}")]);
+            }
+            let mut r = start_vncgate(exe, s, &routes, "vncgate", rep)?;
+            r.idle = t.idle.map(|_| Target {
+                addr: r.echo.addr,
+                ws_path: Some("/vnc/idle".to_owned()),
+            });
+            return Ok(r);
         }
         Kind::Websocat | Kind::Websockify => {
             // One process per upstream: neither routes by path.
             let mut addrs = Vec::new();
-            for (label, upstream) in [("bulk", t.bulk), ("echo", t.echo)] {
+            let mut upstreams = vec![("bulk", t.bulk), ("echo", t.echo)];
+            upstreams.extend(t.idle.map(|a| ("idle", a)));
+            for (label, upstream) in upstreams {
                 let port = free_port()?;
                 let args: Vec<String> = if kind == Kind::Websocat {
                     vec![
@@ -205,6 +218,7 @@ pub fn start(
             }
             r.bulk = ws(addrs[0], "/");
             r.echo = ws(addrs[1], "/");
+            r.idle = addrs.get(2).map(|&a| ws(a, "/"));
             wait_listening(&mut r, &addrs)?;
         }
     }
@@ -241,6 +255,7 @@ pub fn start_vncgate(
         kind: Kind::Vncgate,
         bulk: ws("/vnc/bulk"),
         echo: ws("/vnc/echo"),
+        idle: None,
         children: vec![spawn(exe, &args, &s.out, log_name, rep)?],
     };
     wait_listening(&mut r, &[addr])?;

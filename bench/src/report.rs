@@ -19,8 +19,24 @@ pub struct Metric {
     pub point: Point,
 }
 
-/// Every row of the table, in order.
-pub fn metrics(conns: usize, connectors: usize, idle: usize) -> Vec<Metric> {
+/// Metric ids of the idle point at `n` held sessions: (RSS, PSS) per session,
+/// `idle_rss_kib_N` and `idle_pss_kib_N`. Ids are `&'static str` (a [`Run`] is keyed by
+/// them); each distinct `n` is allocated once per process.
+pub fn idle_ids(n: usize) -> (&'static str, &'static str) {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static IDS: OnceLock<Mutex<HashMap<usize, (&'static str, &'static str)>>> = OnceLock::new();
+    let mut ids = IDS.get_or_init(Default::default).lock().unwrap();
+    *ids.entry(n).or_insert_with(|| {
+        (
+            String::leak(format!("idle_rss_kib_{n}")),
+            String::leak(format!("idle_pss_kib_{n}")),
+        )
+    })
+}
+
+/// Every row of the table, in order; `idle` lists the idle point's session counts.
+pub fn metrics(conns: usize, connectors: usize, idle: &[usize]) -> Vec<Metric> {
     let m = |id: &'static str, label: String, decimals, has_ratio| Metric {
         id,
         label,
@@ -28,7 +44,7 @@ pub fn metrics(conns: usize, connectors: usize, idle: usize) -> Vec<Metric> {
         has_ratio,
         point: point_of(id),
     };
-    vec![
+    [
         m(
             "tput_1_mbs",
             "VM→browser throughput, 1 conn (MB/s)".into(),
@@ -101,19 +117,26 @@ pub fn metrics(conns: usize, connectors: usize, idle: usize) -> Vec<Metric> {
             0,
             true,
         ),
-        m(
-            "idle_rss_kib",
-            format!("RSS per idle session, {idle} held (KiB)"),
-            1,
-            false,
-        ),
-        m(
-            "idle_pss_kib",
-            format!("PSS per idle session, {idle} held (KiB)"),
-            1,
-            false,
-        ),
     ]
+    .into_iter()
+    .chain(idle.iter().flat_map(|&n| {
+        let (rss, pss) = idle_ids(n);
+        [
+            m(
+                rss,
+                format!("RSS per idle session, {n} held (KiB)"),
+                1,
+                false,
+            ),
+            m(
+                pss,
+                format!("PSS per idle session, {n} held (KiB)"),
+                1,
+                false,
+            ),
+        ]
+    }))
+    .collect()
 }
 
 /// The point whose measurement yields metric `id` (ids are prefixed by what they measure).
@@ -304,7 +327,7 @@ mod tests {
 
     #[test]
     fn every_point_has_rows_and_ids_map_as_the_runner_records_them() {
-        let ms = metrics(50, 4, 1000);
+        let ms = metrics(50, 4, &[1000, 10000]);
         for p in Point::ALL {
             assert!(ms.iter().any(|m| m.point == p), "{p:?} has no row");
         }
@@ -314,6 +337,26 @@ mod tests {
         assert_eq!(point("cpu_s_per_gb"), Point::Tput);
         assert_eq!(point("rt_n_p99_us"), Point::Rt);
         assert_eq!(point("sessions_s"), Point::Upgrades);
-        assert_eq!(point("idle_pss_kib"), Point::Idle);
+        assert_eq!(point("idle_pss_kib_1000"), Point::Idle);
+        assert_eq!(point("idle_rss_kib_10000"), Point::Idle);
+        let labels: Vec<&str> = ms
+            .iter()
+            .filter(|m| m.point == Point::Idle)
+            .map(|m| m.label.as_str())
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "RSS per idle session, 1000 held (KiB)",
+                "PSS per idle session, 1000 held (KiB)",
+                "RSS per idle session, 10000 held (KiB)",
+                "PSS per idle session, 10000 held (KiB)",
+            ]
+        );
+        assert_eq!(
+            idle_ids(10000),
+            ("idle_rss_kib_10000", "idle_pss_kib_10000")
+        );
+        assert!(std::ptr::eq(idle_ids(1000).0, idle_ids(1000).0));
     }
 }

@@ -1,8 +1,10 @@
 //! The run: start the targets, find the proxies, then for each repetition start each proxy
 //! in turn (direct, vncgate, websocat, websockify, direct, ...) on a fresh process, take every
-//! measurement (those of `--points`), and kill it. The table, the JSON and the charts are
-//! written at the end. Interleaving spreads the noise of a shared machine over all
-//! proxies instead of charging one of them with a bad minute.
+//! measurement (those of `--points`), and kill it. The idle point gets a fresh process of its
+//! own per session count (`--idle 1000,10000`: two more starts), so that each count is
+//! "what do N idle sessions cost a new process", not what is left of the previous count.
+//! The table, the JSON and the charts are written at the end. Interleaving spreads the noise
+//! of a shared machine over all proxies instead of charging one of them with a bad minute.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,12 +25,14 @@ pub struct Config {
     pub vncgate_args: Vec<String>,
     pub reps: usize,
     pub secs: f64,
-    pub idle: usize,
+    /// Idle sessions held for the memory figures, one measurement per count (empty when
+    /// `Idle` is not among the points).
+    pub idle: Vec<usize>,
     pub conns: usize,
     pub connectors: usize,
     pub only: Vec<Kind>,
-    /// Measurement points to take, in `Point::ALL` order; `idle` is 0 when `Idle` is not
-    /// among them.
+    /// Measurement points to take, in `Point::ALL` order; `idle` is empty when `Idle` is
+    /// not among them.
     pub points: Vec<Point>,
     pub out: PathBuf,
 }
@@ -47,17 +51,33 @@ pub fn run(cfg: &Config) -> Result<(), String> {
         }
     }
     let nofile = sys::raise_nofile().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
-    // Client side + in-process target side per idle session, plus slack.
-    let need = 2 * cfg.idle as u64 + 256;
+    // The client side of the idle sessions, plus slack (their upstream side is in the fake
+    // VM's process).
+    let max_idle = cfg.idle.iter().copied().max().unwrap_or(0);
+    let need = max_idle as u64 + 256;
     if nofile < need {
         return Err(format!(
-            "open-file limit {nofile} is below {need} needed for --idle {}; lower --idle or raise the hard limit",
-            cfg.idle
+            "open-file limit {nofile} is below {need} needed for --idle {max_idle}; lower --idle or raise the hard limit"
         ));
     }
     let load_start = loadavg();
     let tg = targets::start().map_err(|e| format!("targets: {e}"))?;
     eprintln!("targets: bulk source {}, echo {}", tg.bulk, tg.echo);
+    let idle_wanted = cfg.points.contains(&Point::Idle)
+        && !cfg.idle.is_empty()
+        && cfg.only.iter().any(|&k| k != Kind::Direct);
+    let fakevm = if idle_wanted {
+        let vm = targets::FakeVm::start(&cfg.out).map_err(|e| format!("idle point: {e}"))?;
+        eprintln!("targets: fake VM (idle sessions) {}", vm.addr);
+        Some(vm)
+    } else {
+        None
+    };
+    let tg_idle = targets::Targets {
+        idle: fakevm.as_ref().map(|vm| vm.addr),
+        ..tg
+    };
+    let other_points = cfg.points.iter().any(|&p| p != Point::Idle);
 
     let settings = proxy::Settings {
         vncgate: cfg.vncgate.clone(),
@@ -94,26 +114,44 @@ pub fn run(cfg: &Config) -> Result<(), String> {
             if r.skipped.is_some() {
                 continue;
             }
-            eprintln!("rep {rep}/{} {}", cfg.reps, r.kind.name());
             seed = seed.wrapping_add(0x1_0000_0001);
-            match proxy::start(r.kind, exe.as_deref(), &settings, tg, rep) {
-                Ok(running) => {
-                    let (run, errors) = measure_one(cfg, running, seed);
-                    r.runs.push(run);
-                    r.errors
-                        .extend(errors.into_iter().map(|e| format!("rep {rep}: {e}")));
-                }
-                Err(e) => {
-                    let e = format!("{e} (its output: {}/logs/)", cfg.out.display());
-                    eprintln!("  {} did not start: {e}", r.kind.name());
-                    r.errors.push(format!("rep {rep}: did not start: {e}"));
+            let mut run = Run::new();
+            let mut errors = Vec::new();
+            let did_not_start = |e: String, errors: &mut Vec<String>, name: &str| {
+                let e = format!("{e} (its output: {}/logs/)", cfg.out.display());
+                eprintln!("  {name} did not start: {e}");
+                errors.push(format!("did not start: {e}"));
+            };
+            if idle_wanted && r.kind != Kind::Direct {
+                for &n in &cfg.idle {
+                    eprintln!("rep {rep}/{} {} idle {n}", cfg.reps, r.kind.name());
+                    match proxy::start(r.kind, exe.as_deref(), &settings, tg_idle, rep) {
+                        Ok(running) => measure_idle(running, n, nofile, &mut run, &mut errors),
+                        Err(e) => did_not_start(e, &mut errors, r.kind.name()),
+                    }
+                    std::thread::sleep(SETTLE);
                 }
             }
-            std::thread::sleep(SETTLE);
+            if other_points {
+                eprintln!("rep {rep}/{} {}", cfg.reps, r.kind.name());
+                match proxy::start(r.kind, exe.as_deref(), &settings, tg, rep) {
+                    Ok(running) => {
+                        let (more, errs) = measure_one(cfg, running, seed);
+                        run.extend(more);
+                        errors.extend(errs);
+                    }
+                    Err(e) => did_not_start(e, &mut errors, r.kind.name()),
+                }
+                std::thread::sleep(SETTLE);
+            }
+            r.runs.push(run);
+            r.errors
+                .extend(errors.into_iter().map(|e| format!("rep {rep}: {e}")));
         }
     }
+    drop(fakevm);
 
-    let mut metrics = report::metrics(cfg.conns, cfg.connectors, cfg.idle);
+    let mut metrics = report::metrics(cfg.conns, cfg.connectors, &cfg.idle);
     metrics.retain(|m| cfg.points.contains(&m.point));
     let header = header(cfg, (load_start, loadavg()));
     let md = report::markdown(&header, &metrics, &results);
@@ -138,8 +176,47 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Every measurement against one started proxy; a failed measurement leaves its figures
-/// out and the next one still runs, unless the proxy died.
+/// The idle point at `n` sessions against a proxy started for it, which is stopped after.
+/// `nofile` is the open-file limit the proxy inherited: when a single-process proxy fails
+/// below `n` and 2 sockets per session do not fit in it, the error says so.
+fn measure_idle(mut p: Running, n: usize, nofile: u64, run: &mut Run, errors: &mut Vec<String>) {
+    let (rss_id, pss_id) = report::idle_ids(n);
+    let result = match &p.idle {
+        Some(t) => measure::idle_memory(t, n, &p.pids()),
+        None => Err("the proxy has no idle route".into()),
+    };
+    match result {
+        Ok(m) => {
+            eprintln!(
+                "  idle: {} sessions (ramp {:.1} s), {:.1} KiB RSS / {:.1} KiB PSS each",
+                m.conns, m.ramp_s, m.rss_kib_per_conn, m.pss_kib_per_conn
+            );
+            run.insert(rss_id, m.rss_kib_per_conn);
+            run.insert(pss_id, m.pss_kib_per_conn);
+        }
+        Err(mut e) => {
+            if let Err(died) = p.check_alive() {
+                e.push_str(&format!("; {died}"));
+            }
+            let need = 2 * n as u64 + 64;
+            if p.kind != Kind::Websockify && nofile < need {
+                e.push_str(&format!(
+                    "; {} is one process holding 2 sockets per session (client + upstream) \
+                     plus its own, and inherits an open-file limit of {nofile} (the hard \
+                     limit here): {n} sessions need about {need}",
+                    p.kind.name()
+                ));
+            }
+            eprintln!("  idle memory, {n} held: FAILED: {e}");
+            errors.push(format!("idle memory, {n} held: {e}"));
+        }
+    }
+    p.stop();
+}
+
+/// Every measurement against one started proxy except the idle point (see
+/// [`measure_idle`]); a failed measurement leaves its figures out and the next one still
+/// runs, unless the proxy died.
 fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
     let mut run = Run::new();
     let mut errors = Vec::new();
@@ -149,23 +226,6 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
         eprintln!("  {what}: FAILED: {e}");
         errors.push(format!("{what}: {e}"));
     };
-
-    // Memory first, on a fresh process: "what does one more idle session cost" without
-    // buffers the bulk runs left in the allocator.
-    if !pids.is_empty() && cfg.idle > 0 && cfg.points.contains(&Point::Idle) {
-        match measure::idle_memory(&p.echo, cfg.idle, &pids, seed) {
-            Ok(m) => {
-                eprintln!(
-                    "  idle: {} sessions, {:.1} KiB RSS / {:.1} KiB PSS each",
-                    m.conns, m.rss_kib_per_conn, m.pss_kib_per_conn
-                );
-                run.insert("idle_rss_kib", m.rss_kib_per_conn);
-                run.insert("idle_pss_kib", m.pss_kib_per_conn);
-            }
-            Err(e) => fail("idle memory", e, &mut errors),
-        }
-        std::thread::sleep(SETTLE);
-    }
 
     let mut cpu = 0.0;
     let mut bytes = 0u64;
@@ -346,6 +406,7 @@ fn header(cfg: &Config, load: (String, String)) -> Header {
             "conns": cfg.conns,
             "connectors": cfg.connectors,
             "idle": cfg.idle,
+            "idle_sources": measure::IDLE_SOURCES,
             "vncgate_workers": cfg.workers,
             "vncgate_args": cfg.vncgate_args,
             "vncgate": cfg.vncgate,

@@ -1,13 +1,16 @@
-//! The two upstreams every proxy relays to, run in-process on 127.0.0.1:0: a bulk source
-//! (stands in for a VM sending framebuffer updates) and an echo server (for round trips).
-//! Blocking thread per connection (from a pool): up to a few thousand connections, simple
-//! and predictable.
+//! The upstreams the proxies relay to. In-process on 127.0.0.1:0: a bulk source (stands in
+//! for a VM sending framebuffer updates) and an echo server (for round trips), blocking
+//! thread per connection (from a pool): up to a few thousand connections, simple and
+//! predictable. In a child process: the fake VM of the idle point ([`FakeVm`]).
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
+use std::time::Duration;
 
 /// The bulk source writes this many bytes per `write` call.
 const PATTERN: usize = 64 * 1024;
@@ -18,14 +21,78 @@ const HANDLER_STACK: usize = 64 * 1024;
 pub struct Targets {
     pub bulk: SocketAddr,
     pub echo: SocketAddr,
+    /// The fake VM of the idle point, when a proxy should get a route to it (`idle`).
+    pub idle: Option<SocketAddr>,
 }
 
-/// Starts both servers; they run until the process exits.
+/// Starts both in-process servers; they run until the process exits.
 pub fn start() -> io::Result<Targets> {
     Ok(Targets {
         bulk: serve("bulk-source", bulk)?,
         echo: serve("echo", echo)?,
+        idle: None,
     })
+}
+
+/// The hidden flag that makes `vncgate-bench` serve a fake VM instead of benchmarking.
+pub const SERVE_FAKEVM_FLAG: &str = "--serve-fakevm";
+
+/// The idle point's upstream: vncgate-loadtest's fake VM (RFB 3.8), run by this binary
+/// re-executed with [`SERVE_FAKEVM_FLAG`]. A child process because of the open-file limit:
+/// at 10 000 idle sessions the bench holds 10 000 client sockets and the VM 10 000 upstream
+/// ones, which would not fit one process under a hard limit of 20 000. Async (one task per
+/// session), so 10 000 sessions cost it no threads. Killed when dropped.
+pub struct FakeVm {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl FakeVm {
+    /// Starts it on 127.0.0.1:<free port>; its stderr goes to `OUT/logs/fakevm.stderr.log`.
+    pub fn start(out: &Path) -> Result<FakeVm, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+        let log = out.join("logs").join("fakevm.stderr.log");
+        let stderr = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let mut child = Command::new(&exe)
+            .arg(SERVE_FAKEVM_FLAG)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot start {} {SERVE_FAKEVM_FLAG}: {e}", exe.display()))?;
+        // It prints `listening ADDR` once bound; wait for it, but not forever.
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok());
+        match addr {
+            Some(addr) => Ok(FakeVm { addr, child }),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(format!(
+                    "fake VM did not start (printed {:?}; see {})",
+                    line.trim(),
+                    log.display()
+                ))
+            }
+        }
+    }
+}
+
+impl Drop for FakeVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn serve(name: &str, handler: fn(TcpStream)) -> io::Result<SocketAddr> {

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use vncgate_loadtest::dial::{self, Tls};
 use vncgate_loadtest::fakevm::{self, Payload, UpdateArea};
-use vncgate_loadtest::swarm;
+use vncgate_loadtest::{idle, swarm};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +30,37 @@ enum Cmd {
     Fakevm(FakevmArgs),
     /// Run N simulated noVNC clients against an RFB-over-WebSocket URL and report.
     Swarm(SwarmArgs),
+    /// Open and hold N idle RFB-over-WebSocket sessions; report how many were held and
+    /// (with --pid) what they cost that process in PSS.
+    Idle(IdleArgs),
+}
+
+/// Certificate verification for wss:// URLs.
+#[derive(Args)]
+struct TlsArgs {
+    /// For wss://: trust only the certificates in this PEM file (a private CA or a
+    /// self-signed server certificate) instead of the bundled webpki roots.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    ca: Option<std::path::PathBuf>,
+    /// For wss://: do not verify the server's certificate at all. Lab use only: anyone on
+    /// the path can impersonate the server.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl TlsArgs {
+    fn tls(&self, url: &str) -> Tls {
+        match (&self.ca, self.insecure) {
+            (_, true) => {
+                if url.starts_with("wss:") {
+                    eprintln!("vncgate-loadtest: --insecure: server certificates are NOT verified");
+                }
+                Tls::Insecure
+            }
+            (Some(path), false) => Tls::CaFile(path.clone()),
+            (None, false) => Tls::WebPkiRoots,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -61,7 +93,7 @@ struct FakevmArgs {
 
 #[derive(Args)]
 struct SwarmArgs {
-    /// RFB-over-WebSocket endpoint, e.g. ws://127.0.0.1:8080/vnc/s1?token=t
+    /// RFB-over-WebSocket endpoint, e.g. ws://127.0.0.1:8080/vnc/s1?token=t (or wss://)
     #[arg(long)]
     url: String,
     /// Number of simulated clients.
@@ -88,9 +120,64 @@ struct SwarmArgs {
     /// Seconds allowed for TCP connect + WebSocket upgrade.
     #[arg(long, default_value_t = 10.0)]
     connect_timeout: f64,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Print the report as one JSON object (the last line on stdout).
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct IdleArgs {
+    /// RFB-over-WebSocket endpoint, e.g. ws://127.0.0.1:8080/vnc/s1 (or wss://)
+    #[arg(long)]
+    url: String,
+    /// Sessions to open and hold.
+    #[arg(long, default_value_t = 1000)]
+    sessions: usize,
+    /// Local addresses to connect from, round-robin: a list and/or IPv4 ranges, e.g.
+    /// 127.0.0.1-127.0.0.16 (each source has its own ephemeral ports). Default: the
+    /// kernel's choice.
+    #[arg(long, value_name = "LIST", value_parser = parse_sources)]
+    sources: Option<Sources>,
+    /// Most sessions opening at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    concurrency: u32,
+    /// Seconds per session for TCP + TLS + upgrade + RFB handshake.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
+    /// Seconds for the whole ramp; sessions not open by then count as failed.
+    #[arg(long, default_value_t = 300.0)]
+    deadline: f64,
+    /// Seconds to hold the sessions after the ramp, before sampling and closing them.
+    #[arg(long, default_value_t = 1.0)]
+    hold: f64,
+    /// Process whose PSS (/proc/PID/smaps_rollup) is read before the ramp and at the end of
+    /// the hold, e.g. the gateway's.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Stop starting sessions once this many have failed.
+    #[arg(long)]
+    max_failures: Option<usize>,
+    /// VNC password, used when the server offers VNC Authentication.
+    #[arg(long)]
+    password: Option<String>,
+    /// WebSocket subprotocol to offer (e.g. `binary`); none by default, like noVNC.
+    #[arg(long)]
+    subprotocol: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Print the report as one JSON object (the last line on stdout).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--sources`, parsed whole (clap would take a `Vec` for a repeated flag).
+#[derive(Clone)]
+struct Sources(Vec<std::net::IpAddr>);
+
+fn parse_sources(s: &str) -> Result<Sources, String> {
+    dial::parse_sources(s).map(Sources)
 }
 
 fn secs(name: &str, v: f64) -> Result<Duration, String> {
@@ -156,6 +243,7 @@ async fn main() -> ExitCode {
                 }
             };
             let cfg = swarm::Config {
+                tls: a.tls.tls(&a.url),
                 url: a.url,
                 sessions: a.sessions,
                 duration,
@@ -178,6 +266,52 @@ async fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("vncgate-loadtest: swarm: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Idle(a) => {
+            init_tracing("warn");
+            let durations = (|| {
+                Ok::<_, String>((
+                    secs("connect-timeout", a.connect_timeout)?,
+                    secs("deadline", a.deadline)?,
+                    secs("hold", a.hold)?,
+                ))
+            })();
+            let (connect_timeout, deadline, hold) = match durations {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("vncgate-loadtest: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let cfg = idle::Config {
+                tls: a.tls.tls(&a.url),
+                url: a.url,
+                sessions: a.sessions,
+                sources: a.sources.map(|s| s.0).unwrap_or_default(),
+                concurrency: a.concurrency as usize,
+                connect_timeout,
+                deadline,
+                hold,
+                pid: a.pid,
+                max_failures: a.max_failures,
+                password: a.password,
+                subprotocol: a.subprotocol,
+                progress: std::io::stderr().is_terminal(),
+            };
+            match idle::run(&cfg).await {
+                Ok(report) if a.json => {
+                    println!("{}", report.to_json_line());
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vncgate-loadtest: idle: {e}");
                     ExitCode::from(2)
                 }
             }

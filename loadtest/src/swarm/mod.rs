@@ -1,7 +1,7 @@
 //! A swarm of simulated noVNC clients speaking RFB over WebSocket.
 //!
-//! Each session: TCP connect and WebSocket upgrade (no subprotocol unless asked, like current
-//! noVNC), the RFB 3.8 handshake, then busy or idle behaviour (see [`client`]). Sessions start
+//! Each session: TCP connect (and TLS for `wss://`, see [`crate::dial`]) and WebSocket upgrade
+//! (no subprotocol unless asked, like current noVNC), the RFB 3.8 handshake, then busy or idle behaviour (see [`client`]). Sessions start
 //! spread over the ramp-up, all stop at the end of the run, and everything folds into a
 //! [`Report`]. Works against any RFB-over-WebSocket endpoint: the vncgate gateway,
 //! websockify, or a test bridge.
@@ -17,20 +17,21 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::debug;
 
+use crate::dial::{ABNORMAL, Dialer, Tls, ws_stream_error_kind as stream_error_kind};
 use client::{ClientConfig, SimClient};
 pub use report::{Report, SessionOutcome};
 
 /// Swarm settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `ws://host:port/path?query` of the RFB-over-WebSocket endpoint.
+    /// `ws://host:port/path?query` (or `wss://`) of the RFB-over-WebSocket endpoint.
     pub url: String,
     pub sessions: usize,
     /// The whole run, ramp-up included; every session stops at its end.
@@ -46,6 +47,8 @@ pub struct Config {
     pub subprotocol: Option<String>,
     /// Limit on TCP connect + WebSocket upgrade per session.
     pub connect_timeout: Duration,
+    /// How `wss://` servers are authenticated (unused for `ws://`).
+    pub tls: Tls,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
@@ -62,6 +65,7 @@ impl Default for Config {
             password: None,
             subprotocol: None,
             connect_timeout: Duration::from_secs(10),
+            tls: Tls::default(),
             progress: false,
         }
     }
@@ -105,16 +109,15 @@ pub async fn run(cfg: Config) -> Result<Report, SwarmError> {
         .as_str()
         .into_client_request()
         .map_err(|e| SwarmError::BadUrl(e.to_string()))?;
-    match request.uri().scheme_str() {
-        Some("ws") => {}
-        Some("wss") => {
-            return Err(SwarmError::BadUrl(
-                "wss:// is not supported by this build; put it behind a plain ws:// listener"
-                    .into(),
-            ));
+    let secure = match request.uri().scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        other => {
+            return Err(SwarmError::BadUrl(format!(
+                "scheme {other:?}, want ws or wss"
+            )));
         }
-        other => return Err(SwarmError::BadUrl(format!("scheme {other:?}, want ws"))),
-    }
+    };
     if let Some(p) = &cfg.subprotocol {
         HeaderValue::from_str(p)
             .map_err(|e| SwarmError::BadSetting(format!("subprotocol: {e}")))?;
@@ -132,6 +135,9 @@ pub async fn run(cfg: Config) -> Result<Report, SwarmError> {
     if !(cfg.input_rate >= 0.0 && cfg.input_rate.is_finite()) {
         return Err(SwarmError::BadSetting("input rate must be >= 0".into()));
     }
+    // disable_nagle: input events and probes are small and latency-sensitive.
+    let dialer =
+        Arc::new(Dialer::new(secure, &cfg.tls, None, true).map_err(SwarmError::BadSetting)?);
     crate::limits::raise_nofile();
 
     let cfg = Arc::new(cfg);
@@ -148,6 +154,7 @@ pub async fn run(cfg: Config) -> Result<Report, SwarmError> {
         tasks.spawn(session(
             i,
             Arc::clone(&cfg),
+            Arc::clone(&dialer),
             start + offset,
             deadline,
             Arc::clone(&counters),
@@ -209,48 +216,10 @@ fn progress_bar(cfg: &Config) -> indicatif::ProgressBar {
     bar
 }
 
-/// Close-code-style name for how a WebSocket ended without a close frame.
-const ABNORMAL: &str = "1006";
-
-fn connect_error_kind(e: &tungstenite::Error) -> String {
-    use std::io::ErrorKind;
-    match e {
-        tungstenite::Error::Io(io) => match io.kind() {
-            ErrorKind::ConnectionRefused => "connect_refused".into(),
-            ErrorKind::TimedOut => "connect_timeout".into(),
-            ErrorKind::ConnectionReset => "connect_reset".into(),
-            ErrorKind::UnexpectedEof => "connect_eof".into(),
-            ErrorKind::AddrNotAvailable => "connect_addr_not_available".into(),
-            other => format!("connect_io_{}", format!("{other:?}").to_lowercase()),
-        },
-        tungstenite::Error::Http(resp) => format!("http_{}", resp.status().as_u16()),
-        tungstenite::Error::HttpFormat(_) => "http_format".into(),
-        tungstenite::Error::Url(_) => "bad_url".into(),
-        tungstenite::Error::Tls(_) => "tls".into(),
-        tungstenite::Error::Protocol(_) => "ws_handshake".into(),
-        _ => "connect_other".into(),
-    }
-}
-
-fn stream_error_kind(e: &tungstenite::Error) -> String {
-    match e {
-        // The peer vanished without a close frame: what a browser reports as 1006.
-        tungstenite::Error::Io(_)
-        | tungstenite::Error::ConnectionClosed
-        | tungstenite::Error::AlreadyClosed
-        | tungstenite::Error::Protocol(
-            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-        ) => ABNORMAL.into(),
-        tungstenite::Error::Protocol(_) => "ws_protocol".into(),
-        tungstenite::Error::Capacity(_) => "ws_capacity".into(),
-        tungstenite::Error::Utf8(_) => "ws_utf8".into(),
-        _ => "ws_other".into(),
-    }
-}
-
 async fn session(
     index: usize,
     cfg: Arc<Config>,
+    dialer: Arc<Dialer>,
     start_at: Instant,
     deadline: Instant,
     counters: Arc<Counters>,
@@ -284,16 +253,10 @@ async fn session(
         + cfg
             .connect_timeout
             .min(deadline.saturating_duration_since(t0));
-    // disable_nagle: input events and probes are small and latency-sensitive.
-    let ws = match timeout_at(
-        limit,
-        tokio_tungstenite::connect_async_with_config(request, None, true),
-    )
-    .await
-    {
+    let ws = match timeout_at(limit, dialer.connect(request, None)).await {
         Ok(Ok((ws, _response))) => ws,
         Ok(Err(e)) => {
-            fail(&mut outcome, connect_error_kind(&e), e.to_string());
+            fail(&mut outcome, e.kind(), e.to_string());
             return outcome;
         }
         Err(_) => {

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
@@ -28,32 +28,115 @@ pub enum BridgeMode {
 
 /// A tiny WebSocket-to-TCP bridge: a test peer standing in for the gateway, so the swarm can
 /// be tested against the fake VM without the gateway crate. Records the subprotocol each
-/// client offered (and echoes `binary` back when offered).
+/// client offered (and echoes `binary` back when offered) and each client's address.
 pub struct Bridge {
     pub addr: SocketAddr,
     pub offered: Arc<Mutex<Vec<Option<String>>>>,
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    /// Whether the bridge speaks TLS (wss://).
+    pub tls: bool,
 }
 
 impl Bridge {
     pub fn url(&self) -> String {
-        format!("ws://{}/vnc/test", self.addr)
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://{}/vnc/test", self.addr)
     }
 }
 
 pub async fn bridge(mode: BridgeMode) -> Bridge {
+    serve(mode, None).await
+}
+
+/// The same bridge behind TLS, with `cert` (a self-signed certificate for 127.0.0.1 and
+/// localhost, see [`self_signed`]): a small tokio-rustls acceptor in front of tungstenite's
+/// `accept`.
+pub async fn tls_bridge(mode: BridgeMode, cert: &SelfSigned) -> Bridge {
+    serve(mode, Some(cert.acceptor())).await
+}
+
+async fn serve(mode: BridgeMode, tls: Option<tokio_rustls::TlsAcceptor>) -> Bridge {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let offered = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&offered);
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let (seen, met) = (Arc::clone(&offered), Arc::clone(&peers));
+    let secure = tls.is_some();
     tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(relay(tcp, mode, Arc::clone(&seen)));
+        while let Ok((tcp, peer)) = listener.accept().await {
+            met.lock().unwrap().push(peer);
+            let seen = Arc::clone(&seen);
+            match tls.clone() {
+                None => {
+                    tokio::spawn(relay(tcp, mode, seen));
+                }
+                Some(acceptor) => {
+                    tokio::spawn(async move {
+                        // A client that rejects our certificate aborts here.
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            relay(tls, mode, seen).await;
+                        }
+                    });
+                }
+            }
         }
     });
-    Bridge { addr, offered }
+    Bridge {
+        addr,
+        offered,
+        peers,
+        tls: secure,
+    }
 }
 
-async fn relay(tcp: TcpStream, mode: BridgeMode, seen: Arc<Mutex<Vec<Option<String>>>>) {
+/// A self-signed server certificate and its key, made fresh by rcgen.
+pub struct SelfSigned {
+    pub cert_pem: String,
+    cert_der: rustls::pki_types::CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+/// A self-signed certificate valid for 127.0.0.1 and localhost.
+pub fn self_signed() -> SelfSigned {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    SelfSigned {
+        cert_pem: cert.pem(),
+        cert_der: cert.der().clone(),
+        key_der: signing_key.serialize_der(),
+    }
+}
+
+impl SelfSigned {
+    /// Writes the certificate as PEM to a fresh file (the client's `--ca`).
+    pub fn write_pem(&self, name: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "vncgate-loadtest-{}-{name}.pem",
+            std::process::id()
+        ));
+        std::fs::write(&path, &self.cert_pem).unwrap();
+        path
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(self.key_der.clone().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![self.cert_der.clone()], key)
+        .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+async fn relay<S>(tcp: S, mode: BridgeMode, seen: Arc<Mutex<Vec<Option<String>>>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let record = Arc::clone(&seen);
     let callback = move |req: &Request, mut resp: Response| {
         let offered = req
