@@ -222,7 +222,7 @@ fn an_expiring_route_closes_its_sessions_with_4005() {
     echo_once(&mut ws, b"before");
     let (code, reason, took) = close_of(&mut ws);
     assert_eq!((code, reason.as_str()), (Some(4005), "session expired"));
-    assert!(took <= Duration::from_secs(3), "expiry took {took:?}");
+    assert!(took <= Duration::from_millis(3500), "expiry took {took:?}");
     // A browser arriving after expiry is told so by name (the key outlives expires_at).
     let mut late = RawWs::connect(gw.addr, "/vnc/brief", "");
     let (code, _, _) = close_of(&mut late);
@@ -250,10 +250,16 @@ fn the_viewer_limit_refuses_the_next_connection_with_4009() {
     first.send(&frame(0x88, &1000u16.to_be_bytes()));
     let _ = first.until_close();
     drop(first);
+    // The slot comes back once the first session has ended; until then, more refusals.
+    let mut refused = 0.0;
     let admitted = eventually(Duration::from_secs(2), || {
         let mut ws = RawWs::connect(gw.addr, "/vnc/one", "");
         ws.send(&frame(0x82, b"?"));
-        ws.next_frame().is_some_and(|f| f.opcode == 2)
+        let f = ws.next_frame();
+        refused += f
+            .as_ref()
+            .map_or(0.0, |f| f64::from(f.close_code() == Some(4009)));
+        f.is_some_and(|f| f.opcode == 2)
     });
     assert!(admitted, "the slot was not given back");
     // Routes without the field take --max-viewers (2).
@@ -268,7 +274,7 @@ fn the_viewer_limit_refuses_the_next_connection_with_4009() {
         metric(
             &gw,
             "vncgate_sessions_closed_total{code=\"4009\",cause=\"too_many_viewers\",blame=\"gateway\"}",
-        ) == 2.0
+        ) == 2.0 + refused
     });
     assert!(counted, "refusals are counted by close code");
 }
@@ -279,7 +285,18 @@ fn a_redis_outage_keeps_live_and_cached_sessions_and_heals_by_itself() {
     let echo = echo_server();
     add(&r.url(), "cached", echo.addr, &[]);
     add(&r.url(), "cold", echo.addr, &[]);
-    let gw = gateway(&r.url(), &["--workers", "1", "--route-cache-ttl", "1"]);
+    // A lookup deadline far above what "fast" means below, so a 503 that waited it out shows.
+    let gw = gateway(
+        &r.url(),
+        &[
+            "--workers",
+            "1",
+            "--route-cache-ttl",
+            "1",
+            "--redis-timeout",
+            "2",
+        ],
+    );
     let mut live = RawWs::connect(gw.addr, "/vnc/cached", "");
     echo_once(&mut live, b"before");
 

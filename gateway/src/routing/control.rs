@@ -148,12 +148,21 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("vncgate-redis".into())
         .spawn(move || {
-            rt.block_on(async move {
-                tokio::spawn(keep_connected(state.clone()));
-                tokio::spawn(follow_events(state.clone()));
-                tokio::spawn(recheck_live_sessions(state.clone()));
-                serve_lookups(state, rx).await;
-            })
+            let run = std::panic::AssertUnwindSafe(|| {
+                rt.block_on(async move {
+                    tokio::spawn(keep_connected(state.clone()));
+                    tokio::spawn(follow_events(state.clone()));
+                    tokio::spawn(recheck_live_sessions(state.clone()));
+                    serve_lookups(state, rx).await;
+                })
+            });
+            // Without this thread no revocation arrives and no route is found: a gateway
+            // that would go on half-working exits instead, loudly, for its supervisor to
+            // restart.
+            if std::panic::catch_unwind(run).is_err() {
+                tracing::error!("the redis control thread panicked; exiting");
+                std::process::exit(70);
+            }
         })
         .map_err(|e| format!("cannot start the redis control thread: {e}"))?;
     Ok(Arc::new(Control {

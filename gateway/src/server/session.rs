@@ -75,18 +75,11 @@ pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: So
             return;
         }
         Err(e) => {
-            let body =
-                handshake::error_response(503, "route lookup unavailable", "Retry-After: 1\r\n");
+            // The status line's reason and the metric label name the failure: "redis
+            // unavailable", "redis lookup timed out", "route record invalid"...
+            let body = handshake::error_response(503, e.0, "Retry-After: 1\r\n");
             tracing::warn!(session = %id, error = %e, "route lookup failed");
-            reject(
-                &stream,
-                peer,
-                Some(&id),
-                503,
-                "route lookup unavailable",
-                &body,
-            )
-            .await;
+            reject(&stream, peer, Some(&id), 503, e.0, &body).await;
             return;
         }
     };
