@@ -50,6 +50,10 @@ pub const ROUTE_RECORDS_INVALID: &str = "vncgate_route_records_invalid_total";
 pub const ROUTE_EVENTS: &str = "vncgate_route_events_total";
 
 /// Installs the global Prometheus recorder and returns the handle that renders it.
+///
+/// Histogram samples (connect times, lookup times) queue up inside the recorder until they
+/// are folded into their buckets, which a scrape does; a gateway nobody scrapes would queue
+/// them forever (about 13 bytes per session). A small thread folds them every 5 seconds.
 pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -59,12 +63,20 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(ROUTE_LOOKUP_SECONDS.into()),
-            &[
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
-            ],
+            &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0],
         )
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| format!("cannot install metrics recorder: {e}"))?;
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("vncgate-metrics".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                upkeep.run_upkeep();
+            }
+        })
+        .map_err(|e| format!("cannot start the metrics upkeep thread: {e}"))?;
     Ok(handle)
 }
