@@ -63,7 +63,9 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(ROUTE_LOOKUP_SECONDS.into()),
-            &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0],
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+            ],
         )
         .map_err(|e| e.to_string())?
         .install_recorder()
