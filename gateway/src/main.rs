@@ -74,7 +74,7 @@ fn run(cmd: &Command) -> Result<(), String> {
                 vncgate::routing::spawn(redis, settings.workers, viewers.clone(), fixed.clone())?;
             if !control.wait_connected(wait) {
                 let h = control.health();
-                tracing::warn!(error = %h.why(), "starting without redis: uncached lookups fail with 503 until it answers");
+                tracing::warn!(error = %h.why(), up = h.is_up(), "starting before redis answered and the route events subscription started: uncached lookups fail with 503 until then");
             }
             let hooks = vncgate::server::Hooks {
                 viewers,

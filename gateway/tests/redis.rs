@@ -548,3 +548,33 @@ fn route_commands_fail_clearly() {
     .expect("serve must refuse the URL");
     assert!(e.contains("TLS"), "{e}");
 }
+
+#[test]
+fn a_hung_redis_is_noticed_and_outlived() {
+    // Redis accepts connections but answers nothing (CLIENT PAUSE): the pings notice, the
+    // gateway fails uncached lookups fast and recovers when Redis answers again.
+    let r = RedisServer::start();
+    let echo = echo_server();
+    add(&r.url(), "warm", echo.addr, &[]);
+    add(&r.url(), "cold", echo.addr, &[]);
+    let gw = gateway(&r.url(), &["--workers", "1", "--redis-timeout", "0.3"]);
+    let mut live = RawWs::connect(gw.addr, "/vnc/warm", "");
+    echo_once(&mut live, b"before");
+    r.cli(&["CLIENT", "PAUSE", "5000", "ALL"]);
+    assert!(
+        eventually(Duration::from_secs(4), || gw.admin_get("/readyz").0 == 503),
+        "a hung redis went unnoticed"
+    );
+    let resp = http_exchange(gw.addr, upgrade_request("/vnc/cold", "").as_bytes());
+    assert_eq!(status_of(&resp), 503, "{resp}");
+    assert!(resp.ends_with("\r\n\r\nredis unavailable\n"), "{resp}");
+    let mut cached = RawWs::connect(gw.addr, "/vnc/warm", "");
+    echo_once(&mut cached, b"cached");
+    echo_once(&mut live, b"during");
+    assert!(
+        eventually(Duration::from_secs(15), || gw.admin_get("/readyz").0 == 200),
+        "no recovery after the pause"
+    );
+    assert_eq!(status(&gw, "cold").0, 101);
+    assert!(gw.log().contains("stopped answering PING") || gw.log().contains("subscribed"));
+}

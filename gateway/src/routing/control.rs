@@ -1,6 +1,7 @@
 //! The control-plane thread: one tokio runtime on one thread, holding the Redis connection,
 //! the event subscription and the health flag. Workers talk to it through channels only.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ pub(super) struct Request {
 pub struct Control {
     requests: mpsc::UnboundedSender<Request>,
     health: Arc<SourceHealth>,
+    subscribed: Arc<AtomicBool>,
     mailboxes: Vec<Arc<Mailbox<ToWorker>>>,
     pub(super) settings: RedisSettings,
 }
@@ -38,15 +40,17 @@ impl Control {
         self.health.is_up()
     }
 
-    /// Waits up to `within` for the first connection, so that a gateway whose Redis is
-    /// fine does not answer its first upgrades with 503. Returns whether Redis is up; a
-    /// gateway starts either way (and heals when Redis comes).
+    /// Waits up to `within` for the first connection and subscription, so that a gateway
+    /// whose Redis is fine neither answers its first upgrades with 503 nor has its first
+    /// cache entries dropped by the subscription's initial flush. Returns whether both
+    /// happened; a gateway starts either way (and heals when Redis comes).
     pub fn wait_connected(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
-        while !self.health.is_up() && Instant::now() < deadline {
+        let ready = || self.health.is_up() && self.subscribed.load(Ordering::Acquire);
+        while !ready() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        self.health.is_up()
+        ready()
     }
 
     /// Sends lookup `id` of worker `worker`; the answer arrives in that worker's mailbox.
@@ -78,6 +82,7 @@ struct State {
     /// The subscription (re)started: check live sessions now.
     recheck: Notify,
     to_workers: Vec<Arc<Mailbox<ToWorker>>>,
+    subscribed: Arc<AtomicBool>,
     viewers: Arc<Viewers>,
     fixed: StaticRoutes,
 }
@@ -126,6 +131,7 @@ pub fn spawn(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("cannot create worker mailboxes: {e}"))?;
     let health = Arc::new(SourceHealth::new("redis"));
+    let subscribed = Arc::new(AtomicBool::new(false));
     metrics::gauge!(m::REDIS_UP).set(0.0);
     let state = Arc::new(State {
         timeouts: Timeouts {
@@ -138,6 +144,7 @@ pub fn spawn(
         suspect: Notify::new(),
         recheck: Notify::new(),
         to_workers: mailboxes.clone(),
+        subscribed: subscribed.clone(),
         viewers,
         fixed,
     });
@@ -168,6 +175,7 @@ pub fn spawn(
     Ok(Arc::new(Control {
         requests,
         health,
+        subscribed,
         mailboxes,
         settings,
     }))
@@ -183,15 +191,24 @@ async fn keep_connected(s: Arc<State>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let Some(mut c) = s.conn() else {
-            match s.settings.url.connect(s.timeouts).await {
-                Ok(c) => {
+            // Up only once a command is answered: a hung Redis still accepts connections.
+            let attempt = async {
+                let mut c = s.settings.url.connect(s.timeouts).await?;
+                redis::cmd("PING").query_async::<String>(&mut c).await?;
+                Ok::<_, redis::RedisError>(c)
+            };
+            match tokio::time::timeout(s.timeouts.connect * 3, attempt).await {
+                Ok(Ok(c)) => {
                     s.set_conn(Some(c));
                     s.mark_up();
                     backoff = Duration::from_millis(100);
                 }
-                Err(e) => {
+                failed => {
                     metrics::counter!(m::REDIS_ERRORS, "op" => "connect").increment(1);
-                    s.mark_down(e.to_string());
+                    s.mark_down(match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "no answer to connect and PING in time".into(),
+                    });
                     tokio::time::sleep(backoff).await;
                     backoff = backoff_next(backoff);
                 }
@@ -305,9 +322,28 @@ async fn follow_events(s: Arc<State>) {
             "subscribed to route events; flushing route caches"
         );
         s.broadcast(ToWorker::Flush);
+        s.subscribed.store(true, Ordering::Release);
         s.recheck.notify_one();
-        let mut stream = pubsub.into_on_message();
-        while let Some(msg) = stream.next().await {
+        let (mut sink, mut stream) = pubsub.split();
+        loop {
+            // A subscriber only listens, so a connection that died without a FIN would go
+            // unnoticed: after 5 quiet seconds, a PING must come back.
+            let msg = tokio::select! {
+                m = stream.next() => m,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    let pong = tokio::time::timeout(
+                        s.timeouts.response * 2,
+                        sink.ping::<redis::Value>(),
+                    )
+                    .await;
+                    if matches!(pong, Ok(Ok(_))) {
+                        continue;
+                    }
+                    tracing::warn!("route event subscription stopped answering PING");
+                    break;
+                }
+            };
+            let Some(msg) = msg else { break };
             let event = match RouteEvent::decode(msg.get_payload_bytes()) {
                 Ok(e) => e,
                 Err(e) => {
