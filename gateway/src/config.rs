@@ -606,6 +606,38 @@ mod tests {
     }
 
     #[test]
+    fn redis_settings_from_file_and_flags() {
+        let dir = std::env::temp_dir().join(format!("vncgate-cfg-redis-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("gw.toml");
+        std::fs::write(
+            &p,
+            "redis = \"redis+cluster://127.0.0.1:7000,127.0.0.1:7001\"\nroute_cache_ttl = 0\nredis_timeout = 0.25\nmax_viewers = 3\n",
+        )
+        .unwrap();
+        let s = args(&["--config", p.to_str().unwrap(), "--route-negative-ttl", "5"])
+            .settings(vec![])
+            .unwrap();
+        let r = s.redis.expect("redis from the file");
+        assert!(matches!(
+            r.url.target,
+            vncgate_schema::url::Target::Cluster(ref n) if n.len() == 2
+        ));
+        assert_eq!(r.cache_ttl, Duration::ZERO);
+        assert_eq!(r.negative_ttl, Duration::from_secs(5));
+        assert_eq!(r.timeout, Duration::from_millis(250));
+        assert_eq!(s.limits.max_viewers, 3);
+        let e = args(&["--redis", "redis://h:1", "--redis-timeout", "0"])
+            .settings(vec![])
+            .unwrap_err();
+        assert!(e.contains("--redis-timeout"), "{e}");
+        let e = args(&["--redis", "tcp://h:1"])
+            .settings(vec![])
+            .unwrap_err();
+        assert!(e.starts_with("--redis:"), "{e}");
+    }
+
+    #[test]
     fn file_then_flags() {
         let dir = std::env::temp_dir().join(format!("vncgate-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
