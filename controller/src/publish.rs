@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use vncgate_schema::store::{self, Conn};
-use vncgate_schema::{RedisUrl, RemovalReason, RouteRecord, Timeouts, record};
+use vncgate_schema::store;
+use vncgate_schema::{RedisUrl, RemovalReason, RouteRecord, record};
 
 use crate::probe::{self, ProbeOutcome};
 
@@ -45,26 +45,19 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start a runtime: {e}"))
 }
 
-async fn connect(url: &RedisUrl) -> Result<Conn, String> {
-    url.connect(Timeouts::default())
-        .await
-        .map_err(|e| format!("cannot reach Redis at {url}: {e}"))
-}
-
 /// Probes the VM until it is ready (every 250 ms, up to `p.wait`), then writes the route.
 /// Checks everything it can before probing: a bad session id or token is an error at once.
 pub fn publish_when_ready(url: &RedisUrl, p: &Publish) -> Result<Published, String> {
     vncgate_schema::check_session_id(&p.session)?;
-    let token_sha256 = match &p.token {
-        Some(t) => {
-            record::check_token(t.as_bytes()).map_err(|e| format!("--token: {e}"))?;
-            Some(record::token_digest(t.as_bytes()))
-        }
-        None => None,
-    };
+    let token_sha256 = p
+        .token
+        .as_ref()
+        .map(|t| record::checked_token_digest(t.as_bytes()))
+        .transpose()
+        .map_err(|e| format!("--token: {e}"))?;
     let rt = runtime()?;
     // Reachable Redis first: a session should not wait out its VM's boot to learn that.
-    let mut conn = rt.block_on(connect(url))?;
+    let mut conn = rt.block_on(url.connect_for_command())?;
     let deadline = Instant::now() + p.wait;
     let upstream = loop {
         match probe::probe(&p.vnc, p.probe_timeout) {
@@ -78,7 +71,9 @@ pub fn publish_when_ready(url: &RedisUrl, p: &Publish) -> Result<Published, Stri
     let rec = RouteRecord {
         upstream,
         token_sha256,
-        expires_at: p.ttl.map(|d| now + d.as_secs().max(1)),
+        expires_at: p
+            .ttl
+            .map(|d| record::expires_after(d.max(Duration::from_secs(1)))),
         max_viewers: p.max_viewers,
         created_at: now,
         writer: Some("vncgate-controller".into()),
@@ -94,7 +89,7 @@ pub fn withdraw(url: &RedisUrl, session: &str, reason: RemovalReason) -> Result<
     vncgate_schema::check_session_id(session)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let mut c = connect(url).await?;
+        let mut c = url.connect_for_command().await?;
         store::delete_route(&mut c, session, reason)
             .await
             .map_err(|e| format!("cannot delete the route: {e}"))

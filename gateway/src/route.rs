@@ -259,9 +259,8 @@ pub fn parse_routes_file(text: &str) -> Result<Vec<(String, Route)>, String> {
                 }
                 (Some(h), None) => Some(parse_digest_hex(&h)?),
                 (None, Some(t)) => Some(
-                    Token::from_bytes(t.as_bytes())
-                        .map(|_| Token::digest_of(t.as_bytes()))
-                        .map_err(|e| format!("route '{}': {}", r.session, e.reason()))?,
+                    vncgate_schema::record::checked_token_digest(t.as_bytes())
+                        .map_err(|e| format!("route '{}': {e}", r.session))?,
                 ),
                 (None, None) => None,
             };

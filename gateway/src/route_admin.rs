@@ -2,17 +2,17 @@
 //! controller. Writes go through the shared schema ([`vncgate_schema::store`]), so gateways
 //! see them as they see the controller's: an event per write, revocation on delete.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use vncgate_schema::store::{self, Conn};
-use vncgate_schema::{RedisUrl, RemovalReason, RouteRecord, Timeouts};
+use vncgate_schema::{RedisUrl, RemovalReason, RouteRecord, record};
 
 use crate::config::{
     DelReason, RedisArg, RouteAddArgs, RouteCommand, RouteDelArgs, RouteListArgs, read_file_config,
 };
 use crate::policy::{UpstreamPolicy, parse_cidr};
 use crate::route;
-use crate::token::{Token, parse_digest_hex};
+use crate::token::parse_digest_hex;
 
 /// What a command ended with: done, or done but the thing was not there (exit status 1).
 pub enum Outcome {
@@ -49,16 +49,14 @@ pub fn run(cmd: &RouteCommand) -> Result<Outcome, String> {
 
 async fn connect(arg: &RedisArg) -> Result<Conn, String> {
     let url: RedisUrl = arg.redis.parse().map_err(|e| format!("--redis: {e}"))?;
-    url.connect(Timeouts::default())
-        .await
-        .map_err(|e| format!("cannot reach Redis at {url}: {e}"))
+    url.connect_for_command().await
 }
 
 /// Validates the flags into a record, before Redis is contacted.
 fn record_from_args(a: &RouteAddArgs) -> Result<RouteRecord, String> {
     vncgate_schema::check_session_id(&a.session).map_err(|e| format!("--session: {e}"))?;
     let upstream = route::resolve(&a.upstream).map_err(|e| format!("--upstream: {e}"))?;
-    vncgate_schema::record::check_upstream(&upstream).map_err(|e| format!("--upstream: {e}"))?;
+    record::check_upstream(&upstream).map_err(|e| format!("--upstream: {e}"))?;
     let mut cidrs = a.allow_upstream.clone();
     if let Some(p) = &a.config {
         cidrs.extend(read_file_config(p)?.allow_upstream);
@@ -81,24 +79,19 @@ fn record_from_args(a: &RouteAddArgs) -> Result<RouteRecord, String> {
     }
     let token_sha256 = match (&a.token, &a.token_sha256) {
         (Some(t), _) => {
-            Token::from_bytes(t.as_bytes()).map_err(|e| format!("--token: {}", e.reason()))?;
-            Some(Token::digest_of(t.as_bytes()))
+            Some(record::checked_token_digest(t.as_bytes()).map_err(|e| format!("--token: {e}"))?)
         }
         (None, Some(h)) => Some(parse_digest_hex(h).map_err(|e| format!("--token-sha256: {e}"))?),
         (None, None) => None,
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| "the clock is before 1970".to_string())?;
     let expires_at = match a.ttl {
         None => None,
         Some(d) if d < Duration::from_secs(1) => {
             return Err("--ttl must be at least 1 second".into());
         }
-        // Rounded up: a route never ends before the time asked for.
-        Some(d) => Some((now + d).as_secs_f64().ceil() as u64),
+        Some(d) => Some(record::expires_after(d)),
     };
-    let now = now.as_secs();
+    let now = vncgate_schema::unix_now();
     Ok(RouteRecord {
         upstream,
         token_sha256,

@@ -78,6 +78,21 @@ pub fn token_digest(raw: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(raw).into()
 }
 
+/// The digest to store for a token a writer was given, once the token is checked.
+pub fn checked_token_digest(raw: &[u8]) -> Result<[u8; 32], &'static str> {
+    check_token(raw)?;
+    Ok(token_digest(raw))
+}
+
+/// `expires_at` for a route that lives `ttl` from now, rounded up to the next second: a
+/// route never ends before the time asked for.
+pub fn expires_after(ttl: std::time::Duration) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (now + ttl).as_secs_f64().ceil() as u64
+}
+
 /// Checks an upstream address a record may carry: a concrete unicast address and a port.
 pub fn check_upstream(addr: &SocketAddr) -> Result<(), String> {
     let ip = addr.ip();

@@ -148,6 +148,14 @@ impl RedisUrl {
         }
     }
 
+    /// Opens a connection for a one-shot command (the `route` commands, the controller),
+    /// with an error that names the Redis it could not reach (password redacted).
+    pub async fn connect_for_command(&self) -> Result<Conn, String> {
+        self.connect(Timeouts::default())
+            .await
+            .map_err(|e| format!("cannot reach Redis at {self}: {e}"))
+    }
+
     /// Opens a subscriber connection. In a Cluster any node will do: `PUBLISH` reaches
     /// the subscribers of every node; the nodes are tried in turn.
     pub async fn pubsub(&self, t: Timeouts) -> RedisResult<PubSub> {
