@@ -435,6 +435,21 @@ pub fn tls_error_kind(e: &io::Error) -> &'static str {
 /// Close-code-style name for how a WebSocket ended without a close frame.
 pub const ABNORMAL: &str = "1006";
 
+/// A close from the server as a failure: the close code is the error kind (1005 when the
+/// frame had none, RFC 6455 7.4.1), the detail says "closed by server{when}: CODE REASON".
+pub fn closed_by_server(
+    frame: Option<tungstenite::protocol::CloseFrame>,
+    when: &str,
+) -> (String, String) {
+    let (code, reason) = frame.map_or((1005, String::new()), |f| {
+        (u16::from(f.code), f.reason.to_string())
+    });
+    (
+        code.to_string(),
+        format!("closed by server{when}: {code} {reason}"),
+    )
+}
+
 /// Name of an error on an open WebSocket.
 pub fn ws_stream_error_kind(e: &tungstenite::Error) -> String {
     match e {

@@ -39,7 +39,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tracing::debug;
 
-use crate::dial::{ABNORMAL, Dialer, Tls, Ws, ws_stream_error_kind};
+use crate::dial::{ABNORMAL, Dialer, Tls, Ws, closed_by_server, ws_stream_error_kind};
 use crate::rfb::ClientHandshake;
 
 /// Settings of an idle run.
@@ -461,12 +461,7 @@ async fn session(mut ctx: SessionCtx, permit: tokio::sync::OwnedSemaphorePermit)
             }
             msg = ws.next() => match msg {
                 // Pings are answered by tungstenite; anything else an idle client ignores.
-                Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) = frame.map_or((1005, String::new()), |f| {
-                        (u16::from(f.code), f.reason.to_string())
-                    });
-                    break (code.to_string(), format!("closed by server while held: {code} {reason}"));
-                }
+                Some(Ok(Message::Close(frame))) => break closed_by_server(frame, " while held"),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => break (ws_stream_error_kind(&e), format!("lost while held: {e}")),
                 None => break (ABNORMAL.into(), "stream ended while held, without a close frame".into()),
@@ -534,13 +529,7 @@ async fn open_one(
                 return Err(("ws_text_frame".into(), "server sent a text frame".into()));
             }
             Some(Ok(Message::Close(frame))) => {
-                let (code, reason) = frame.map_or((1005, String::new()), |f| {
-                    (u16::from(f.code), f.reason.to_string())
-                });
-                return Err((
-                    code.to_string(),
-                    format!("closed by server during the RFB handshake: {code} {reason}"),
-                ));
+                return Err(closed_by_server(frame, " during the RFB handshake"));
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err((ws_stream_error_kind(&e), e.to_string())),

@@ -184,6 +184,18 @@ fn secs(name: &str, v: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(v).map_err(|_| format!("--{name} must be a non-negative number"))
 }
 
+/// Parses several `--NAME SECS` flags; the first bad one is reported (exit status 2).
+fn all_secs<const N: usize>(flags: [(&str, f64); N]) -> Result<[Duration; N], ExitCode> {
+    let mut out = [Duration::ZERO; N];
+    for (slot, (name, v)) in out.iter_mut().zip(flags) {
+        *slot = secs(name, v).map_err(|e| {
+            eprintln!("vncgate-loadtest: {e}");
+            ExitCode::from(2)
+        })?;
+    }
+    Ok(out)
+}
+
 fn init_tracing(default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
@@ -228,19 +240,13 @@ async fn main() -> ExitCode {
         }
         Cmd::Swarm(a) => {
             init_tracing("warn");
-            let durations = (|| {
-                Ok::<_, String>((
-                    secs("duration", a.duration)?,
-                    secs("ramp-up", a.ramp_up)?,
-                    secs("connect-timeout", a.connect_timeout)?,
-                ))
-            })();
-            let (duration, ramp_up, connect_timeout) = match durations {
+            let [duration, ramp_up, connect_timeout] = match all_secs([
+                ("duration", a.duration),
+                ("ramp-up", a.ramp_up),
+                ("connect-timeout", a.connect_timeout),
+            ]) {
                 Ok(d) => d,
-                Err(e) => {
-                    eprintln!("vncgate-loadtest: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             let cfg = swarm::Config {
                 tls: a.tls.tls(&a.url),
@@ -272,19 +278,13 @@ async fn main() -> ExitCode {
         }
         Cmd::Idle(a) => {
             init_tracing("warn");
-            let durations = (|| {
-                Ok::<_, String>((
-                    secs("connect-timeout", a.connect_timeout)?,
-                    secs("deadline", a.deadline)?,
-                    secs("hold", a.hold)?,
-                ))
-            })();
-            let (connect_timeout, deadline, hold) = match durations {
+            let [connect_timeout, deadline, hold] = match all_secs([
+                ("connect-timeout", a.connect_timeout),
+                ("deadline", a.deadline),
+                ("hold", a.hold),
+            ]) {
                 Ok(d) => d,
-                Err(e) => {
-                    eprintln!("vncgate-loadtest: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             let cfg = idle::Config {
                 tls: a.tls.tls(&a.url),

@@ -24,7 +24,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::debug;
 
-use crate::dial::{ABNORMAL, Dialer, Tls, ws_stream_error_kind as stream_error_kind};
+use crate::dial::{
+    ABNORMAL, Dialer, Tls, closed_by_server, ws_stream_error_kind as stream_error_kind,
+};
 use client::{ClientConfig, SimClient};
 pub use report::{Report, SessionOutcome};
 
@@ -323,16 +325,7 @@ async fn session(
             Some(Ok(Message::Text(_))) => {
                 break Err(("ws_text_frame".into(), "server sent a text frame".into()));
             }
-            Some(Ok(Message::Close(frame))) => {
-                // 1005: closed without a status code (RFC 6455 7.4.1).
-                let (code, reason) = frame.map_or((1005, String::new()), |f| {
-                    (u16::from(f.code), f.reason.to_string())
-                });
-                break Err((
-                    code.to_string(),
-                    format!("closed by server: {code} {reason}"),
-                ));
-            }
+            Some(Ok(Message::Close(frame))) => break Err(closed_by_server(frame, "")),
             // Ping/pong: tungstenite answers pings itself.
             Some(Ok(_)) => {}
             Some(Err(e)) => break Err((stream_error_kind(&e), e.to_string())),
