@@ -17,6 +17,7 @@
 //! - `sys`: the only `unsafe` (rlimit, clock ticks, kill).
 #![deny(unsafe_code)]
 
+pub mod cli;
 pub mod conn;
 pub mod measure;
 pub mod plot;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use vncgate_bench::cli::RunArgs;
 use vncgate_bench::plot;
 use vncgate_bench::point::Point;
 use vncgate_bench::proxy::Kind;
@@ -19,21 +20,8 @@ use vncgate_bench::runner::{self, Config};
 // relies on it); repeatable flags (`--vncgate-arg`) still collect every value.
 #[command(name = "vncgate-bench", version, args_override_self = true)]
 struct Args {
-    /// Path of the vncgate binary.
-    #[arg(long, default_value = "target/release/vncgate")]
-    vncgate: PathBuf,
-    /// Worker threads for vncgate (`--workers`) [default: one per core].
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Extra argument for `vncgate serve` (repeatable), e.g. `--vncgate-arg=--io-driver=epoll`.
-    #[arg(long = "vncgate-arg", value_name = "ARG", allow_hyphen_values = true)]
-    vncgate_args: Vec<String>,
-    /// Repetitions, interleaved across proxies; the table shows medians.
-    #[arg(long, default_value_t = 3)]
-    reps: usize,
-    /// Seconds per timed point (throughput, round trips, upgrades).
-    #[arg(long, default_value_t = 3.0)]
-    secs: f64,
+    #[command(flatten)]
+    run: RunArgs,
     /// Idle sessions held for the memory figures: one count or a comma-separated list
     /// (`1000,10000`), each measured on a fresh proxy process (0 skips it).
     #[arg(long, value_delimiter = ',', default_value = "1000")]
@@ -41,9 +29,6 @@ struct Args {
     /// Connections for the many-connection throughput and round-trip points.
     #[arg(long, default_value_t = 50)]
     conns: usize,
-    /// Concurrent connector threads for the upgrade rate.
-    #[arg(long, default_value_t = 4)]
-    connectors: usize,
     /// Comma-separated subset of direct,vncgate,websocat,websockify.
     #[arg(
         long,
@@ -60,9 +45,6 @@ struct Args {
     /// gives X.svg and X-memory.svg beside it. Other flags are ignored.
     #[arg(long, value_name = "JSON")]
     plot_only: Option<PathBuf>,
-    /// Output folder for results.md, results.json, the charts and the proxies' logs.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/out"))]
-    out: PathBuf,
     /// Internal: serve a fake VM on 127.0.0.1:<free port> until killed (the idle point's
     /// upstream, run as a child process of the bench).
     #[arg(long = "serve-fakevm", hide = true)]
@@ -146,29 +128,23 @@ fn main() -> ExitCode {
             }
         }
     }
-    if a.reps == 0
-        || a.secs.is_nan()
-        || !(0.1..=600.0).contains(&a.secs)
-        || a.conns == 0
-        || a.connectors == 0
-    {
+    if !a.run.in_range() || a.conns == 0 {
         eprintln!("--reps, --conns and --connectors must be at least 1, --secs within 0.1..600");
         return ExitCode::from(2);
     }
+    let workers = a.run.workers();
     let cfg = Config {
-        vncgate: a.vncgate,
-        workers: a
-            .workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        vncgate_args: a.vncgate_args,
-        reps: a.reps,
-        secs: a.secs,
+        vncgate: a.run.vncgate,
+        workers,
+        vncgate_args: a.run.vncgate_args,
+        reps: a.run.reps,
+        secs: a.run.secs,
         idle,
         conns: a.conns,
-        connectors: a.connectors,
+        connectors: a.run.connectors,
         only,
         points,
-        out: a.out,
+        out: a.run.out,
     };
     match runner::run(&cfg) {
         Ok(()) => ExitCode::SUCCESS,
@@ -198,9 +174,9 @@ mod tests {
             "--x",
         ])
         .unwrap();
-        assert_eq!(a.reps, 3);
+        assert_eq!(a.run.reps, 3);
         assert_eq!(a.points, ["tput", "upgrades"]);
-        assert_eq!(a.vncgate_args, ["--io-driver=epoll", "--x"]);
+        assert_eq!(a.run.vncgate_args, ["--io-driver=epoll", "--x"]);
         assert_eq!(
             Point::parse_list(&a.points).unwrap(),
             [Point::Tput, Point::Upgrades]

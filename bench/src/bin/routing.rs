@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use vncgate_bench::cli::RunArgs;
 use vncgate_bench::routing::{self, Config, Routing};
 
 /// Upgrades per second through vncgate by route source: a static routes file, Redis with a
@@ -15,30 +16,14 @@ use vncgate_bench::routing::{self, Config, Routing};
 #[derive(Parser, Debug)]
 #[command(name = "vncgate-bench-routing", version, args_override_self = true)]
 struct Args {
-    /// Path of the vncgate binary.
-    #[arg(long, default_value = "target/release/vncgate")]
-    vncgate: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
     /// redis-server to start [default: the one on PATH, else /usr/bin/redis-server].
     #[arg(long, value_name = "PATH")]
     redis_server: Option<PathBuf>,
-    /// Worker threads for vncgate (`--workers`) [default: one per core].
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Extra argument for `vncgate serve` (repeatable), e.g. `--vncgate-arg=--io-driver=epoll`.
-    #[arg(long = "vncgate-arg", value_name = "ARG", allow_hyphen_values = true)]
-    vncgate_args: Vec<String>,
-    /// Repetitions, in rotating order; the table shows medians.
-    #[arg(long, default_value_t = 3)]
-    reps: usize,
-    /// Seconds per timed point.
-    #[arg(long, default_value_t = 3.0)]
-    secs: f64,
     /// Session ids routed; each connection asks for one at random.
     #[arg(long, default_value_t = 64)]
     ids: usize,
-    /// Concurrent connector threads.
-    #[arg(long, default_value_t = 4)]
-    connectors: usize,
     /// Send one 16 B echo per session before closing (counts sessions that reached the
     /// upstream, not just handshakes).
     #[arg(long)]
@@ -50,9 +35,6 @@ struct Args {
         default_value = "static,redis-warm,redis-cold"
     )]
     only: Vec<String>,
-    /// Output folder for routing.md, routing.json, routing.svg and the logs.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/out"))]
-    out: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -73,32 +55,25 @@ fn main() -> ExitCode {
         .into_iter()
         .filter(|r| only.contains(r))
         .collect();
-    if a.reps == 0
-        || a.secs.is_nan()
-        || !(0.1..=600.0).contains(&a.secs)
-        || a.connectors == 0
-        || !(1..=10_000).contains(&a.ids)
-        || only.is_empty()
-    {
+    if !a.run.in_range() || !(1..=10_000).contains(&a.ids) || only.is_empty() {
         eprintln!(
             "--reps and --connectors must be at least 1, --secs within 0.1..600, --ids within 1..10000, --only not empty"
         );
         return ExitCode::from(2);
     }
+    let workers = a.run.workers();
     let cfg = Config {
-        vncgate: a.vncgate,
+        vncgate: a.run.vncgate,
         redis_server: a.redis_server,
-        workers: a
-            .workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        vncgate_args: a.vncgate_args,
-        reps: a.reps,
-        secs: a.secs,
+        workers,
+        vncgate_args: a.run.vncgate_args,
+        reps: a.run.reps,
+        secs: a.run.secs,
         ids: a.ids,
-        connectors: a.connectors,
+        connectors: a.run.connectors,
         with_echo: a.with_echo,
         only,
-        out: a.out,
+        out: a.run.out,
     };
     match routing::run(&cfg) {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,11 +91,14 @@ mod tests {
     #[test]
     fn defaults_and_overrides() {
         let a = Args::try_parse_from(["x"]).unwrap();
-        assert_eq!((a.reps, a.secs, a.ids, a.connectors), (3, 3.0, 64, 4));
+        assert_eq!(
+            (a.run.reps, a.run.secs, a.ids, a.run.connectors),
+            (3, 3.0, 64, 4)
+        );
         assert_eq!(a.only, ["static", "redis-warm", "redis-cold"]);
         let a =
             Args::try_parse_from(["x", "--reps", "1", "--only", "static", "--reps", "2"]).unwrap();
-        assert_eq!(a.reps, 2);
+        assert_eq!(a.run.reps, 2);
         assert_eq!(a.only, ["static"]);
     }
 }
