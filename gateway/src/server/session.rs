@@ -128,7 +128,8 @@ pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: So
             .map(|left| Instant::now() + left),
     );
     let viewer_limit = route.max_viewers.unwrap_or(w.limits.max_viewers);
-    let mut _viewer = None;
+    // Held until the session is unregistered: the slot counts against the viewer limit.
+    let mut viewer = None;
     let (end, to_browser, to_vm) = if ctl.expires.get().is_some_and(|t| t <= Instant::now()) {
         close_before_relay(&stream, close::SESSION_EXPIRED).await
     } else if !w.policy.allows(&route.upstream) {
@@ -137,7 +138,7 @@ pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: So
         tracing::error!(session = %id, upstream = %route.upstream, "route upstream outside --allow-upstream; refusing to dial");
         close_before_relay(&stream, close::UPSTREAM_FORBIDDEN).await
     } else if let Some(slot) = w.viewers().try_join(&id, viewer_limit) {
-        _viewer = Some(slot);
+        viewer = Some(slot);
         let dial = monoio::select! {
             r = connect_upstream(&w, route.upstream, &id) => r,
             c = ctl.kill.wait() => Err(c),
@@ -156,7 +157,7 @@ pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: So
         close_before_relay(&stream, close::TOO_MANY_VIEWERS).await
     };
     w.unregister(&ctl);
-    drop(_viewer);
+    drop(viewer);
     let (code, cause, blame) = match end {
         End::Cause(c) => (c.code, c.name, c.blame),
         End::ClientClose(code) => (code.unwrap_or(1005), "browser_close", Blame::Browser),
