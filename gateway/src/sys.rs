@@ -145,8 +145,19 @@ pub fn tcp_from_raw_fd(fd: RawFd) -> std::net::TcpStream {
     unsafe { std::net::TcpStream::from_raw_fd(fd) }
 }
 
+/// A second descriptor for an open TCP socket (`F_DUPFD_CLOEXEC`).
+pub fn dup_tcp(fd: RawFd) -> io::Result<std::net::TcpStream> {
+    // SAFETY: fcntl on a descriptor the caller keeps open; no memory is passed.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(tcp_from_raw_fd(new))
+}
+
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit. A
-/// gateway holds two descriptors per session.
+/// gateway holds four descriptors per relayed session (each socket, and its second handle
+/// for send ops).
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -411,6 +411,98 @@ fn stalled_browser_does_not_grow_gateway_memory(driver: &str) {
     stop.store(true, Ordering::SeqCst);
 }
 
+/// The session's end comes (here the duration cap) while the gateway is blocked writing a
+/// frame to a browser that stopped reading: the frame is finished when the browser reads
+/// again, and the close frame follows it, for both the copy path (small VM writes) and the
+/// splice path (bulk).
+fn a_session_ending_mid_frame_finishes_the_frame_then_closes(driver: &str) {
+    for (chunk, pause) in [(900, Duration::from_micros(20)), (65536, Duration::ZERO)] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (vm, written) = pattern_source(chunk, pause, stop.clone());
+        let gw = Gw::start(
+            driver,
+            &[
+                "--route",
+                &format!("p={vm}"),
+                "--allow-upstream",
+                "127.0.0.1",
+                "--max-session-duration",
+                "1.5",
+            ],
+        );
+        let mut ws = RawWs::connect(gw.addr, "/vnc/p", "");
+        let first = ws.read_data(50_000);
+        // Stall past the cap: the socket buffers fill and the gateway blocks mid-frame.
+        thread::sleep(Duration::from_millis(2500));
+        let (rest, close) = ws.until_close();
+        let all: Vec<u8> = first.into_iter().chain(rest).collect();
+        assert!(
+            all.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8),
+            "chunk {chunk}: every frame whole and in order ({} bytes)",
+            all.len()
+        );
+        let close = close.expect("a close frame after the data");
+        assert_eq!(close.close_code(), Some(4011), "chunk {chunk}");
+        assert!(
+            all.len() as u64 <= written.load(Ordering::SeqCst),
+            "no more than the VM wrote"
+        );
+        stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The session ends while the browser has stopped reading mid-frame, and it does not read
+/// again within the keepalive timeout: the gateway stops waiting for it (sending the close
+/// frame only if the rest of the frame and the close still fit in the socket), and
+/// releases the VM connection. What the browser finds when it reads again is a prefix of
+/// the VM's stream, and a close frame only after whole frames.
+fn a_browser_stalled_past_the_keepalive_timeout_is_let_go(driver: &str) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (vm, _) = bulk_source(stop.clone());
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("b={vm}"),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--workers",
+            "1",
+            "--max-session-duration",
+            "1",
+            "--keepalive-timeout",
+            "0.5",
+        ],
+    );
+    let idle_fds = gw.fd_count();
+    let mut ws = RawWs::connect(gw.addr, "/vnc/b", "");
+    let first = ws.read_data(50_000);
+    assert!(
+        gw.wait_log("cause=\"max_duration\"", Duration::from_secs(5)),
+        "the session ends although its browser reads nothing: {}",
+        gw.log()
+    );
+    // Its descriptors go (the browser's, the VM's and their send handles); what stays
+    // beyond the idle count is one pipe, back in the worker's pool.
+    assert!(
+        eventually(Duration::from_secs(5), || gw.fd_count() <= idle_fds + 2),
+        "the session's descriptors are released: {} open, {idle_fds} before it",
+        gw.fd_count()
+    );
+    let (rest, close) = ws.until_close();
+    let all: Vec<u8> = first.into_iter().chain(rest).collect();
+    assert!(
+        all.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8),
+        "a prefix of the VM's stream"
+    );
+    let sent = gw.log().contains("close_sent=true");
+    assert_eq!(
+        close.as_ref().and_then(|c| c.close_code()),
+        sent.then_some(4011)
+    );
+    stop.store(true, Ordering::SeqCst);
+}
+
 fn idle_timeout_and_duration_cap(driver: &str) {
     let (vm, _) = silent_server();
     let gw = Gw::start(
@@ -566,6 +658,8 @@ driver_tests!(
     fragmentation_ping_pong_and_close_echo,
     browser_vanishing_releases_upstream,
     stalled_browser_does_not_grow_gateway_memory,
+    a_session_ending_mid_frame_finishes_the_frame_then_closes,
+    a_browser_stalled_past_the_keepalive_timeout_is_let_go,
     idle_timeout_and_duration_cap,
     keepalive_without_pong_closes_4008,
     drain_closes_sessions_with_1001,

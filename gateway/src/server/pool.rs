@@ -99,10 +99,29 @@ impl BufPool {
             .unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice())
     }
 
+    /// Takes a buffer back; one of another size (not lent from here) is dropped.
     pub fn give(&self, buf: Box<[u8]>) {
         let mut idle = self.idle.borrow_mut();
-        if idle.len() < self.max_idle {
+        if buf.len() == self.size && idle.len() < self.max_idle {
             idle.push(buf);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_up_to_the_cap_and_only_their_own_size() {
+        let pool = BufPool::new(16, 2);
+        let (a, b, c) = (pool.lend(), pool.lend(), pool.lend());
+        assert_eq!(a.len(), 16);
+        pool.give(vec![0u8; 4].into_boxed_slice());
+        assert_eq!(pool.idle.borrow().len(), 0, "a foreign size is dropped");
+        pool.give(a);
+        pool.give(b);
+        pool.give(c);
+        assert_eq!(pool.idle.borrow().len(), 2, "kept up to max_idle");
     }
 }

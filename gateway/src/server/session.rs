@@ -130,7 +130,11 @@ pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: So
     let viewer_limit = route.max_viewers.unwrap_or(w.limits.max_viewers);
     // Held until the session is unregistered: the slot counts against the viewer limit.
     let mut viewer = None;
-    let (end, to_browser, to_vm) = if ctl.expires.get().is_some_and(|t| t <= Instant::now()) {
+    let (end, to_browser, to_vm, close_sent) = if ctl
+        .expires
+        .get()
+        .is_some_and(|t| t <= Instant::now())
+    {
         close_before_relay(&stream, close::SESSION_EXPIRED).await
     } else if !w.policy.allows(&route.upstream) {
         // A route pointing outside the allowed networks is a poisoned or mistaken route:
@@ -146,10 +150,10 @@ pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: So
         match dial {
             Err(cause) => close_before_relay(&stream, cause).await,
             Ok(upstream) => {
-                let relay = Relay::new(&w, &stream, &upstream);
-                let end = relay.run(&ctl.kill, &ctl.expires, &early).await;
-                relay.finish(end).await;
-                (end, relay.to_browser.get(), relay.to_vm.get())
+                let relay = Relay::new(&w, &id, &stream, &upstream);
+                let (end, deadline) = relay.run(&ctl.kill, &ctl.expires, &early).await;
+                let close_sent = relay.finish(end, deadline).await;
+                (end, relay.to_browser.get(), relay.to_vm.get(), close_sent)
             }
         }
     } else {
@@ -180,6 +184,7 @@ pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: So
         secs = started.elapsed().as_secs_f64(),
         to_browser,
         to_vm,
+        close_sent,
         "session closed"
     );
 }
@@ -237,12 +242,13 @@ async fn reject(
 }
 
 /// Closes an upgraded connection that never reached the relay.
-async fn close_before_relay(stream: &TcpStream, cause: CloseCause) -> (End, u64, u64) {
+async fn close_before_relay(stream: &TcpStream, cause: CloseCause) -> (End, u64, u64, bool) {
     let frame = ControlFrame::close(Some(cause.code), cause.reason);
-    if write_all(stream, frame.as_bytes()).await.is_ok() {
+    let sent = write_all(stream, frame.as_bytes()).await.is_ok();
+    if sent {
         linger_close(stream, Duration::from_secs(2)).await;
     }
-    (End::Cause(cause), 0, 0)
+    (End::Cause(cause), 0, 0, sent)
 }
 
 /// Dials the VM, retrying refusals and timeouts with backoff inside the retry window (a VM

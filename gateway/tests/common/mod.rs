@@ -251,6 +251,16 @@ pub fn silent_server() -> (SocketAddr, Arc<AtomicU64>) {
 /// An upstream that writes a counting byte pattern (byte i = i mod 251) as fast as the
 /// connection takes it; `written` counts bytes accepted by the kernel.
 pub fn bulk_source(stop: Arc<AtomicBool>) -> (SocketAddr, Arc<AtomicU64>) {
+    pattern_source(65536, Duration::ZERO, stop)
+}
+
+/// [`bulk_source`] in writes of at most `chunk` bytes, `pause` apart: small writes keep
+/// the gateway's reads small (its copy path), big ones make it splice.
+pub fn pattern_source(
+    chunk: usize,
+    pause: Duration,
+    stop: Arc<AtomicBool>,
+) -> (SocketAddr, Arc<AtomicU64>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let written = Arc::new(AtomicU64::new(0));
@@ -262,9 +272,10 @@ pub fn bulk_source(stop: Arc<AtomicBool>) -> (SocketAddr, Arc<AtomicU64>) {
             let stop = stop.clone();
             thread::spawn(move || {
                 let mut pos: u64 = 0;
-                let mut buf = vec![0u8; 65536];
+                let mut buf = vec![0u8; chunk];
                 s.set_write_timeout(Some(Duration::from_millis(200)))
                     .unwrap();
+                s.set_nodelay(true).unwrap();
                 while !stop.load(Ordering::SeqCst) {
                     for (i, b) in buf.iter_mut().enumerate() {
                         *b = ((pos + i as u64) % 251) as u8;
@@ -273,6 +284,9 @@ pub fn bulk_source(stop: Arc<AtomicBool>) -> (SocketAddr, Arc<AtomicU64>) {
                         Ok(n) => {
                             pos += n as u64;
                             written.store(pos, Ordering::SeqCst);
+                            if !pause.is_zero() {
+                                thread::sleep(pause);
+                            }
                         }
                         Err(e)
                             if e.kind() == std::io::ErrorKind::WouldBlock
