@@ -156,8 +156,8 @@ pub fn dup_tcp(fd: RawFd) -> io::Result<std::net::TcpStream> {
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit. A
-/// gateway holds four descriptors per relayed session (each socket, and its second handle
-/// for send ops).
+/// gateway holds two descriptors per idle session, four while it sends (each socket, and
+/// its second handle for send ops).
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

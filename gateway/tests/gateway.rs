@@ -474,7 +474,15 @@ fn a_browser_stalled_past_the_keepalive_timeout_is_let_go(driver: &str) {
             "0.5",
         ],
     );
-    let idle_fds = gw.fd_count();
+    let sockets = || {
+        std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy().starts_with("socket:"))
+            .count()
+    };
+    gw.settled_fd_count();
+    let idle_sockets = sockets();
     let mut ws = RawWs::connect(gw.addr, "/vnc/b", "");
     let first = ws.read_data(50_000);
     assert!(
@@ -482,12 +490,11 @@ fn a_browser_stalled_past_the_keepalive_timeout_is_let_go(driver: &str) {
         "the session ends although its browser reads nothing: {}",
         gw.log()
     );
-    // Its descriptors go (the browser's, the VM's and their send handles); what stays
-    // beyond the idle count is one pipe, back in the worker's pool.
+    // Its sockets go: the browser's, the VM's and their send descriptors.
     assert!(
-        eventually(Duration::from_secs(5), || gw.fd_count() <= idle_fds + 2),
-        "the session's descriptors are released: {} open, {idle_fds} before it",
-        gw.fd_count()
+        eventually(Duration::from_secs(5), || sockets() == idle_sockets),
+        "the session's sockets are released: {} open, {idle_sockets} before it",
+        sockets()
     );
     let (rest, close) = ws.until_close();
     let all: Vec<u8> = first.into_iter().chain(rest).collect();
@@ -501,6 +508,44 @@ fn a_browser_stalled_past_the_keepalive_timeout_is_let_go(driver: &str) {
         sent.then_some(4011)
     );
     stop.store(true, Ordering::SeqCst);
+}
+
+/// A relayed session holds its two sockets, plus a second descriptor of each while it sends
+/// (the send ops'); ten quiet seconds close those again, and the next message reopens them.
+fn send_descriptors_follow_activity(driver: &str) {
+    let echo = echo_server();
+    let gw = Gw::start(
+        driver,
+        &[
+            "--route",
+            &format!("e={}", echo.addr),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--workers",
+            "1",
+        ],
+    );
+    let base = gw.settled_fd_count();
+    let mut ws = RawWs::connect(gw.addr, "/vnc/e", "");
+    ws.send(&frame(0x82, b"ping-1"));
+    assert_eq!(ws.read_data(6), b"ping-1");
+    assert_eq!(
+        gw.fd_count(),
+        base + 4,
+        "both sockets and their send descriptors"
+    );
+    assert!(
+        eventually(Duration::from_secs(13), || gw.fd_count() == base + 2),
+        "quiet: the send descriptors close ({} open, {base} before the session)",
+        gw.fd_count()
+    );
+    ws.send(&frame(0x82, b"ping-2"));
+    assert_eq!(
+        ws.read_data(6),
+        b"ping-2",
+        "and reopen for the next message"
+    );
+    assert_eq!(gw.fd_count(), base + 4);
 }
 
 fn idle_timeout_and_duration_cap(driver: &str) {
@@ -660,6 +705,7 @@ driver_tests!(
     stalled_browser_does_not_grow_gateway_memory,
     a_session_ending_mid_frame_finishes_the_frame_then_closes,
     a_browser_stalled_past_the_keepalive_timeout_is_let_go,
+    send_descriptors_follow_activity,
     idle_timeout_and_duration_cap,
     keepalive_without_pong_closes_4008,
     drain_closes_sessions_with_1001,

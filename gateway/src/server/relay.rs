@@ -42,7 +42,7 @@ use monoio::buf::IoBuf;
 use monoio::io::AsyncWriteRent;
 use monoio::net::TcpStream;
 
-use super::signal::{Signal, WriteGate, yield_now};
+use super::signal::{Nudge, Signal, WriteGate, yield_now};
 use super::worker::Worker;
 use crate::close::{self, CloseCause};
 use crate::route::RouteSource;
@@ -112,11 +112,18 @@ pub struct Relay<'a, S: RouteSource> {
     ufd: RawFd,
     gate: WriteGate,
     /// Second descriptors of the two sockets, for the runtime's send ops (see the module
-    /// documentation), opened on first use. Taken for the length of one send; a send
-    /// dropped in flight takes its descriptor along, which only happens when the session
-    /// is ending.
+    /// documentation), opened on first use and closed again after [`SEND_HANDLE_IDLE`]
+    /// without traffic, so an idle session holds two descriptors, a busy one four. Taken
+    /// for the length of one send; a send dropped in flight takes its descriptor along,
+    /// which only happens when the session is ending.
     tx_client: Cell<Option<TcpStream>>,
     tx_upstream: Cell<Option<TcpStream>>,
+    /// Send descriptors opened and not yet closed (in their slot or in an op), and when
+    /// the timers last closed the idle ones.
+    tx_open: Cell<u8>,
+    tx_swept: Cell<Instant>,
+    /// Tells the timers that a send descriptor opened (a new deadline to sleep to).
+    timers_nudge: Nudge,
     out: RefCell<Outbound>,
     parser: RefCell<FrameParser>,
     last_activity: Cell<Instant>,
@@ -174,6 +181,9 @@ const RELAY_BUDGET: usize = 512 << 10;
 /// keeping.
 const SMALL_SEND: usize = 2048;
 
+/// A session's send descriptors are closed after this long without traffic.
+const SEND_HANDLE_IDLE: Duration = Duration::from_secs(10);
+
 fn is_would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
@@ -202,6 +212,9 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             gate: WriteGate::default(),
             tx_client: Cell::new(None),
             tx_upstream: Cell::new(None),
+            tx_open: Cell::new(0),
+            tx_swept: Cell::new(Instant::now()),
+            timers_nudge: Nudge::default(),
             out: RefCell::new(Outbound::default()),
             parser: RefCell::new(FrameParser::new(w.limits.max_message)),
             last_activity: Cell::new(Instant::now()),
@@ -209,6 +222,17 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             to_browser: Cell::new(0),
             to_vm: Cell::new(0),
         }
+    }
+
+    /// Closes the send descriptors in their slots; one inside an op in flight stays open
+    /// and is looked at again at the next sweep.
+    fn close_idle_send_handles(&self, now: Instant) {
+        for slot in [&self.tx_client, &self.tx_upstream] {
+            if slot.take().is_some() {
+                self.tx_open.set(self.tx_open.get() - 1);
+            }
+        }
+        self.tx_swept.set(now);
     }
 
     /// `buf[off..end]` in a buffer of its own when it is small ([`SMALL_SEND`]), giving the
@@ -237,8 +261,13 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             Side::Browser => (&self.tx_client, self.client),
             Side::Vm => (&self.tx_upstream, self.upstream),
         };
-        let opened = slot.take().map_or_else(
-            || TcpStream::from_std(sys::dup_tcp(stream.as_raw_fd())?),
+        let opened: io::Result<TcpStream> = slot.take().map_or_else(
+            || {
+                let tx = TcpStream::from_std(sys::dup_tcp(stream.as_raw_fd())?)?;
+                self.tx_open.set(self.tx_open.get() + 1);
+                self.timers_nudge.nudge();
+                Ok(tx)
+            },
             Ok,
         );
         let mut tx = match opened {
@@ -647,6 +676,12 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             let now = Instant::now();
             let expires = expires_at.get();
             let idle_at = l.idle_timeout.map(|d| self.last_activity.get() + d);
+            let sweep_at = (self.tx_open.get() > 0)
+                .then(|| self.last_activity.get().max(self.tx_swept.get()) + SEND_HANDLE_IDLE);
+            if sweep_at.is_some_and(|t| now >= t) {
+                self.close_idle_send_handles(now);
+                continue;
+            }
             if expires.is_some_and(|t| now >= t) {
                 return End::Cause(close::SESSION_EXPIRED);
             }
@@ -678,13 +713,23 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                 next_ping = Some(now + interval);
                 continue;
             }
-            let next = [expires, max_end, idle_at, self.pong_due.get(), next_ping]
-                .into_iter()
-                .flatten()
-                .min();
+            let next = [
+                expires,
+                max_end,
+                idle_at,
+                self.pong_due.get(),
+                next_ping,
+                sweep_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             match next {
-                Some(t) => monoio::time::sleep(t.saturating_duration_since(now)).await,
-                None => std::future::pending::<()>().await,
+                Some(t) => monoio::select! {
+                    () = monoio::time::sleep(t.saturating_duration_since(now)) => {}
+                    () = self.timers_nudge.wait() => {}
+                },
+                None => self.timers_nudge.wait().await,
             }
         }
     }

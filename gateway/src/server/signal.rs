@@ -40,7 +40,45 @@ impl<T: Copy> Signal<T> {
         poll_fn(|cx| match self.value.get() {
             Some(v) => Poll::Ready(v),
             None => {
-                self.waker.set(Some(cx.waker().clone()));
+                register(&self.waker, cx.waker());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Keeps `waker` in `slot`, cloning it only when the slot holds none that wakes the same
+/// task: these are polled on every wake of a busy session, and a clone is a reference count
+/// round trip.
+fn register(slot: &Cell<Option<Waker>>, waker: &Waker) {
+    let kept = slot.take().filter(|w| w.will_wake(waker));
+    slot.set(Some(kept.unwrap_or_else(|| waker.clone())));
+}
+
+/// A resettable wake-up within one task: `nudge` sets it and wakes the waiter, `wait`
+/// returns once it is set and clears it. A session's timers wait on one, so that a new
+/// deadline (a send descriptor opened) is taken into account before the old sleep ends.
+#[derive(Default)]
+pub struct Nudge {
+    set: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Nudge {
+    pub fn nudge(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    pub async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.set.replace(false) {
+                Poll::Ready(())
+            } else {
+                register(&self.waker, cx.waker());
                 Poll::Pending
             }
         })

@@ -112,6 +112,20 @@ impl Gw {
             .count()
     }
 
+    /// [`Gw::fd_count`] once start-up is over (a socket pair may open just after the
+    /// listening line): two equal counts 200 ms apart.
+    pub fn settled_fd_count(&self) -> usize {
+        let mut n = self.fd_count();
+        loop {
+            thread::sleep(Duration::from_millis(200));
+            let now = self.fd_count();
+            if now == n {
+                return n;
+            }
+            n = now;
+        }
+    }
+
     pub fn rss_kib(&self) -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         s.lines()
