@@ -156,17 +156,7 @@ fn close_of(ws: &mut RawWs) -> (u16, String) {
 
 fn upstream_refused_is_4000(driver: &str) {
     let port = closed_port();
-    let gw = Gw::start(
-        driver,
-        &[
-            "--route",
-            &format!("vm={port}"),
-            "--allow-upstream",
-            "127.0.0.1",
-            "--connect-retry-window",
-            "0",
-        ],
-    );
+    let gw = Gw::with_route(driver, "vm", port, &["--connect-retry-window", "0"]);
     let mut ws = RawWs::connect(gw.addr, "/vnc/vm", "");
     let (code, reason) = close_of(&mut ws);
     assert_eq!((code, reason.as_str()), (4000, "vm vnc port refused"));
@@ -200,17 +190,7 @@ fn upstream_closed_delivers_everything_then_4003(driver: &str) {
 
 fn retry_window_waits_for_a_booting_vm(driver: &str) {
     let addr = closed_port();
-    let gw = Gw::start(
-        driver,
-        &[
-            "--route",
-            &format!("vm={addr}"),
-            "--allow-upstream",
-            "127.0.0.1",
-            "--connect-retry-window",
-            "10",
-        ],
-    );
+    let gw = Gw::with_route(driver, "vm", addr, &["--connect-retry-window", "10"]);
     let boot = thread::spawn(move || {
         thread::sleep(Duration::from_millis(400));
         let l = std::net::TcpListener::bind(addr).unwrap();
@@ -226,17 +206,7 @@ fn retry_window_waits_for_a_booting_vm(driver: &str) {
 
 fn protocol_errors_close_with_rfc_codes(driver: &str) {
     let echo = echo_server();
-    let gw = Gw::start(
-        driver,
-        &[
-            "--route",
-            &format!("e={}", echo.addr),
-            "--allow-upstream",
-            "127.0.0.1",
-            "--max-message",
-            "1000",
-        ],
-    );
+    let gw = Gw::with_route(driver, "e", echo.addr, &["--max-message", "1000"]);
     let cases: Vec<(Vec<u8>, u16)> = vec![
         (vec![0x82, 0x03, b'a', b'b', b'c'], 1002),     // unmasked
         (frame(0x83, b"x"), 1002),                      // reserved opcode
@@ -280,15 +250,7 @@ fn protocol_errors_close_with_rfc_codes(driver: &str) {
 
 fn fragmentation_ping_pong_and_close_echo(driver: &str) {
     let echo = echo_server();
-    let gw = Gw::start(
-        driver,
-        &[
-            "--route",
-            &format!("e={}", echo.addr),
-            "--allow-upstream",
-            "127.0.0.1",
-        ],
-    );
+    let gw = Gw::with_route(driver, "e", echo.addr, &[]);
     let mut ws = RawWs::connect(gw.addr, "/vnc/e", "");
     let mut wire = frame(0x02, b"frag-");
     wire.extend(frame(0x89, b"are you there"));
@@ -329,15 +291,7 @@ fn fragmentation_ping_pong_and_close_echo(driver: &str) {
 
 fn browser_vanishing_releases_upstream(driver: &str) {
     let (vm, open) = silent_server();
-    let gw = Gw::start(
-        driver,
-        &[
-            "--route",
-            &format!("s={vm}"),
-            "--allow-upstream",
-            "127.0.0.1",
-        ],
-    );
+    let gw = Gw::with_route(driver, "s", vm, &[]);
     let mut base_fds = usize::MAX;
     // Round one warms the worker's pipe pool; round two must return to the same count.
     for round in 0..2 {
@@ -370,17 +324,7 @@ fn browser_vanishing_releases_upstream(driver: &str) {
 fn stalled_browser_does_not_grow_gateway_memory(driver: &str) {
     let stop = Arc::new(AtomicBool::new(false));
     let (vm, written) = bulk_source(stop.clone());
-    let gw = Gw::start(
-        driver,
-        &[
-            "--route",
-            &format!("b={vm}"),
-            "--allow-upstream",
-            "127.0.0.1",
-            "--workers",
-            "1",
-        ],
-    );
+    let gw = Gw::with_route(driver, "b", vm, &["--workers", "1"]);
     let rss_before = gw.rss_kib();
     let mut ws = RawWs::connect(gw.addr, "/vnc/b", "");
     // Read a little, then stall: the gateway must stop reading from the VM.
@@ -419,17 +363,7 @@ fn a_session_ending_mid_frame_finishes_the_frame_then_closes(driver: &str) {
     for (chunk, pause) in [(900, Duration::from_micros(20)), (65536, Duration::ZERO)] {
         let stop = Arc::new(AtomicBool::new(false));
         let (vm, written) = pattern_source(chunk, pause, stop.clone());
-        let gw = Gw::start(
-            driver,
-            &[
-                "--route",
-                &format!("p={vm}"),
-                "--allow-upstream",
-                "127.0.0.1",
-                "--max-session-duration",
-                "1.5",
-            ],
-        );
+        let gw = Gw::with_route(driver, "p", vm, &["--max-session-duration", "1.5"]);
         let mut ws = RawWs::connect(gw.addr, "/vnc/p", "");
         let first = ws.read_data(50_000);
         // Stall past the cap: the socket buffers fill and the gateway blocks mid-frame.
@@ -459,13 +393,11 @@ fn a_session_ending_mid_frame_finishes_the_frame_then_closes(driver: &str) {
 fn a_browser_stalled_past_the_keepalive_timeout_is_let_go(driver: &str) {
     let stop = Arc::new(AtomicBool::new(false));
     let (vm, _) = bulk_source(stop.clone());
-    let gw = Gw::start(
+    let gw = Gw::with_route(
         driver,
+        "b",
+        vm,
         &[
-            "--route",
-            &format!("b={vm}"),
-            "--allow-upstream",
-            "127.0.0.1",
             "--workers",
             "1",
             "--max-session-duration",
@@ -514,17 +446,7 @@ fn a_browser_stalled_past_the_keepalive_timeout_is_let_go(driver: &str) {
 /// (the send ops'); ten quiet seconds close those again, and the next message reopens them.
 fn send_descriptors_follow_activity(driver: &str) {
     let echo = echo_server();
-    let gw = Gw::start(
-        driver,
-        &[
-            "--route",
-            &format!("e={}", echo.addr),
-            "--allow-upstream",
-            "127.0.0.1",
-            "--workers",
-            "1",
-        ],
-    );
+    let gw = Gw::with_route(driver, "e", echo.addr, &["--workers", "1"]);
     let base = gw.settled_fd_count();
     let mut ws = RawWs::connect(gw.addr, "/vnc/e", "");
     ws.send(&frame(0x82, b"ping-1"));
@@ -550,32 +472,12 @@ fn send_descriptors_follow_activity(driver: &str) {
 
 fn idle_timeout_and_duration_cap(driver: &str) {
     let (vm, _) = silent_server();
-    let gw = Gw::start(
-        driver,
-        &[
-            "--route",
-            &format!("s={vm}"),
-            "--allow-upstream",
-            "127.0.0.1",
-            "--idle-timeout",
-            "0.4",
-        ],
-    );
+    let gw = Gw::with_route(driver, "s", vm, &["--idle-timeout", "0.4"]);
     let mut ws = RawWs::connect(gw.addr, "/vnc/s", "");
     assert_eq!(close_of(&mut ws), (4007, "idle timeout".into()));
     drop(gw);
     let echo = echo_server();
-    let gw = Gw::start(
-        driver,
-        &[
-            "--route",
-            &format!("e={}", echo.addr),
-            "--allow-upstream",
-            "127.0.0.1",
-            "--max-session-duration",
-            "0.5",
-        ],
-    );
+    let gw = Gw::with_route(driver, "e", echo.addr, &["--max-session-duration", "0.5"]);
     let mut ws = RawWs::connect(gw.addr, "/vnc/e", "");
     ws.send(&frame(0x82, b"hi"));
     assert_eq!(ws.read_data(2), b"hi");
@@ -584,18 +486,11 @@ fn idle_timeout_and_duration_cap(driver: &str) {
 
 fn keepalive_without_pong_closes_4008(driver: &str) {
     let (vm, _) = silent_server();
-    let gw = Gw::start(
+    let gw = Gw::with_route(
         driver,
-        &[
-            "--route",
-            &format!("s={vm}"),
-            "--allow-upstream",
-            "127.0.0.1",
-            "--keepalive-interval",
-            "0.2",
-            "--keepalive-timeout",
-            "0.5",
-        ],
+        "s",
+        vm,
+        &["--keepalive-interval", "0.2", "--keepalive-timeout", "0.5"],
     );
     let mut ws = RawWs::connect(gw.addr, "/vnc/s", "");
     let f = ws.next_frame().unwrap();
@@ -626,17 +521,7 @@ fn keepalive_without_pong_closes_4008(driver: &str) {
 
 fn drain_closes_sessions_with_1001(driver: &str) {
     let (vm, _) = silent_server();
-    let mut gw = Gw::start(
-        driver,
-        &[
-            "--route",
-            &format!("s={vm}"),
-            "--allow-upstream",
-            "127.0.0.1",
-            "--drain-timeout",
-            "0.5",
-        ],
-    );
+    let mut gw = Gw::with_route(driver, "s", vm, &["--drain-timeout", "0.5"]);
     let (mut ws, _) = tungstenite::connect(gw.url("s")).unwrap();
     let (st, _) = gw.admin_get("/readyz");
     assert_eq!(st, 200);
@@ -661,15 +546,7 @@ fn swarm_of_rfb_clients(driver: &str) {
         ..Default::default()
     })
     .unwrap();
-    let gw = Gw::start(
-        driver,
-        &[
-            "--route",
-            &format!("desk={vm}"),
-            "--allow-upstream",
-            "127.0.0.1",
-        ],
-    );
+    let gw = Gw::with_route(driver, "desk", vm, &[]);
     let cfg = vncgate_loadtest::swarm::Config {
         url: gw.url("desk"),
         sessions: 40,

@@ -38,6 +38,20 @@ impl Gw {
         Self::spawn(Command::new(BIN).args(&full)).expect("gateway starts")
     }
 
+    /// [`Gw::start`] with one static route, `id` to `upstream`, allowed on loopback, and
+    /// `args` after it.
+    pub fn with_route(
+        driver: &str,
+        id: &str,
+        upstream: impl std::fmt::Display,
+        args: &[&str],
+    ) -> Gw {
+        let route = format!("{id}={upstream}");
+        let mut full = vec!["--route", route.as_str(), "--allow-upstream", "127.0.0.1"];
+        full.extend_from_slice(args);
+        Gw::start(driver, &full)
+    }
+
     /// Spawns a prepared command and waits for its listening lines; `Err(stderr)` if it
     /// exits first.
     pub fn spawn(cmd: &mut Command) -> Result<Gw, String> {
