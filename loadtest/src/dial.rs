@@ -31,7 +31,9 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::{Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, error::UrlError};
 
@@ -252,6 +254,52 @@ impl std::error::Error for DialError {}
 
 /// Opens WebSocket connections to one kind of URL (`ws://` or `wss://`).
 #[derive(Clone)]
+/// A run that cannot start: its URL, or another of its settings, is unusable.
+#[derive(Debug)]
+pub enum SetupError {
+    BadUrl(String),
+    BadSetting(String),
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SetupError::BadUrl(m) => write!(f, "bad url: {m}"),
+            SetupError::BadSetting(m) => write!(f, "bad setting: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for SetupError {}
+
+/// The upgrade request for `url` (`ws://` or `wss://`), offering `subprotocol` when given,
+/// and whether it is `wss://`. Each session sends a clone of it.
+pub fn upgrade_request(
+    url: &str,
+    subprotocol: Option<&str>,
+) -> Result<(Request, bool), SetupError> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| SetupError::BadUrl(e.to_string()))?;
+    let secure = match request.uri().scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        other => {
+            return Err(SetupError::BadUrl(format!(
+                "scheme {other:?}, want ws or wss"
+            )));
+        }
+    };
+    if let Some(p) = subprotocol {
+        let v = HeaderValue::from_str(p)
+            .map_err(|e| SetupError::BadSetting(format!("subprotocol: {e}")))?;
+        request
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+    }
+    Ok((request, secure))
+}
+
 pub struct Dialer {
     tls: Option<TlsConnector>,
     ws_config: Option<WebSocketConfig>,

@@ -32,14 +32,14 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
-use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tracing::debug;
 
-use crate::dial::{ABNORMAL, Dialer, Tls, Ws, closed_by_server, ws_stream_error_kind};
+use crate::dial::{
+    ABNORMAL, Dialer, SetupError, Tls, Ws, closed_by_server, upgrade_request, ws_stream_error_kind,
+};
 use crate::rfb::ClientHandshake;
 
 /// Settings of an idle run.
@@ -89,24 +89,6 @@ impl Default for Config {
         }
     }
 }
-
-/// A run that could not start.
-#[derive(Debug)]
-pub enum IdleError {
-    BadUrl(String),
-    BadSetting(String),
-}
-
-impl fmt::Display for IdleError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            IdleError::BadUrl(m) => write!(f, "bad url: {m}"),
-            IdleError::BadSetting(m) => write!(f, "bad setting: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for IdleError {}
 
 /// WebSocket buffers of a held session: small, since an idle session receives a few dozen
 /// bytes (tungstenite's default is 128 KiB each way, 2.5 GiB of address space at 10k).
@@ -242,47 +224,22 @@ impl Sessions {
     }
 }
 
-fn build_request(cfg: &Config) -> Result<Request, IdleError> {
-    let mut request = cfg
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| IdleError::BadUrl(e.to_string()))?;
-    if let Some(p) = &cfg.subprotocol {
-        let v = HeaderValue::from_str(p)
-            .map_err(|e| IdleError::BadSetting(format!("subprotocol: {e}")))?;
-        request
-            .headers_mut()
-            .insert(header::SEC_WEBSOCKET_PROTOCOL, v);
-    }
-    Ok(request)
-}
-
 /// Opens `cfg.sessions` sessions (ramp bounded by `cfg.deadline`) and returns them held.
 /// Raises `RLIMIT_NOFILE` to the hard limit first.
-pub async fn open(cfg: &Config) -> Result<Sessions, IdleError> {
-    let request = build_request(cfg)?;
-    let secure = match request.uri().scheme_str() {
-        Some("ws") => false,
-        Some("wss") => true,
-        other => {
-            return Err(IdleError::BadUrl(format!(
-                "scheme {other:?}, want ws or wss"
-            )));
-        }
-    };
+pub async fn open(cfg: &Config) -> Result<Sessions, SetupError> {
+    let (request, secure) = upgrade_request(&cfg.url, cfg.subprotocol.as_deref())?;
     if cfg.concurrency == 0 {
-        return Err(IdleError::BadSetting(
+        return Err(SetupError::BadSetting(
             "concurrency must be at least 1".into(),
         ));
     }
     if cfg.connect_timeout.is_zero() || cfg.deadline.is_zero() {
-        return Err(IdleError::BadSetting(
+        return Err(SetupError::BadSetting(
             "connect timeout and deadline must be positive".into(),
         ));
     }
     let dialer = Arc::new(
-        Dialer::new(secure, &cfg.tls, Some(ws_config()), true).map_err(IdleError::BadSetting)?,
+        Dialer::new(secure, &cfg.tls, Some(ws_config()), true).map_err(SetupError::BadSetting)?,
     );
     let nofile = crate::limits::raise_nofile();
     if let Some(limit) = nofile
@@ -625,7 +582,7 @@ impl fmt::Display for Report {
 }
 
 /// `vncgate-loadtest idle`: PSS before, ramp, hold, PSS after, close, report.
-pub async fn run(cfg: &Config) -> Result<Report, IdleError> {
+pub async fn run(cfg: &Config) -> Result<Report, SetupError> {
     let t0 = Instant::now();
     let before = cfg.pid.and_then(pss_kib);
     let sessions = open(cfg).await?;

@@ -184,6 +184,25 @@ fn secs(name: &str, v: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(v).map_err(|_| format!("--{name} must be a non-negative number"))
 }
 
+/// Prints a finished run's report (one JSON line with `--json`), or why it could not run
+/// (exit status 2).
+fn print_report<R: std::fmt::Display, E: std::fmt::Display>(
+    run: &str,
+    result: Result<R, E>,
+    json: bool,
+    to_json_line: fn(&R) -> String,
+) -> ExitCode {
+    match result {
+        Ok(report) if json => println!("{}", to_json_line(&report)),
+        Ok(report) => println!("{report}"),
+        Err(e) => {
+            eprintln!("vncgate-loadtest: {run}: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 /// Parses several `--NAME SECS` flags; the first bad one is reported (exit status 2).
 fn all_secs<const N: usize>(flags: [(&str, f64); N]) -> Result<[Duration; N], ExitCode> {
     let mut out = [Duration::ZERO; N];
@@ -261,20 +280,12 @@ async fn main() -> ExitCode {
                 connect_timeout,
                 progress: std::io::stderr().is_terminal() && duration > Duration::from_secs(5),
             };
-            match swarm::run(cfg).await {
-                Ok(report) if a.json => {
-                    println!("{}", report.to_json_line());
-                    ExitCode::SUCCESS
-                }
-                Ok(report) => {
-                    println!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("vncgate-loadtest: swarm: {e}");
-                    ExitCode::from(2)
-                }
-            }
+            print_report(
+                "swarm",
+                swarm::run(cfg).await,
+                a.json,
+                swarm::Report::to_json_line,
+            )
         }
         Cmd::Idle(a) => {
             init_tracing("warn");
@@ -301,20 +312,12 @@ async fn main() -> ExitCode {
                 subprotocol: a.subprotocol,
                 progress: std::io::stderr().is_terminal(),
             };
-            match idle::run(&cfg).await {
-                Ok(report) if a.json => {
-                    println!("{}", report.to_json_line());
-                    ExitCode::SUCCESS
-                }
-                Ok(report) => {
-                    println!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("vncgate-loadtest: idle: {e}");
-                    ExitCode::from(2)
-                }
-            }
+            print_report(
+                "idle",
+                idle::run(&cfg).await,
+                a.json,
+                idle::Report::to_json_line,
+            )
         }
     }
 }

@@ -335,7 +335,10 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             Ok(Some(e @ End::ClientGone(_))) => (e, deadline),
             Ok(_) => (end, deadline),
             Err(_) => {
-                tracing::debug!("the frame in flight did not finish within the keepalive timeout");
+                tracing::debug!(
+                    session = self.session,
+                    "the frame in flight did not finish within the keepalive timeout"
+                );
                 (end, deadline)
             }
         }

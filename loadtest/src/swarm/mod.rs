@@ -18,14 +18,14 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::debug;
 
 use crate::dial::{
-    ABNORMAL, Dialer, Tls, closed_by_server, ws_stream_error_kind as stream_error_kind,
+    ABNORMAL, Dialer, SetupError, Tls, closed_by_server, upgrade_request,
+    ws_stream_error_kind as stream_error_kind,
 };
 use client::{ClientConfig, SimClient};
 pub use report::{Report, SessionOutcome};
@@ -73,24 +73,6 @@ impl Default for Config {
     }
 }
 
-/// A run that could not start (bad settings), as opposed to sessions that failed.
-#[derive(Debug)]
-pub enum SwarmError {
-    BadUrl(String),
-    BadSetting(String),
-}
-
-impl std::fmt::Display for SwarmError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SwarmError::BadUrl(m) => write!(f, "bad url: {m}"),
-            SwarmError::BadSetting(m) => write!(f, "bad setting: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for SwarmError {}
-
 /// Whether session `i` of `n` is idle: idle ones are spread evenly, not bunched at the start.
 pub fn is_idle(i: usize, fraction: f64) -> bool {
     ((i + 1) as f64 * fraction).floor() > (i as f64 * fraction).floor()
@@ -105,41 +87,24 @@ struct Counters {
 }
 
 /// Runs the swarm to the end of `cfg.duration` and reports.
-pub async fn run(cfg: Config) -> Result<Report, SwarmError> {
-    let request = cfg
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| SwarmError::BadUrl(e.to_string()))?;
-    let secure = match request.uri().scheme_str() {
-        Some("ws") => false,
-        Some("wss") => true,
-        other => {
-            return Err(SwarmError::BadUrl(format!(
-                "scheme {other:?}, want ws or wss"
-            )));
-        }
-    };
-    if let Some(p) = &cfg.subprotocol {
-        HeaderValue::from_str(p)
-            .map_err(|e| SwarmError::BadSetting(format!("subprotocol: {e}")))?;
-    }
+pub async fn run(cfg: Config) -> Result<Report, SetupError> {
+    let (request, secure) = upgrade_request(&cfg.url, cfg.subprotocol.as_deref())?;
     if cfg.duration.is_zero() || cfg.ramp_up >= cfg.duration {
-        return Err(SwarmError::BadSetting(
+        return Err(SetupError::BadSetting(
             "duration must be positive and longer than the ramp-up".into(),
         ));
     }
     if !(0.0..=1.0).contains(&cfg.idle_fraction) {
-        return Err(SwarmError::BadSetting(
+        return Err(SetupError::BadSetting(
             "idle fraction must be in 0..=1".into(),
         ));
     }
     if !(cfg.input_rate >= 0.0 && cfg.input_rate.is_finite()) {
-        return Err(SwarmError::BadSetting("input rate must be >= 0".into()));
+        return Err(SetupError::BadSetting("input rate must be >= 0".into()));
     }
     // disable_nagle: input events and probes are small and latency-sensitive.
     let dialer =
-        Arc::new(Dialer::new(secure, &cfg.tls, None, true).map_err(SwarmError::BadSetting)?);
+        Arc::new(Dialer::new(secure, &cfg.tls, None, true).map_err(SetupError::BadSetting)?);
     crate::limits::raise_nofile();
 
     let cfg = Arc::new(cfg);
@@ -156,6 +121,7 @@ pub async fn run(cfg: Config) -> Result<Report, SwarmError> {
         tasks.spawn(session(
             i,
             Arc::clone(&cfg),
+            request.clone(),
             Arc::clone(&dialer),
             start + offset,
             deadline,
@@ -221,6 +187,7 @@ fn progress_bar(cfg: &Config) -> indicatif::ProgressBar {
 async fn session(
     index: usize,
     cfg: Arc<Config>,
+    request: Request,
     dialer: Arc<Dialer>,
     start_at: Instant,
     deadline: Instant,
@@ -239,17 +206,6 @@ async fn session(
         outcome.error_detail = Some(detail);
     };
 
-    let mut request = cfg
-        .url
-        .as_str()
-        .into_client_request()
-        .expect("validated in run");
-    if let Some(p) = &cfg.subprotocol {
-        request.headers_mut().insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_str(p).expect("validated in run"),
-        );
-    }
     let t0 = Instant::now();
     let limit = t0
         + cfg
