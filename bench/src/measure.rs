@@ -64,12 +64,20 @@ pub struct Throughput {
     pub mb_s: f64,
     /// Jain's index over per-connection bytes: 1 = perfectly even, 1/n = one takes all.
     pub jain: f64,
+    /// The slowest and the fastest connection, 10^6 bytes per second: a frozen desktop
+    /// next to fluid ones shows here even when the aggregate and Jain look fine.
+    pub min_mb_s: f64,
+    pub max_mb_s: f64,
     pub bytes: u64,
     /// Proxy CPU seconds over the window (`None` for direct).
     pub cpu_s: Option<f64>,
 }
 
 /// VM -> browser: `n` connections to the bulk route, each reading as fast as it can.
+///
+/// The connections are opened all at once, one thread each, as viewers arriving together
+/// do: a proxy that spreads or moves connections between its threads at accept time gets
+/// the burst it meets in production, not a polite sequence.
 pub fn throughput(
     t: &Target,
     n: usize,
@@ -77,13 +85,20 @@ pub fn throughput(
     proxy_pids: &[u32],
     seed: u64,
 ) -> Result<Throughput, String> {
-    let conns = open_all(t, n, seed)?;
-    let w = Arc::new(Window::new(secs));
-    let workers: Vec<_> = conns
-        .into_iter()
-        .map(|mut c| {
-            let w = w.clone();
+    // All opened, then the window is set, then everyone reads.
+    let opened = Arc::new(std::sync::Barrier::new(n + 1));
+    let w = Arc::new(std::sync::OnceLock::<Window>::new());
+    let go = Arc::new(std::sync::Barrier::new(n + 1));
+    let workers: Vec<_> = (0..n)
+        .map(|i| {
+            let (w, opened, go, t) = (w.clone(), opened.clone(), go.clone(), t.clone());
             thread::spawn(move || -> Result<u64, String> {
+                let conn = Conn::open(&t, seed.wrapping_add(i as u64 * 0x9e37_79b9))
+                    .map_err(|e| format!("connection {i} of {n}: {e}"));
+                opened.wait();
+                go.wait();
+                let mut c = conn?;
+                let w = w.get().expect("set before go");
                 let mut buf = vec![0u8; BULK_BUF];
                 let mut counted = 0u64;
                 loop {
@@ -102,15 +117,22 @@ pub fn throughput(
             })
         })
         .collect();
+    opened.wait();
+    let _ = w.set(Window::new(secs));
+    go.wait();
+    let w = w.get().expect("just set");
     Window::sleep_until(w.t0);
     let cpu0 = procfs::cpu_seconds(proxy_pids);
     Window::sleep_until(w.end);
     let cpu1 = procfs::cpu_seconds(proxy_pids);
     let per_conn = join_all(workers)?;
     let bytes: u64 = per_conn.iter().sum();
+    let rate = |b: u64| b as f64 / secs / 1e6;
     Ok(Throughput {
-        mb_s: bytes as f64 / secs / 1e6,
+        mb_s: rate(bytes),
         jain: jain(&per_conn),
+        min_mb_s: rate(per_conn.iter().copied().min().unwrap_or(0)),
+        max_mb_s: rate(per_conn.iter().copied().max().unwrap_or(0)),
         bytes,
         cpu_s: (!proxy_pids.is_empty()).then_some(cpu1 - cpu0),
     })

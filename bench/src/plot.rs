@@ -31,9 +31,10 @@ const SERIES: [(&str, RGBColor); 3] = [
 
 /// The groups of the ratio chart, top to bottom: metric id and short label, where `{n}`
 /// stands for `--conns`.
-const RATIO_ROWS: [(&str, &str); 7] = [
+const RATIO_ROWS: [(&str, &str); 8] = [
     ("tput_1_mbs", "Throughput, 1 conn"),
     ("tput_n_mbs", "Throughput, {n} conns"),
+    ("tput_n_min_mbs", "Slowest of {n} conns"),
     ("jain_n", "Jain fairness, {n} conns"),
     ("rt_1_rate", "16 B round trips/s, 1 conn"),
     ("rt_n_rate", "16 B round trips/s, {n} conns"),

@@ -58,6 +58,18 @@ pub fn metrics(conns: usize, connectors: usize, idle: &[usize]) -> Vec<Metric> {
             true,
         ),
         m(
+            "tput_n_min_mbs",
+            format!("VM→browser, {conns} conns, slowest connection (MB/s)"),
+            1,
+            true,
+        ),
+        m(
+            "tput_n_max_mbs",
+            format!("VM→browser, {conns} conns, fastest connection (MB/s)"),
+            1,
+            true,
+        ),
+        m(
             "jain_n",
             format!("Jain fairness index, {conns} conns"),
             3,

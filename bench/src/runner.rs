@@ -244,10 +244,15 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
         }
         match measure::throughput(&p.bulk, n, secs, &pids, seed ^ n as u64) {
             Ok(t) => {
-                eprintln!("  throughput x{n}: {:.1} MB/s, jain {:.3}", t.mb_s, t.jain);
+                eprintln!(
+                    "  throughput x{n}: {:.1} MB/s, jain {:.3}, slowest {:.1} / fastest {:.1} MB/s",
+                    t.mb_s, t.jain, t.min_mb_s, t.max_mb_s
+                );
                 run.insert(id_t, t.mb_s);
                 if let Some(id) = id_j {
                     run.insert(id, t.jain);
+                    run.insert("tput_n_min_mbs", t.min_mb_s);
+                    run.insert("tput_n_max_mbs", t.max_mb_s);
                 }
                 if let Some(c) = t.cpu_s {
                     cpu += c;

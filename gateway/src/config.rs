@@ -196,6 +196,13 @@ pub struct ServeArgs {
     /// Capacity of each relay pipe in bytes [default: 1 MiB].
     #[arg(long)]
     pub pipe_size: Option<usize>,
+    /// TCP congestion control of the gateway's sockets, both legs (a name from
+    /// net.ipv4.tcp_available_congestion_control, or `system` for the host's default)
+    /// [default: cubic]. BBR paces every flow at its own bandwidth estimate; on the fast
+    /// local legs of a gateway that estimate collapses for flows whose peer reads late, and
+    /// those sessions crawl (see the README, "Congestion control").
+    #[arg(long, value_name = "NAME")]
+    pub tcp_congestion: Option<String>,
     /// Read routes from Redis (after the static ones): redis://HOST:PORT[/DB],
     /// redis+sentinel://H:P[,H:P...]/SERVICE or redis+cluster://H:P[,H:P...].
     #[arg(long, value_name = "URL", env = "VNCGATE_REDIS")]
@@ -253,6 +260,7 @@ pub struct FileConfig {
     pub keepalive_timeout: Option<f64>,
     pub drain_timeout: Option<f64>,
     pub pipe_size: Option<usize>,
+    pub tcp_congestion: Option<String>,
     pub max_header_bytes: Option<usize>,
     pub redis: Option<String>,
     pub route_cache_ttl: Option<f64>,
@@ -283,6 +291,50 @@ pub struct Limits {
     pub read_buffer: usize,
     /// Concurrent connections per session where the route does not say; 0 = unlimited.
     pub max_viewers: u32,
+}
+
+/// The congestion control the gateway sets on its sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpCongestion {
+    /// `None`: leave the host's default.
+    pub name: Option<String>,
+    /// Asked for by flag or file (an unavailable one is then an error at startup), rather
+    /// than the default (which falls back to the host's with a warning).
+    pub explicit: bool,
+}
+
+/// Without a choice: loss-based CUBIC, Linux's own default, which needs no pacing.
+pub const DEFAULT_TCP_CONGESTION: &str = "cubic";
+
+impl TcpCongestion {
+    fn parse(flag: Option<&str>) -> Result<TcpCongestion, String> {
+        let Some(v) = flag else {
+            return Ok(TcpCongestion {
+                name: Some(DEFAULT_TCP_CONGESTION.into()),
+                explicit: false,
+            });
+        };
+        if v == "system" {
+            return Ok(TcpCongestion {
+                name: None,
+                explicit: true,
+            });
+        }
+        // TCP_CA_NAME_MAX is 16 with the terminating NUL.
+        let ok = !v.is_empty()
+            && v.len() < 16
+            && v.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !ok {
+            return Err(format!(
+                "--tcp-congestion: '{v}' is not a congestion control name (cubic, bbr, reno, ... or system)"
+            ));
+        }
+        Ok(TcpCongestion {
+            name: Some(v.into()),
+            explicit: true,
+        })
+    }
 }
 
 impl Default for Limits {
@@ -318,6 +370,7 @@ pub struct Settings {
     pub policy: UpstreamPolicy,
     pub routes: StaticRoutes,
     pub limits: Limits,
+    pub tcp_congestion: TcpCongestion,
     /// Where routes come from besides the static ones.
     pub redis: Option<RedisSettings>,
 }
@@ -549,6 +602,11 @@ impl ServeArgs {
             policy,
             routes: StaticRoutes::new(table),
             limits,
+            tcp_congestion: TcpCongestion::parse(
+                self.tcp_congestion
+                    .as_deref()
+                    .or(file.tcp_congestion.as_deref()),
+            )?,
             redis,
         })
     }
@@ -564,6 +622,21 @@ mod tests {
         match Cli::try_parse_from(full).unwrap().command {
             Command::Serve(a) => a,
             _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn tcp_congestion_choices() {
+        let c = |v: &[&str]| args(v).settings(vec![]).map(|s| s.tcp_congestion);
+        let d = c(&[]).unwrap();
+        assert_eq!((d.name.as_deref(), d.explicit), (Some("cubic"), false));
+        let sys = c(&["--tcp-congestion", "system"]).unwrap();
+        assert_eq!((sys.name, sys.explicit), (None, true));
+        let bbr = c(&["--tcp-congestion", "bbr"]).unwrap();
+        assert_eq!((bbr.name.as_deref(), bbr.explicit), (Some("bbr"), true));
+        for bad in ["", "BBR", "cubic;", "a_name_far_too_long"] {
+            let e = c(&["--tcp-congestion", bad]).unwrap_err();
+            assert!(e.contains("--tcp-congestion"), "{bad}: {e}");
         }
     }
 

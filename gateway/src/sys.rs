@@ -67,6 +67,31 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Takes the listening socket out of LISTEN (shutdown(2) on a listener): the kernel stops
+/// queueing connections to it at once, whoever else still holds the descriptor (an accept
+/// or poll op in flight in the ring does), and answers new connection attempts for its
+/// slot elsewhere in the `SO_REUSEPORT` group, or with a reset when none is left. Any
+/// connection still in its queue is reset, so the caller accepts those first.
+pub fn stop_listening(fd: RawFd) -> io::Result<()> {
+    // SAFETY: no memory is passed.
+    if unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// accept4(2) on a non-blocking listener: one queued connection (close-on-exec), or
+/// `WouldBlock` when the queue is empty.
+pub fn accept(fd: RawFd) -> io::Result<(std::net::TcpStream, std::net::SocketAddr)> {
+    // SAFETY: `fd` stays open for the call (the caller's listener); socket2 only borrows it.
+    let listener = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let (sock, addr) = socket2::SockRef::from(&listener).accept()?;
+    let peer = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
+    Ok((sock.into(), peer))
+}
+
 /// splice(2) between a socket and a pipe, never blocking. `more` sets `SPLICE_F_MORE`.
 pub fn splice(from: RawFd, to: RawFd, len: usize, more: bool) -> io::Result<usize> {
     let flags =
@@ -153,6 +178,50 @@ pub fn dup_tcp(fd: RawFd) -> io::Result<std::net::TcpStream> {
         return Err(io::Error::last_os_error());
     }
     Ok(tcp_from_raw_fd(new))
+}
+
+/// Sets a TCP socket's congestion control (`TCP_CONGESTION`). Fails with `ENOENT` for an
+/// algorithm the kernel does not have, `EPERM` for one an unprivileged process may not
+/// choose (`net.ipv4.tcp_allowed_congestion_control`).
+pub fn set_congestion(fd: RawFd, name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length come from a live string slice; the kernel copies at
+    // most that many bytes.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Reads a TCP socket's congestion control.
+pub fn congestion(fd: RawFd) -> io::Result<String> {
+    let mut buf = [0u8; 16];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `buf` and updates `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let b = &buf[..len as usize];
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    Ok(String::from_utf8_lossy(&b[..end]).into_owned())
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit. A

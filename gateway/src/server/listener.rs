@@ -8,6 +8,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd as _;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -56,11 +57,13 @@ pub fn ensure_port_free(addr: SocketAddr) -> io::Result<()> {
 }
 
 /// Binds `count` listeners on one port. With port 0 the first picks the port and the
-/// others join it.
+/// others join it. `congestion` is set on each listener, and the kernel gives it to every
+/// connection the listener accepts.
 pub fn bind_group(
     addr: SocketAddr,
     count: usize,
     share_port: bool,
+    congestion: Option<&str>,
 ) -> io::Result<Vec<TcpListener>> {
     if !share_port {
         ensure_port_free(addr)?;
@@ -71,6 +74,9 @@ pub fn bind_group(
         let s = socket_for(addr)?;
         s.set_reuse_port(true)?;
         s.set_nonblocking(true)?;
+        if let Some(cc) = congestion {
+            crate::sys::set_congestion(s.as_raw_fd(), cc)?;
+        }
         s.bind(&addr.into())?;
         s.listen(4096)?;
         let l: TcpListener = s.into();
@@ -86,13 +92,38 @@ mod tests {
 
     #[test]
     fn second_group_on_same_port_is_refused_unless_shared() {
-        let first = bind_group("127.0.0.1:0".parse().unwrap(), 2, false).unwrap();
+        let first = bind_group("127.0.0.1:0".parse().unwrap(), 2, false, None).unwrap();
         let addr = first[0].local_addr().unwrap();
         assert_eq!(first[1].local_addr().unwrap(), addr);
-        let e = bind_group(addr, 1, false).unwrap_err();
+        let e = bind_group(addr, 1, false, None).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
         assert!(e.to_string().contains("--share-port"));
-        let shared = bind_group(addr, 1, true).unwrap();
+        let shared = bind_group(addr, 1, true, None).unwrap();
         assert_eq!(shared[0].local_addr().unwrap(), addr);
+    }
+}
+
+#[cfg(test)]
+mod congestion_tests {
+    use super::*;
+
+    /// Accepted connections take the listener's congestion control, so the gateway sets
+    /// it once per listener, not once per connection.
+    #[test]
+    fn accepted_connections_inherit_the_listeners_congestion_control() {
+        let probe = socket_for("127.0.0.1:0".parse().unwrap()).unwrap();
+        let host = crate::sys::congestion(probe.as_raw_fd()).unwrap();
+        // Whatever the host's default is, ask for a different one the kernel has.
+        let want = if host == "reno" { "cubic" } else { "reno" };
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 1, false, Some(want)).unwrap();
+        let addr = group[0].local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        group[0].set_nonblocking(false).unwrap();
+        let (server_side, _) = group[0].accept().unwrap();
+        assert_eq!(
+            crate::sys::congestion(server_side.as_raw_fd()).unwrap(),
+            want
+        );
+        assert_eq!(crate::sys::congestion(client.as_raw_fd()).unwrap(), host);
     }
 }

@@ -15,7 +15,7 @@ pub mod viewers;
 pub mod worker;
 
 use std::net::SocketAddr;
-use std::os::fd::IntoRawFd as _;
+use std::os::fd::{AsRawFd as _, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -139,8 +139,14 @@ where
     F: Fn(usize) -> S + Send + Sync + 'static,
 {
     let driver = select_driver(settings.io_driver)?;
-    let listeners = listener::bind_group(settings.listen, settings.workers, settings.share_port)
-        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let congestion = resolve_congestion(&settings.tcp_congestion)?;
+    let listeners = listener::bind_group(
+        settings.listen,
+        settings.workers,
+        settings.share_port,
+        congestion.as_deref(),
+    )
+    .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     let local_addr = listeners[0]
         .local_addr()
         .map_err(|e| format!("listener address: {e}"))?;
@@ -172,6 +178,7 @@ where
         let settings = settings.clone();
         let shared2 = shared.clone();
         let make_routes = make_routes.clone();
+        let congestion = congestion.clone();
         let t = std::thread::Builder::new()
             .name(format!("vncgate-w{index}"))
             .spawn(move || {
@@ -182,6 +189,7 @@ where
                         settings.handshake.clone(),
                         settings.policy.clone(),
                         settings.limits.clone(),
+                        congestion.clone(),
                         shared2.clone(),
                     ));
                     worker_main(w, l, shared2)
@@ -218,6 +226,7 @@ where
         listen = %local_addr,
         workers = settings.workers,
         driver = driver.as_str(),
+        tcp_congestion = congestion.as_deref().unwrap_or("system"),
         routes = settings.routes.len(),
         "gateway started"
     );
@@ -228,6 +237,36 @@ where
         shared,
         threads,
     })
+}
+
+/// The congestion control to set on the gateway's sockets, tried on a probe socket first:
+/// one the kernel lacks or refuses stops an explicit choice at startup with the reason, and
+/// turns the default into the host's own with a warning.
+fn resolve_congestion(
+    c: &crate::config::TcpCongestion,
+) -> Result<Option<std::sync::Arc<str>>, String> {
+    use std::os::fd::AsRawFd as _;
+    let Some(name) = &c.name else {
+        return Ok(None);
+    };
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| format!("cannot create a socket: {e}"))?;
+    match crate::sys::set_congestion(probe.as_raw_fd(), name) {
+        Ok(()) => Ok(Some(name.as_str().into())),
+        Err(e) => {
+            let why = match e.raw_os_error() {
+                Some(libc::ENOENT) => "the kernel has no such algorithm (net.ipv4.tcp_available_congestion_control lists those it has; a module may need loading)".to_owned(),
+                Some(libc::EPERM) => "an unprivileged process may only choose those in net.ipv4.tcp_allowed_congestion_control".to_owned(),
+                _ => e.to_string(),
+            };
+            if c.explicit {
+                Err(format!("--tcp-congestion {name}: {why}"))
+            } else {
+                tracing::warn!(tcp_congestion = %name, reason = %why, "default congestion control unavailable; using the host's");
+                Ok(None)
+            }
+        }
+    }
 }
 
 /// A worker's io_uring runtime. Each ring is used by its own thread only, and completions
@@ -272,43 +311,81 @@ async fn worker_main<S: RouteSource>(
         monoio::spawn(worker::route_news(w.clone(), bell));
     }
     shared.ready_workers.fetch_add(1, Ordering::Release);
-    let worker_label = w.index.to_string();
+    let fd = listener.as_raw_fd();
     loop {
-        let accepted = monoio::select! {
-            r = listener.accept() => Some(r),
+        // Readiness, then accept4(2) directly: a cancelled wait holds no connection, so
+        // stopping can never lose one inside a cancelled accept op.
+        let ready = monoio::select! {
+            r = listener.readable(false) => Some(r),
             _ = w.stop_accepting.wait() => None,
         };
-        match accepted {
+        match ready {
             None => break,
-            Some(Ok((stream, peer))) => {
-                metrics::counter!(m::CONNECTIONS_ACCEPTED, "worker" => worker_label.clone())
-                    .increment(1);
-                let to = balance::pick(&shared.lanes, w.index).unwrap_or(w.index);
-                shared.lanes[to].conns.fetch_add(1, Ordering::Relaxed);
-                match (to != w.index).then_some(to) {
-                    Some(to) => {
-                        // Detach from this worker's driver, then deliver the descriptor.
-                        let std_stream = crate::sys::tcp_from_raw_fd(stream.into_raw_fd());
-                        shared.lanes[to].inbox.post((std_stream, peer));
-                        metrics::counter!(m::CONNECTIONS_HANDED_OFF).increment(1);
-                    }
-                    None => {
-                        let fut = session::serve(w.clone(), stream, peer);
-                        tracing::trace!(bytes = std::mem::size_of_val(&fut), "session task size");
-                        monoio::spawn(fut);
-                    }
-                }
-            }
+            Some(Ok(())) => accept_queued(&w, fd, &shared).await,
             Some(Err(e)) => {
-                // EMFILE and friends: back off instead of spinning on a full table.
-                tracing::warn!(worker = w.index, error = %e, "accept failed");
+                tracing::warn!(worker = w.index, error = %e, "listener wait failed");
                 monoio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }
+    // Draining: answer what the kernel already queued (503 "gateway draining", with
+    // Retry-After), then leave LISTEN, so nothing more is queued to a process that will
+    // not serve it and a replacement can bind the port.
+    accept_queued(&w, fd, &shared).await;
+    if let Err(e) = crate::sys::stop_listening(fd) {
+        tracing::warn!(worker = w.index, error = %e, "cannot stop listening");
+    }
     drop(listener);
+    tracing::info!(worker = w.index, "listener closed");
     shared.ready_workers.fetch_sub(1, Ordering::Release);
     housekeeping.await;
+}
+
+/// Most connections taken from the queue per wake-up, so a burst of connects cannot hold
+/// the worker away from its sessions for long.
+const ACCEPT_BATCH: usize = 64;
+
+/// Accepts what the listener holds: each connection is served here, or handed to a
+/// less-loaded worker (see [`balance`]) unless this worker is draining.
+async fn accept_queued<S: RouteSource>(w: &Rc<Worker<S>>, fd: RawFd, shared: &Arc<Shared>) {
+    for _ in 0..ACCEPT_BATCH {
+        let (stream, peer) = match crate::sys::accept(fd) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on a full table.
+                tracing::warn!(worker = w.index, error = %e, "accept failed");
+                monoio::time::sleep(std::time::Duration::from_millis(50)).await;
+                return;
+            }
+        };
+        metrics::counter!(m::CONNECTIONS_ACCEPTED, "worker" => w.index.to_string()).increment(1);
+        let to = if w.draining.get() {
+            w.index
+        } else {
+            balance::pick(&shared.lanes, w.index).unwrap_or(w.index)
+        };
+        shared.lanes[to].conns.fetch_add(1, Ordering::Relaxed);
+        if to != w.index {
+            shared.lanes[to].inbox.post((stream, peer));
+            metrics::counter!(m::CONNECTIONS_HANDED_OFF).increment(1);
+            continue;
+        }
+        match monoio::net::TcpStream::from_std(stream) {
+            Ok(stream) => {
+                let fut = session::serve(w.clone(), stream, peer, false);
+                tracing::trace!(bytes = std::mem::size_of_val(&fut), "session task size");
+                monoio::spawn(fut);
+            }
+            Err(e) => {
+                shared.lanes[to].conns.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(worker = w.index, %peer, error = %e, "cannot register an accepted connection");
+            }
+        }
+    }
+    // More may be queued: let the sessions run, then look again.
+    signal::yield_now().await;
 }
 
 /// Serves connections other workers handed to this one (see [`balance`]).
@@ -331,9 +408,10 @@ async fn inbox<S: RouteSource>(
         for (s, peer) in shared.lanes[w.index].inbox.take_all() {
             match monoio::net::TcpStream::from_std(s) {
                 Ok(stream) => {
-                    monoio::spawn(session::serve(w.clone(), stream, peer));
+                    monoio::spawn(session::serve(w.clone(), stream, peer, true));
                 }
                 Err(e) => {
+                    shared.lanes[w.index].conns.fetch_sub(1, Ordering::Relaxed);
                     tracing::warn!(worker = w.index, %peer, error = %e, "cannot adopt a handed-off connection")
                 }
             }

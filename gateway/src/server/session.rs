@@ -29,7 +29,14 @@ enum HeadError {
     Io(io::Error),
 }
 
-pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: SocketAddr) {
+/// `handed_off`: another worker accepted the connection and moved it here (see
+/// `server::balance`); the ending's log line says so.
+pub async fn serve<S: RouteSource>(
+    w: Rc<Worker<S>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    handed_off: bool,
+) {
     let _held = w.adopt_connection();
     let fd = stream.as_raw_fd();
     if let Err(e) = sys::set_nonblocking(fd) {
@@ -177,6 +184,8 @@ pub async fn serve<S: RouteSource>(w: Rc<Worker<S>>, stream: TcpStream, peer: So
     tracing::info!(
         session = %id,
         %peer,
+        worker = w.index,
+        handed_off,
         code,
         cause,
         blame = blame.as_str(),
@@ -273,6 +282,14 @@ async fn connect_upstream<S: RouteSource>(
                     return Err(close::INTERNAL);
                 }
                 let _ = s.set_nodelay(true);
+                if let Some(cc) = &w.congestion {
+                    // Set once connected: the handshake is a few packets either way, and
+                    // an algorithm that was accepted by the startup probe is not refused
+                    // here; should it be, the session still works on the host's default.
+                    if let Err(e) = sys::set_congestion(s.as_raw_fd(), cc) {
+                        tracing::debug!(session, error = %e, "cannot set the upstream's congestion control");
+                    }
+                }
                 return Ok(s);
             }
             Ok(Err(e)) => e,

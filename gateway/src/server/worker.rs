@@ -54,6 +54,8 @@ pub struct Worker<S> {
     pub handshake: HandshakeConfig,
     pub policy: UpstreamPolicy,
     pub limits: Limits,
+    /// Congestion control for upstream sockets (the accepted ones take the listener's).
+    pub congestion: Option<Arc<str>>,
     pub pipes: PipePool,
     pub bufs: BufPool,
     pub stats: Stats,
@@ -73,6 +75,7 @@ impl<S: RouteSource> Worker<S> {
         handshake: HandshakeConfig,
         policy: UpstreamPolicy,
         limits: Limits,
+        congestion: Option<Arc<str>>,
         shared: Arc<Shared>,
     ) -> Self {
         Self {
@@ -83,6 +86,7 @@ impl<S: RouteSource> Worker<S> {
             pipes: PipePool::new(limits.pipe_size, limits.max_idle_pipes),
             bufs: BufPool::new(limits.read_buffer, 64),
             limits,
+            congestion,
             stats: Stats::default(),
             draining: Cell::new(false),
             stop_accepting: Signal::new(),

@@ -1,0 +1,203 @@
+//! Every viewer gets its share: 50 sessions streaming at once through a gateway with two
+//! workers, each session's bytes over a counted window, against direct TCP to the same
+//! source in the same test run.
+//!
+//! The load is shaped like the one that exposed the starvation (issue 16): a source that
+//! writes 64 KiB at a time as fast as the socket takes it, viewers that arrive one after
+//! another while the earlier ones already stream (so the machine is saturated when the late
+//! ones start, and the gateway hands some of them between workers), each reading as fast as
+//! it can, on a two-thread asynchronous client. The starvation this load exposed was the
+//! host's congestion control (BBR, pacing each flow at its own estimate, which collapses to
+//! a few MB/s for a flow whose reader starts late); the gateway now sends with CUBIC. The
+//! crawl is a matter of chance: with `--tcp-congestion system` this test failed in 1 of 10
+//! runs here (slowest/mean 0.034) and passed at 0.50-0.79 in the others, against 0.83-0.89
+//! in every run with the default. So it is a guard against starved sessions of any cause
+//! (a hand-off, a scheduling or a pacing bug), not a proof that none can happen.
+//!
+//! The bound is relative, never a wall-clock figure: the slowest session must move at least
+//! a quarter of the mean session's bytes. Direct TCP to the same source is measured in the
+//! same run and printed beside it.
+//!
+//! It runs alone (`.config/nextest.toml` gives it every test thread): the figures mean
+//! nothing while other tests share the two cores.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Gw, upgrade_request};
+
+const STREAMS: usize = 50;
+/// The slowest session's share of the mean session's bytes, at least. Through the gateway
+/// this measured 0.83-0.86 here (and fell to 0.02-0.03 when starving); direct TCP with the
+/// same client ranged 0.02-0.69, since at 6 GB/s the client's own two threads are the
+/// bottleneck and a late task can wait behind the others: it is reported, not used.
+const BOUND: f64 = 0.25;
+/// Between one viewer's arrival and the next.
+const ARRIVAL_GAP: Duration = Duration::from_millis(20);
+/// After the last arrival, before counting.
+const WARM_UP: Duration = Duration::from_millis(500);
+const WINDOW: Duration = Duration::from_secs(3);
+
+/// Bytes each stream received in the window (WebSocket frame headers included: at most 10
+/// bytes per frame of up to 1 MiB).
+///
+/// The viewers are tasks of one two-thread tokio runtime, as an asynchronous client runs
+/// them: one that arrives while the others stream waits its turn behind them before its
+/// first read, so its socket fills and its sender meets a closed window at once. That late
+/// first read is what set off the starvation; thread-per-viewer clients rarely show it.
+fn per_stream_bytes(addr: SocketAddr, ws_path: Option<&str>) -> Vec<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let window = Arc::new(std::sync::OnceLock::<(Instant, Instant)>::new());
+        // Streams opened (and upgraded) so far; the window starts once all are.
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let mut readers = Vec::new();
+        for i in 0..STREAMS {
+            tokio::time::sleep(ARRIVAL_GAP).await;
+            let (window, arrived) = (window.clone(), arrived.clone());
+            let path = ws_path.map(str::to_owned);
+            readers.push(tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                s.set_nodelay(true).unwrap();
+                let mut buf = vec![0u8; 64 << 10];
+                if let Some(path) = path {
+                    s.write_all(upgrade_request(&path, "").as_bytes())
+                        .await
+                        .unwrap();
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        s.read_exact(&mut b).await.expect("upgrade answer");
+                        head.push(b[0]);
+                    }
+                    assert!(head.starts_with(b"HTTP/1.1 101"), "stream {i}: no upgrade");
+                }
+                arrived.fetch_add(1, Ordering::SeqCst);
+                // Read from the start, as a viewer does; count only inside the window.
+                let mut counted = 0u64;
+                loop {
+                    let n = s.read(&mut buf).await.expect("stream read");
+                    assert!(n > 0, "stream {i}: closed mid-stream");
+                    let Some(&(t0, end)) = window.get() else {
+                        continue;
+                    };
+                    let now = Instant::now();
+                    if now >= end {
+                        return counted;
+                    }
+                    if now >= t0 {
+                        counted += n as u64;
+                    }
+                }
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while arrived.load(Ordering::SeqCst) < STREAMS {
+            assert!(Instant::now() < deadline, "streams did not all open");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let t0 = Instant::now() + WARM_UP;
+        let _ = window.set((t0, t0 + WINDOW));
+        let mut out = Vec::new();
+        for r in readers {
+            out.push(r.await.unwrap());
+        }
+        out
+    })
+}
+
+/// Slowest stream over the mean stream.
+fn min_over_mean(x: &[u64]) -> f64 {
+    let mean = x.iter().sum::<u64>() as f64 / x.len() as f64;
+    *x.iter().min().unwrap() as f64 / mean
+}
+
+fn summary(x: &[u64]) -> String {
+    let mb = |b: u64| b as f64 / WINDOW.as_secs_f64() / 1e6;
+    let mut s = x.to_vec();
+    s.sort_unstable();
+    format!(
+        "slowest {:.1} MB/s, median {:.1}, fastest {:.1}, aggregate {:.0}, slowest/mean {:.3}",
+        mb(s[0]),
+        mb(s[s.len() / 2]),
+        mb(s[s.len() - 1]),
+        mb(s.iter().sum()),
+        min_over_mean(x)
+    )
+}
+
+/// A VM drawing continuously: 64 KiB writes of a fixed buffer, as fast as each socket
+/// takes them, one thread per connection, until `stop`. It sends with CUBIC, as the
+/// gateway does by default, so that direct TCP is the same congestion control end to end
+/// (with the host's BBR, direct TCP starves its own late streams here: see the README).
+fn drawing_vm(stop: Arc<AtomicBool>) -> SocketAddr {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_reuse_address(true).unwrap();
+    sock.set_tcp_congestion(b"cubic").unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    sock.listen(1024).unwrap();
+    let l: TcpListener = sock.into();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let frame = vec![0x5au8; 64 << 10];
+                s.set_write_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    match s.write(&frame) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn fifty_streams_each_get_a_fair_share() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let vm = drawing_vm(stop.clone());
+
+    let direct = per_stream_bytes(vm, None);
+    thread::sleep(Duration::from_millis(300));
+    let gw = Gw::with_route("auto", "bulk", vm, &["--workers", "2"]);
+    let through = per_stream_bytes(gw.addr, Some("/vnc/bulk"));
+    stop.store(true, Ordering::SeqCst);
+
+    let v = min_over_mean(&through);
+    let bound = BOUND;
+    let (_, metrics) = gw.admin_get("/metrics");
+    let handed_off = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vncgate_connections_handed_off_total "))
+        .unwrap_or("0")
+        .to_owned();
+    let report = format!(
+        "direct: {}\nvncgate: {}\nbound on vncgate's slowest/mean: {bound:.3}; connections handed between workers: {handed_off}",
+        summary(&direct),
+        summary(&through)
+    );
+    eprintln!("{report}");
+    assert!(
+        v >= bound,
+        "a session starved through the gateway:\n{report}"
+    );
+}
