@@ -575,7 +575,7 @@ fn drain_stops_listening_and_frees_the_port(driver: &str) {
     let (vm, _) = silent_server();
     let mut gw = Gw::with_route(driver, "s", vm, &["--drain-timeout", "3"]);
     let addr = gw.addr;
-    let (mut live, _) = tungstenite::connect(gw.url("s")).unwrap();
+    let mut live = RawWs::connect(addr, "/vnc/s", "");
     // Clients keep arriving, one after another, across the signal.
     let stop = Arc::new(AtomicBool::new(false));
     let prober = {
@@ -635,14 +635,7 @@ fn drain_stops_listening_and_frees_the_port(driver: &str) {
     assert!(seen.get("101").is_some_and(|&n| n > 0), "{seen:?}");
     let (_, through_next) = tungstenite::connect(next.url("s")).unwrap();
     assert_eq!(through_next.status(), 101);
-    let code = loop {
-        match live.read() {
-            Ok(Message::Close(Some(f))) => break f.code,
-            Ok(_) => {}
-            Err(e) => panic!("no close frame: {e}"),
-        }
-    };
-    assert_eq!(code, CloseCode::Away);
+    assert_eq!(close_of(&mut live).0, 1001);
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
