@@ -180,48 +180,13 @@ pub fn dup_tcp(fd: RawFd) -> io::Result<std::net::TcpStream> {
     Ok(tcp_from_raw_fd(new))
 }
 
-/// Sets a TCP socket's congestion control (`TCP_CONGESTION`). Fails with `ENOENT` for an
-/// algorithm the kernel does not have, `EPERM` for one an unprivileged process may not
-/// choose (`net.ipv4.tcp_allowed_congestion_control`).
+/// Sets a TCP socket's congestion control (`TCP_CONGESTION`, through socket2). Fails with
+/// `ENOENT` for an algorithm the kernel does not have, `EPERM` for one an unprivileged
+/// process may not choose (`net.ipv4.tcp_allowed_congestion_control`).
 pub fn set_congestion(fd: RawFd, name: &str) -> io::Result<()> {
-    // SAFETY: the pointer and length come from a live string slice; the kernel copies at
-    // most that many bytes.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_CONGESTION,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-/// Reads a TCP socket's congestion control.
-pub fn congestion(fd: RawFd) -> io::Result<String> {
-    let mut buf = [0u8; 16];
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `buf` and updates `len`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_CONGESTION,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let b = &buf[..len as usize];
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    Ok(String::from_utf8_lossy(&b[..end]).into_owned())
+    // SAFETY: `fd` stays open for the call (the caller's socket); socket2 only borrows it.
+    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&sock).set_tcp_congestion(name.as_bytes())
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit. A

@@ -8,7 +8,6 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd as _;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -75,7 +74,7 @@ pub fn bind_group(
         s.set_reuse_port(true)?;
         s.set_nonblocking(true)?;
         if let Some(cc) = congestion {
-            crate::sys::set_congestion(s.as_raw_fd(), cc)?;
+            s.set_tcp_congestion(cc.as_bytes())?;
         }
         s.bind(&addr.into())?;
         s.listen(4096)?;
@@ -111,8 +110,14 @@ mod congestion_tests {
     /// it once per listener, not once per connection.
     #[test]
     fn accepted_connections_inherit_the_listeners_congestion_control() {
+        // The kernel's name, without the NUL padding of its fixed-size buffer.
+        let cc = |s: socket2::SockRef<'_>| {
+            let mut name = s.tcp_congestion().unwrap();
+            name.retain(|&b| b != 0);
+            String::from_utf8(name).unwrap()
+        };
         let probe = socket_for("127.0.0.1:0".parse().unwrap()).unwrap();
-        let host = crate::sys::congestion(probe.as_raw_fd()).unwrap();
+        let host = cc((&probe).into());
         // Whatever the host's default is, ask for a different one the kernel has.
         let want = if host == "reno" { "cubic" } else { "reno" };
         let group = bind_group("127.0.0.1:0".parse().unwrap(), 1, false, Some(want)).unwrap();
@@ -120,10 +125,7 @@ mod congestion_tests {
         let client = std::net::TcpStream::connect(addr).unwrap();
         group[0].set_nonblocking(false).unwrap();
         let (server_side, _) = group[0].accept().unwrap();
-        assert_eq!(
-            crate::sys::congestion(server_side.as_raw_fd()).unwrap(),
-            want
-        );
-        assert_eq!(crate::sys::congestion(client.as_raw_fd()).unwrap(), host);
+        assert_eq!(cc((&server_side).into()), want);
+        assert_eq!(cc((&client).into()), host);
     }
 }

@@ -245,13 +245,12 @@ where
 fn resolve_congestion(
     c: &crate::config::TcpCongestion,
 ) -> Result<Option<std::sync::Arc<str>>, String> {
-    use std::os::fd::AsRawFd as _;
     let Some(name) = &c.name else {
         return Ok(None);
     };
     let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
         .map_err(|e| format!("cannot create a socket: {e}"))?;
-    match crate::sys::set_congestion(probe.as_raw_fd(), name) {
+    match probe.set_tcp_congestion(name.as_bytes()) {
         Ok(()) => Ok(Some(name.as_str().into())),
         Err(e) => {
             let why = match e.raw_os_error() {
