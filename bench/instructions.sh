@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Instruction counts of the WebSocket core under valgrind's callgrind: the same operations as
-# the criterion micro benchmarks (gateway/benches/core.rs), as instructions per operation and
+# the criterion micro benchmarks (ws/benches/core.rs), as instructions per operation and
 # per byte. Counts hardly move on a noisy machine, so a regression of a few % shows.
 #
 #   bench/instructions.sh                                              # table + JSON
 #   bench/instructions.sh --compare bench/results/instructions-baseline.json
 #   bench/instructions.sh --compare OLD.json --threshold 2             # fail above +2 %
 #
-# Builds gateway/benches/instructions.rs with the bench profile (release, debug = 1), runs
+# Builds ws/benches/instructions.rs with the bench profile (release, debug = 1), runs
 # each operation under callgrind twice (ITERS times and 0 times; only the function
 # `cg_measured` is counted) and takes the difference over ITERS, so process start-up and
 # input set-up are not counted. Installs valgrind with apt-get when it is missing and this
@@ -58,7 +58,7 @@ if ! command -v valgrind >/dev/null 2>&1; then
 fi
 
 echo "instructions.sh: building the bench binary (bench profile)" >&2
-bin=$(nice -n 10 cargo bench -p vncgate --bench instructions --no-run --message-format=json |
+bin=$(nice -n 10 cargo bench -p vncgate-ws --bench instructions --no-run --message-format=json |
     python3 -c '
 import json, sys
 exe = None

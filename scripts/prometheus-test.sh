@@ -2,7 +2,7 @@
 # The Prometheus rules and a real Prometheus against a real gateway:
 #   1. promtool checks config/prometheus/*.yml and runs the rules' unit tests;
 #   2. every metric the rules use is one the gateway defines (gateway/src/metrics.rs);
-#   3. a real Prometheus scrapes `vncgate demo` while the swarm runs sessions through it,
+#   3. a real Prometheus scrapes `vncgate-loadtest demo` (the gateway in front of a synthetic desktop) while the swarm runs sessions through it,
 #      loads the rules (all healthy), and answers queries on the gateway's series and on a
 #      recording rule.
 # Installs Debian's prometheus (for promtool and the server) when missing.
@@ -44,7 +44,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$target/debug/vncgate" demo --listen 127.0.0.1:0 --admin 127.0.0.1:0 >"$work/gw.out" 2>"$work/gw.log" &
+"$target/debug/vncgate-loadtest" demo --gateway "$target/debug/vncgate" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 1 >"$work/gw.out" 2>"$work/gw.log" &
 pids+=($!)
 for _ in $(seq 100); do grep -q 'admin on' "$work/gw.out" 2>/dev/null && break; sleep 0.1; done
 admin=$(sed -n 's/^vncgate: admin on http:\/\/\(.*\)$/\1/p' "$work/gw.out")

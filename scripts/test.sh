@@ -64,7 +64,7 @@ step "Autobahn|Testsuite fuzzingclient, compared with the expected results"
 scripts/autobahn.sh
 
 fuzz_seconds=${FUZZ_SECONDS:-15}
-if [ "$fuzz_seconds" != "0" ] && [ -x gateway/fuzz/smoke.sh ]; then
+if [ "$fuzz_seconds" != "0" ] && [ -x ws/fuzz/smoke.sh ]; then
   step "fuzz smoke (${fuzz_seconds}s per target)"
-  gateway/fuzz/smoke.sh "$fuzz_seconds"
+  ws/fuzz/smoke.sh "$fuzz_seconds"
 fi

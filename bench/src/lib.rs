@@ -14,8 +14,7 @@
 //! - `runner`: the interleaved repetitions that tie it together.
 //! - `routing`: the routing bench (`vncgate-bench-routing`): upgrades per second with routes
 //!   from Redis, cold and warm cache, as a ratio to static routes.
-//! - `sys`: the only `unsafe` (rlimit, clock ticks, kill).
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod conn;
@@ -27,6 +26,5 @@ pub mod proxy;
 pub mod report;
 pub mod routing;
 pub mod runner;
-mod sys;
 pub mod targets;
 pub mod ws;

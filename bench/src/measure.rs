@@ -443,12 +443,12 @@ pub fn idle_memory(t: &Target, n: usize, proxy_pids: &[u32]) -> Result<IdleMemor
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
-    let before = procfs::memory(proxy_pids);
+    let before = procfs::memory(proxy_pids)?;
     rt.block_on(async {
         let sessions = idle::open(&cfg).await.map_err(|e| e.to_string())?;
         let ramp_s = sessions.ramp().as_secs_f64();
         tokio::time::sleep(IDLE_SETTLE).await;
-        let after = procfs::memory(proxy_pids);
+        let after = procfs::memory(proxy_pids)?;
         let held = sessions.sample();
         let tally = sessions.close().await;
         let per = |a: u64, b: u64| (a as f64 - b as f64) / held.max(1) as f64;

@@ -59,35 +59,27 @@ pub fn cpu_seconds(roots: &[u32]) -> f64 {
         .filter(|f| f.len() > STAT_CSTIME)
         .map(|f| f[STAT_UTIME] + f[STAT_STIME] + f[STAT_CUTIME] + f[STAT_CSTIME])
         .sum();
-    ticks as f64 / crate::sys::clock_ticks() as f64
+    ticks as f64 / rustix::param::clock_ticks_per_second() as f64
 }
 
 /// Resident and proportional set size in KiB, summed over the tree. Summed RSS counts
 /// shared pages once per process (it overstates forking servers); PSS splits them.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Memory {
-    pub rss_kib: u64,
-    pub pss_kib: u64,
-}
+pub use vncgate_loadtest::procmem::Memory;
 
-pub fn memory(roots: &[u32]) -> Memory {
+/// The memory of `roots` and their descendants. A root whose memory cannot be read fails
+/// the measurement (a figure of 0 KiB would be reported as a result); a descendant that
+/// exited between the listing and the read is skipped.
+pub fn memory(roots: &[u32]) -> Result<Memory, String> {
     let mut m = Memory::default();
     for pid in tree(roots) {
-        let Ok(s) = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
-            continue;
-        };
-        for line in s.lines() {
-            let mut it = line.split_ascii_whitespace();
-            let (Some(name), Some(v)) = (it.next(), it.next()) else {
-                continue;
-            };
-            let v: u64 = v.parse().unwrap_or(0);
-            match name {
-                "Rss:" => m.rss_kib += v,
-                "Pss:" => m.pss_kib += v,
-                _ => {}
+        match vncgate_loadtest::procmem::read(pid) {
+            Ok(p) => {
+                m.rss_kib += p.rss_kib;
+                m.pss_kib += p.pss_kib;
             }
+            Err(e) if roots.contains(&pid) => return Err(format!("memory of pid {pid}: {e}")),
+            Err(_) => {}
         }
     }
-    m
+    Ok(m)
 }

@@ -128,7 +128,10 @@ impl Running {
         let roots = self.pids();
         for pid in crate::procfs::tree(&roots) {
             if !roots.contains(&pid) {
-                crate::sys::kill(pid);
+                if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                    // A stale pid yields ESRCH: that process is gone already.
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                }
             }
         }
         for c in &mut self.children {

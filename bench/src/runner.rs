@@ -16,7 +16,7 @@ use crate::plot;
 use crate::point::Point;
 use crate::proxy::{self, Kind, Running};
 use crate::report::{self, Header, ProxyResult, Run};
-use crate::{conn, sys, targets};
+use crate::{conn, targets};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -50,7 +50,8 @@ pub fn run(cfg: &Config) -> Result<(), String> {
             let _ = std::fs::remove_file(e.path());
         }
     }
-    let nofile = sys::raise_nofile().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
+    let nofile = vncgate_loadtest::limits::raise_nofile()
+        .ok_or("cannot read or raise RLIMIT_NOFILE (see the warning above)")?;
     // The client side of the idle sessions, plus slack (their upstream side is in the fake
     // VM's process).
     let max_idle = cfg.idle.iter().copied().max().unwrap_or(0);

@@ -5,8 +5,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`readiness`] | sans-IO: is this byte string an RFB `ProtocolVersion` banner? |
-//! | [`probe`] | connect to a VM's VNC port, read the banner under a deadline, name the outcome |
+//! | [`probe`] | connect to a VM's VNC port, read the banner under a deadline (checked by `vncgate_rfb::banner`), name the outcome |
 //! | [`publish`] | publish a session's route in Redis once its VM is ready; withdraw it |
 //!
 //! The binary (`src/main.rs`) parses flags and calls [`probe::probe`] and [`publish`].
@@ -15,4 +14,3 @@
 
 pub mod probe;
 pub mod publish;
-pub mod readiness;

@@ -8,7 +8,7 @@ use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use crate::readiness::{BANNER_LEN, BannerError, RfbVersion, parse_banner};
+use vncgate_rfb::banner::{BANNER_LEN, BannerError, RfbVersion, parse_banner};
 
 /// What a probe found. Everything but `Ready` means "do not publish a route yet".
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use vncgate_controller::probe::{ProbeOutcome, probe};
-use vncgate_controller::readiness::RfbVersion;
 use vncgate_loadtest::fakevm;
+use vncgate_rfb::banner::RfbVersion;
 
 /// Generous: only bounds a broken test. Outcomes are asserted, never durations.
 const LONG: Duration = Duration::from_secs(10);

@@ -6,14 +6,19 @@
 //! the gateway) and a metric label; the README publishes the table. Reasons never contain
 //! the VM's address.
 
-use crate::ws::frame::ProtocolError;
+use vncgate_ws::frame::ProtocolError;
 
-/// Whose fault an ending is, in pingora's terms: downstream, upstream or internal.
+/// Whose fault an ending is, in pingora's terms: downstream, upstream or internal, plus the
+/// endings that are nobody's fault because a rule said so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Blame {
     Browser,
     Vm,
+    /// A fault of the gateway itself (or of a dependency it could not reach): page on it.
     Gateway,
+    /// A rule did its job: the session expired, was revoked, hit its viewer or duration
+    /// limit, pointed outside the upstream policy; the gateway is draining or full.
+    Policy,
 }
 
 impl Blame {
@@ -22,6 +27,7 @@ impl Blame {
             Blame::Browser => "browser",
             Blame::Vm => "vm",
             Blame::Gateway => "gateway",
+            Blame::Policy => "policy",
         }
     }
 }
@@ -44,7 +50,7 @@ const fn cause(code: u16, reason: &'static str, name: &'static str, blame: Blame
     }
 }
 
-pub const GOING_AWAY: CloseCause = cause(1001, "gateway shutting down", "drain", Blame::Gateway);
+pub const GOING_AWAY: CloseCause = cause(1001, "gateway shutting down", "drain", Blame::Policy);
 pub const INTERNAL: CloseCause = cause(1011, "gateway internal error", "internal", Blame::Gateway);
 
 pub const UPSTREAM_REFUSED: CloseCause =
@@ -62,9 +68,9 @@ pub const UPSTREAM_ERROR: CloseCause = cause(
     Blame::Vm,
 );
 pub const SESSION_EXPIRED: CloseCause =
-    cause(4005, "session expired", "session_expired", Blame::Gateway);
+    cause(4005, "session expired", "session_expired", Blame::Policy);
 pub const SESSION_REVOKED: CloseCause =
-    cause(4006, "session revoked", "session_revoked", Blame::Gateway);
+    cause(4006, "session revoked", "session_revoked", Blame::Policy);
 pub const IDLE_TIMEOUT: CloseCause = cause(4007, "idle timeout", "idle_timeout", Blame::Browser);
 pub const KEEPALIVE_TIMEOUT: CloseCause = cause(
     4008,
@@ -73,18 +79,18 @@ pub const KEEPALIVE_TIMEOUT: CloseCause = cause(
     Blame::Browser,
 );
 pub const TOO_MANY_VIEWERS: CloseCause =
-    cause(4009, "too many viewers", "too_many_viewers", Blame::Gateway);
+    cause(4009, "too many viewers", "too_many_viewers", Blame::Policy);
 pub const UPSTREAM_FORBIDDEN: CloseCause = cause(
     4010,
     "vm address not allowed by gateway policy",
     "upstream_forbidden",
-    Blame::Gateway,
+    Blame::Policy,
 );
 pub const MAX_DURATION: CloseCause = cause(
     4011,
     "session duration limit reached",
     "max_duration",
-    Blame::Gateway,
+    Blame::Policy,
 );
 
 /// The published table (README, tests): every code the gateway itself may send.
@@ -139,7 +145,7 @@ mod tests {
         for (i, a) in TABLE.iter().enumerate() {
             assert!(a.reason.len() <= 123, "{}", a.reason);
             assert!(
-                crate::ws::frame::is_valid_received_code(a.code),
+                vncgate_ws::frame::is_valid_received_code(a.code),
                 "{} not sendable",
                 a.code
             );

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::policy::{UpstreamPolicy, parse_cidr};
 use crate::route::{self, Route, StaticRoutes};
 use crate::routing::RedisSettings;
-use crate::ws::handshake::HandshakeConfig;
+use vncgate_ws::handshake::HandshakeConfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "vncgate", version, about = "VNC-over-WebSocket gateway")]
@@ -25,10 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
-    Serve(ServeArgs),
-    /// Run the gateway with an embedded synthetic desktop as the VM (route `demo`, no
-    /// Redis, nothing else to start) and print the URL to open.
-    Demo(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage routes in Redis (for deployments without the controller).
     #[command(subcommand)]
     Route(RouteCommand),
@@ -620,7 +617,7 @@ mod tests {
         let mut full = vec!["vncgate", "serve"];
         full.extend_from_slice(v);
         match Cli::try_parse_from(full).unwrap().command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             _ => unreachable!(),
         }
     }

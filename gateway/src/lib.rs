@@ -2,10 +2,14 @@
 //!
 //! A browser running noVNC opens `ws(s)://gateway/vnc/<session>`; the gateway performs the
 //! RFC 6455 upgrade itself, authenticates the session, looks up its route, dials the VM's
-//! VNC port and relays RFB both ways. The map:
+//! VNC port and relays RFB both ways. The WebSocket protocol core (handshake parsing and
+//! responses, the frame parser, frame encoders, unmasking) is its own crate, `vncgate-ws`,
+//! sans IO, and the route schema is `vncgate-schema`'s; ARCHITECTURE.md at the repository
+//! root says how the crates fit. The map of this one:
 //!
-//! - [`ws`]: the WebSocket protocol core, sans IO: handshake parsing and responses, the
-//!   incremental frame parser, frame encoders, unmasking.
+//! - [`admission`]: whether a parsed upgrade becomes a session, as a pure decision (HTTP
+//!   refusal with its blame, an immediate close with its cause, or an admission).
+//! - [`deadlines`]: a session's expiry, duration, idle and keepalive deadlines, sans IO.
 //! - [`token`]: session tokens, held as SHA-256 digests and compared in constant time.
 //! - [`route`]: the [`route::RouteSource`] trait and the static sources (flags, routes file).
 //! - [`route_admin`]: `vncgate route add|del|list`, route management in Redis.
@@ -18,8 +22,12 @@
 //!   listeners, sessions, the splice relay, the admin endpoint, drain.
 //! - [`metrics`]: metric names and the Prometheus recorder.
 
+#![deny(unsafe_code)]
+
+pub mod admission;
 pub mod close;
 pub mod config;
+pub mod deadlines;
 pub mod metrics;
 pub mod policy;
 pub mod route;
@@ -28,4 +36,3 @@ pub mod routing;
 pub mod server;
 pub mod sys;
 pub mod token;
-pub mod ws;

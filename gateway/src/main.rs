@@ -1,15 +1,17 @@
 //! `vncgate`: flags in, gateway out. The library does the work; see `lib.rs` for the map.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser as _;
 use signal_hook::consts::{SIGINT, SIGTERM};
-use vncgate::config::{Cli, Command, LogFormat, ServeArgs};
+use vncgate::config::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cmd = match &cli.command {
-        Command::Serve(args) | Command::Demo(args) => {
+        Command::Serve(args) => {
             init_logging(args.log_format);
             &cli.command
         }
@@ -46,18 +48,14 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-#[cfg(not(feature = "demo"))]
-fn demo_settings(_: &ServeArgs) -> Result<vncgate::config::Settings, String> {
-    Err("this build has no demo (built without the `demo` feature)".into())
-}
-
 fn run(cmd: &Command) -> Result<(), String> {
-    let (settings, demo) = match cmd {
-        Command::Serve(a) => (a.settings(vec![])?, false),
-        Command::Demo(a) => (demo_settings(a)?, true),
+    let settings = match cmd {
+        Command::Serve(a) => a.settings(vec![])?,
         Command::Route(_) => unreachable!("handled in main"),
     };
-    match vncgate::sys::raise_nofile_limit() {
+    // A gateway holds two descriptors per idle session, four while it sends (each socket,
+    // and its second handle for send ops): the soft limit goes up to the hard one.
+    match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(nofile = n, "descriptor limit raised"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
     }
@@ -90,16 +88,6 @@ fn run(cmd: &Command) -> Result<(), String> {
     if let Some(a) = running.admin_addr {
         println!("vncgate: admin on http://{a}");
     }
-    if demo {
-        let a = running.local_addr;
-        println!("vncgate: demo desktop at ws://{a}{prefix}demo");
-        println!(
-            "vncgate: open noVNC with host={} port={} path={}demo (see README: Seeing the demo desktop)",
-            a.ip(),
-            a.port(),
-            prefix.trim_start_matches('/')
-        );
-    }
     let shared = running.shared();
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
@@ -124,25 +112,4 @@ fn run(cmd: &Command) -> Result<(), String> {
     running.join();
     tracing::info!("all workers drained; exiting");
     Ok(())
-}
-
-/// `serve` plus a synthetic RFB desktop on a loopback port as the VM of route `demo`.
-#[cfg(feature = "demo")]
-fn demo_settings(a: &ServeArgs) -> Result<vncgate::config::Settings, String> {
-    let vm = vncgate_loadtest::fakevm::spawn_background(vncgate_loadtest::fakevm::Config {
-        name: "vncgate demo desktop".into(),
-        ..Default::default()
-    })
-    .map_err(|e| format!("cannot start the synthetic desktop: {e}"))?;
-    let mut a = a.clone();
-    a.allow_upstream.push(format!("{}/32", vm.ip()));
-    a.settings(vec![(
-        "demo".into(),
-        vncgate::route::Route {
-            upstream: vm,
-            token_digest: None,
-            expires_at: None,
-            max_viewers: None,
-        },
-    )])
 }

@@ -1,4 +1,4 @@
-//! The gateway's only `unsafe`: thin wrappers over splice(2), pipe2(2), fcntl(2) and
+//! The gateway's only `unsafe` (the crate denies it everywhere else): thin wrappers over splice(2), pipe2(2), fcntl(2) and
 //! non-blocking send/recv on raw socket descriptors.
 //!
 //! Invariant upheld here: every function takes descriptors that the caller keeps open for
@@ -6,6 +6,8 @@
 //! [`Pipe`]), and every buffer pointer/length pair comes from a Rust slice. Nothing is
 //! retained past the call. All calls are non-blocking: `WouldBlock` tells the caller to wait
 //! for readiness through the runtime.
+
+#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -163,13 +165,6 @@ impl Pipe {
     }
 }
 
-/// Takes ownership of a connected TCP socket descriptor handed over from another worker.
-/// The caller must own `fd` (it comes from `IntoRawFd`), and gives it up here.
-pub fn tcp_from_raw_fd(fd: RawFd) -> std::net::TcpStream {
-    // SAFETY: per the contract above, `fd` is an open TCP socket owned by nobody else.
-    unsafe { std::net::TcpStream::from_raw_fd(fd) }
-}
-
 /// A second descriptor for an open TCP socket (`F_DUPFD_CLOEXEC`).
 pub fn dup_tcp(fd: RawFd) -> io::Result<std::net::TcpStream> {
     // SAFETY: fcntl on a descriptor the caller keeps open; no memory is passed.
@@ -177,7 +172,8 @@ pub fn dup_tcp(fd: RawFd) -> io::Result<std::net::TcpStream> {
     if new < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(tcp_from_raw_fd(new))
+    // SAFETY: `new` is the descriptor fcntl just created; nobody else owns it.
+    Ok(unsafe { std::net::TcpStream::from_raw_fd(new) })
 }
 
 /// Sets a TCP socket's congestion control (`TCP_CONGESTION`, through socket2). Fails with
@@ -187,27 +183,6 @@ pub fn set_congestion(fd: RawFd, name: &str) -> io::Result<()> {
     // SAFETY: `fd` stays open for the call (the caller's socket); socket2 only borrows it.
     let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     socket2::SockRef::from(&sock).set_tcp_congestion(name.as_bytes())
-}
-
-/// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit. A
-/// gateway holds two descriptors per idle session, four while it sends (each socket, and
-/// its second handle for send ops).
-pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        lim.rlim_cur = lim.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(lim.rlim_cur)
 }
 
 #[cfg(test)]

@@ -4,8 +4,7 @@
 //! store digests. `Debug` never prints a digest either, so a token cannot leak into a log.
 
 use subtle::ConstantTimeEq as _;
-
-use crate::ws::handshake::Reject;
+use vncgate_ws::handshake::PresentedToken;
 
 pub use vncgate_schema::record::MAX_TOKEN_LEN;
 
@@ -16,11 +15,18 @@ pub type TokenDigest = [u8; 32];
 pub struct Token(TokenDigest);
 
 impl Token {
-    /// Hashes a presented token. Tokens are printable ASCII without spaces or separators
-    /// (they ride in a URL query, a subprotocol token or a header).
-    pub fn from_bytes(raw: &[u8]) -> Result<Token, Reject> {
-        vncgate_schema::record::check_token(raw).map_err(Reject::BadRequest)?;
+    /// Hashes a token. Tokens are printable ASCII without spaces or separators (they ride
+    /// in a URL query, a subprotocol token or a header); the error is the reason a client
+    /// gets with its 400.
+    pub fn from_bytes(raw: &[u8]) -> Result<Token, &'static str> {
+        vncgate_schema::record::check_token(raw)?;
         Ok(Token(Self::digest_of(raw)))
+    }
+
+    /// Hashes the token a client presented in its upgrade request; the plaintext stays
+    /// with the request, which the session drops before the relay starts.
+    pub fn presented(t: &PresentedToken) -> Result<Token, &'static str> {
+        Self::from_bytes(t.bytes())
     }
 
     pub fn digest_of(raw: &[u8]) -> TokenDigest {

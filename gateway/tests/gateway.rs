@@ -1014,20 +1014,6 @@ fn deny_io_uring() -> std::io::Result<()> {
     Ok(())
 }
 
-#[test]
-fn demo_serves_the_synthetic_desktop() {
-    let gw = Gw::spawn(std::process::Command::new(BIN).args([
-        "demo",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-    ]))
-    .expect("demo starts");
-    let mut ws = RawWs::connect(gw.addr, "/vnc/demo", "");
-    assert_eq!(ws.read_data(12), b"RFB 003.008\n");
-}
-
 /// Connections are evened out across workers whatever SO_REUSEPORT's hash decides.
 #[test]
 fn connections_are_balanced_across_workers() {

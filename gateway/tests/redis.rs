@@ -273,7 +273,7 @@ fn the_viewer_limit_refuses_the_next_connection_with_4009() {
     let counted = eventually(Duration::from_secs(3), || {
         metric(
             &gw,
-            "vncgate_sessions_closed_total{code=\"4009\",cause=\"too_many_viewers\",blame=\"gateway\"}",
+            "vncgate_sessions_closed_total{code=\"4009\",cause=\"too_many_viewers\",blame=\"policy\"}",
         ) == 2.0 + refused
     });
     assert!(counted, "refusals are counted by close code");

@@ -40,7 +40,7 @@ use tracing::debug;
 use crate::dial::{
     ABNORMAL, Dialer, SetupError, Tls, Ws, closed_by_server, upgrade_request, ws_stream_error_kind,
 };
-use crate::rfb::ClientHandshake;
+use vncgate_rfb::ClientHandshake;
 
 /// Settings of an idle run.
 #[derive(Debug, Clone)]
@@ -500,13 +500,9 @@ async fn open_one(
     }
 }
 
-/// PSS of one process in KiB, from `/proc/PID/smaps_rollup`.
+/// PSS of one process in KiB (see [`crate::procmem`]); `None` when it cannot be read.
 pub fn pss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    s.lines().find_map(|l| {
-        let rest = l.strip_prefix("Pss:")?;
-        rest.split_ascii_whitespace().next()?.parse().ok()
-    })
+    crate::procmem::read(pid).ok().map(|m| m.pss_kib)
 }
 
 /// The result of an idle run. With `--json` this is the last line on stdout.

@@ -33,6 +33,23 @@ enum Cmd {
     /// Open and hold N idle RFB-over-WebSocket sessions; report how many were held and
     /// (with --pid) what they cost that process in PSS.
     Idle(IdleArgs),
+    /// Run the vncgate gateway in front of a synthetic desktop (route `demo`, no Redis) and
+    /// print the URL to open. Flags after the demo's own go to `vncgate serve`.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// The vncgate binary [default: `vncgate` next to this one, then on PATH].
+    #[arg(long, value_name = "PATH")]
+    gateway: Option<std::path::PathBuf>,
+    /// Flags for `vncgate serve`, e.g. `--listen 127.0.0.1:8080 --admin 127.0.0.1:9090`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "SERVE_FLAGS"
+    )]
+    serve: Vec<std::ffi::OsString>,
 }
 
 /// Certificate verification for wss:// URLs.
@@ -286,6 +303,23 @@ async fn main() -> ExitCode {
                 a.json,
                 swarm::Report::to_json_line,
             )
+        }
+        Cmd::Demo(a) => {
+            init_tracing("info");
+            let cfg = vncgate_loadtest::demo::Config {
+                gateway: a.gateway,
+                serve_args: a.serve,
+            };
+            match vncgate_loadtest::demo::run(cfg).await {
+                Ok(status) if status.success() => ExitCode::SUCCESS,
+                Ok(status) => {
+                    ExitCode::from(status.code().map_or(1, |c| u8::try_from(c).unwrap_or(1)))
+                }
+                Err(e) => {
+                    eprintln!("vncgate-loadtest: demo: {e}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Cmd::Idle(a) => {
             init_tracing("warn");

@@ -5,7 +5,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use vncgate_loadtest::fakevm::{self, Config, UpdateArea};
-use vncgate_loadtest::rfb::auth;
+use vncgate_rfb::auth;
 
 fn cfg() -> Config {
     Config {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::Shared;
-use crate::ws::handshake::status_text;
+use vncgate_ws::handshake::status_text;
 
 pub fn spawn(
     listener: TcpListener,

@@ -11,6 +11,7 @@ pub mod pool;
 pub mod relay;
 pub mod session;
 pub mod signal;
+pub mod sock;
 pub mod viewers;
 pub mod worker;
 

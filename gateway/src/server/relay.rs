@@ -43,11 +43,13 @@ use monoio::io::AsyncWriteRent;
 use monoio::net::TcpStream;
 
 use super::signal::{Nudge, Signal, WriteGate, yield_now};
+use super::sock::{linger_close, write_all};
 use super::worker::Worker;
 use crate::close::{self, CloseCause};
+use crate::deadlines::{Deadlines, Next};
 use crate::route::RouteSource;
 use crate::sys::{self, Pipe};
-use crate::ws::frame::{
+use vncgate_ws::frame::{
     ControlFrame, ControlPayload, FrameParser, Item, MAX_SERVER_HEADER, OP_BINARY, OP_PING,
     OP_PONG, encode_header,
 };
@@ -127,47 +129,10 @@ pub struct Relay<'a, S: RouteSource> {
     out: RefCell<Outbound>,
     parser: RefCell<FrameParser>,
     last_activity: Cell<Instant>,
-    pong_due: Cell<Option<Instant>>,
+    /// Expiry, duration limit, idle and keepalive (sans IO: [`crate::deadlines`]).
+    deadlines: RefCell<Deadlines>,
     pub to_browser: Cell<u64>,
     pub to_vm: Cell<u64>,
-}
-
-/// Writes all of `buf`, waiting for writability as needed.
-pub async fn write_all(stream: &TcpStream, buf: &[u8]) -> io::Result<()> {
-    let fd = stream.as_raw_fd();
-    let mut off = 0;
-    while off < buf.len() {
-        match sys::send(fd, &buf[off..], false) {
-            Ok(n) => off += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable(false).await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// After the last frame: FIN our side, then read and discard until the peer closes (or
-/// `linger` passes), so that unread bytes do not turn our close into a reset that could
-/// destroy the response or close frame before the peer reads it.
-pub async fn linger_close(stream: &TcpStream, linger: Duration) {
-    let fd = stream.as_raw_fd();
-    let _ = sys::shutdown_write(fd);
-    let drain = async {
-        let mut scratch = [0u8; 1024];
-        loop {
-            match sys::recv(fd, &mut scratch) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if stream.readable(false).await.is_err() {
-                        return;
-                    }
-                }
-                Err(_) => return,
-            }
-        }
-    };
-    let _ = monoio::time::timeout(linger, drain).await;
 }
 
 /// Bytes a session may move in one direction before it yields to the worker's other
@@ -218,7 +183,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             out: RefCell::new(Outbound::default()),
             parser: RefCell::new(FrameParser::new(w.limits.max_message)),
             last_activity: Cell::new(Instant::now()),
-            pong_due: Cell::new(None),
+            deadlines: RefCell::new(Deadlines::new(Instant::now(), &w.limits)),
             to_browser: Cell::new(0),
             to_vm: Cell::new(0),
         }
@@ -649,7 +614,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                             data_end += len;
                         }
                         Some(Item::Ping(p)) => pongs.push(p),
-                        Some(Item::Pong(_)) => self.pong_due.set(None),
+                        Some(Item::Pong(_)) => self.deadlines.borrow_mut().pong(),
                         Some(Item::Close(c)) => {
                             outcome = Err(End::ClientClose(c.code));
                             break;
@@ -671,63 +636,33 @@ impl<'a, S: RouteSource> Relay<'a, S> {
     /// Keepalive pings and their pong deadline, the idle timeout, the route's expiry and
     /// the session duration cap.
     async fn timers(&self, expires_at: &Cell<Option<Instant>>) -> End {
-        let l = &self.w.limits;
-        let started = Instant::now();
-        let max_end = l.max_session_duration.map(|d| started + d);
-        let mut next_ping = l.keepalive_interval.map(|i| started + i);
         loop {
             let now = Instant::now();
-            let expires = expires_at.get();
-            let idle_at = l.idle_timeout.map(|d| self.last_activity.get() + d);
             let sweep_at = (self.tx_open.get() > 0)
                 .then(|| self.last_activity.get().max(self.tx_swept.get()) + SEND_HANDLE_IDLE);
             if sweep_at.is_some_and(|t| now >= t) {
                 self.close_idle_send_handles(now);
                 continue;
             }
-            if expires.is_some_and(|t| now >= t) {
-                return End::Cause(close::SESSION_EXPIRED);
-            }
-            if max_end.is_some_and(|t| now >= t) {
-                return End::Cause(close::MAX_DURATION);
-            }
-            if idle_at.is_some_and(|t| now >= t) {
-                return End::Cause(close::IDLE_TIMEOUT);
-            }
-            if self.pong_due.get().is_some_and(|t| now >= t) {
-                return End::Cause(close::KEEPALIVE_TIMEOUT);
-            }
-            if let (Some(p), Some(interval)) = (next_ping, l.keepalive_interval)
-                && now >= p
-            {
-                // A browser that accepts no bytes for the whole pong deadline (not even
-                // the ping behind a frame in flight) is as dead as one that never pongs.
-                let ping = ControlFrame::new(OP_PING, b"vncgate");
-                match monoio::time::timeout(l.keepalive_timeout, self.send_control(&ping)).await {
-                    Err(_) => return End::Cause(close::KEEPALIVE_TIMEOUT),
-                    Ok(Err(e)) => return client_write_error(&e),
-                    Ok(Ok(())) => {
-                        if self.pong_due.get().is_none() {
-                            self.pong_due
-                                .set(Some(Instant::now() + l.keepalive_timeout));
-                        }
+            let next =
+                self.deadlines
+                    .borrow()
+                    .next(now, expires_at.get(), self.last_activity.get());
+            let wake = match next {
+                Next::Close(cause) => return End::Cause(cause),
+                Next::Ping => {
+                    let ping = ControlFrame::new(OP_PING, b"vncgate");
+                    let limit = self.deadlines.borrow().ping_timeout();
+                    match monoio::time::timeout(limit, self.send_control(&ping)).await {
+                        Err(_) => return End::Cause(close::KEEPALIVE_TIMEOUT),
+                        Ok(Err(e)) => return client_write_error(&e),
+                        Ok(Ok(())) => self.deadlines.borrow_mut().ping_sent(now, Instant::now()),
                     }
+                    continue;
                 }
-                next_ping = Some(now + interval);
-                continue;
-            }
-            let next = [
-                expires,
-                max_end,
-                idle_at,
-                self.pong_due.get(),
-                next_ping,
-                sweep_at,
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            match next {
+                Next::Wait(at) => [at, sweep_at].into_iter().flatten().min(),
+            };
+            match wake {
                 Some(t) => monoio::select! {
                     () = monoio::time::sleep(t.saturating_duration_since(now)) => {}
                     () = self.timers_nudge.wait() => {}

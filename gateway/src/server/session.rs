@@ -1,5 +1,7 @@
-//! One client connection from accept to close: read and validate the upgrade request,
-//! look up and authorize the route, answer 101, dial the VM, relay, close by name.
+//! One client connection from accept to close: read the upgrade request, ask
+//! [`crate::admission`] for its fate (with the route lookup's answer), carry the decision out
+//! (refuse, or answer 101 and close at once, or dial the VM and relay), close by name. The
+//! connection passes admission, then the relay, once each.
 //!
 //! Failures before the upgrade are HTTP statuses. After it, every failure is a WebSocket
 //! close with a code and reason from [`crate::close`], because a browser sees only 1006
@@ -13,14 +15,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use monoio::net::TcpStream;
 
-use super::relay::{End, Relay, linger_close, write_all};
-use super::worker::Worker;
+use super::relay::{End, Relay};
+use super::sock;
+use super::worker::{SessionCtl, Worker};
+use crate::admission::{self, Decision, Refusal};
 use crate::close::{self, Blame, CloseCause};
 use crate::metrics as m;
-use crate::route::{Denied, RouteSource};
+use crate::route::RouteSource;
 use crate::sys;
-use crate::ws::frame::ControlFrame;
-use crate::ws::handshake::{self, Parsed, Reject, UpgradeRequest};
+use vncgate_ws::frame::ControlFrame;
+use vncgate_ws::handshake::{self, Parsed, Reject, UpgradeRequest};
 
 /// Why the upgrade request could not be read.
 enum HeadError {
@@ -53,119 +57,87 @@ pub async fn serve<S: RouteSource>(
     let req = match read {
         Ok(Ok(req)) => req,
         Ok(Err(HeadError::Reject(r))) => {
-            reject(&stream, peer, None, r.status(), r.reason(), &r.response()).await;
-            return;
+            return refuse(&stream, peer, None, Refusal::from_reject(r)).await;
         }
         Ok(Err(HeadError::Io(e))) => {
-            metrics::counter!(m::HANDSHAKE_REJECTED, "status" => "none", "reason" => "client_gone")
+            metrics::counter!(m::HANDSHAKE_REJECTED, "status" => "none", "reason" => "client_gone", "blame" => Blame::Browser.as_str())
                 .increment(1);
             tracing::debug!(%peer, error = %e, "client left during the handshake");
             return;
         }
-        Err(_) => {
-            let body = handshake::error_response(408, "upgrade request not received in time", "");
-            reject(&stream, peer, None, 408, "handshake timeout", &body).await;
-            return;
-        }
+        Err(_) => return refuse(&stream, peer, None, admission::HANDSHAKE_TIMEOUT).await,
     };
     // Bytes the client sent right behind its request (rare): kept, and the head's buffer
     // released, so an established session holds no handshake memory.
     let early = head[req.consumed..].to_vec();
     drop(head);
-    let id = req.session_id.clone();
-
-    let route = match w.routes.lookup(&id).await {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            let body = handshake::error_response(404, "unknown session", "");
-            reject(&stream, peer, Some(&id), 404, "unknown session", &body).await;
-            return;
-        }
-        Err(e) => {
-            // The status line's reason and the metric label name the failure: "redis
-            // unavailable", "redis lookup timed out", "route record invalid"...
-            let body = handshake::error_response(503, e.0, "Retry-After: 1\r\n");
-            tracing::warn!(session = %id, error = %e, "route lookup failed");
-            reject(&stream, peer, Some(&id), 503, e.0, &body).await;
-            return;
+    let ask = match admission::ask(&req.session_id, req.token.as_ref()) {
+        Ok(a) => a,
+        Err(r) => {
+            let named = (r != admission::INVALID_SESSION_ID).then_some(req.session_id.as_str());
+            return refuse(&stream, peer, named, r).await;
         }
     };
-    match route.authorize(req.token.as_ref()) {
-        Ok(()) => {}
-        Err(Denied::MissingToken) => {
-            let body = handshake::error_response(
-                401,
-                "token required",
-                "WWW-Authenticate: Bearer realm=\"vncgate\"\r\n",
-            );
-            reject(&stream, peer, Some(&id), 401, "token required", &body).await;
-            return;
-        }
-        Err(Denied::BadToken) => {
-            let body = handshake::error_response(403, "invalid token", "");
-            reject(&stream, peer, Some(&id), 403, "invalid token", &body).await;
-            return;
-        }
+    let id = ask.session_id.as_str();
+    let lookup = w.routes.lookup(id).await;
+    if let Err(e) = &lookup {
+        tracing::warn!(session = %id, error = %e, "route lookup failed");
     }
-    if w.draining.get() {
-        let body = handshake::error_response(503, "gateway draining", "Retry-After: 1\r\n");
-        reject(&stream, peer, Some(&id), 503, "gateway draining", &body).await;
-        return;
-    }
-    if w.session_count() >= w.limits.max_sessions_per_worker {
-        let body = handshake::error_response(503, "gateway at capacity", "Retry-After: 1\r\n");
-        reject(&stream, peer, Some(&id), 503, "gateway at capacity", &body).await;
-        return;
+    let gate = admission::Gate {
+        draining: w.draining.get(),
+        sessions: w.session_count(),
+        max_sessions: w.limits.max_sessions_per_worker,
+        default_max_viewers: w.limits.max_viewers,
+        policy: &w.policy,
+        now: SystemTime::now(),
+    };
+    let route = match &lookup {
+        Ok(r) => Ok(r.as_deref()),
+        Err(e) => Err(*e),
+    };
+    let decision = admission::decide(&ask, route, &gate);
+    if let Decision::Refuse(r) = decision {
+        return refuse(&stream, peer, Some(id), r).await;
     }
 
     // The upgrade. From here on, failures are close codes.
     let ok = handshake::switching_protocols(&req.accept, req.protocol);
-    if let Err(e) = write_all(&stream, &ok).await {
+    drop(req);
+    if let Err(e) = sock::write_all(&stream, &ok).await {
         tracing::debug!(session = %id, %peer, error = %e, "client left before the 101");
         return;
     }
-    let ctl = w.register(&id);
+    let ctl = w.register(id);
     metrics::counter!(m::SESSIONS_OPENED).increment(1);
     let started = Instant::now();
-    drop(req);
-
-    ctl.expires.set(
-        route
-            .time_left(SystemTime::now())
-            .map(|left| Instant::now() + left),
-    );
-    let viewer_limit = route.max_viewers.unwrap_or(w.limits.max_viewers);
     // Held until the session is unregistered: the slot counts against the viewer limit.
     let mut viewer = None;
-    let (end, to_browser, to_vm, close_sent) = if ctl
-        .expires
-        .get()
-        .is_some_and(|t| t <= Instant::now())
-    {
-        close_before_relay(&stream, close::SESSION_EXPIRED).await
-    } else if !w.policy.allows(&route.upstream) {
-        // A route pointing outside the allowed networks is a poisoned or mistaken route:
-        // never dialed, and loud in the log (the VM address stays out of the close reason).
-        tracing::error!(session = %id, upstream = %route.upstream, "route upstream outside --allow-upstream; refusing to dial");
-        close_before_relay(&stream, close::UPSTREAM_FORBIDDEN).await
-    } else if let Some(slot) = w.viewers().try_join(&id, viewer_limit) {
-        viewer = Some(slot);
-        let dial = monoio::select! {
-            r = connect_upstream(&w, route.upstream, &id) => r,
-            c = ctl.kill.wait() => Err(c),
-        };
-        match dial {
-            Err(cause) => close_before_relay(&stream, cause).await,
-            Ok(upstream) => {
-                let relay = Relay::new(&w, &id, &stream, &upstream);
-                let (end, deadline) = relay.run(&ctl.kill, &ctl.expires, &early).await;
-                let close_sent = relay.finish(end, deadline).await;
-                (end, relay.to_browser.get(), relay.to_vm.get(), close_sent)
+    let (end, to_browser, to_vm, close_sent) = match decision {
+        Decision::Refuse(_) => unreachable!("refused above"),
+        Decision::Close(cause) => {
+            if cause == close::UPSTREAM_FORBIDDEN {
+                // A poisoned or mistaken route: never dialed, and loud in the log (the VM
+                // address stays out of the close reason).
+                if let Ok(Some(r)) = &lookup {
+                    tracing::error!(session = %id, upstream = %r.upstream, "route upstream outside --allow-upstream; refusing to dial");
+                }
+            }
+            close_before_relay(&stream, cause).await
+        }
+        Decision::Admit(admit) => {
+            ctl.expires
+                .set(admit.expires_in.map(|left| Instant::now() + left));
+            match w.viewers().try_join(id, admit.viewer_limit) {
+                None => {
+                    tracing::info!(session = %id, limit = admit.viewer_limit, "viewer limit reached");
+                    close_before_relay(&stream, close::TOO_MANY_VIEWERS).await
+                }
+                Some(slot) => {
+                    viewer = Some(slot);
+                    relay(&w, &stream, &ctl, admit.upstream, id, &early).await
+                }
             }
         }
-    } else {
-        tracing::info!(session = %id, limit = viewer_limit, "viewer limit reached");
-        close_before_relay(&stream, close::TOO_MANY_VIEWERS).await
     };
     w.unregister(&ctl);
     drop(viewer);
@@ -196,6 +168,30 @@ pub async fn serve<S: RouteSource>(
         close_sent,
         "session closed"
     );
+}
+
+/// Dials the VM and relays until the session ends; the close is part of it.
+async fn relay<S: RouteSource>(
+    w: &Rc<Worker<S>>,
+    stream: &TcpStream,
+    ctl: &SessionCtl,
+    upstream: SocketAddr,
+    id: &str,
+    early: &[u8],
+) -> (End, u64, u64, bool) {
+    let dial = monoio::select! {
+        r = connect_upstream(w, upstream, id) => r,
+        c = ctl.kill.wait() => Err(c),
+    };
+    match dial {
+        Err(cause) => close_before_relay(stream, cause).await,
+        Ok(upstream) => {
+            let relay = Relay::new(w, id, stream, &upstream);
+            let (end, deadline) = relay.run(&ctl.kill, &ctl.expires, early).await;
+            let close_sent = relay.finish(end, deadline).await;
+            (end, relay.to_browser.get(), relay.to_vm.get(), close_sent)
+        }
+    }
 }
 
 /// Reads until the request head is complete, rejected, or the client leaves.
@@ -233,29 +229,22 @@ async fn read_head(
 }
 
 /// Answers a refused upgrade with its HTTP error, counted and logged (with the session id
-/// once the path named one), then closes without resetting the response away.
-async fn reject(
-    stream: &TcpStream,
-    peer: SocketAddr,
-    session: Option<&str>,
-    status: u16,
-    reason: &'static str,
-    body: &[u8],
-) {
-    metrics::counter!(m::HANDSHAKE_REJECTED, "status" => status.to_string(), "reason" => reason)
+/// once the path named a valid one), then closes without resetting the response away.
+async fn refuse(stream: &TcpStream, peer: SocketAddr, session: Option<&str>, r: Refusal) {
+    metrics::counter!(m::HANDSHAKE_REJECTED, "status" => r.status.to_string(), "reason" => r.reason, "blame" => r.blame.as_str())
         .increment(1);
-    tracing::info!(session = session.unwrap_or("-"), %peer, status, reason, "upgrade refused");
-    if write_all(stream, body).await.is_ok() {
-        linger_close(stream, Duration::from_secs(1)).await;
+    tracing::info!(session = session.unwrap_or("-"), %peer, status = r.status, reason = r.reason, blame = r.blame.as_str(), "upgrade refused");
+    if sock::write_all(stream, &r.response()).await.is_ok() {
+        sock::linger_close(stream, Duration::from_secs(1)).await;
     }
 }
 
 /// Closes an upgraded connection that never reached the relay.
 async fn close_before_relay(stream: &TcpStream, cause: CloseCause) -> (End, u64, u64, bool) {
     let frame = ControlFrame::close(Some(cause.code), cause.reason);
-    let sent = write_all(stream, frame.as_bytes()).await.is_ok();
+    let sent = sock::write_all(stream, frame.as_bytes()).await.is_ok();
     if sent {
-        linger_close(stream, Duration::from_secs(2)).await;
+        sock::linger_close(stream, Duration::from_secs(2)).await;
     }
     (End::Cause(cause), 0, 0, sent)
 }

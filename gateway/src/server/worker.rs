@@ -20,7 +20,7 @@ use crate::config::Limits;
 use crate::metrics as m;
 use crate::policy::UpstreamPolicy;
 use crate::route::{RouteChange, RouteSource};
-use crate::ws::handshake::HandshakeConfig;
+use vncgate_ws::handshake::HandshakeConfig;
 
 /// A live session's handle, by which the worker can end it (drain, revocation) or move its
 /// expiry (a rewritten route).

@@ -3,6 +3,7 @@
 // `vncgate serve`. Started by scripts/browser-test.sh, which installs Chromium, Xvnc, xterm,
 // xsetroot, @novnc/novnc and playwright-core, builds the gateway, and passes:
 //   VNCGATE_BIN   the gateway binary
+//   DEMO_BIN      vncgate-loadtest, whose `demo` runs that gateway in front of a synthetic desktop
 //   VIEWER_DIR    a folder holding index.html (config/demo/viewer.html) and node_modules
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -16,12 +17,13 @@ import { extname, join } from 'node:path';
 import { chromium } from 'playwright-core';
 
 const BIN = process.env.VNCGATE_BIN;
+const DEMO_BIN = process.env.DEMO_BIN;
 const VIEWER_DIR = process.env.VIEWER_DIR;
 let gw, gwUrl, http, httpPort, browser, refusedPort;
 
-function startGateway(args) {
+function startGateway(args, bin = BIN) {
   return new Promise((resolve, reject) => {
-    const child = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     child.stdout.on('data', (d) => {
       out += d;
@@ -39,8 +41,10 @@ before(async () => {
   await new Promise((r) => probe.listen(0, '127.0.0.1', r));
   refusedPort = probe.address().port;
   await new Promise((r) => probe.close(r));
-  gw = await startGateway(['demo', '--listen', '127.0.0.1:0', '--workers', '1',
-    '--route', `down=127.0.0.1:${refusedPort}`, '--connect-retry-window', '0']);
+  gw = await startGateway(['demo', '--gateway', BIN, '--listen', '127.0.0.1:0', '--workers', '1',
+    '--route', `down=127.0.0.1:${refusedPort}`, '--connect-retry-window', '0',
+    '--drain-timeout', '1'], DEMO_BIN);
+  track(gw.child);
   gwUrl = gw.base;
   http = createServer(async (req, res) => {
     const path = new URL(req.url, 'http://x').pathname;
@@ -73,7 +77,9 @@ before(async () => {
 after(async () => {
   await browser?.close();
   http?.close();
-  gw?.child.kill('SIGKILL');
+  // SIGTERM: the demo passes it to its gateway, which drains (1 s) and exits; a SIGKILL
+  // would leave the gateway running without its parent.
+  if (gw) await stop(gw.child);
 });
 
 async function viewDesktop(protocols) {

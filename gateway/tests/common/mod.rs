@@ -359,7 +359,7 @@ pub fn status_of(resp: &str) -> u16 {
 /// A masked client frame.
 pub fn frame(b0: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::new();
-    vncgate::ws::frame::encode_client_frame(&mut f, b0, payload, [0x11, 0x22, 0x33, 0x44]);
+    vncgate_ws::frame::encode_client_frame(&mut f, b0, payload, [0x11, 0x22, 0x33, 0x44]);
     f
 }
 

@@ -1,7 +1,7 @@
 //! What the fake VM's screen looks like at frame `n`: pure functions of (x, y, frame), so a
 //! client sees a moving picture without the server keeping a framebuffer per session.
 
-use crate::rfb::PixelFormat;
+use vncgate_rfb::PixelFormat;
 
 use super::Payload;
 

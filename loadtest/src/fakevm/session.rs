@@ -8,8 +8,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::rfb::server_msg::{encode_cut_text, encode_update_header};
-use crate::rfb::{
+use vncgate_rfb::server_msg::{encode_cut_text, encode_update_header};
+use vncgate_rfb::{
     ClientMsg, ClientMsgDecoder, ENCODING_RAW, PixelFormat, Rect, RfbError, ServerHandshake,
     ServerInit, ServerSecurity,
 };
@@ -298,7 +298,7 @@ impl VmSession {
 mod tests {
     use super::*;
     use crate::fakevm::UpdateArea;
-    use crate::rfb::{ClientHandshake, ServerEvent, ServerMsgDecoder, UpdateRequest};
+    use vncgate_rfb::{ClientHandshake, ServerEvent, ServerMsgDecoder, UpdateRequest};
 
     fn cfg() -> Config {
         Config {

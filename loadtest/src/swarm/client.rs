@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::rfb::{
+use vncgate_rfb::{
     ClientHandshake, ClientMsg, ENCODING_RAW, PixelFormat, RfbError, ServerEvent, ServerMsgDecoder,
     UpdateRequest,
 };

@@ -7,7 +7,7 @@
 //! still hold bytes that tell the peer why (a SecurityResult with a reason); send them before
 //! closing, as RFC 6143 7.1.3 asks.
 
-use super::{
+use crate::{
     PixelFormat, RfbError, SECURITY_NONE, SECURITY_VNC_AUTH, VERSION_3_8, auth, be16,
     length_prefixed, parse_version,
 };

@@ -1,6 +1,6 @@
 //! The 16-byte `PIXEL_FORMAT` (RFC 6143 section 7.4) and packing an RGB colour into it.
 
-use super::{RfbError, be16};
+use crate::{RfbError, be16};
 
 /// How a pixel is laid out on the wire. Only true-colour formats are modelled for packing;
 /// colour-map formats decode fine but [`PixelFormat::check_packable`] rejects them.

@@ -1,4 +1,4 @@
-//! Is there an RFB server on the VM's VNC port? Sans-IO: the banner check over bytes.
+//! Is there an RFB server on the port? The server's banner, checked over bytes.
 //!
 //! An RFB server speaks first: twelve bytes, `RFB xxx.yyy\n` (RFC 6143 section 7.1.1). A VM
 //! counts as ready for VNC only once those bytes arrive. A listening socket alone is not

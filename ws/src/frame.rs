@@ -25,12 +25,19 @@ pub const MAX_CONTROL_PAYLOAD: usize = 125;
 pub const MAX_SERVER_HEADER: usize = 10;
 
 /// A violation that ends the connection, with the close code the RFC prescribes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {reason}")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProtocolError {
     pub code: u16,
     pub reason: &'static str,
 }
+
+impl std::fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.reason)
+    }
+}
+
+impl std::error::Error for ProtocolError {}
 
 const fn perr(code: u16, reason: &'static str) -> ProtocolError {
     ProtocolError { code, reason }

@@ -1,7 +1,7 @@
 //! Inputs shared by the criterion benchmarks (`core.rs`) and the instruction counts
 //! (`instructions.rs`), so both measure the same bytes.
 
-use vncgate::ws::frame::encode_client_frame;
+use vncgate_ws::frame::encode_client_frame;
 
 /// A browser's noVNC upgrade request (15 headers).
 pub const NOVNC: &[u8] = b"GET /vnc/0123456789abcdef HTTP/1.1\r\nHost: gateway.example:443\r\nConnection: Upgrade\r\nPragma: no-cache\r\nCache-Control: no-cache\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/156.0 Safari/537.36\r\nUpgrade: websocket\r\nOrigin: https://app.example\r\nSec-WebSocket-Version: 13\r\nAccept-Encoding: gzip, deflate, br\r\nAccept-Language: en-US,en;q=0.9\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\nSec-WebSocket-Protocol: binary, vncgate.token.abcdefghijklmnopqrstuvwxyz012345\r\n\r\n";

@@ -5,7 +5,7 @@
 //! - never panics;
 //! - `Partial` only while `len < max_header_bytes`;
 //! - an `Upgrade` consumed `0 < consumed <= len` and `consumed <= max_header_bytes`, its
-//!   head ends in a blank line, its session id and accept key are well-formed, parsing
+//!   head ends in a blank line, its path segment and accept key are well-formed, parsing
 //!   exactly the consumed bytes gives the same upgrade (trailing early frame data changes
 //!   nothing), and the head cut one byte short is `Partial`;
 //! - lowering `max_header_bytes` only ever turns a result into 431;
@@ -15,7 +15,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vncgate::ws::handshake::{HandshakeConfig, Parsed, Reject, Subprotocol, parse_request};
+use vncgate_ws::handshake::{HandshakeConfig, Parsed, Reject, Subprotocol, parse_request};
 
 /// What an outcome looks like, minus the token digest (which `Token` does not expose).
 #[derive(Debug, PartialEq, Eq)]
@@ -46,14 +46,17 @@ fn run(buf: &[u8], cfg: &HandshakeConfig) -> Outcome {
             assert!(u.consumed > 0 && u.consumed <= buf.len(), "consumed {} of {}", u.consumed, buf.len());
             assert!(u.consumed <= cfg.max_header_bytes, "consumed {} over the limit", u.consumed);
             assert!(buf[..u.consumed].ends_with(b"\n"), "head does not end in a line break");
-            assert!(!u.session_id.is_empty() && u.session_id.len() <= 128);
-            assert!(
-                u.session_id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
-                "session id {:?}",
-                u.session_id
-            );
+            // The path segment: what a session id is, is the gateway's rule.
+            assert!(!u.session_id.is_empty() && !u.session_id.contains('/'), "segment {:?}", u.session_id);
+            // A presented token is bytes of the head, verbatim, and never shown by Debug.
+            if let Some(t) = &u.token {
+                let head = &buf[..u.consumed];
+                assert!(
+                    t.bytes().is_empty() || head.windows(t.bytes().len()).any(|w| w == t.bytes()),
+                    "token not in the head"
+                );
+                assert!(format!("{t:?}").ends_with("<redacted>)"));
+            }
             assert_eq!(u.accept.len(), 28, "accept {:?}", u.accept);
             assert!(u.accept.ends_with('='));
             Outcome::Upgrade {

@@ -2,12 +2,12 @@
 # Smoke-fuzzes the WebSocket core: builds every cargo-fuzz target and runs each for
 # SECONDS (default 20) on a temporary copy of its committed seeds, so runs never add files
 # to the repository. Exits non-zero if any target crashes, fails an assertion, times out
-# or leaks; the crashing input is left in gateway/fuzz/artifacts/<target>/.
+# or leaks; the crashing input is left in ws/fuzz/artifacts/<target>/.
 #
-#   gateway/fuzz/smoke.sh [SECONDS]
+#   ws/fuzz/smoke.sh [SECONDS]
 #
 # Environment:
-#   CARGO_TARGET_DIR   build directory (default: gateway/fuzz/target)
+#   CARGO_TARGET_DIR   build directory (default: ws/fuzz/target)
 #   FUZZ_TARGETS       space-separated subset of targets (default: all)
 #   FUZZ_SANITIZER     address (default) or none (faster, for long runs of safe code)
 #   FUZZ_ARGS          extra libFuzzer flags, e.g. "-max_len=8192"
@@ -20,7 +20,7 @@ secs="${1:-20}"
 case "$secs" in '' | *[!0-9]*) echo "usage: $0 [SECONDS]" >&2; exit 2 ;; esac
 
 fuzz_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-gateway_dir="$(dirname "$fuzz_dir")"
+crate_dir="$(dirname "$fuzz_dir")"
 targets="${FUZZ_TARGETS:-handshake frames unmask}"
 sanitizer="${FUZZ_SANITIZER:-address}"
 target_dir="${CARGO_TARGET_DIR:-$fuzz_dir/target}"
@@ -31,7 +31,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-cd "$gateway_dir"
+cd "$crate_dir"
 fuzz=(cargo fuzz)
 build_flags=(--sanitizer "$sanitizer" --target-dir "$target_dir")
 

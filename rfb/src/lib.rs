@@ -1,19 +1,27 @@
-//! RFB 3.8 (RFC 6143) for both roles, without I/O.
+//! vncgate-rfb: RFB 3.8 (RFC 6143) for both roles, without I/O.
 //!
 //! Everything here works on byte slices: encoders append to a `Vec<u8>`, decoders take what
 //! has arrived so far and either produce a message or say they need more. No function in this
-//! module reads a clock, a socket or a random number generator (the VNC auth challenge is
-//! handed in), so every path is tested byte-for-byte and split at every byte boundary.
+//! crate reads a clock, a socket or a random number generator (the VNC auth challenge is
+//! handed in), so every path is tested byte-for-byte and split at every byte boundary. The
+//! controller's readiness probe, the load tester's clients and its synthetic desktop are the
+//! I/O around it; the gateway's view-only filter and session recording will be too.
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`banner`] | the server's first 12 bytes, checked byte by byte (the readiness probe's test) |
 //! | [`pixel`] | the 16-byte `PIXEL_FORMAT` and pixel packing |
 //! | [`auth`] | VNC Authentication (security type 2): the DES challenge/response |
 //! | [`handshake`] | ProtocolVersion, security, ClientInit/ServerInit for both roles |
 //! | [`client_msg`] | client-to-server messages and their incremental decoder |
 //! | [`server_msg`] | server-to-client messages and their streaming decoder |
+//!
+//! Dependencies: `des` (for VNC Authentication) and the standard library.
+
+#![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod banner;
 pub mod client_msg;
 pub mod handshake;
 pub mod pixel;
@@ -114,18 +122,9 @@ impl RfbError {
 
 /// Parses a ProtocolVersion message (`RFB xxx.yyy\n`) into (major, minor).
 pub fn parse_version(b: &[u8; 12]) -> Result<(u16, u16), RfbError> {
-    let digits = |s: &[u8]| -> Option<u16> {
-        s.iter().try_fold(0u16, |acc, &c| {
-            c.is_ascii_digit().then(|| acc * 10 + u16::from(c - b'0'))
-        })
-    };
-    if &b[..4] != b"RFB " || b[7] != b'.' || b[11] != b'\n' {
-        return Err(RfbError::BadVersion(*b));
-    }
-    match (digits(&b[4..7]), digits(&b[8..11])) {
-        (Some(major), Some(minor)) => Ok((major, minor)),
-        _ => Err(RfbError::BadVersion(*b)),
-    }
+    banner::parse_banner(b)
+        .map(|v| (v.major, v.minor))
+        .map_err(|_| RfbError::BadVersion(*b))
 }
 
 pub(crate) fn be16(b: &[u8], at: usize) -> u16 {

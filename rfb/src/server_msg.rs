@@ -5,7 +5,7 @@
 //! whatever pieces have arrived, then an end marker. A client that only counts bytes (the
 //! swarm) therefore holds one read's worth of memory per session, not one screen's worth.
 
-use super::{ENCODING_RAW, MAX_STRING, PixelFormat, RfbError, be16, be32};
+use crate::{ENCODING_RAW, MAX_STRING, PixelFormat, RfbError, be16, be32};
 
 /// A rectangle header inside a FramebufferUpdate (RFC 6143 7.6.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

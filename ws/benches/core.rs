@@ -1,14 +1,14 @@
 //! Micro benchmarks of the sans-IO WebSocket core, no sockets: the upgrade request parser,
 //! the frame parser over masked client frames, and unmasking, at 16 B, 1 KiB and 64 KiB.
 //! Each frame-parser iteration first re-copies its 256 KiB input (the parser unmasks in place).
-//! `cargo bench -p vncgate --bench core`.
+//! `cargo bench -p vncgate-ws --bench core`.
 
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use vncgate::ws::frame::{FrameParser, Item};
-use vncgate::ws::handshake::{HandshakeConfig, Parsed, parse_request};
-use vncgate::ws::mask::unmask;
+use vncgate_ws::frame::{FrameParser, Item};
+use vncgate_ws::handshake::{HandshakeConfig, Parsed, parse_request};
+use vncgate_ws::mask::unmask;
 
 mod inputs;
 use inputs::{NOVNC, SIZES, masked_frames};

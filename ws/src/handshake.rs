@@ -1,16 +1,16 @@
 //! The HTTP/1.1 upgrade request (RFC 6455 §4.2.1) and the responses to it, sans IO.
 //!
 //! [`parse_request`] takes the bytes read so far and either asks for more, rejects the
-//! request with the precise HTTP status, or yields an [`UpgradeRequest`]: the session id
-//! from the path, the token (from the offered subprotocols, `Authorization: Bearer`, or
-//! `?token=`, in that order), the selected subprotocol and the `Sec-WebSocket-Accept` value.
-//! Nothing here touches a socket or a clock.
+//! request with the precise HTTP status, or yields an [`UpgradeRequest`]: the path segment
+//! naming the session, the token exactly as presented (from the offered subprotocols,
+//! `Authorization: Bearer`, or `?token=`, in that order) with where it came from, the
+//! selected subprotocol and the `Sec-WebSocket-Accept` value. Nothing here touches a socket
+//! or a clock, and nothing here decides what a session id or a token means: the gateway's
+//! admission checks both.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use sha1::{Digest as _, Sha1};
-
-use crate::token::Token;
 
 /// The GUID of RFC 6455 §1.3, appended to the key before hashing.
 const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -51,13 +51,67 @@ pub enum Subprotocol {
     Binary,
 }
 
+/// Where a client put its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Sec-WebSocket-Protocol: vncgate.token.<T>`: out of URLs and access logs.
+    Subprotocol,
+    /// `Authorization: Bearer <T>`.
+    Bearer,
+    /// `?token=<T>`, as websockify and noVNC's `path` carry it.
+    Query,
+}
+
+impl TokenSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenSource::Subprotocol => "subprotocol",
+            TokenSource::Bearer => "bearer",
+            TokenSource::Query => "query",
+        }
+    }
+}
+
+/// A token as the client presented it: bytes only, unvalidated. `Debug` never prints them,
+/// so a request cannot leak its token into a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PresentedToken {
+    pub source: TokenSource,
+    bytes: Vec<u8>,
+}
+
+impl PresentedToken {
+    pub fn new(source: TokenSource, bytes: &[u8]) -> Self {
+        Self {
+            source,
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl std::fmt::Debug for PresentedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PresentedToken({}, {} bytes, <redacted>)",
+            self.source.as_str(),
+            self.bytes.len()
+        )
+    }
+}
+
 /// A valid upgrade request.
 #[derive(Debug)]
 pub struct UpgradeRequest {
-    /// The session id: the path segment after the prefix.
+    /// The path segment after the prefix: non-empty, without `/`. Whether it is a valid
+    /// session id is the application's rule.
     pub session_id: String,
-    /// The bearer token, if the client presented one.
-    pub token: Option<Token>,
+    /// The token, if the client presented one.
+    pub token: Option<PresentedToken>,
     /// Which subprotocol to answer with.
     pub protocol: Subprotocol,
     /// The `Sec-WebSocket-Accept` value for the client's key.
@@ -69,27 +123,36 @@ pub struct UpgradeRequest {
 
 /// Why a request was refused, with the status it gets. Each variant is the client's fault
 /// (the browser's, in vncgate's blame terms); the reason goes in the body and the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reject {
-    /// 400: malformed request or a required WebSocket header is missing or wrong.
-    #[error("400 bad request: {0}")]
+    /// 400: malformed request, a request with a body, or a required WebSocket header is
+    /// missing or wrong.
     BadRequest(&'static str),
     /// 405: not a GET.
-    #[error("405 method not allowed")]
     MethodNotAllowed,
     /// 426: not a WebSocket upgrade, or a `Sec-WebSocket-Version` other than 13 (§4.4).
-    #[error("426 upgrade required: {0}")]
     UpgradeRequired(&'static str),
     /// 431: the request head exceeds the configured limit or header count.
-    #[error("431 request header fields too large")]
     HeadersTooLarge,
     /// 404: the path is not under the session prefix.
-    #[error("404 not found")]
     NotFound,
     /// 403: `Origin` not in the allowlist.
-    #[error("403 forbidden: {0}")]
     Forbidden(&'static str),
 }
+
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status(),
+            status_text(self.status()),
+            self.reason()
+        )
+    }
+}
+
+impl std::error::Error for Reject {}
 
 impl Reject {
     pub fn status(&self) -> u16 {
@@ -113,16 +176,21 @@ impl Reject {
         }
     }
 
-    /// The full HTTP response for this rejection.
-    pub fn response(&self) -> Vec<u8> {
-        let extra: &str = match self {
+    /// Headers the response carries besides the defaults: what to upgrade to (426, §4.4),
+    /// which method is allowed (405).
+    pub fn extra_headers(&self) -> &'static str {
+        match self {
             Reject::UpgradeRequired(_) => {
                 "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
             }
             Reject::MethodNotAllowed => "Allow: GET\r\n",
             _ => "",
-        };
-        error_response(self.status(), self.reason(), extra)
+        }
+    }
+
+    /// The full HTTP response for this rejection.
+    pub fn response(&self) -> Vec<u8> {
+        error_response(self.status(), self.reason(), self.extra_headers())
     }
 }
 
@@ -172,13 +240,6 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
     if session_id.is_empty() || session_id.contains('/') {
         return Err(Reject::NotFound);
     }
-    if session_id.len() > 128
-        || !session_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err(Reject::BadRequest("invalid session id"));
-    }
 
     let mut host: Option<&[u8]> = None;
     let mut upgrade = false;
@@ -188,8 +249,8 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
     let mut origin: Option<&[u8]> = None;
     let mut offered_binary = false;
     let mut offered_any = false;
-    let mut token: Option<Token> = None;
-    let mut bearer: Option<Token> = None;
+    let mut token: Option<&[u8]> = None;
+    let mut bearer: Option<&[u8]> = None;
     for h in req.headers.iter() {
         let name = h.name;
         let value = h.value;
@@ -198,6 +259,14 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
                 return Err(Reject::BadRequest("duplicate Host header"));
             }
             host = Some(trim(value));
+        } else if name.eq_ignore_ascii_case("content-length") {
+            // An upgrade carries no body (RFC 6455 §4.1 sends none): bytes after the head
+            // would otherwise reach the VM as if they were WebSocket data.
+            if trim(value) != b"0" {
+                return Err(Reject::BadRequest("an upgrade request has no body"));
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(Reject::BadRequest("an upgrade request has no body"));
         } else if name.eq_ignore_ascii_case("upgrade") {
             upgrade |= list_contains(value, b"websocket");
         } else if name.eq_ignore_ascii_case("connection") {
@@ -227,13 +296,13 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
                 if p == b"binary" {
                     offered_binary = true;
                 } else if let Some(t) = p.strip_prefix(TOKEN_PROTOCOL_PREFIX.as_bytes()) {
-                    token = Some(Token::from_bytes(t)?);
+                    token = Some(t);
                 }
             }
         } else if name.eq_ignore_ascii_case("authorization") {
             let v = trim(value);
             if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
-                bearer = Some(Token::from_bytes(trim(&v[7..]))?);
+                bearer = Some(trim(&v[7..]));
             }
         }
     }
@@ -244,8 +313,10 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
     if !connection_upgrade {
         return Err(Reject::BadRequest("Connection header lacks upgrade"));
     }
-    if host.is_none_or(|h| h.is_empty()) {
-        return Err(Reject::BadRequest("missing Host header"));
+    match host {
+        None | Some(b"") => return Err(Reject::BadRequest("missing Host header")),
+        Some(h) if !valid_host(h) => return Err(Reject::BadRequest("invalid Host header")),
+        Some(_) => {}
     }
     match version {
         Some(b"13") => {}
@@ -281,9 +352,11 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
         Subprotocol::None
     };
     let token = match (token, bearer) {
-        (Some(t), _) => Some(t),
-        (None, Some(t)) => Some(t),
-        (None, None) => query.and_then(query_token).transpose()?,
+        (Some(t), _) => Some(PresentedToken::new(TokenSource::Subprotocol, t)),
+        (None, Some(t)) => Some(PresentedToken::new(TokenSource::Bearer, t)),
+        (None, None) => query
+            .and_then(query_token)
+            .map(|t| PresentedToken::new(TokenSource::Query, t)),
     };
     Ok(Parsed::Upgrade(UpgradeRequest {
         session_id: session_id.to_owned(),
@@ -351,11 +424,45 @@ pub fn redact_target(target: &str) -> &str {
     target.split_once('?').map_or(target, |(p, _)| p)
 }
 
-fn query_token(query: &str) -> Option<Result<Token, Reject>> {
+fn query_token(query: &str) -> Option<&[u8]> {
     query
         .split('&')
         .find_map(|kv| kv.strip_prefix("token="))
-        .map(|v| Token::from_bytes(v.as_bytes()))
+        .map(str::as_bytes)
+}
+
+/// `Host = uri-host [ ":" port ]` (RFC 9112 §3.2, RFC 3986 §3.2.2): a bracketed IP literal,
+/// or a reg-name / IPv4 address of unreserved, percent-encoded and sub-delim characters,
+/// then optionally a colon and at most five digits. Anything else gets 400.
+fn valid_host(h: &[u8]) -> bool {
+    let (host_ok, port) = if let Some(rest) = h.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        let ok = !literal.is_empty()
+            && literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'v' | b'V'));
+        match &rest[end + 1..] {
+            [] => (ok, None),
+            [b':', port @ ..] => (ok, Some(port)),
+            _ => return false,
+        }
+    } else {
+        let (host, port) = match h.iter().rposition(|&b| b == b':') {
+            Some(i) => (&h[..i], Some(&h[i + 1..])),
+            None => (h, None),
+        };
+        (host.iter().all(|&b| is_reg_name_byte(b)), port)
+    };
+    // The grammar allows an empty port (`port = *DIGIT`).
+    host_ok && port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit))
+}
+
+/// unreserved / pct-encoded / sub-delims (RFC 3986 §3.2.2).
+fn is_reg_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)
 }
 
 fn trim(v: &[u8]) -> &[u8] {
@@ -420,11 +527,14 @@ mod tests {
         let req = with_headers("Sec-WebSocket-Protocol: binary, vncgate.token.s3cr3t\r\n");
         let u = upgrade(&req);
         assert_eq!(u.protocol, Subprotocol::Binary);
+        let t = u.token.as_ref().unwrap();
+        assert_eq!(
+            (t.source, t.bytes()),
+            (TokenSource::Subprotocol, &b"s3cr3t"[..])
+        );
         assert!(
-            u.token
-                .as_ref()
-                .unwrap()
-                .matches_digest(&Token::digest_of(b"s3cr3t"))
+            !format!("{u:?}").contains("s3cr3t"),
+            "Debug shows the token"
         );
         let resp = switching_protocols(&u.accept, u.protocol);
         let resp = String::from_utf8(resp).unwrap();
@@ -435,19 +545,92 @@ mod tests {
     #[test]
     fn token_sources_in_priority_order() {
         let q = b"GET /vnc/abc?x=1&token=fromquery HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
-        let u = upgrade(q);
-        assert!(
-            u.token
-                .unwrap()
-                .matches_digest(&Token::digest_of(b"fromquery"))
+        let t = upgrade(q).token.unwrap();
+        assert_eq!(
+            (t.source, t.bytes()),
+            (TokenSource::Query, &b"fromquery"[..])
         );
         let b = with_headers("Authorization: Bearer frombearer\r\n");
-        assert!(
-            upgrade(&b)
-                .token
-                .unwrap()
-                .matches_digest(&Token::digest_of(b"frombearer"))
+        let t = upgrade(&b).token.unwrap();
+        assert_eq!(
+            (t.source, t.bytes()),
+            (TokenSource::Bearer, &b"frombearer"[..])
         );
+        // All three: the subprotocol wins, then the bearer header, then the query.
+        let all = String::from_utf8(with_headers(
+            "Authorization: Bearer b\r\nSec-WebSocket-Protocol: binary, vncgate.token.p\r\n",
+        ))
+        .unwrap()
+        .replacen("/vnc/abc", "/vnc/abc?token=q", 1);
+        let t = upgrade(all.as_bytes()).token.unwrap();
+        assert_eq!((t.source, t.bytes()), (TokenSource::Subprotocol, &b"p"[..]));
+        let two = with_headers("Authorization: Bearer b\r\n")
+            .replace_bytes("/vnc/abc", "/vnc/abc?token=q");
+        assert_eq!(upgrade(&two).token.unwrap().bytes(), b"b");
+    }
+
+    #[test]
+    fn the_path_segment_is_returned_as_sent() {
+        // Whether `a%20b` is a session id is the gateway's rule (vncgate-schema), not the
+        // protocol's: the segment comes back as it was sent.
+        let req = with_headers("").replace_bytes("/vnc/abc", "/vnc/a%20b");
+        assert_eq!(upgrade(&req).session_id, "a%20b");
+    }
+
+    #[test]
+    fn a_request_with_a_body_is_refused() {
+        for h in [
+            "Content-Length: 10\r\n",
+            "Content-Length: 00\r\n",
+            "Content-Length: x\r\n",
+            "Transfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: identity\r\n",
+        ] {
+            assert_eq!(
+                reject(&with_headers(h)),
+                Reject::BadRequest("an upgrade request has no body"),
+                "{h:?}"
+            );
+        }
+        // An explicit empty body is no body.
+        assert_eq!(
+            upgrade(&with_headers("Content-Length: 0\r\n")).session_id,
+            "abc"
+        );
+    }
+
+    #[test]
+    fn host_must_be_a_host() {
+        for ok in [
+            "gw",
+            "gw:8080",
+            "127.0.0.1:80",
+            "[::1]:8080",
+            "[::1]",
+            "xn--bcher-kva.example",
+            "gw:",
+        ] {
+            let req = with_headers("").replace_bytes("Host: gw", &format!("Host: {ok}"));
+            assert_eq!(upgrade(&req).session_id, "abc", "{ok}");
+        }
+        for bad in [
+            "a b",
+            "gw:80:80",
+            "gw:http",
+            "[::1",
+            "[::1]x",
+            "[]:80",
+            "gw:123456",
+            "a/b",
+            "a@b",
+        ] {
+            let req = with_headers("").replace_bytes("Host: gw", &format!("Host: {bad}"));
+            assert_eq!(
+                reject(&req),
+                Reject::BadRequest("invalid Host header"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -503,10 +686,6 @@ mod tests {
         assert_eq!(
             reject(&with_headers("").replace_bytes("/vnc/abc", "/vnc/")),
             Reject::NotFound
-        );
-        assert_eq!(
-            reject(&with_headers("").replace_bytes("/vnc/abc", "/vnc/a%20b")).status(),
-            400
         );
         assert_eq!(
             reject(&with_headers("").replace_bytes("Upgrade: websocket\r\n", "")).status(),

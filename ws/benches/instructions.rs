@@ -26,9 +26,9 @@
 
 use std::hint::black_box;
 
-use vncgate::ws::frame::{FrameParser, Item};
-use vncgate::ws::handshake::{HandshakeConfig, Parsed, parse_request};
-use vncgate::ws::mask::unmask;
+use vncgate_ws::frame::{FrameParser, Item};
+use vncgate_ws::handshake::{HandshakeConfig, Parsed, parse_request};
+use vncgate_ws::mask::unmask;
 
 mod inputs;
 use inputs::{NOVNC, SIZES, masked_frames};

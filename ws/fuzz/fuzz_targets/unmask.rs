@@ -7,11 +7,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vncgate::ws::frame::{
+use vncgate_ws::frame::{
     ControlFrame, MAX_CONTROL_PAYLOAD, MAX_SERVER_HEADER, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG,
     encode_header, parse_close,
 };
-use vncgate::ws::mask::unmask;
+use vncgate_ws::mask::unmask;
 
 fn naive(data: &mut [u8], mask: [u8; 4], offset: usize) {
     for (i, b) in data.iter_mut().enumerate() {
@@ -82,7 +82,7 @@ fn check_control(payload: &[u8], code: u16) {
     // Cut no shorter than it had to be.
     assert!(cut.len() == reason.len() || cut.len() + 4 > MAX_CONTROL_PAYLOAD - 2);
     // Whatever the gateway sends with a sendable code, a peer following the RFC accepts.
-    if vncgate::ws::frame::is_valid_received_code(code) {
+    if vncgate_ws::frame::is_valid_received_code(code) {
         assert_eq!(parse_close(&b[2..]).expect("own close frame").code, Some(code));
     }
     assert_eq!(ControlFrame::close(None, &reason).as_bytes(), &[0x88, 0]);

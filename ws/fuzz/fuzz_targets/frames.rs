@@ -19,7 +19,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vncgate::ws::frame::{
+use vncgate_ws::frame::{
     self, E_CLOSE_ONE_BYTE, E_CONTROL_FRAGMENTED, E_CONTROL_TOO_LONG, E_EXPECTED_CONTINUATION,
     E_LENGTH_MSB, E_OPCODE, E_RSV, E_TEXT, E_TOO_BIG, E_UNEXPECTED_CONTINUATION, E_UNMASKED,
     FrameParser, Item, ProtocolError,

@@ -1,6 +1,6 @@
 //! Client-to-server messages (RFC 6143 section 7.5) and an incremental decoder for them.
 
-use super::{MAX_STRING, PixelFormat, RfbError, be16, be32};
+use crate::{MAX_STRING, PixelFormat, RfbError, be16, be32};
 
 /// FramebufferUpdateRequest (RFC 6143 7.5.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

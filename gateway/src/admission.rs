@@ -1,0 +1,326 @@
+//! Admission: whether a parsed upgrade request becomes a relayed session, as pure functions.
+//!
+//! A connection's fate before the relay is decided here, from the request, the route lookup's
+//! answer and a snapshot of the worker ([`Gate`]), without sockets or awaits: an HTTP
+//! refusal with its status, reason and blame; an upgrade that closes at once with a named
+//! cause (the session expired, the route points outside the upstream policy); or an admission
+//! with what the relay needs. `server::session` carries the decision out; the tests below
+//! pin every branch.
+//!
+//! The order of the checks is what a client learns first: a malformed session id or token
+//! (400) before any lookup; then the route (404 unknown, 503 source down); the token (401,
+//! 403); the gateway's own state (503 draining, 503 at capacity); and only then, after the
+//! 101 so that the browser sees the reason, expiry and upstream policy. The viewer limit is
+//! the one check that claims something shared between workers (a slot, under an atomic
+//! counter), so the decision names the limit and the session claims the slot.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use vncgate_ws::handshake::{PresentedToken, Reject, error_response};
+
+use crate::close::{self, Blame, CloseCause};
+use crate::policy::UpstreamPolicy;
+use crate::route::{Denied, Route, Unavailable};
+use crate::token::Token;
+
+/// An upgrade refused before the 101: an HTTP status, the reason in its body, its log line
+/// and its metric label, extra response headers, and whose fault it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+    pub headers: &'static str,
+    pub blame: Blame,
+}
+
+impl Refusal {
+    pub const fn new(status: u16, reason: &'static str, blame: Blame) -> Self {
+        Self {
+            status,
+            reason,
+            headers: "",
+            blame,
+        }
+    }
+
+    const fn with_headers(mut self, headers: &'static str) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// The whole HTTP response.
+    pub fn response(&self) -> Vec<u8> {
+        error_response(self.status, self.reason, self.headers)
+    }
+
+    /// A refusal by the protocol core (malformed request, wrong headers, origin): always
+    /// the client's doing.
+    pub fn from_reject(r: Reject) -> Self {
+        Refusal::new(r.status(), r.reason(), Blame::Browser).with_headers(r.extra_headers())
+    }
+}
+
+pub const HANDSHAKE_TIMEOUT: Refusal =
+    Refusal::new(408, "upgrade request not received in time", Blame::Browser);
+pub const INVALID_SESSION_ID: Refusal = Refusal::new(400, "invalid session id", Blame::Browser);
+pub const UNKNOWN_SESSION: Refusal = Refusal::new(404, "unknown session", Blame::Browser);
+pub const TOKEN_REQUIRED: Refusal = Refusal::new(401, "token required", Blame::Browser)
+    .with_headers("WWW-Authenticate: Bearer realm=\"vncgate\"\r\n");
+pub const INVALID_TOKEN: Refusal = Refusal::new(403, "invalid token", Blame::Browser);
+pub const DRAINING: Refusal =
+    Refusal::new(503, "gateway draining", Blame::Policy).with_headers("Retry-After: 1\r\n");
+pub const AT_CAPACITY: Refusal =
+    Refusal::new(503, "gateway at capacity", Blame::Policy).with_headers("Retry-After: 1\r\n");
+
+/// The route source could not answer ("redis unavailable", "redis lookup timed out",
+/// "route record invalid"...): the gateway's side of the failure.
+pub fn source_unavailable(e: Unavailable) -> Refusal {
+    Refusal::new(503, e.0, Blame::Gateway).with_headers("Retry-After: 1\r\n")
+}
+
+/// What the request asks for, checked before anything is looked up.
+#[derive(Debug)]
+pub struct Ask {
+    pub session_id: String,
+    /// The presented token, hashed; its plaintext stays with the request.
+    pub token: Option<Token>,
+}
+
+/// Checks the session id (the schema's rule, the same one the controller writes with) and
+/// the token's syntax, and hashes the token.
+pub fn ask(session_id: &str, token: Option<&PresentedToken>) -> Result<Ask, Refusal> {
+    vncgate_schema::check_session_id(session_id).map_err(|_| INVALID_SESSION_ID)?;
+    let token = token
+        .map(Token::presented)
+        .transpose()
+        .map_err(|reason| Refusal::new(400, reason, Blame::Browser))?;
+    Ok(Ask {
+        session_id: session_id.to_owned(),
+        token,
+    })
+}
+
+/// The worker's state at the moment of the decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate<'a> {
+    pub draining: bool,
+    /// Sessions this worker holds now, and how many it may.
+    pub sessions: usize,
+    pub max_sessions: usize,
+    /// Viewers per session where the route does not say (0: unlimited).
+    pub default_max_viewers: u32,
+    pub policy: &'a UpstreamPolicy,
+    pub now: SystemTime,
+}
+
+/// A session let in: what the relay needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admit {
+    pub upstream: SocketAddr,
+    /// The session's viewer limit (0: unlimited), for the slot the session claims.
+    pub viewer_limit: u32,
+    /// Time left before the route expires; `None` without expiry.
+    pub expires_in: Option<Duration>,
+}
+
+/// What happens to the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Answer with this HTTP error and close.
+    Refuse(Refusal),
+    /// Complete the upgrade, then close at once with this cause.
+    Close(CloseCause),
+    Admit(Admit),
+}
+
+/// Decides a request whose session id and token passed [`ask`], given the route lookup's
+/// answer.
+pub fn decide(ask: &Ask, lookup: Result<Option<&Route>, Unavailable>, gate: &Gate) -> Decision {
+    let route = match lookup {
+        Ok(Some(r)) => r,
+        Ok(None) => return Decision::Refuse(UNKNOWN_SESSION),
+        Err(e) => return Decision::Refuse(source_unavailable(e)),
+    };
+    match route.authorize(ask.token.as_ref()) {
+        Ok(()) => {}
+        Err(Denied::MissingToken) => return Decision::Refuse(TOKEN_REQUIRED),
+        Err(Denied::BadToken) => return Decision::Refuse(INVALID_TOKEN),
+    }
+    if gate.draining {
+        return Decision::Refuse(DRAINING);
+    }
+    if gate.sessions >= gate.max_sessions {
+        return Decision::Refuse(AT_CAPACITY);
+    }
+    let expires_in = route.time_left(gate.now);
+    if expires_in == Some(Duration::ZERO) {
+        return Decision::Close(close::SESSION_EXPIRED);
+    }
+    if !gate.policy.allows(&route.upstream) {
+        return Decision::Close(close::UPSTREAM_FORBIDDEN);
+    }
+    Decision::Admit(Admit {
+        upstream: route.upstream,
+        viewer_limit: route.max_viewers.unwrap_or(gate.default_max_viewers),
+        expires_in,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use vncgate_ws::handshake::TokenSource;
+
+    use super::*;
+
+    fn policy() -> UpstreamPolicy {
+        UpstreamPolicy::new(vec![crate::policy::parse_cidr("10.0.0.0/8").unwrap()])
+    }
+
+    fn route() -> Route {
+        Route {
+            upstream: "10.0.0.5:6080".parse().unwrap(),
+            token_digest: Some(Token::digest_of(b"s3cr3t")),
+            expires_at: Some(2_000),
+            max_viewers: None,
+        }
+    }
+
+    fn gate(p: &UpstreamPolicy) -> Gate<'_> {
+        Gate {
+            draining: false,
+            sessions: 0,
+            max_sessions: 10,
+            default_max_viewers: 3,
+            policy: p,
+            now: UNIX_EPOCH + Duration::from_secs(1_000),
+        }
+    }
+
+    fn with_token(t: &[u8]) -> Ask {
+        ask("s1", Some(&PresentedToken::new(TokenSource::Query, t))).unwrap()
+    }
+
+    #[test]
+    fn a_good_request_is_admitted_with_what_the_relay_needs() {
+        let p = policy();
+        let d = decide(&with_token(b"s3cr3t"), Ok(Some(&route())), &gate(&p));
+        assert_eq!(
+            d,
+            Decision::Admit(Admit {
+                upstream: "10.0.0.5:6080".parse().unwrap(),
+                viewer_limit: 3,
+                expires_in: Some(Duration::from_secs(1_000)),
+            })
+        );
+        let mut r = route();
+        r.max_viewers = Some(0);
+        r.expires_at = None;
+        let Decision::Admit(a) = decide(&with_token(b"s3cr3t"), Ok(Some(&r)), &gate(&p)) else {
+            panic!()
+        };
+        assert_eq!((a.viewer_limit, a.expires_in), (0, None));
+    }
+
+    #[test]
+    fn ids_and_tokens_are_checked_before_any_lookup() {
+        assert_eq!(ask("a%20b", None).unwrap_err(), INVALID_SESSION_ID);
+        assert_eq!(ask(&"x".repeat(129), None).unwrap_err(), INVALID_SESSION_ID);
+        let bad = PresentedToken::new(TokenSource::Bearer, b"a\x01b");
+        let r = ask("s1", Some(&bad)).unwrap_err();
+        assert_eq!((r.status, r.blame), (400, Blame::Browser));
+        assert!(ask("s1", None).unwrap().token.is_none());
+    }
+
+    #[test]
+    fn every_refusal_in_order_with_its_blame() {
+        let p = policy();
+        let g = gate(&p);
+        let ok = with_token(b"s3cr3t");
+        let refuse = |d: Decision| match d {
+            Decision::Refuse(r) => (r.status, r.reason, r.blame),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            refuse(decide(&ok, Ok(None), &g)),
+            (404, "unknown session", Blame::Browser)
+        );
+        assert_eq!(
+            refuse(decide(&ok, Err(Unavailable("redis unavailable")), &g)),
+            (503, "redis unavailable", Blame::Gateway)
+        );
+        let none = ask("s1", None).unwrap();
+        assert_eq!(
+            refuse(decide(&none, Ok(Some(&route())), &g)),
+            (401, "token required", Blame::Browser)
+        );
+        assert_eq!(
+            refuse(decide(&with_token(b"wrong"), Ok(Some(&route())), &g)),
+            (403, "invalid token", Blame::Browser)
+        );
+        // A wrong token is refused before the gateway says it is draining: nobody learns
+        // the gateway's state without the session's token.
+        let draining = Gate {
+            draining: true,
+            ..g
+        };
+        assert_eq!(
+            refuse(decide(&with_token(b"wrong"), Ok(Some(&route())), &draining)).0,
+            403
+        );
+        assert_eq!(
+            refuse(decide(&ok, Ok(Some(&route())), &draining)),
+            (503, "gateway draining", Blame::Policy)
+        );
+        let full = Gate { sessions: 10, ..g };
+        assert_eq!(
+            refuse(decide(&ok, Ok(Some(&route())), &full)),
+            (503, "gateway at capacity", Blame::Policy)
+        );
+    }
+
+    #[test]
+    fn expiry_and_policy_close_after_the_upgrade() {
+        let p = policy();
+        let g = gate(&p);
+        let ok = with_token(b"s3cr3t");
+        let mut expired = route();
+        expired.expires_at = Some(1_000);
+        assert_eq!(
+            decide(&ok, Ok(Some(&expired)), &g),
+            Decision::Close(close::SESSION_EXPIRED)
+        );
+        let mut outside = route();
+        outside.upstream = "192.168.1.1:6080".parse().unwrap();
+        assert_eq!(
+            decide(&ok, Ok(Some(&outside)), &g),
+            Decision::Close(close::UPSTREAM_FORBIDDEN)
+        );
+        // Expired wins over the policy: the route is over whatever it points at.
+        outside.expires_at = Some(10);
+        assert_eq!(
+            decide(&ok, Ok(Some(&outside)), &g),
+            Decision::Close(close::SESSION_EXPIRED)
+        );
+    }
+
+    #[test]
+    fn refusals_are_complete_responses() {
+        let r = String::from_utf8(TOKEN_REQUIRED.response()).unwrap();
+        assert!(r.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{r}");
+        assert!(
+            r.contains("\r\nWWW-Authenticate: Bearer realm=\"vncgate\"\r\n"),
+            "{r}"
+        );
+        let r = String::from_utf8(DRAINING.response()).unwrap();
+        assert!(r.contains("\r\nRetry-After: 1\r\n") && r.ends_with("gateway draining\n"));
+        let up = Refusal::from_reject(Reject::UpgradeRequired("x"));
+        assert!(
+            String::from_utf8(up.response())
+                .unwrap()
+                .contains("Sec-WebSocket-Version: 13")
+        );
+    }
+}
