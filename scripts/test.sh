@@ -42,8 +42,11 @@ Xvnc -version 2>&1 | awk 'NF && !shown { print; shown = 1 }'
 step "format"
 cargo fmt --all -- --check
 
-step "clippy"
+step "clippy (its incompatible_msrv lint holds the standard library to rust-version, 1.88)"
 cargo clippy --workspace --all-targets -- -D warnings
+
+step "structure: the crates' dependency rules (ARCHITECTURE.md)"
+scripts/structure.sh
 
 step "build"
 cargo build --workspace --all-targets
@@ -62,6 +65,9 @@ scripts/prometheus-test.sh
 
 step "Autobahn|Testsuite fuzzingclient, compared with the expected results"
 scripts/autobahn.sh
+
+step "instruction counts of the WebSocket core against the committed baseline (callgrind)"
+bench/instructions.sh --compare bench/results/instructions-baseline.json
 
 fuzz_seconds=${FUZZ_SECONDS:-15}
 if [ "$fuzz_seconds" != "0" ] && [ -x ws/fuzz/smoke.sh ]; then

@@ -275,8 +275,12 @@ pub fn upgrades_over(
             })
         })
         .collect();
-    for w in workers {
-        let _ = w.join();
+    // A connector that panicked stopped counting: its point is wrong, not slower.
+    let panicked = join_connectors(workers);
+    if panicked > 0 {
+        return Err(format!(
+            "{panicked} of {connectors} connector threads panicked"
+        ));
     }
     let elapsed = start.elapsed().as_secs_f64();
     let (ok, failures) = tally.counts();
@@ -335,11 +339,22 @@ pub fn touch_all(
             })
         })
         .collect();
-    for w in workers {
-        let _ = w.join();
-    }
+    let panicked = join_connectors(workers);
     let (ok, failed) = tally.counts();
-    (ok, failed, tally.last_err())
+    let mut last = tally.last_err();
+    if panicked > 0 {
+        last = format!("{panicked} connector threads panicked; last error: {last}");
+    }
+    (ok, failed + panicked as u64, last)
+}
+
+/// Joins connector threads; returns how many panicked.
+fn join_connectors(workers: Vec<thread::JoinHandle<()>>) -> usize {
+    workers
+        .into_iter()
+        .map(|w| w.join())
+        .filter(Result::is_err)
+        .count()
 }
 
 /// One session as the upgrade points count it: open (upgrade), one 16-byte echo with

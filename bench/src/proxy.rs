@@ -127,11 +127,11 @@ impl Running {
     pub fn stop(mut self) {
         let roots = self.pids();
         for pid in crate::procfs::tree(&roots) {
-            if !roots.contains(&pid) {
-                if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-                    // A stale pid yields ESRCH: that process is gone already.
-                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
-                }
+            if !roots.contains(&pid)
+                && let Some(p) = rustix::process::Pid::from_raw(pid as i32)
+            {
+                // A stale pid yields ESRCH: that process is gone already.
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
             }
         }
         for c in &mut self.children {

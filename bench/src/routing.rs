@@ -18,11 +18,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use plotters::style::RGBColor;
 use serde_json::{Value, json};
+use vncgate_schema::testing::{Options, RedisServer};
 use vncgate_schema::{RedisUrl, RouteRecord, Timeouts};
 
 use crate::conn::{self, Target};
@@ -95,8 +96,6 @@ pub struct Config {
 const WARMUP_DEADLINE: Duration = Duration::from_secs(60);
 /// Warm-up passes the warm-cache point may add until one causes no Redis lookup.
 const MAX_CHECK_PASSES: usize = 4;
-/// How long `redis-server` gets to answer PING.
-const REDIS_START: Duration = Duration::from_secs(10);
 /// The gateway's default `--route-cache-ttl`: a timed window longer than this is no longer
 /// all warm.
 const DEFAULT_CACHE_TTL_S: f64 = 30.0;
@@ -415,9 +414,12 @@ fn locate_redis_server(given: Option<&Path>) -> Result<PathBuf, String> {
     })
 }
 
-/// The bench's own `redis-server`, with a connection to it; killed by pid when dropped.
+/// The bench's own `redis-server` (the managed one of `vncgate_schema::testing`, without
+/// persistence, its output in the bench's logs), with a connection to it; stopped when
+/// dropped.
 struct Redis {
-    child: Child,
+    /// Held for its `Drop`, which stops the server.
+    _server: RedisServer,
     url: String,
     rt: tokio::runtime::Runtime,
     conn: vncgate_schema::Conn,
@@ -425,44 +427,15 @@ struct Redis {
 
 impl Redis {
     fn start(exe: &Path, out: &Path) -> Result<Redis, String> {
-        let port = proxy::free_port()?;
-        let args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        let mut child = proxy::spawn(exe, &args, out, "routing-redis", 0)?;
-        let url = format!("redis://127.0.0.1:{port}");
-        match Self::connect(&mut child, &url) {
-            Ok((rt, conn)) => Ok(Redis {
-                child,
-                url,
-                rt,
-                conn,
-            }),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(format!(
-                    "{e} (its output: {}/logs/routing-redis.*.log)",
-                    out.display()
-                ))
-            }
-        }
-    }
-
-    /// Waits until the server answers PING.
-    fn connect(
-        child: &mut Child,
-        url: &str,
-    ) -> Result<(tokio::runtime::Runtime, vncgate_schema::Conn), String> {
+        let log = out.join("logs").join("routing-redis.log");
+        let server = RedisServer::launch(Options {
+            exe: exe.to_owned(),
+            persistent: false,
+            log: Some(log.clone()),
+            extra: Vec::new(),
+        })
+        .map_err(|e| format!("{e} (its output: {})", log.display()))?;
+        let url = server.url();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -472,26 +445,15 @@ impl Redis {
             connect: Duration::from_millis(500),
             response: Duration::from_secs(2),
         };
-        let deadline = Instant::now() + REDIS_START;
-        loop {
-            let r = rt.block_on(async {
-                let mut c = parsed.connect(t).await?;
-                redis::cmd("PING").query_async::<String>(&mut c).await?;
-                Ok::<_, redis::RedisError>(c)
-            });
-            match r {
-                Ok(c) => return Ok((rt, c)),
-                Err(e) => {
-                    if let Ok(Some(st)) = child.try_wait() {
-                        return Err(format!("redis-server exited: {st}"));
-                    }
-                    if Instant::now() > deadline {
-                        return Err(format!("redis-server did not answer PING on {url}: {e}"));
-                    }
-                    std::thread::sleep(Duration::from_millis(25));
-                }
-            }
-        }
+        let conn = rt
+            .block_on(parsed.connect(t))
+            .map_err(|e| format!("connect to the bench's redis-server at {url}: {e}"))?;
+        Ok(Redis {
+            _server: server,
+            url,
+            rt,
+            conn,
+        })
     }
 
     /// Writes every id's route to `upstream`, as the controller would.
@@ -523,13 +485,6 @@ impl Redis {
             .block_on(redis::cmd("INFO").arg("stats").query_async(conn))
             .map_err(|e| format!("redis INFO: {e}"))?;
         keyspace_lookups(&info).ok_or_else(|| "redis INFO stats has no keyspace counters".into())
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

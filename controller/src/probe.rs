@@ -59,50 +59,49 @@ impl ProbeOutcome {
 
     /// One JSON object (no trailing newline).
     pub fn to_json(&self, target: &str, elapsed: Duration) -> String {
-        let mut s = format!(
-            "{{\"vnc\":{},\"status\":\"{}\",\"ready\":{},\"elapsed_ms\":{:.3}",
-            json_string(target),
-            self.status(),
-            self.is_ready(),
-            elapsed.as_secs_f64() * 1000.0
-        );
-        match self {
-            ProbeOutcome::Ready { addr, version } => {
-                s += &format!(",\"addr\":\"{addr}\",\"version\":\"{version}\"");
-            }
-            ProbeOutcome::Refused { addr } => s += &format!(",\"addr\":\"{addr}\""),
-            ProbeOutcome::NotRfb { addr, .. } | ProbeOutcome::Closed { addr, .. } => {
-                s += &format!(",\"addr\":\"{addr}\"");
-            }
-            ProbeOutcome::Error { detail } => s += &format!(",\"detail\":{}", json_string(detail)),
-            ProbeOutcome::Timeout { .. } => {}
-        }
-        if let Some(seen) = self.seen() {
-            s += &format!(",\"seen\":{}", json_string(&escape(seen)));
-        }
-        s.push('}');
-        s
+        let (addr, version, detail) = match self {
+            ProbeOutcome::Ready { addr, version } => (Some(*addr), Some(version.to_string()), None),
+            ProbeOutcome::Refused { addr }
+            | ProbeOutcome::NotRfb { addr, .. }
+            | ProbeOutcome::Closed { addr, .. } => (Some(*addr), None, None),
+            ProbeOutcome::Error { detail } => (None, None, Some(detail.as_str())),
+            ProbeOutcome::Timeout { .. } => (None, None, None),
+        };
+        let line = ProbeJson {
+            vnc: target,
+            status: self.status(),
+            ready: self.is_ready(),
+            // Milliseconds to the microsecond: enough to read, short to print.
+            elapsed_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+            addr,
+            version,
+            detail,
+            seen: self.seen().map(escape),
+        };
+        serde_json::to_string(&line).expect("plain fields serialize")
     }
+}
+
+/// The `--json` line, in this field order.
+#[derive(serde::Serialize)]
+struct ProbeJson<'a> {
+    vnc: &'a str,
+    status: &'static str,
+    ready: bool,
+    elapsed_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    addr: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seen: Option<String>,
 }
 
 /// Bytes as printable ASCII with `\n`, `\xNN` escapes: safe for a terminal and a log line.
 pub fn escape(bytes: &[u8]) -> String {
     bytes.escape_ascii().to_string()
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 impl fmt::Display for ProbeOutcome {
@@ -230,16 +229,21 @@ mod tests {
         );
         assert_eq!(
             o.to_json("vm:6080", Duration::from_millis(2)),
-            r#"{"vnc":"vm:6080","status":"not-rfb","ready":false,"elapsed_ms":2.000,"addr":"127.0.0.1:6080","seen":"HTTP/1.1 \\\"4\\x00"}"#
+            r#"{"vnc":"vm:6080","status":"not-rfb","ready":false,"elapsed_ms":2.0,"addr":"127.0.0.1:6080","seen":"HTTP/1.1 \\\"4\\x00"}"#
         );
         let ready = ProbeOutcome::Ready {
             addr,
             version: RfbVersion { major: 3, minor: 8 },
         };
         assert_eq!(
-            ready.to_json("vm:6080", Duration::ZERO),
-            r#"{"vnc":"vm:6080","status":"ready","ready":true,"elapsed_ms":0.000,"addr":"127.0.0.1:6080","version":"3.8"}"#
+            ready.to_json("vm:6080", Duration::from_micros(1500)),
+            r#"{"vnc":"vm:6080","status":"ready","ready":true,"elapsed_ms":1.5,"addr":"127.0.0.1:6080","version":"3.8"}"#
         );
-        assert_eq!(json_string("a\nb"), r#""a\u000ab""#);
+        let err = ProbeOutcome::Error {
+            detail: "a\nb \"c\"".into(),
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&err.to_json("vm:6080", Duration::ZERO)).unwrap();
+        assert_eq!(v["detail"], "a\nb \"c\"");
     }
 }

@@ -1,10 +1,11 @@
 //! Route publishing against a real Redis: nothing is written until the VM's VNC port sends
 //! an RFB banner; withdrawing deletes and announces.
 
-use std::io::Write;
-use std::net::TcpListener;
+use std::io::{BufRead as _, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vncgate_schema::testing::RedisServer;
 
@@ -27,9 +28,30 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Every command Redis executes from now on, with the instant this process read it
+/// (`MONITOR`): a watch over the whole test rather than a look at one moment.
+fn monitor(port: u16) -> Arc<Mutex<Vec<(Instant, String)>>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"MONITOR\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut ok = String::new();
+    r.read_line(&mut ok).unwrap();
+    assert_eq!(ok.trim(), "+OK", "MONITOR refused");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let out = seen.clone();
+    std::thread::spawn(move || {
+        for line in r.lines() {
+            let Ok(line) = line else { return };
+            out.lock().unwrap().push((Instant::now(), line));
+        }
+    });
+    seen
+}
+
 #[test]
 fn a_route_is_published_only_once_the_vnc_server_answers() {
     let r = RedisServer::start();
+    let watched = monitor(r.port);
     let port = free_port();
     let vnc = format!("127.0.0.1:{port}");
     let child = Command::new(BIN)
@@ -53,11 +75,11 @@ fn a_route_is_published_only_once_the_vnc_server_answers() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The VM is still booting: its VNC port refuses, and no route exists.
+    // The VM is still booting: its VNC port refuses for a while (the publisher probes it
+    // several times meanwhile). Then the VNC server starts.
     std::thread::sleep(Duration::from_millis(1200));
-    assert!(r.cli(&["EXISTS", "vncgate:route:boot1"]).contains('0'));
-    // The VNC server starts.
     let l = TcpListener::bind(&vnc).unwrap();
+    let vnc_up = Instant::now();
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for mut s in l.incoming().flatten() {
@@ -74,6 +96,22 @@ fn a_route_is_published_only_once_the_vnc_server_answers() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("\"published\":true"), "{stdout}");
+    // Over the whole run, nothing touched the route's key before the VNC server was up, and
+    // the write came after it.
+    let touching: Vec<(Instant, String)> = watched
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, l)| l.contains("vncgate:route:boot1"))
+        .cloned()
+        .collect();
+    assert!(!touching.is_empty(), "MONITOR saw no write of the route");
+    for (at, line) in &touching {
+        assert!(
+            *at >= vnc_up,
+            "written before the VNC server was up: {line}"
+        );
+    }
     let fields = r.cli(&["HGETALL", "vncgate:route:boot1"]);
     assert!(fields.contains(&vnc), "{fields}");
     assert!(fields.contains("vncgate-controller"), "{fields}");

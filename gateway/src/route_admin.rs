@@ -7,9 +7,7 @@ use std::time::Duration;
 use vncgate_schema::store::{self, Conn};
 use vncgate_schema::{RedisUrl, RemovalReason, RouteRecord, record};
 
-use crate::config::{
-    DelReason, RedisArg, RouteAddArgs, RouteCommand, RouteDelArgs, RouteListArgs, read_file_config,
-};
+use crate::config::{DelReason, RedisArg, RouteAddArgs, RouteCommand, RouteDelArgs, RouteListArgs};
 use crate::policy::{UpstreamPolicy, parse_cidr};
 use crate::route;
 use crate::token::parse_digest_hex;
@@ -59,7 +57,7 @@ fn record_from_args(a: &RouteAddArgs) -> Result<RouteRecord, String> {
     record::check_upstream(&upstream).map_err(|e| format!("--upstream: {e}"))?;
     let mut cidrs = a.allow_upstream.clone();
     if let Some(p) = &a.config {
-        cidrs.extend(read_file_config(p)?.allow_upstream);
+        cidrs.extend(crate::config::file::read(p)?.allow_upstream);
     }
     let nets = cidrs
         .iter()

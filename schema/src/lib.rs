@@ -19,6 +19,8 @@
 //! 4005 at that instant. The key outlives it by a grace period so that a browser arriving
 //! late still gets the named close ("session expired") instead of an unknown session.
 
+#![forbid(unsafe_code)]
+
 pub mod event;
 pub mod record;
 pub mod store;

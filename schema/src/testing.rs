@@ -1,8 +1,10 @@
-//! Real Redis servers for tests (feature `testing`): standalone (with an append-only file,
-//! so a restart keeps the routes, as a production Redis would), a 3-master Cluster, and a
-//! Sentinel, on free loopback ports, killed when dropped. Used by the gateway's and the
-//! controller's integration tests. `scripts/test.sh` installs `redis-server`; without it
-//! these servers panic and say so.
+//! Real, managed Redis servers (feature `testing`): standalone (by default with an
+//! append-only file, so a restart keeps the routes, as a production Redis would), a 3-master
+//! Cluster, and a Sentinel, on free loopback ports, killed when dropped. The one place that
+//! starts a `redis-server`: the gateway's and the controller's integration tests use the
+//! panicking constructors, the routing benchmark [`RedisServer::launch`] with its own binary
+//! and log file. `scripts/test.sh` installs `redis-server`; without it the test constructors
+//! panic and say so.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -63,11 +65,35 @@ pub fn command(port: u16, cmd: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// How to run a managed `redis-server`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The binary [default: `redis-server` on `PATH`].
+    pub exe: PathBuf,
+    /// An append-only file, fsynced on every write, so a restart keeps the data.
+    pub persistent: bool,
+    /// Where the server's output goes [default: nowhere].
+    pub log: Option<PathBuf>,
+    /// More `redis-server` flags.
+    pub extra: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            exe: PathBuf::from("redis-server"),
+            persistent: true,
+            log: None,
+            extra: Vec::new(),
+        }
+    }
+}
+
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
-    extra: Vec<String>,
+    opts: Options,
 }
 
 impl RedisServer {
@@ -76,18 +102,44 @@ impl RedisServer {
     }
 
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        tool("redis-server");
+        Self::launch(Options {
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            ..Options::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts a server on a free loopback port and waits (10 s at most) until it answers
+    /// PING; the error says why not.
+    pub fn launch(opts: Options) -> Result<RedisServer, String> {
         let mut r = RedisServer {
             child: None,
             port: free_port(),
             dir: scratch_dir("node"),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            opts,
         };
-        r.launch();
-        r
+        r.spawn()?;
+        Ok(r)
     }
 
-    fn launch(&mut self) {
-        let child = Command::new(tool("redis-server"))
+    fn spawn(&mut self) -> Result<(), String> {
+        let o = &self.opts;
+        let persistence: &[&str] = if o.persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
+        let (stdout, stderr) = match &o.log {
+            None => (Stdio::null(), Stdio::null()),
+            Some(path) => {
+                let f =
+                    std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let g = f.try_clone().map_err(|e| e.to_string())?;
+                (Stdio::from(f), Stdio::from(g))
+            }
+        };
+        let mut child = Command::new(&o.exe)
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -97,23 +149,35 @@ impl RedisServer {
                 self.dir.to_str().unwrap(),
                 "--save",
                 "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
                 "--protected-mode",
                 "no",
             ])
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .args(persistence)
+            .args(&o.extra)
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
-            .expect("start redis-server");
-        self.child = Some(child);
+            .map_err(|e| format!("cannot start {}: {e}", o.exe.display()))?;
+        let mut exited = None;
         let ok = eventually(Duration::from_secs(10), || {
+            if let Ok(Some(st)) = child.try_wait() {
+                exited = Some(st);
+                return true;
+            }
             command(self.port, "PING").is_some_and(|r| r.starts_with("+PONG"))
         });
-        assert!(ok, "redis-server on port {} did not start", self.port);
+        if let Some(st) = exited {
+            return Err(format!("redis-server on port {} exited: {st}", self.port));
+        }
+        self.child = Some(child);
+        if !ok {
+            self.kill();
+            return Err(format!(
+                "redis-server on port {} did not answer PING within 10 s",
+                self.port
+            ));
+        }
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -131,7 +195,7 @@ impl RedisServer {
     /// Starts it again on the same port and data directory.
     pub fn restart(&mut self) {
         self.kill();
-        self.launch();
+        self.spawn().unwrap_or_else(|e| panic!("{e}"));
     }
 
     pub fn cli(&self, args: &[&str]) -> String {

@@ -53,6 +53,24 @@ pub struct RedisSettings {
     pub recheck_interval: Duration,
 }
 
+/// The defaults of [`RedisSettings`] besides the URL (flags and file override them).
+#[derive(Debug, Clone, Copy)]
+pub struct RedisDefaults {
+    pub cache_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub timeout: Duration,
+    pub recheck_interval: Duration,
+}
+
+impl RedisSettings {
+    pub const DEFAULTS: RedisDefaults = RedisDefaults {
+        cache_ttl: Duration::from_secs(30),
+        negative_ttl: Duration::from_secs(1),
+        timeout: Duration::from_millis(500),
+        recheck_interval: Duration::from_secs(5),
+    };
+}
+
 /// What the control thread tells a worker (through its mailbox: see
 /// [`crate::server::mailbox`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

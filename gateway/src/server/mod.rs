@@ -9,6 +9,7 @@ pub mod listener;
 pub mod mailbox;
 pub mod pool;
 pub mod relay;
+mod run;
 pub mod session;
 pub mod signal;
 pub mod sock;
@@ -28,6 +29,8 @@ use crate::config::{IoDriver, Settings};
 use crate::metrics as m;
 use crate::route::{RouteSource, SourceHealth};
 use worker::Worker;
+
+pub use run::run;
 
 /// State shared by all workers: only flags, read or written rarely.
 #[derive(Debug)]

@@ -1,0 +1,217 @@
+//! The command line: `vncgate serve`, `vncgate route add|del|list`, as clap definitions. A
+//! flag that is not given is `None`, so that the layers below it (environment, file,
+//! defaults) show through: see [`super::settings`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use super::settings::{IoDriver, parse_secs};
+
+#[derive(Debug, Parser)]
+#[command(name = "vncgate", version, about = "VNC-over-WebSocket gateway")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(Box<ServeArgs>),
+    /// Manage routes in Redis (for deployments without the controller).
+    #[command(subcommand)]
+    Route(RouteCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Write a route (create or replace) and announce it to the gateways.
+    Add(RouteAddArgs),
+    /// Delete a route; gateways close its live sessions with 4006 "session revoked".
+    Del(RouteDelArgs),
+    /// List the routes.
+    List(RouteListArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisArg {
+    /// Redis URL: redis://HOST:PORT[/DB], redis+sentinel://H:P[,H:P...]/SERVICE or
+    /// redis+cluster://H:P[,H:P...].
+    #[arg(long, value_name = "URL", env = "VNCGATE_REDIS")]
+    pub redis: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RouteAddArgs {
+    #[command(flatten)]
+    pub redis: RedisArg,
+    /// Session id (the last path segment the browser opens).
+    #[arg(long)]
+    pub session: String,
+    /// The VM's VNC address, HOST:PORT (a name is resolved now; the route holds the address).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: String,
+    /// The session token clients must present (stored as its SHA-256 only).
+    #[arg(long, conflicts_with = "token_sha256")]
+    pub token: Option<String>,
+    /// The token's SHA-256 in hex, when the token itself should never reach this host.
+    #[arg(long, value_name = "HEX")]
+    pub token_sha256: Option<String>,
+    /// Seconds until the route expires; live sessions then close with 4005.
+    #[arg(long, value_parser = parse_secs)]
+    pub ttl: Option<Duration>,
+    /// Concurrent connections allowed for this session (0: unlimited) [default: the
+    /// gateway's --max-viewers].
+    #[arg(long)]
+    pub max_viewers: Option<u32>,
+    /// CIDR the gateways may dial (repeatable); the upstream must fall inside. Also read
+    /// from --config and VNCGATE_ALLOW_UPSTREAM (comma-separated).
+    #[arg(
+        long = "allow-upstream",
+        value_name = "CIDR",
+        env = "VNCGATE_ALLOW_UPSTREAM",
+        value_delimiter = ','
+    )]
+    pub allow_upstream: Vec<String>,
+    /// The gateway's TOML config, for its allow_upstream.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum DelReason {
+    /// Live sessions close with 4006 "session revoked".
+    #[default]
+    Revoked,
+    /// Live sessions close with 4005 "session expired".
+    Expired,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RouteDelArgs {
+    #[command(flatten)]
+    pub redis: RedisArg,
+    #[arg(long)]
+    pub session: String,
+    /// What live sessions are told.
+    #[arg(long, value_enum, default_value = "revoked")]
+    pub reason: DelReason,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RouteListArgs {
+    #[command(flatten)]
+    pub redis: RedisArg,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// Address to accept WebSocket clients on [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// A static route without a token (repeatable): the relay answers at /vnc/ID.
+    #[arg(long = "route", value_name = "ID=HOST:PORT")]
+    pub routes: Vec<String>,
+    /// A TOML file of routes with tokens and expiry.
+    #[arg(long, value_name = "FILE")]
+    pub routes_file: Option<PathBuf>,
+    /// CIDR (or address) the gateway may dial (repeatable). Nothing else is ever dialed.
+    #[arg(long = "allow-upstream", value_name = "CIDR")]
+    pub allow_upstream: Vec<String>,
+    /// Worker threads, each with its own runtime and listener [default: one per core].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// I/O driver [default: auto].
+    #[arg(long, value_enum)]
+    pub io_driver: Option<IoDriver>,
+    /// TOML config file (config/gateway.example.toml). Layers, each over the one before:
+    /// defaults, this file, VNCGATE_<KEY> environment variables (VNCGATE_REDIS,
+    /// VNCGATE_IDLE_TIMEOUT, ...; lists comma-separated), then flags.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Admin listener for /metrics, /healthz and /readyz.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// URL path prefix in front of the session id [default: /vnc/].
+    #[arg(long)]
+    pub path_prefix: Option<String>,
+    /// Allowed Origin (repeatable); none given allows any origin.
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    pub allow_origins: Vec<String>,
+    /// Share the port with a live gateway already bound to it (the restart handover).
+    /// Without it, a second gateway on the same port refuses to start.
+    #[arg(long)]
+    pub share_port: bool,
+    /// Sessions per worker before new upgrades get 503 [default: 25000].
+    #[arg(long)]
+    pub max_sessions_per_worker: Option<usize>,
+    /// Largest browser-to-VM message in bytes, all fragments together [default: 16 MiB].
+    #[arg(long)]
+    pub max_message: Option<u64>,
+    /// Seconds a client has to send its upgrade request [default: 10].
+    #[arg(long, value_parser = parse_secs)]
+    pub handshake_timeout: Option<Duration>,
+    /// Seconds per upstream connect attempt [default: 3].
+    #[arg(long, value_parser = parse_secs)]
+    pub connect_timeout: Option<Duration>,
+    /// Seconds to keep retrying a refusing upstream (a booting VM), with backoff [default: 2].
+    #[arg(long, value_parser = parse_secs)]
+    pub connect_retry_window: Option<Duration>,
+    /// Seconds without traffic either way before closing with 4007; 0 disables [default: 3600].
+    #[arg(long, value_parser = parse_secs)]
+    pub idle_timeout: Option<Duration>,
+    /// Longest session in seconds, then 4011; 0 disables [default: 0].
+    #[arg(long, value_parser = parse_secs)]
+    pub max_session_duration: Option<Duration>,
+    /// Seconds between keepalive pings; 0 disables [default: 20].
+    #[arg(long, value_parser = parse_secs)]
+    pub keepalive_interval: Option<Duration>,
+    /// Seconds to wait for a pong before closing with 4008 [default: 20].
+    #[arg(long, value_parser = parse_secs)]
+    pub keepalive_timeout: Option<Duration>,
+    /// Seconds a SIGTERM drain waits for sessions before closing them with 1001 [default: 30].
+    #[arg(long, value_parser = parse_secs)]
+    pub drain_timeout: Option<Duration>,
+    /// Capacity of each relay pipe in bytes [default: 1 MiB].
+    #[arg(long)]
+    pub pipe_size: Option<usize>,
+    /// TCP congestion control of the gateway's sockets, both legs (a name from
+    /// net.ipv4.tcp_available_congestion_control, or `system` for the host's default)
+    /// [default: cubic]. BBR paces every flow at its own bandwidth estimate; on the fast
+    /// local legs of a gateway that estimate collapses for flows whose peer reads late, and
+    /// those sessions crawl (see the README, "Congestion control").
+    #[arg(long, value_name = "NAME")]
+    pub tcp_congestion: Option<String>,
+    /// Read routes from Redis (after the static ones): redis://HOST:PORT[/DB],
+    /// redis+sentinel://H:P[,H:P...]/SERVICE or redis+cluster://H:P[,H:P...].
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// Seconds a worker serves a Redis route from its cache; 0 disables the cache [default: 30].
+    #[arg(long, value_parser = parse_secs)]
+    pub route_cache_ttl: Option<Duration>,
+    /// Seconds an unknown session is remembered as unknown; 0 disables [default: 1].
+    #[arg(long, value_parser = parse_secs)]
+    pub route_negative_ttl: Option<Duration>,
+    /// Deadline of one Redis lookup or connection attempt, in seconds [default: 0.5].
+    #[arg(long, value_parser = parse_secs)]
+    pub redis_timeout: Option<Duration>,
+    /// Concurrent connections per session where the route does not say; 0 = unlimited
+    /// [default: 0]. Over the limit, the upgrade closes with 4009 "too many viewers".
+    #[arg(long)]
+    pub max_viewers: Option<u32>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}

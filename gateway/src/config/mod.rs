@@ -1,0 +1,15 @@
+//! Configuration, in three files: the command line ([`cli`]), the TOML file ([`file`]), and
+//! the one layered merge into validated [`Settings`] ([`settings`]): defaults < file <
+//! `VNCGATE_*` environment < flags.
+
+pub mod cli;
+pub mod file;
+pub mod settings;
+
+pub use cli::{
+    Cli, Command, DelReason, LogFormat, RedisArg, RouteAddArgs, RouteCommand, RouteDelArgs,
+    RouteListArgs, ServeArgs,
+};
+pub use settings::{
+    DEFAULT_TCP_CONGESTION, IoDriver, Layer, Limits, Settings, TcpCongestion, parse_secs,
+};
