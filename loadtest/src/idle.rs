@@ -518,7 +518,8 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     pub error_examples: BTreeMap<String, String>,
     /// PSS of `--pid` before the ramp and at the end of the hold, in KiB (`null` without
-    /// `--pid`, or when the process could not be read).
+    /// `--pid`; an unreadable `--pid` fails the run before the ramp, and one that died
+    /// during the hold leaves `pss_after_kib` null).
     pub pss_before_kib: Option<u64>,
     pub pss_after_kib: Option<u64>,
     /// `(pss_after - pss_before) / held`.
@@ -580,12 +581,26 @@ impl fmt::Display for Report {
 /// `vncgate-loadtest idle`: PSS before, ramp, hold, PSS after, close, report.
 pub async fn run(cfg: &Config) -> Result<Report, SetupError> {
     let t0 = Instant::now();
-    let before = cfg.pid.and_then(pss_kib);
+    // A `--pid` whose memory cannot be read is a setting that cannot work: refused before
+    // the ramp, never reported as a figure.
+    let read = |pid: u32| {
+        crate::procmem::read(pid)
+            .map(|m| m.pss_kib)
+            .map_err(|e| SetupError::BadSetting(format!("--pid {pid}: {e}")))
+    };
+    let before = cfg.pid.map(read).transpose()?;
     let sessions = open(cfg).await?;
     let ramp = sessions.ramp();
     let nofile = sessions.nofile_limit();
     sleep(cfg.hold).await;
-    let after = cfg.pid.and_then(pss_kib);
+    // The process may have died meanwhile: then the figure is missing (null) and says so.
+    let after = match cfg.pid.map(read).transpose() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the target's memory after the hold");
+            None
+        }
+    };
     let held = sessions.sample();
     let tally = sessions.close().await;
     let per = match (before, after) {

@@ -132,3 +132,21 @@ async fn bad_settings_fail_before_starting() {
     };
     assert!(idle::run(&zero).await.is_err());
 }
+
+/// A `--pid` whose memory cannot be read fails the run before any session opens, rather
+/// than reporting a figure it never measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_pid_is_refused_before_the_ramp() {
+    let b = bridge(BridgeMode::Relay(vm())).await;
+    let e = idle::run(&idle::Config {
+        pid: Some(u32::MAX),
+        ..cfg(b.url(), 5)
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("--pid {}", u32::MAX)),
+        "{e}"
+    );
+    assert!(b.peers.lock().unwrap().is_empty(), "sessions opened anyway");
+}

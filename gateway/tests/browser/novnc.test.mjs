@@ -1,5 +1,5 @@
 // noVNC in headless Chromium through vncgate (node --test): against the synthetic desktop
-// (`vncgate demo`), and against a real VNC server (TigerVNC's Xvnc showing an xterm) behind
+// (`vncgate-loadtest demo`), and against a real VNC server (TigerVNC's Xvnc showing an xterm) behind
 // `vncgate serve`. Started by scripts/browser-test.sh, which installs Chromium, Xvnc, xterm,
 // xsetroot, @novnc/novnc and playwright-core, builds the gateway, and passes:
 //   VNCGATE_BIN   the gateway binary
