@@ -5,12 +5,26 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`api`] | the session API over HTTP (axum): thin handlers, one error-to-status map |
+//! | [`backend`] | the VM backend trait (start from golden, push per-VM data, alive, stop, adopt) and the `process` backend |
+//! | [`lifecycle`] | a session's state machine, pure: event in, new record and effects (route, VM) out |
 //! | [`probe`] | connect to a VM's VNC port, read the banner under a deadline (checked by `vncgate_rfb::banner`), name the outcome |
+//! | [`readiness`] | readiness that means a desktop: agent `/health` 200 and the VNC port through ServerInit |
+//! | [`server`] | `vncgate-controller --listen`: store, backend, service, reconciler, API, until a signal |
+//! | [`service`] | sessions: create, boot, readiness, reconciler, effects of each transition |
+//! | [`store`] | sessions and routes in Redis (the shared schema) or in memory |
 //! | [`publish`] | publish a session's route in Redis once its VM is ready; withdraw it |
 //!
 //! The binary (`src/main.rs`) parses flags and calls [`probe::probe`] and [`publish`].
 
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod backend;
+pub mod lifecycle;
 pub mod probe;
 pub mod publish;
+pub mod readiness;
+pub mod server;
+pub mod service;
+pub mod store;

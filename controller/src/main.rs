@@ -6,15 +6,60 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vncgate_controller::probe;
 use vncgate_controller::publish::{self, Publish, Published};
+use vncgate_controller::{probe, server};
 use vncgate_schema::{RedisUrl, RemovalReason};
 
 #[derive(Parser)]
-#[command(name = "vncgate-controller", version, about = "vncgate control plane")]
+#[command(
+    name = "vncgate-controller",
+    version,
+    about = "vncgate control plane: sessions whose ready means a desktop",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// Without a subcommand: run the controller.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address of the session API.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: String,
+    /// Keep sessions and routes in Redis (redis://, redis+sentinel://, redis+cluster://);
+    /// without it they live in this process's memory.
+    #[arg(long, value_name = "URL", env = "VNCGATE_REDIS")]
+    redis: Option<String>,
+    /// Where VMs run.
+    #[arg(long, value_enum, default_value = "process")]
+    backend: server::BackendKind,
+    /// Seconds a VM has to become ready (agent healthy and VNC port a desktop).
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    boot_timeout: f64,
+    /// The process backend's VNC server, a shell command with {port} (default: the
+    /// synthetic desktop, vncgate-loadtest fakevm). '/bin/sleep 600' reproduces a VM whose
+    /// VNC server never starts.
+    #[arg(long, value_name = "CMD")]
+    process_vnc: Option<String>,
+    /// Where the process backend puts each VM's directory.
+    #[arg(long, value_name = "DIR", default_value = "/tmp/vncgate-process")]
+    work_dir: std::path::PathBuf,
+    /// Viewers per session written into routes [default: the gateway's --max-viewers].
+    #[arg(long)]
+    max_viewers: Option<u32>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -27,6 +72,8 @@ enum Cmd {
         /// Deadline for connect + banner, in milliseconds.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        #[command(flatten)]
+        depth: DepthArgs,
         /// Print one JSON object instead of a sentence.
         #[arg(long)]
         json: bool,
@@ -55,6 +102,8 @@ enum Cmd {
         /// Seconds to wait for the VM to become ready.
         #[arg(long, default_value_t = 60.0)]
         wait: f64,
+        #[command(flatten)]
+        depth: DepthArgs,
         /// Print one JSON object instead of a sentence.
         #[arg(long)]
         json: bool,
@@ -69,6 +118,36 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "revoked")]
         reason: Reason,
     },
+}
+
+/// How far the probe goes.
+#[derive(clap::Args)]
+struct DepthArgs {
+    /// Go on through the RFB handshake to ServerInit: ready means a non-empty framebuffer,
+    /// not just a banner (security None, or VNC authentication with --vnc-password-file).
+    #[arg(long)]
+    desktop: bool,
+    /// The VNC password (first line of the file), for --desktop against a server that asks
+    /// for VNC authentication.
+    #[arg(long, value_name = "FILE", requires = "desktop")]
+    vnc_password_file: Option<std::path::PathBuf>,
+}
+
+impl DepthArgs {
+    fn depth(&self) -> Result<probe::Depth, String> {
+        if !self.desktop {
+            return Ok(probe::Depth::Banner);
+        }
+        let password = match &self.vnc_password_file {
+            None => None,
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("--vnc-password-file {}: {e}", p.display()))?;
+                Some(text.lines().next().unwrap_or_default().as_bytes().to_vec())
+            }
+        };
+        Ok(probe::Depth::Desktop { password })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -86,15 +165,62 @@ fn redis_url(s: &str) -> Result<RedisUrl, String> {
     s.parse().map_err(|e| format!("--redis: {e}"))
 }
 
+fn serve(a: ServeArgs) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VNCGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match a.log_format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+    let Ok(boot_timeout) = Duration::try_from_secs_f64(a.boot_timeout) else {
+        return fail(format!(
+            "--boot-timeout: {} is not a number of seconds",
+            a.boot_timeout
+        ));
+    };
+    let settings = server::Settings {
+        listen: a.listen,
+        redis: a.redis,
+        backend: a.backend,
+        boot_timeout,
+        process_vnc: a.process_vnc,
+        work_dir: a.work_dir,
+        max_viewers: a.max_viewers,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start a runtime: {e}")),
+    };
+    match rt.block_on(server::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
 fn main() -> ExitCode {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let Some(cmd) = cli.cmd else {
+        return serve(cli.serve);
+    };
+    match cmd {
         Cmd::Probe {
             vnc,
             timeout_ms,
+            depth,
             json,
         } => {
+            let depth = match depth.depth() {
+                Ok(d) => d,
+                Err(e) => return fail(e),
+            };
             let started = Instant::now();
-            let outcome = probe::probe(&vnc, Duration::from_millis(timeout_ms));
+            let outcome = probe::probe_to(&vnc, Duration::from_millis(timeout_ms), &depth);
             if json {
                 println!("{}", outcome.to_json(&vnc, started.elapsed()));
             } else {
@@ -114,8 +240,13 @@ fn main() -> ExitCode {
             ttl,
             max_viewers,
             wait,
+            depth,
             json,
         } => {
+            let depth = match depth.depth() {
+                Ok(d) => d,
+                Err(e) => return fail(e),
+            };
             let url = match redis_url(&redis) {
                 Ok(u) => u,
                 Err(e) => return fail(e),
@@ -131,6 +262,7 @@ fn main() -> ExitCode {
                 max_viewers,
                 wait,
                 probe_timeout: Duration::from_secs(2),
+                depth,
             };
             let started = Instant::now();
             match publish::publish_when_ready(&url, &p) {

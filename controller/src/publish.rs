@@ -1,7 +1,8 @@
 //! Publishing a session's route once its VM is ready, and withdrawing it.
 //!
-//! "Ready" is decided by [`probe::probe`]: the VM's VNC port answers with an RFB
-//! `ProtocolVersion` banner. Until then nothing is written, so a gateway never routes a
+//! "Ready" is decided by [`probe::probe_to`]: the VM's VNC port answers with an RFB
+//! `ProtocolVersion` banner, or with [`probe::Depth::Desktop`] completes the handshake to a
+//! non-empty ServerInit. Until then nothing is written, so a gateway never routes a
 //! browser to a VM whose VNC server has not started (the close-1006 case this project
 //! exists to end). Routes are written through the shared schema
 //! ([`vncgate_schema::store`]), exactly as the gateway's `vncgate route add` writes them.
@@ -26,6 +27,8 @@ pub struct Publish {
     pub wait: Duration,
     /// Deadline of one probe.
     pub probe_timeout: Duration,
+    /// How far each probe goes.
+    pub depth: probe::Depth,
 }
 
 /// What publishing ended with.
@@ -60,7 +63,7 @@ pub fn publish_when_ready(url: &RedisUrl, p: &Publish) -> Result<Published, Stri
     let mut conn = rt.block_on(url.connect_for_command())?;
     let deadline = Instant::now() + p.wait;
     let upstream = loop {
-        match probe::probe(&p.vnc, p.probe_timeout) {
+        match probe::probe_to(&p.vnc, p.probe_timeout, &p.depth) {
             ProbeOutcome::Ready { addr, .. } => break addr,
             other if Instant::now() >= deadline => return Ok(Published::NotReady(other)),
             _ => std::thread::sleep(Duration::from_millis(250)),

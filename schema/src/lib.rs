@@ -3,6 +3,7 @@
 //! admin commands.
 //!
 //! - [`record`]: the route record, one Redis hash per session, and its version field.
+//! - [`session`]: the session record (state, history, probes), one JSON string per session.
 //! - [`event`]: route events on one pub/sub channel, JSON with a version field.
 //! - [`url`]: the Redis URLs accepted (standalone, Sentinel, Cluster), with redaction.
 //! - [`store`]: connections and the operations on the schema (put, get, delete, list).
@@ -14,6 +15,9 @@
 //! | `vncgate:route:<session>` | hash | the route record ([`record::RouteRecord`]); the key expires [`EXPIRY_GRACE_SECS`] after `expires_at` |
 //! | `vncgate:routes` | sorted set | index for listing: member = session id, score = `expires_at` (`+inf` without expiry) |
 //! | `vncgate:route-events` | pub/sub channel | [`event::RouteEvent`] JSON, published after every put and delete |
+//! | `vncgate:session:<id>` | string | the session record ([`session::SessionRecord`], JSON); kept a day past `expires_at` |
+//! | `vncgate:sessions` | sorted set | index for listing: member = session id, score = `created_at` (ms) |
+//! | `vncgate:idempotency:<sha256>` | string | the session id an `Idempotency-Key` created; 24 h |
 //!
 //! The record's `expires_at` is the truth about expiry: gateways close live sessions with
 //! 4005 at that instant. The key outlives it by a grace period so that a browser arriving
@@ -23,6 +27,7 @@
 
 pub mod event;
 pub mod record;
+pub mod session;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -14,6 +14,10 @@ use redis::{AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError,
 use redis::{RedisResult, Value};
 
 use crate::record::{RecordError, RouteRecord};
+use crate::session::{
+    IDEMPOTENCY_TTL_SECS, SESSION_INDEX_KEY, SessionRecord, SessionRecordError, idempotency_key,
+    session_key,
+};
 use crate::url::{RedisUrl, Target};
 use crate::{
     EVENTS_CHANNEL, EXPIRY_GRACE_SECS, ROUTE_INDEX_KEY, RemovalReason, RouteEvent, route_key,
@@ -297,6 +301,158 @@ pub async fn list_routes(
     Ok(out)
 }
 
+/// What [`create_session`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Created {
+    /// The record was written.
+    New,
+    /// The idempotency key was seen before: this is the session it created.
+    Existing(Box<SessionRecord>),
+}
+
+/// A write that could not be done as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionWriteError {
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    /// The id exists already (a create), or the record changed since it was read (an
+    /// update): read it again and decide again.
+    #[error("session {0} was written by someone else in between")]
+    Conflict(String),
+    #[error("session {id}: {error}")]
+    Record {
+        id: String,
+        error: SessionRecordError,
+    },
+}
+
+/// Creates a session record (never overwrites one), indexes it, and with an idempotency key
+/// remembers which session that key created. A retried create with the same key returns the
+/// first session instead of writing a second one. Keys land in different Cluster slots, so
+/// the steps are ordered to be safe without a transaction: the idempotency key is claimed
+/// first (`SET NX`), and a second caller that lost the claim waits for the winner's record.
+pub async fn create_session(
+    c: &mut Conn,
+    rec: &SessionRecord,
+    idempotency: Option<&str>,
+) -> Result<Created, SessionWriteError> {
+    if let Some(k) = idempotency {
+        let key = idempotency_key(k);
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&rec.id)
+            .arg("NX")
+            .arg("EX")
+            .arg(IDEMPOTENCY_TTL_SECS)
+            .query_async(c)
+            .await?;
+        if claimed.is_none() {
+            let id: Option<String> = redis::cmd("GET").arg(&key).query_async(c).await?;
+            let Some(id) = id else {
+                return Err(SessionWriteError::Conflict(rec.id.clone()));
+            };
+            // The winner writes its record right after its claim.
+            for _ in 0..50 {
+                if let Some(existing) = get_session(c, &id).await? {
+                    return existing
+                        .map(|r| Created::Existing(Box::new(r)))
+                        .map_err(|error| SessionWriteError::Record { id, error });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return Err(SessionWriteError::Conflict(id));
+        }
+    }
+    let set: Option<String> = redis::cmd("SET")
+        .arg(session_key(&rec.id))
+        .arg(rec.encode())
+        .arg("NX")
+        .arg("EXAT")
+        .arg(rec.retain_until_secs())
+        .query_async(c)
+        .await?;
+    if set.is_none() {
+        return Err(SessionWriteError::Conflict(rec.id.clone()));
+    }
+    redis::cmd("ZADD")
+        .arg(SESSION_INDEX_KEY)
+        .arg(rec.created_at)
+        .arg(&rec.id)
+        .query_async::<()>(c)
+        .await?;
+    Ok(Created::New)
+}
+
+/// Reads a session: `None` when there is none, `Some(Err)` when the key holds no usable
+/// record.
+pub async fn get_session(
+    c: &mut Conn,
+    id: &str,
+) -> RedisResult<Option<Result<SessionRecord, SessionRecordError>>> {
+    let s: Option<String> = redis::cmd("GET")
+        .arg(session_key(id))
+        .query_async(c)
+        .await?;
+    Ok(s.map(|s| SessionRecord::decode(&s)))
+}
+
+/// Replaces a session whose stored revision is `rec.rev`, writing it with `rev + 1`
+/// (returned). One key, one script: atomic in a Cluster too.
+pub async fn update_session(c: &mut Conn, rec: &SessionRecord) -> Result<u64, SessionWriteError> {
+    // cjson decodes the stored record's rev; a missing key or another rev is a conflict.
+    const CAS: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local ok, doc = pcall(cjson.decode, cur)
+if not ok or tonumber(doc['rev'] or 0) ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EXAT', ARGV[3])
+return 1
+"#;
+    let mut next = rec.clone();
+    next.rev = rec.rev + 1;
+    let done: i64 = redis::cmd("EVAL")
+        .arg(CAS)
+        .arg(1)
+        .arg(session_key(&rec.id))
+        .arg(rec.rev)
+        .arg(next.encode())
+        .arg(next.retain_until_secs())
+        .query_async(c)
+        .await?;
+    if done == 1 {
+        Ok(next.rev)
+    } else {
+        Err(SessionWriteError::Conflict(rec.id.clone()))
+    }
+}
+
+/// Every session still kept, oldest first (records that expired away are dropped from the
+/// index as they are met; unusable ones are returned as errors with their id).
+pub async fn list_sessions(
+    c: &mut Conn,
+) -> RedisResult<Vec<(String, Result<SessionRecord, SessionRecordError>)>> {
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg(SESSION_INDEX_KEY)
+        .arg(0)
+        .arg(-1)
+        .query_async(c)
+        .await?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        match get_session(c, &id).await? {
+            Some(r) => out.push((id, r)),
+            None => {
+                redis::cmd("ZREM")
+                    .arg(SESSION_INDEX_KEY)
+                    .arg(&id)
+                    .query_async::<()>(c)
+                    .await?;
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use futures_util::StreamExt as _;
@@ -389,5 +545,111 @@ mod tests {
             ]
         );
         assert_eq!(got[3].reason, Some(RemovalReason::Expired));
+    }
+
+    fn session(id: &str) -> SessionRecord {
+        use crate::session::{SessionState, Transition, unix_now_ms};
+        let now = unix_now_ms();
+        SessionRecord {
+            v: crate::SCHEMA_VERSION,
+            id: id.into(),
+            user_id: "u1".into(),
+            provider: "p".into(),
+            state: SessionState::Pending,
+            reason: None,
+            created_at: now,
+            expires_at: now + 60_000,
+            token_sha256: crate::record::token_digest(b"viewer"),
+            agent_token_sha256: crate::record::token_digest(b"agent"),
+            backend: "process".into(),
+            vm: None,
+            history: vec![Transition {
+                at: now,
+                state: SessionState::Pending,
+                reason: None,
+            }],
+            probes: None,
+            rev: 0,
+        }
+    }
+
+    async fn sessions_on(url: &str) {
+        use crate::session::SessionState;
+        let url: RedisUrl = url.parse().unwrap();
+        let mut c = url.connect(Timeouts::default()).await.unwrap();
+        let a = session("sa");
+        assert_eq!(
+            create_session(&mut c, &a, None).await.unwrap(),
+            Created::New
+        );
+        // Never overwritten by a second create.
+        assert!(matches!(
+            create_session(&mut c, &a, None).await,
+            Err(SessionWriteError::Conflict(_))
+        ));
+        let mut got = get_session(&mut c, "sa").await.unwrap().unwrap().unwrap();
+        assert_eq!(got, a);
+        // Compare-and-set on the revision: the first writer wins, a stale one conflicts.
+        let stale = got.clone();
+        got.state = SessionState::Booting;
+        assert_eq!(update_session(&mut c, &got).await.unwrap(), 1);
+        assert!(matches!(
+            update_session(&mut c, &stale).await,
+            Err(SessionWriteError::Conflict(_))
+        ));
+        let now = get_session(&mut c, "sa").await.unwrap().unwrap().unwrap();
+        assert_eq!((now.state, now.rev), (SessionState::Booting, 1));
+        // An unknown id is a conflict too: nothing to update.
+        assert!(matches!(
+            update_session(&mut c, &session("nobody")).await,
+            Err(SessionWriteError::Conflict(_))
+        ));
+        // The idempotency key returns the first session, whatever the retry carries.
+        let b = session("sb");
+        assert_eq!(
+            create_session(&mut c, &b, Some("key-1")).await.unwrap(),
+            Created::New
+        );
+        let retry = session("sb-retry");
+        assert_eq!(
+            create_session(&mut c, &retry, Some("key-1")).await.unwrap(),
+            Created::Existing(Box::new(b.clone()))
+        );
+        assert_eq!(get_session(&mut c, "sb-retry").await.unwrap(), None);
+        let listed: Vec<String> = list_sessions(&mut c)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, r)| {
+                assert!(r.is_ok());
+                id
+            })
+            .collect();
+        assert_eq!(listed, ["sa", "sb"]);
+    }
+
+    #[tokio::test]
+    async fn sessions_create_update_list_standalone() {
+        let r = RedisServer::start();
+        sessions_on(&r.url()).await;
+        // Kept a day past expiry, and the idempotency key for a day, hashed.
+        let rec = session("sa");
+        let at: u64 = r
+            .cli(&["EXPIRETIME", &crate::session::session_key("sa")])
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(at >= rec.expires_at / 1000 + crate::session::SESSION_RETENTION_SECS - 5);
+        let keys = r.cli(&["KEYS", "vncgate:idempotency:*"]);
+        assert!(
+            !keys.contains("key-1") && keys.contains("vncgate:idempotency:"),
+            "{keys}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sessions_on_a_cluster() {
+        let cluster = crate::testing::RedisCluster::start();
+        sessions_on(&cluster.url()).await;
     }
 }

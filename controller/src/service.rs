@@ -1,0 +1,648 @@
+//! The session service: creates sessions, boots their VMs, decides readiness, keeps probing
+//! ready ones (the reconciler), and carries out every transition's effects. Transitions are
+//! [`crate::lifecycle::apply`]'s; the record is persisted whole, by compare-and-set, and
+//! re-read and re-decided on a conflict, so an API call and the reconciler never undo each
+//! other. The route is written only when a session becomes `ready` and withdrawn on every way
+//! out of it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::RngCore as _;
+use vncgate_schema::session::{SessionRecord, SessionState, Transition, unix_now_ms};
+use vncgate_schema::store::Created;
+use vncgate_schema::{RouteRecord, SCHEMA_VERSION};
+
+use crate::backend::{Backend, Vm, VmData};
+use crate::lifecycle::{self, Effects, Event};
+use crate::readiness;
+use crate::store::{Store, StoreError};
+
+/// How the service runs sessions.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a VM has to become ready before its session fails.
+    pub boot_timeout: Duration,
+    /// Deadline of one readiness check (agent and VNC port, at once).
+    pub probe_timeout: Duration,
+    /// How often ready sessions are probed, and expiries reaped.
+    pub reconcile_interval: Duration,
+    /// A session's lifetime when the request names none, and the longest allowed.
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    /// Where VMs reach this controller (their agent posts credentials there).
+    pub controller_url: String,
+    /// Viewers per session written into routes (`None`: the gateway's default).
+    pub max_viewers: Option<u32>,
+    /// How long a withdrawn route's VM keeps running, so that gateways close live viewers
+    /// with the withdrawal's code before the VM's end reaches them.
+    pub withdraw_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            boot_timeout: Duration::from_secs(60),
+            probe_timeout: Duration::from_secs(2),
+            reconcile_interval: Duration::from_secs(2),
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(24 * 3600),
+            controller_url: "http://127.0.0.1:8000".into(),
+            max_viewers: None,
+            withdraw_grace: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A request the service refuses, or could not carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceError {
+    /// The request is malformed (400), with what is wrong.
+    BadRequest(String),
+    NotFound,
+    /// The session's state does not allow this (409).
+    Conflict(String),
+    /// The store cannot be reached (503).
+    Unavailable(String),
+}
+
+impl std::fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServiceError::BadRequest(e) => write!(f, "bad request: {e}"),
+            ServiceError::NotFound => f.write_str("unknown session"),
+            ServiceError::Conflict(e) => write!(f, "conflict: {e}"),
+            ServiceError::Unavailable(e) => write!(f, "unavailable: {e}"),
+        }
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(e) | StoreError::Invalid(e) => ServiceError::Unavailable(e),
+            StoreError::Conflict => ServiceError::Unavailable("too many concurrent writes".into()),
+        }
+    }
+}
+
+/// What `POST /api/sessions` asks for.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub user_id: String,
+    pub provider: String,
+    pub ttl: Option<Duration>,
+}
+
+/// A created session: its record, and the viewer token, which exists in plaintext only in
+/// this answer (`None` for a replay of an idempotent create: it was returned the first
+/// time and only its digest is kept).
+#[derive(Debug, Clone)]
+pub struct CreatedSession {
+    pub record: SessionRecord,
+    pub token: Option<String>,
+    pub replayed: bool,
+}
+
+pub struct Service<B: Backend> {
+    store: Store,
+    backend: B,
+    cfg: Config,
+    http: reqwest::Client,
+    /// The VMs this process runs or adopted, by session.
+    vms: Mutex<HashMap<String, Vm>>,
+    /// Woken on every write, for `wait`.
+    changed: tokio::sync::Notify,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn check_field(name: &str, v: &str) -> Result<(), ServiceError> {
+    if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) {
+        return Err(ServiceError::BadRequest(format!(
+            "{name} must be 1-256 characters without control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl<B: Backend> Service<B> {
+    pub fn new(store: Store, backend: B, cfg: Config) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            backend,
+            cfg,
+            http: reqwest::Client::new(),
+            vms: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn vm(&self, id: &str) -> Option<Vm> {
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn set_vm(&self, id: &str, vm: Option<Vm>) {
+        let mut m = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        match vm {
+            Some(vm) => m.insert(id.to_owned(), vm),
+            None => m.remove(id),
+        };
+    }
+
+    /// Creates a session (pending) and starts booting its VM in the background.
+    pub async fn create(
+        self: &Arc<Self>,
+        req: CreateRequest,
+        idempotency: Option<&str>,
+    ) -> Result<CreatedSession, ServiceError> {
+        check_field("user_id", &req.user_id)?;
+        check_field("provider", &req.provider)?;
+        if let Some(k) = idempotency {
+            check_field("Idempotency-Key", k)?;
+        }
+        let ttl = req.ttl.unwrap_or(self.cfg.default_ttl);
+        if ttl.is_zero() || ttl > self.cfg.max_ttl {
+            return Err(ServiceError::BadRequest(format!(
+                "ttl_secs must be 1..={}",
+                self.cfg.max_ttl.as_secs()
+            )));
+        }
+        let now = unix_now_ms();
+        let token = random_hex(32);
+        let agent_token = random_hex(32);
+        let rec = SessionRecord {
+            v: SCHEMA_VERSION,
+            id: format!("s-{}", random_hex(12)),
+            user_id: req.user_id,
+            provider: req.provider,
+            state: SessionState::Pending,
+            reason: None,
+            created_at: now,
+            expires_at: now + ttl.as_millis() as u64,
+            token_sha256: vncgate_schema::record::token_digest(token.as_bytes()),
+            agent_token_sha256: vncgate_schema::record::token_digest(agent_token.as_bytes()),
+            backend: self.backend.name().into(),
+            vm: None,
+            history: vec![Transition {
+                at: now,
+                state: SessionState::Pending,
+                reason: None,
+            }],
+            probes: None,
+            rev: 0,
+        };
+        match self.store.create(&rec, idempotency).await? {
+            Created::Existing(existing) => Ok(CreatedSession {
+                record: *existing,
+                token: None,
+                replayed: true,
+            }),
+            Created::New => {
+                tracing::info!(session = %rec.id, user = %rec.user_id, backend = self.backend.name(), "session created");
+                self.changed.notify_waiters();
+                let svc = self.clone();
+                let id = rec.id.clone();
+                tokio::spawn(async move { svc.boot(&id, agent_token).await });
+                Ok(CreatedSession {
+                    record: rec,
+                    token: Some(token),
+                    replayed: false,
+                })
+            }
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<SessionRecord, ServiceError> {
+        if vncgate_schema::check_session_id(id).is_err() {
+            return Err(ServiceError::NotFound);
+        }
+        self.store.get(id).await?.ok_or(ServiceError::NotFound)
+    }
+
+    pub async fn list(
+        &self,
+        state: Option<SessionState>,
+        user_id: Option<&str>,
+    ) -> Result<Vec<SessionRecord>, ServiceError> {
+        Ok(self
+            .store
+            .list()
+            .await?
+            .into_iter()
+            .filter(|r| state.is_none_or(|s| r.state == s))
+            .filter(|r| user_id.is_none_or(|u| r.user_id == u))
+            .collect())
+    }
+
+    /// Waits until the session is in `state` or a terminal one, or `timeout` passes; returns
+    /// the record as it is then.
+    pub async fn wait(
+        &self,
+        id: &str,
+        state: SessionState,
+        timeout: Duration,
+    ) -> Result<SessionRecord, ServiceError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Registered before the read, so a write in between is not missed.
+            let notified = self.changed.notified();
+            let rec = self.get(id).await?;
+            if rec.state == state || rec.state.is_terminal() {
+                return Ok(rec);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(rec);
+            }
+            // Another controller may write the record (Redis): look again at least every
+            // quarter second.
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), notified).await;
+        }
+    }
+
+    /// Moves `expires_at` to `ttl` from now (and the route's expiry with it).
+    pub async fn keepalive(
+        self: &Arc<Self>,
+        id: &str,
+        ttl: Option<Duration>,
+    ) -> Result<SessionRecord, ServiceError> {
+        let ttl = ttl.unwrap_or(self.cfg.default_ttl);
+        if ttl.is_zero() || ttl > self.cfg.max_ttl {
+            return Err(ServiceError::BadRequest(format!(
+                "ttl_secs must be 1..={}",
+                self.cfg.max_ttl.as_secs()
+            )));
+        }
+        loop {
+            let mut rec = self.get(id).await?;
+            if rec.state.is_terminal() {
+                return Err(ServiceError::Conflict(format!(
+                    "a {} session cannot be kept alive",
+                    rec.state
+                )));
+            }
+            rec.expires_at = unix_now_ms() + ttl.as_millis() as u64;
+            match self.store.update(&rec).await {
+                Ok(written) => {
+                    if written.state == SessionState::Ready {
+                        self.publish_route(&written).await;
+                    }
+                    self.changed.notify_waiters();
+                    return Ok(written);
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Deletes a session: withdraws its route (viewers get 4006) and stops its VM.
+    pub async fn delete(self: &Arc<Self>, id: &str) -> Result<SessionRecord, ServiceError> {
+        self.get(id).await?;
+        self.transition(id, Event::Deleted, None)
+            .await
+            .map_err(|e| match e {
+                TransitionError::Refused(r) => ServiceError::Conflict(r.to_string()),
+                TransitionError::Service(e) => e,
+            })
+    }
+
+    /// Applies `event` to the stored session (re-reading on a conflict), writes it, and
+    /// carries out its effects. `probes` replaces the last probe results in the same write.
+    async fn transition(
+        self: &Arc<Self>,
+        id: &str,
+        event: Event,
+        probes: Option<serde_json::Value>,
+    ) -> Result<SessionRecord, TransitionError> {
+        loop {
+            let rec = self.get(id).await.map_err(TransitionError::Service)?;
+            let applied =
+                lifecycle::apply(&rec, &event, unix_now_ms()).map_err(TransitionError::Refused)?;
+            if applied.unchanged {
+                return Ok(rec);
+            }
+            let mut next = applied.record;
+            if probes.is_some() {
+                next.probes = probes.clone();
+            }
+            match self.store.update(&next).await {
+                Ok(written) => {
+                    tracing::info!(session = %id, from = %rec.state, to = %written.state, reason = written.reason.as_deref().unwrap_or(""), "session transition");
+                    self.effects(&written, applied.effects).await;
+                    self.changed.notify_waiters();
+                    return Ok(written);
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(TransitionError::Service(e.into())),
+            }
+        }
+    }
+
+    /// Writes the probe results into the record (a write of its own: the record's story
+    /// stays current while the session boots).
+    async fn record_probes(self: &Arc<Self>, id: &str, probes: serde_json::Value) {
+        for _ in 0..5 {
+            let Ok(mut rec) = self.get(id).await else {
+                return;
+            };
+            rec.probes = Some(probes.clone());
+            match self.store.update(&rec).await {
+                Err(StoreError::Conflict) => continue,
+                Err(e) => {
+                    tracing::warn!(session = %id, error = %e, "cannot record probe results");
+                    return;
+                }
+                Ok(_) => return,
+            }
+        }
+    }
+
+    async fn effects(self: &Arc<Self>, rec: &SessionRecord, fx: Effects) {
+        if fx.stop_vm && fx.withdraw_route.is_some() {
+            // Live viewers hear the withdrawal from their gateway (4006, 4005) before the
+            // VM goes: stopping it at once would close them with 4003 "upstream closed".
+            self.withdraw(&rec.id, fx.withdraw_route).await;
+            let (svc, later) = (self.clone(), rec.clone());
+            let grace = self.cfg.withdraw_grace;
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                svc.stop_vm(&later).await;
+            });
+            return;
+        }
+        self.withdraw(&rec.id, fx.withdraw_route).await;
+        self.publish_if(rec, fx).await;
+        if fx.stop_vm {
+            self.stop_vm(rec).await;
+        }
+    }
+
+    async fn withdraw(&self, id: &str, reason: Option<vncgate_schema::RemovalReason>) {
+        if let Some(reason) = reason
+            && let Err(e) = self.store.delete_route(id, reason).await
+        {
+            tracing::error!(session = %id, error = %e, "cannot withdraw the route");
+        }
+    }
+
+    async fn publish_if(&self, rec: &SessionRecord, fx: Effects) {
+        if fx.publish_route {
+            self.publish_route(rec).await;
+        }
+    }
+
+    async fn stop_vm(&self, rec: &SessionRecord) {
+        let vm = match self.vm(&rec.id) {
+            Some(vm) => Some(vm),
+            None => match &rec.vm {
+                Some(h) => self.backend.adopt(h).await,
+                None => None,
+            },
+        };
+        if let Some(vm) = vm {
+            if let Err(e) = self.backend.stop(&vm).await {
+                tracing::warn!(session = %rec.id, error = %e, "cannot stop the VM");
+            }
+            tracing::info!(session = %rec.id, "vm stopped");
+        }
+        self.set_vm(&rec.id, None);
+    }
+
+    async fn publish_route(&self, rec: &SessionRecord) {
+        let Some(vm) = self.vm(&rec.id) else {
+            tracing::error!(session = %rec.id, "ready without a VM: no route written");
+            return;
+        };
+        let route = RouteRecord {
+            upstream: vm.addrs.vnc,
+            token_sha256: Some(rec.token_sha256),
+            expires_at: Some(rec.expires_at.div_ceil(1000)),
+            max_viewers: self.cfg.max_viewers,
+            created_at: vncgate_schema::unix_now(),
+            writer: Some("vncgate-controller".into()),
+        };
+        match self.store.put_route(&rec.id, &route).await {
+            Ok(()) => {
+                tracing::info!(session = %rec.id, upstream = %route.upstream, "route published")
+            }
+            Err(e) => tracing::error!(session = %rec.id, error = %e, "cannot publish the route"),
+        }
+    }
+
+    /// Boots the session's VM and waits for readiness: `ready`, or `failed` naming the
+    /// check that did not pass.
+    async fn boot(self: Arc<Self>, id: &str, agent_token: String) {
+        if let Err(e) = self.transition(id, Event::BootStarted, None).await {
+            tracing::warn!(session = %id, error = ?e, "boot not started");
+            return;
+        }
+        let vm = match self.backend.start(id).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = self
+                    .transition(
+                        id,
+                        Event::BootFailed(format!("vm did not start: {e}")),
+                        None,
+                    )
+                    .await;
+                return;
+            }
+        };
+        self.set_vm(id, Some(vm.clone()));
+        if let Err(e) = self.save_vm_handle(id, &vm).await {
+            tracing::warn!(session = %id, error = %e, "cannot save the VM handle");
+        }
+        let data = VmData {
+            session_id: id.to_owned(),
+            agent_token,
+            controller_url: self.cfg.controller_url.clone(),
+            issued_at_ms: unix_now_ms(),
+        };
+        if let Err(e) = self.backend.push_data(&vm, &data).await {
+            let _ = self
+                .transition(
+                    id,
+                    Event::BootFailed(format!("per-VM data not delivered: {e}")),
+                    None,
+                )
+                .await;
+            return;
+        }
+        self.await_ready(id, &vm).await;
+    }
+
+    async fn save_vm_handle(self: &Arc<Self>, id: &str, vm: &Vm) -> Result<(), ServiceError> {
+        loop {
+            let mut rec = self.get(id).await?;
+            rec.vm = Some(vm.handle.clone());
+            match self.store.update(&rec).await {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Probes with backoff (100 ms doubling to 1 s) until ready or `--boot-timeout`.
+    async fn await_ready(self: &Arc<Self>, id: &str, vm: &Vm) {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let report = readiness::check(&self.http, vm, self.cfg.probe_timeout).await;
+            let probes = serde_json::to_value(&report).expect("a report serializes");
+            if report.ready() {
+                match self.transition(id, Event::Ready, Some(probes)).await {
+                    Ok(rec) => {
+                        let ms = started.elapsed().as_millis();
+                        tracing::info!(session = %id, state = %rec.state, boot_ms = ms as u64, "ready: agent healthy and the VNC port is a desktop");
+                    }
+                    Err(e) => {
+                        tracing::info!(session = %id, error = ?e, "became ready, but the session moved on")
+                    }
+                }
+                return;
+            }
+            let waited = started.elapsed();
+            if waited >= self.cfg.boot_timeout {
+                let reason = format!("{} (for {} s)", report.describe(), waited.as_secs());
+                tracing::warn!(session = %id, check = report.failed_check().unwrap_or(""), reason, "boot timed out");
+                let _ = self
+                    .transition(id, Event::BootFailed(reason), Some(probes))
+                    .await;
+                return;
+            }
+            self.record_probes(id, probes).await;
+            // The session may have been deleted or expired meanwhile.
+            match self.get(id).await {
+                Ok(r) if r.state == SessionState::Booting => {}
+                _ => return,
+            }
+            tokio::time::sleep(backoff.min(self.cfg.boot_timeout.saturating_sub(waited))).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// One pass of the reconciler: expire what is due, probe what is ready, mark what lost
+    /// its VM.
+    pub async fn reconcile_once(self: &Arc<Self>) -> Result<(), ServiceError> {
+        let now = unix_now_ms();
+        for rec in self.store.list().await? {
+            if rec.state.is_terminal() {
+                continue;
+            }
+            if rec.expires_at <= now {
+                let _ = self.transition(&rec.id, Event::Expired, None).await;
+                continue;
+            }
+            if rec.state != SessionState::Ready {
+                continue;
+            }
+            let Some(vm) = self.vm(&rec.id) else {
+                continue;
+            };
+            // The probes first: their failure names the part that went (the VNC server,
+            // the agent, both), which "not running" would not.
+            let report = readiness::check(&self.http, &vm, self.cfg.probe_timeout).await;
+            let lost = if !report.ready() {
+                Some(report.describe())
+            } else if !self.backend.alive(&vm).await {
+                Some("the VM's processes are not all running".to_owned())
+            } else {
+                None
+            };
+            if let Some(reason) = lost {
+                let probes = serde_json::to_value(&report).expect("a report serializes");
+                tracing::warn!(session = %rec.id, check = report.failed_check().unwrap_or("vm"), reason, "ready session lost its desktop");
+                let _ = self
+                    .transition(&rec.id, Event::VmLost(reason), Some(probes))
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a restart: adopt the VMs of live sessions that still run; mark the others.
+    pub async fn adopt_all(self: &Arc<Self>) -> Result<(), ServiceError> {
+        for rec in self.store.list().await? {
+            if rec.state.is_terminal() || rec.backend != self.backend.name() {
+                continue;
+            }
+            let vm = match &rec.vm {
+                Some(h) => self.backend.adopt(h).await,
+                None => None,
+            };
+            match (rec.state, vm) {
+                (SessionState::Ready, Some(vm)) => {
+                    tracing::info!(session = %rec.id, "adopted a running VM");
+                    self.set_vm(&rec.id, Some(vm));
+                }
+                (SessionState::Ready, None) => {
+                    let _ = self
+                        .transition(
+                            &rec.id,
+                            Event::VmLost("the VM was gone when the controller restarted".into()),
+                            None,
+                        )
+                        .await;
+                }
+                (_, Some(vm)) => {
+                    // Booting when the controller died: go on waiting for readiness.
+                    tracing::info!(session = %rec.id, "adopted a booting VM");
+                    self.set_vm(&rec.id, Some(vm.clone()));
+                    let svc = self.clone();
+                    let id = rec.id.clone();
+                    tokio::spawn(async move { svc.await_ready(&id, &vm).await });
+                }
+                (_, None) => {
+                    let _ = self
+                        .transition(
+                            &rec.id,
+                            Event::BootFailed(
+                                "the controller restarted during the boot and the VM was gone"
+                                    .into(),
+                            ),
+                            None,
+                        )
+                        .await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the reconciler until the process ends.
+    pub async fn reconcile_forever(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.reconcile_once().await {
+                tracing::warn!(error = %e, "reconciler pass failed");
+            }
+            tokio::time::sleep(self.cfg.reconcile_interval).await;
+        }
+    }
+}
+
+#[derive(Debug)]
+enum TransitionError {
+    Refused(lifecycle::Refused),
+    Service(ServiceError),
+}

@@ -1,0 +1,229 @@
+//! Where sessions and routes live: Redis through the shared schema (`--redis`), or this
+//! process's memory (the embedded default). One type, two variants, the same operations and
+//! the same compare-and-set semantics, so the service cannot tell them apart.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use vncgate_schema::session::{SessionRecord, idempotency_key};
+use vncgate_schema::store::{self as schema_store, Created, SessionWriteError};
+use vncgate_schema::{Conn, RemovalReason, RouteRecord};
+
+/// A store operation that failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// Redis could not be reached or answered with an error: retry later (503).
+    Unavailable(String),
+    /// The record changed since it was read (or the id is taken): read again, decide again.
+    Conflict,
+    /// The key holds something that is not a usable record (written by a newer version?).
+    Invalid(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Unavailable(e) => write!(f, "store unavailable: {e}"),
+            StoreError::Conflict => f.write_str("written by someone else in between"),
+            StoreError::Invalid(e) => write!(f, "unusable record: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<SessionWriteError> for StoreError {
+    fn from(e: SessionWriteError) -> Self {
+        match e {
+            SessionWriteError::Redis(e) => StoreError::Unavailable(e.to_string()),
+            SessionWriteError::Conflict(_) => StoreError::Conflict,
+            SessionWriteError::Record { error, .. } => StoreError::Invalid(error.to_string()),
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+#[derive(Default)]
+struct Memory {
+    sessions: HashMap<String, SessionRecord>,
+    /// Creation order, for listing.
+    order: Vec<String>,
+    idempotency: HashMap<String, String>,
+    routes: HashMap<String, RouteRecord>,
+}
+
+#[derive(Clone)]
+enum Backing {
+    Memory(Arc<Mutex<Memory>>),
+    Redis(Conn),
+}
+
+/// Sessions and routes, in Redis or in this process.
+#[derive(Clone)]
+pub struct Store {
+    inner: Backing,
+}
+
+impl Store {
+    pub fn memory() -> Store {
+        Store {
+            inner: Backing::Memory(Arc::default()),
+        }
+    }
+
+    pub fn redis(conn: Conn) -> Store {
+        Store {
+            inner: Backing::Redis(conn),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match &self.inner {
+            Backing::Memory(_) => "memory",
+            Backing::Redis(_) => "redis",
+        }
+    }
+
+    fn mem(m: &Arc<Mutex<Memory>>) -> std::sync::MutexGuard<'_, Memory> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes a new session; with an idempotency key seen before, returns the session it
+    /// created instead.
+    pub async fn create(
+        &self,
+        rec: &SessionRecord,
+        idempotency: Option<&str>,
+    ) -> Result<Created, StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => {
+                Ok(schema_store::create_session(&mut c.clone(), rec, idempotency).await?)
+            }
+            Backing::Memory(m) => {
+                let mut m = Self::mem(m);
+                if let Some(k) = idempotency {
+                    let k = idempotency_key(k);
+                    if let Some(id) = m.idempotency.get(&k) {
+                        return Ok(Created::Existing(Box::new(m.sessions[id].clone())));
+                    }
+                    m.idempotency.insert(k, rec.id.clone());
+                }
+                if m.sessions.contains_key(&rec.id) {
+                    return Err(StoreError::Conflict);
+                }
+                m.sessions.insert(rec.id.clone(), rec.clone());
+                m.order.push(rec.id.clone());
+                Ok(Created::New)
+            }
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => match schema_store::get_session(&mut c.clone(), id)
+                .await
+                .map_err(unavailable)?
+            {
+                None => Ok(None),
+                Some(Ok(r)) => Ok(Some(r)),
+                Some(Err(e)) => Err(StoreError::Invalid(e.to_string())),
+            },
+            Backing::Memory(m) => Ok(Self::mem(m).sessions.get(id).cloned()),
+        }
+    }
+
+    /// Replaces `rec` if its revision is still the stored one; returns the record as
+    /// written (revision incremented).
+    pub async fn update(&self, rec: &SessionRecord) -> Result<SessionRecord, StoreError> {
+        let mut next = rec.clone();
+        match &self.inner {
+            Backing::Redis(c) => {
+                next.rev = schema_store::update_session(&mut c.clone(), rec).await?;
+            }
+            Backing::Memory(m) => {
+                let mut m = Self::mem(m);
+                match m.sessions.get(&rec.id) {
+                    Some(cur) if cur.rev == rec.rev => {}
+                    _ => return Err(StoreError::Conflict),
+                }
+                next.rev = rec.rev + 1;
+                m.sessions.insert(rec.id.clone(), next.clone());
+            }
+        }
+        Ok(next)
+    }
+
+    /// Every session kept, oldest first.
+    pub async fn list(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => {
+                let all = schema_store::list_sessions(&mut c.clone())
+                    .await
+                    .map_err(unavailable)?;
+                Ok(all
+                    .into_iter()
+                    .filter_map(|(id, r)| match r {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            tracing::warn!(session = %id, error = %e, "unusable session record skipped");
+                            None
+                        }
+                    })
+                    .collect())
+            }
+            Backing::Memory(m) => {
+                let m = Self::mem(m);
+                Ok(m.order
+                    .iter()
+                    .filter_map(|id| m.sessions.get(id).cloned())
+                    .collect())
+            }
+        }
+    }
+
+    /// Publishes a session's route (gateways on Redis hear of it at once).
+    pub async fn put_route(&self, id: &str, route: &RouteRecord) -> Result<(), StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => schema_store::put_route(&mut c.clone(), id, route)
+                .await
+                .map_err(unavailable),
+            Backing::Memory(m) => {
+                Self::mem(m).routes.insert(id.to_owned(), route.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Withdraws a session's route; live viewers are told `reason`.
+    pub async fn delete_route(&self, id: &str, reason: RemovalReason) -> Result<(), StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => schema_store::delete_route(&mut c.clone(), id, reason)
+                .await
+                .map(drop)
+                .map_err(unavailable),
+            Backing::Memory(m) => {
+                Self::mem(m).routes.remove(id);
+                Ok(())
+            }
+        }
+    }
+
+    /// The route a session has now (the in-memory store's answer for an embedded gateway,
+    /// Redis's for anyone).
+    pub async fn route(&self, id: &str) -> Result<Option<RouteRecord>, StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => match schema_store::get_route(&mut c.clone(), id)
+                .await
+                .map_err(unavailable)?
+            {
+                None => Ok(None),
+                Some(Ok(r)) => Ok(Some(r)),
+                Some(Err(e)) => Err(StoreError::Invalid(e.to_string())),
+            },
+            Backing::Memory(m) => Ok(Self::mem(m).routes.get(id).cloned()),
+        }
+    }
+}

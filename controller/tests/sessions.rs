@@ -1,0 +1,548 @@
+//! The controller end to end, with a real Redis, the `process` backend (the synthetic
+//! desktop and `vncgate-agent` as real processes) and a real `vncgate serve` gateway on the
+//! same Redis: create, wait for ready, view through the gateway with the viewer token to
+//! ServerInit, delete and see the viewer closed with 4006; the seed's failure (a VM whose VNC
+//! server never starts) with Redis watched the whole time; a VNC server that dies under a
+//! live viewer.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vncgate_schema::testing::RedisServer;
+
+const CONTROLLER: &str = env!("CARGO_BIN_EXE_vncgate-controller");
+
+/// A binary of another package of the workspace, built beside this one.
+fn sibling(name: &str) -> PathBuf {
+    let p = PathBuf::from(CONTROLLER).with_file_name(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace (cargo build --workspace) first",
+        p.display()
+    );
+    p
+}
+
+/// A child process killed (by pid) when dropped, with the first stdout line that starts
+/// with `prefix` parsed out.
+struct Proc {
+    child: Child,
+    found: String,
+}
+
+impl Proc {
+    fn start(mut cmd: Command, prefix: &str) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starts");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        for _ in 0..20 {
+            line.clear();
+            if out.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            if let Some(rest) = line.trim().strip_prefix(prefix) {
+                let found = rest.to_owned();
+                // Keep draining stdout so the child never blocks on a full pipe.
+                std::thread::spawn(move || for _ in out.lines() {});
+                return Proc { child, found };
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("no '{prefix}' line from {cmd:?}");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Setup {
+    redis: RedisServer,
+    controller: Proc,
+    gateway: Proc,
+    work: PathBuf,
+}
+
+impl Setup {
+    fn new(extra: &[&str]) -> Setup {
+        let redis = RedisServer::start();
+        let work = std::env::temp_dir().join(format!(
+            "vncgate-ctl-test-{}-{:?}",
+            std::process::id(),
+            Instant::now()
+        ));
+        let mut c = Command::new(CONTROLLER);
+        c.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            &redis.url(),
+            "--work-dir",
+        ])
+        .arg(&work)
+        .args(extra);
+        let controller = Proc::start(c, "vncgate-controller: listening on ");
+        let mut g = Command::new(sibling("vncgate"));
+        g.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            &redis.url(),
+            "--allow-upstream",
+            "127.0.0.0/8",
+            "--workers",
+            "1",
+        ]);
+        let gateway = Proc::start(g, "vncgate: listening on ws://");
+        Setup {
+            redis,
+            controller,
+            gateway,
+            work,
+        }
+    }
+
+    fn api(&self) -> &str {
+        &self.controller.found
+    }
+
+    /// `host:port` of the gateway.
+    fn gateway(&self) -> &str {
+        self.gateway.found.split('/').next().unwrap()
+    }
+}
+
+impl Drop for Setup {
+    /// The VMs outlive a stopped controller by design (the next one adopts them): end the
+    /// ones this test started, by the pids their session records name, each checked to be
+    /// this test's (its command line names the session or this test's work directory).
+    fn drop(&mut self) {
+        let work = self.work.display().to_string();
+        let keys = self
+            .redis
+            .cli(&["--scan", "--pattern", "vncgate:session:*"]);
+        for key in keys.split_whitespace() {
+            let Ok(rec) = serde_json::from_str::<Value>(&self.redis.cli(&["GET", key])) else {
+                continue;
+            };
+            let id = rec["id"].as_str().unwrap_or("-").to_owned();
+            for p in ["vnc", "agent"] {
+                let Some(pid) = rec["vm"][p]["pid"].as_u64().filter(|&p| p > 1) else {
+                    continue;
+                };
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                if cmdline.contains(&id) || cmdline.contains(&work) {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+/// One HTTP/1.1 request; returns (status, JSON body).
+fn http(base: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let addr = base.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.unwrap_or("");
+    let ctype = if body.is_empty() {
+        ""
+    } else {
+        "Content-Type: application/json\r\n"
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{ctype}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp[9..12].parse().unwrap();
+    let json = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .and_then(|b| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    (status, json)
+}
+
+fn create(api: &str) -> Value {
+    let (st, v) = http(
+        api,
+        "POST",
+        "/api/sessions",
+        Some(r#"{"user_id":"u1","provider":"github"}"#),
+    );
+    assert_eq!(st, 201, "{v}");
+    v
+}
+
+/// A viewer through the gateway: the upgrade with `?token=`, then the RFB handshake to
+/// ServerInit over binary frames. Returns the socket and the ServerInit.
+fn view(
+    gateway: &str,
+    ws_path: &str,
+    token: &str,
+) -> (tungstenite::WebSocket<TcpStream>, vncgate_rfb::ServerInit) {
+    let url = format!("ws://{gateway}{ws_path}?token={token}");
+    let s = TcpStream::connect(gateway).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut ws, _) = tungstenite::client(url.as_str(), s).expect("upgrade");
+    let mut hs = vncgate_rfb::ClientHandshake::new(None, true);
+    let mut pending = Vec::new();
+    while !hs.is_done() {
+        match ws.read().expect("a frame") {
+            tungstenite::Message::Binary(b) => pending.extend_from_slice(&b),
+            tungstenite::Message::Close(c) => panic!("closed during the handshake: {c:?}"),
+            _ => continue,
+        }
+        let used = hs.receive(&pending).expect("RFB handshake");
+        pending.drain(..used);
+        let out = hs.take_output();
+        if !out.is_empty() {
+            ws.send(tungstenite::Message::Binary(out.into())).unwrap();
+        }
+    }
+    let init = hs.server_init().unwrap().clone();
+    (ws, init)
+}
+
+/// Reads until the close frame; returns its code and reason.
+fn close_of(ws: &mut tungstenite::WebSocket<TcpStream>) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(Some(f))) => {
+                return (f.code.into(), f.reason.to_string());
+            }
+            Ok(tungstenite::Message::Close(None)) => return (1005, String::new()),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    }
+    panic!("no close frame within 15 s");
+}
+
+/// Every Redis command from now on, with when this process read it (MONITOR).
+fn monitor(port: u16) -> Arc<Mutex<Vec<(Instant, String)>>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"MONITOR\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut ok = String::new();
+    r.read_line(&mut ok).unwrap();
+    assert_eq!(ok.trim(), "+OK");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let out = seen.clone();
+    std::thread::spawn(move || {
+        for line in r.lines() {
+            let Ok(line) = line else { return };
+            out.lock().unwrap().push((Instant::now(), line));
+        }
+    });
+    seen
+}
+
+#[test]
+fn create_ready_view_through_the_gateway_delete_closes_4006() {
+    let s = Setup::new(&[]);
+    let created = create(s.api());
+    let id = created["id"].as_str().unwrap().to_owned();
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert_eq!(created["ws_path"], format!("/vnc/{id}"));
+    assert_eq!(created["state"], "pending");
+
+    let (st, ready) = http(
+        s.api(),
+        "GET",
+        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
+        None,
+    );
+    assert_eq!(st, 200);
+    assert_eq!(ready["state"], "ready", "{ready}");
+    assert!(ready.get("token").is_none(), "the token is returned once");
+    let states: Vec<&str> = ready["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["pending", "booting", "ready"]);
+    assert_eq!(ready["probes"]["agent"]["healthy"], true);
+    assert_eq!(ready["probes"]["vnc"]["probe"]["status"], "desktop");
+    assert_eq!(ready["probes"]["vnc"]["probe"]["desktop"]["width"], 1024);
+
+    // Redis holds the token's digest only, never the token.
+    let dump = s.redis.cli(&["GET", &format!("vncgate:session:{id}")]);
+    assert!(!dump.contains(&token), "the token is in the session record");
+    let route = s.redis.cli(&["HGETALL", &format!("vncgate:route:{id}")]);
+    assert!(
+        !route.contains(&token) && route.contains("vncgate-controller"),
+        "{route}"
+    );
+
+    // A viewer through the gateway reaches the desktop; a wrong token does not.
+    let (mut ws, init) = view(s.gateway(), &format!("/vnc/{id}"), &token);
+    assert_eq!((init.width, init.height), (1024, 768));
+    let bad = tungstenite::client(
+        format!("ws://{}/vnc/{id}?token=wrong", s.gateway()).as_str(),
+        TcpStream::connect(s.gateway()).unwrap(),
+    );
+    assert!(bad.is_err(), "a wrong token was upgraded");
+
+    // Listing finds it by state and by user.
+    let (_, l) = http(s.api(), "GET", "/api/sessions?state=ready&user_id=u1", None);
+    assert!(
+        l["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["id"] == id.as_str())
+    );
+
+    let (st, del) = http(s.api(), "DELETE", &format!("/api/sessions/{id}"), None);
+    assert_eq!(st, 202, "{del}");
+    assert_eq!(del["state"], "deleted");
+    let (code, reason) = close_of(&mut ws);
+    assert_eq!((code, reason.as_str()), (4006, "session revoked"));
+    assert_eq!(
+        s.redis
+            .cli(&["EXISTS", &format!("vncgate:route:{id}")])
+            .trim(),
+        "0"
+    );
+}
+
+#[test]
+fn the_seeds_failure_a_vnc_server_that_never_starts() {
+    let s = Setup::new(&["--process-vnc", "/bin/sleep 600", "--boot-timeout", "3"]);
+    let watched = monitor(s.redis.port);
+    let created = create(s.api());
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (_, end) = http(
+        s.api(),
+        "GET",
+        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
+        None,
+    );
+    assert_eq!(end["state"], "failed", "{end}");
+    let reason = end["reason"].as_str().unwrap();
+    assert!(reason.starts_with("vnc port 127.0.0.1:"), "{reason}");
+    assert!(
+        reason.contains("refused") && reason.contains("agent healthy"),
+        "{reason}"
+    );
+    // The probe history says the same: agent up, VNC port refused.
+    assert_eq!(end["probes"]["agent"]["healthy"], true);
+    assert_eq!(end["probes"]["vnc"]["probe"]["status"], "refused");
+    // No route was ever written for it, over the whole run.
+    let key = format!("vncgate:route:{id}");
+    let wrote: Vec<String> = watched
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, l)| l.contains(&key) && !l.contains("\"DEL\"") && !l.contains("\"ZREM\""))
+        .map(|(_, l)| l.clone())
+        .collect();
+    assert!(wrote.is_empty(), "route commands: {wrote:?}");
+    assert!(!watched.lock().unwrap().is_empty(), "MONITOR saw nothing");
+}
+
+#[test]
+fn a_vnc_server_that_dies_under_a_live_viewer() {
+    let s = Setup::new(&[]);
+    let created = create(s.api());
+    let id = created["id"].as_str().unwrap().to_owned();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let (_, ready) = http(
+        s.api(),
+        "GET",
+        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
+        None,
+    );
+    assert_eq!(ready["state"], "ready");
+    let (mut ws, _) = view(s.gateway(), &format!("/vnc/{id}"), &token);
+    // Kill the VNC server only (the agent lives on): the seed's 8080-up, 6080-down state.
+    let pid = std::fs::read_dir(&s.work)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy() == id)
+        .map(|_| ())
+        .and_then(|()| {
+            let out = Command::new("pgrep")
+                .args(["-f", &format!("fakevm .*vncgate session {id}")])
+                .output()
+                .ok()?;
+            String::from_utf8(out.stdout)
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse::<i32>()
+                .ok()
+        })
+        .expect("the session's VNC server");
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let (code, _) = close_of(&mut ws);
+    assert!((4000..5000).contains(&code), "closed with {code}");
+    let (_, end) = http(
+        s.api(),
+        "GET",
+        &format!("/api/sessions/{id}/wait?state=vm_stopped&timeout=30"),
+        None,
+    );
+    assert_eq!(end["state"], "vm_stopped", "{end}");
+    let reason = end["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("vnc port") || reason.contains("not running"),
+        "{reason}"
+    );
+    assert_eq!(
+        s.redis
+            .cli(&["EXISTS", &format!("vncgate:route:{id}")])
+            .trim(),
+        "0"
+    );
+}
+
+#[test]
+fn bad_requests_get_json_errors_not_500s() {
+    let s = Setup::new(&[]);
+    let cases: &[(&str, &str, Option<&str>, u16)] = &[
+        ("POST", "/api/sessions", Some("{"), 400),
+        ("POST", "/api/sessions", Some(r#"{"user_id":"u"}"#), 400),
+        (
+            "POST",
+            "/api/sessions",
+            Some(r#"{"user_id":"u","provider":"p","ttl_secs":0}"#),
+            400,
+        ),
+        (
+            "POST",
+            "/api/sessions",
+            Some(r#"{"user_id":"","provider":"p"}"#),
+            400,
+        ),
+        (
+            "POST",
+            "/api/sessions",
+            Some(r#"{"user_id":"u","provider":"p","extra":1}"#),
+            400,
+        ),
+        ("GET", "/api/sessions/nope", None, 404),
+        ("GET", "/api/sessions/a%20b", None, 404),
+        ("DELETE", "/api/sessions/nope", None, 404),
+        ("GET", "/api/sessions?state=done", None, 400),
+        ("GET", "/api/sessions/nope/wait?timeout=9999", None, 400),
+        ("GET", "/api/nothing", None, 404),
+    ];
+    for (m, p, b, want) in cases {
+        let (st, v) = http(s.api(), m, p, *b);
+        assert_eq!(st, *want, "{m} {p} {b:?}: {v}");
+        assert!(
+            v["error"].is_string() && v["reason"].is_string(),
+            "{m} {p}: {v}"
+        );
+    }
+    // Not JSON at all: 415.
+    let addr = s.api().trim_start_matches("http://");
+    let mut c = TcpStream::connect(addr).unwrap();
+    write!(c, "POST /api/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi").unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 415"), "{resp}");
+    // An idempotent create returns the first session (without its token) and no second VM.
+    let body = r#"{"user_id":"u1","provider":"github"}"#;
+    let idem = |key: &str| {
+        let mut c = TcpStream::connect(addr).unwrap();
+        write!(c, "POST /api/sessions HTTP/1.1\r\nHost: x\r\nIdempotency-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).unwrap();
+        let status: u16 = resp[9..12].parse().unwrap();
+        let v: Value = serde_json::from_str(resp.split_once("\r\n\r\n").unwrap().1).unwrap();
+        (status, v)
+    };
+    let (a_st, a) = idem("retry-1");
+    let (b_st, b) = idem("retry-1");
+    assert_eq!((a_st, b_st), (201, 200));
+    assert_eq!(a["id"], b["id"]);
+    assert!(a["token"].is_string() && b.get("token").is_none());
+    let (_, l) = http(s.api(), "GET", "/api/sessions", None);
+    assert_eq!(l["sessions"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_controller_killed_mid_session_adopts_its_vm_and_marks_the_lost_one() {
+    let mut s = Setup::new(&[]);
+    let live = create(s.api());
+    let doomed = create(s.api());
+    let mut ids = Vec::new();
+    for c in [&live, &doomed] {
+        let id = c["id"].as_str().unwrap().to_owned();
+        let (_, r) = http(
+            s.api(),
+            "GET",
+            &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
+            None,
+        );
+        assert_eq!(r["state"], "ready", "{r}");
+        ids.push(id);
+    }
+    // SIGKILL: no goodbye. While it is down, the second session's VNC server dies.
+    let _ = s.controller.child.kill();
+    let _ = s.controller.child.wait();
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("fakevm .*vncgate session {}", ids[1])])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8(out.stdout).unwrap();
+    let pid = pid
+        .split_whitespace()
+        .next()
+        .expect("the second VNC server");
+    Command::new("kill").args(["-9", pid]).status().unwrap();
+    // A new controller on the same Redis and work directory.
+    let mut c = Command::new(CONTROLLER);
+    c.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--redis",
+        &s.redis.url(),
+        "--work-dir",
+    ])
+    .arg(&s.work);
+    s.controller = Proc::start(c, "vncgate-controller: listening on ");
+    // The live one stays ready and viewable through the gateway.
+    let (_, r) = http(s.api(), "GET", &format!("/api/sessions/{}", ids[0]), None);
+    assert_eq!(r["state"], "ready", "{r}");
+    let token = live["token"].as_str().unwrap();
+    let (_, init) = view(s.gateway(), &format!("/vnc/{}", ids[0]), token);
+    assert_eq!(init.width, 1024);
+    // The other is found and marked.
+    let (_, r) = http(
+        s.api(),
+        "GET",
+        &format!("/api/sessions/{}/wait?state=vm_stopped&timeout=30", ids[1]),
+        None,
+    );
+    assert_eq!(r["state"], "vm_stopped", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("vnc port"), "{r}");
+}
