@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use vncgate_schema::session::{SessionRecord, SessionState, Transition};
 
 use crate::backend::Backend;
-use crate::service::{CreateRequest, Service, ServiceError};
+use crate::service::{CreateRequest, CredentialsError, Service, ServiceError, Stored};
 
 /// An error answer: `{"error": "<name>", "reason": "<what is wrong>"}`.
 #[derive(Debug)]
@@ -303,13 +303,154 @@ async fn list<B: Backend>(
     Ok(Json(serde_json::json!({ "sessions": views })))
 }
 
+impl From<CredentialsError> for ApiError {
+    fn from(e: CredentialsError) -> Self {
+        let (status, error, reason) = match e {
+            CredentialsError::BadRequest(r) => (StatusCode::BAD_REQUEST, "bad_request", r),
+            CredentialsError::Unauthorized(r) => (StatusCode::UNAUTHORIZED, "unauthorized", r),
+            CredentialsError::Forbidden(r) => (StatusCode::FORBIDDEN, "forbidden", r),
+            CredentialsError::NotFound(r) => (StatusCode::NOT_FOUND, "not_found", r),
+            CredentialsError::Conflict(r) => (StatusCode::CONFLICT, "conflict", r),
+            CredentialsError::Unavailable(r) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", r),
+        };
+        ApiError::new(status, error, reason)
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The seed's body: `{"sessionId", "provider", "credentials": {...}}`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoreBody {
+    pub session_id: String,
+    pub provider: String,
+    pub credentials: serde_json::Map<String, serde_json::Value>,
+}
+
+async fn store_credentials<B: Backend>(
+    State(svc): State<Arc<Service<B>>>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the body is over --max-credentials-bytes",
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
+        }
+    })?;
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    // The token first: nobody learns what a body should look like without one.
+    let token = bearer(&headers);
+    if token.is_none() {
+        return Err(CredentialsError::Unauthorized(
+            "agent token required (Authorization: Bearer)".into(),
+        )
+        .into());
+    }
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be JSON (Content-Type: application/json)",
+        ));
+    }
+    let b: StoreBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", safe_json_error(&e)))?;
+    let stored = svc
+        .store_credentials(
+            token,
+            &b.session_id,
+            &b.provider,
+            &serde_json::Value::Object(b.credentials),
+        )
+        .await?;
+    let (status, again) = match stored {
+        Stored::New => (StatusCode::CREATED, false),
+        Stored::Again => (StatusCode::OK, true),
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({"session_id": b.session_id, "stored": true, "repeated": again})),
+    ))
+}
+
+/// What is wrong with a credentials body, without echoing any of its values (serde's
+/// "invalid type: string \"...\"" would quote a password back).
+fn safe_json_error(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let want = "expected {\"sessionId\", \"provider\", \"credentials\": {...}}";
+    let at = format!("line {} column {}", e.line(), e.column());
+    if msg.starts_with("missing field") || msg.starts_with("unknown field") {
+        let field = msg.split(" at line").next().unwrap_or(&msg);
+        format!("{want}: {field}")
+    } else if e.is_data() {
+        format!("{want}: a field has the wrong type at {at}")
+    } else {
+        format!("{want}: malformed JSON at {at}")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadQuery {
+    #[serde(default)]
+    pub delete: bool,
+}
+
+async fn read_credentials<B: Backend>(
+    State(svc): State<Arc<Service<B>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let o = svc
+        .read_credentials(bearer(&headers), &id, q.delete)
+        .await?;
+    Ok(Json(serde_json::json!({
+        "session_id": o.session_id,
+        "provider": o.provider,
+        "credentials": o.credentials,
+        "stored_at": rfc3339(o.stored_at),
+        "key_id": o.kid,
+        "deleted": q.delete,
+    })))
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
-/// The API's routes.
-pub fn router<B: Backend>(svc: Arc<Service<B>>) -> Router {
+/// The API's routes; credentials bodies are limited to `max_credentials_bytes`.
+pub fn router<B: Backend>(svc: Arc<Service<B>>, max_credentials_bytes: usize) -> Router {
     Router::new()
+        .route(
+            "/api/auth/credentials/store",
+            post(store_credentials::<B>)
+                .layer(axum::extract::DefaultBodyLimit::max(max_credentials_bytes)),
+        )
+        .route("/api/sessions/{id}/credentials", get(read_credentials::<B>))
         .route("/api/sessions", post(create::<B>).get(list::<B>))
         .route("/api/sessions/{id}", get(show::<B>).delete(delete::<B>))
         .route("/api/sessions/{id}/wait", get(wait::<B>))

@@ -51,9 +51,27 @@ struct ServeArgs {
     /// Viewers per session written into routes [default: the gateway's --max-viewers].
     #[arg(long)]
     max_viewers: Option<u32>,
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// A file holding the admin token (at least 16 characters) that reads credentials
+    /// (GET /api/sessions/{id}/credentials); without it, reading is off.
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<std::path::PathBuf>,
+    /// Largest credentials body, in bytes; above it, 413.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_credentials_bytes: usize,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+/// The credentials store's keys.
+#[derive(clap::Args)]
+struct KeyArgs {
+    /// A key-encryption key, ID=FILE with 64 hex digits in the file (openssl rand -hex 32);
+    /// repeatable: all are read, the last given seals. Without one, an ephemeral key.
+    #[arg(long = "credentials-key", value_name = "ID=FILE")]
+    credentials_keys: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -118,6 +136,9 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "revoked")]
         reason: Reason,
     },
+    /// The credentials store's keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
 }
 
 /// How far the probe goes.
@@ -148,6 +169,19 @@ impl DepthArgs {
         };
         Ok(probe::Depth::Desktop { password })
     }
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Move every stored credentials record to the newest key (the last --credentials-key);
+    /// only data keys are re-sealed, credentials are never decrypted. The old key can be
+    /// dropped afterwards.
+    Rewrap {
+        #[arg(long, env = "VNCGATE_REDIS")]
+        redis: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -189,6 +223,9 @@ fn serve(a: ServeArgs) -> ExitCode {
         process_vnc: a.process_vnc,
         work_dir: a.work_dir,
         max_viewers: a.max_viewers,
+        credentials_keys: a.keys.credentials_keys,
+        admin_token_file: a.admin_token_file,
+        max_credentials_bytes: a.max_credentials_bytes,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -317,6 +354,22 @@ fn main() -> ExitCode {
                 Ok(false) => {
                     eprintln!("{session}: no route (the removal was announced anyway)");
                     ExitCode::FAILURE
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Keys(KeysCmd::Rewrap { redis, keys }) => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(format!("cannot start a runtime: {e}")),
+            };
+            match rt.block_on(server::rewrap(&redis, &keys.credentials_keys)) {
+                Ok((moved, current)) => {
+                    println!("rewrapped {moved} records; {current} already under the newest key");
+                    ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),
             }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::backend::process::{ProcessBackend, ProcessConfig};
+use crate::credentials::{Kek, KeyRing, Sealed};
 use crate::service::{Config, Service};
 use crate::store::Store;
 
@@ -28,6 +29,43 @@ pub struct Settings {
     pub process_vnc: Option<String>,
     pub work_dir: PathBuf,
     pub max_viewers: Option<u32>,
+    /// `ID=FILE` key-encryption keys; the last is the newest.
+    pub credentials_keys: Vec<String>,
+    pub admin_token_file: Option<PathBuf>,
+    pub max_credentials_bytes: usize,
+}
+
+/// The key ring from `--credentials-key` flags; without any, an ephemeral key (said loudly:
+/// such records do not outlive the process).
+pub fn key_ring(flags: &[String], persistent_store: bool) -> Result<KeyRing, String> {
+    if flags.is_empty() {
+        if persistent_store {
+            tracing::warn!(
+                "no --credentials-key: credentials are sealed under an ephemeral key and cannot be read after a restart"
+            );
+        }
+        return KeyRing::new(vec![Kek::ephemeral()]);
+    }
+    KeyRing::new(
+        flags
+            .iter()
+            .map(|f| Kek::from_flag(f))
+            .collect::<Result<_, _>>()?,
+    )
+}
+
+fn admin_token(path: &Option<PathBuf>) -> Result<Option<[u8; 32]>, String> {
+    let Some(p) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| format!("--admin-token-file {}: {e}", p.display()))?;
+    let token = text.trim();
+    if token.len() < 16 {
+        return Err(format!(
+            "--admin-token-file {}: the token must be at least 16 characters",
+            p.display()
+        ));
+    }
+    Ok(Some(vncgate_schema::record::token_digest(token.as_bytes())))
 }
 
 /// Runs the controller until a signal.
@@ -64,14 +102,16 @@ pub async fn run(s: Settings) -> Result<(), String> {
         max_viewers: s.max_viewers,
         ..Config::default()
     };
-    let svc = Service::new(store.clone(), backend, cfg);
+    let keys = key_ring(&s.credentials_keys, s.redis.is_some())?;
+    let admin = admin_token(&s.admin_token_file)?;
+    let svc = Service::new(store.clone(), backend, cfg, keys, admin);
     svc.adopt_all()
         .await
         .map_err(|e| format!("adopting VMs: {e}"))?;
     tokio::spawn(svc.clone().reconcile_forever());
     println!("vncgate-controller: listening on http://{addr}");
     tracing::info!(%addr, store = store.name(), backend = "process", boot_timeout = ?s.boot_timeout, "controller up");
-    axum::serve(listener, crate::api::router(svc))
+    axum::serve(listener, crate::api::router(svc, s.max_credentials_bytes))
         .with_graceful_shutdown(async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -84,4 +124,53 @@ pub async fn run(s: Settings) -> Result<(), String> {
         })
         .await
         .map_err(|e| e.to_string())
+}
+
+/// `vncgate-controller keys rewrap`: every stored credentials record moves to the newest
+/// key; only data keys are re-sealed, the credentials are never decrypted. Returns (moved,
+/// already on the newest).
+pub async fn rewrap(redis: &str, flags: &[String]) -> Result<(usize, usize), String> {
+    if flags.is_empty() {
+        return Err(
+            "keys rewrap needs the keys: --credentials-key ID=FILE (old ones, then the newest)"
+                .into(),
+        );
+    }
+    let keys = key_ring(flags, true)?;
+    let url: vncgate_schema::RedisUrl = redis.parse().map_err(|e| format!("--redis: {e}"))?;
+    let mut c = url.connect_for_command().await?;
+    let (mut moved, mut current) = (0, 0);
+    for id in vncgate_schema::store::credentials_ids(&mut c)
+        .await
+        .map_err(|e| format!("redis: {e}"))?
+    {
+        let Some(old) = vncgate_schema::store::get_credentials(&mut c, &id)
+            .await
+            .map_err(|e| format!("redis: {e}"))?
+        else {
+            continue;
+        };
+        let sealed: Sealed = serde_json::from_str(&old)
+            .map_err(|e| format!("session {id}: unusable record: {e}"))?;
+        match keys
+            .rewrap(&sealed)
+            .map_err(|e| format!("session {id}: {e}"))?
+        {
+            None => current += 1,
+            Some(new) => {
+                let new = serde_json::to_string(&new).expect("a sealed record serializes");
+                if vncgate_schema::store::replace_credentials(&mut c, &id, &old, &new)
+                    .await
+                    .map_err(|e| format!("redis: {e}"))?
+                {
+                    moved += 1;
+                } else {
+                    return Err(format!(
+                        "session {id}: changed during the rewrap; run it again"
+                    ));
+                }
+            }
+        }
+    }
+    Ok((moved, current))
 }

@@ -15,6 +15,7 @@ use vncgate_schema::store::Created;
 use vncgate_schema::{RouteRecord, SCHEMA_VERSION};
 
 use crate::backend::{Backend, Vm, VmData};
+use crate::credentials::{KeyRing, Sealed};
 use crate::lifecycle::{self, Effects, Event};
 use crate::readiness;
 use crate::store::{Store, StoreError};
@@ -114,6 +115,63 @@ pub struct Service<B: Backend> {
     vms: Mutex<HashMap<String, Vm>>,
     /// Woken on every write, for `wait`.
     changed: tokio::sync::Notify,
+    /// Key-encryption keys of the credentials store; the newest seals.
+    keys: KeyRing,
+    /// SHA-256 of the admin token that reads credentials (`--admin-token-file`).
+    admin_token_sha256: Option<[u8; 32]>,
+}
+
+/// Why a credentials call was refused: each with its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialsError {
+    /// 400.
+    BadRequest(String),
+    /// 401: no token, or one nobody issued.
+    Unauthorized(String),
+    /// 403: a valid token of another session.
+    Forbidden(String),
+    /// 404.
+    NotFound(String),
+    /// 409: the session's state does not take credentials, or others are stored.
+    Conflict(String),
+    /// 503.
+    Unavailable(String),
+}
+
+impl From<ServiceError> for CredentialsError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::BadRequest(r) => CredentialsError::BadRequest(r),
+            ServiceError::NotFound => CredentialsError::NotFound("unknown session".into()),
+            ServiceError::Conflict(r) => CredentialsError::Conflict(r),
+            ServiceError::Unavailable(r) => CredentialsError::Unavailable(r),
+        }
+    }
+}
+
+impl From<StoreError> for CredentialsError {
+    fn from(e: StoreError) -> Self {
+        ServiceError::from(e).into()
+    }
+}
+
+/// What a store of credentials did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Sealed and written; the session is `completed`.
+    New,
+    /// The same credentials were stored before: nothing changed.
+    Again,
+}
+
+/// Credentials as an admin reads them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Opened {
+    pub session_id: String,
+    pub provider: String,
+    pub credentials: serde_json::Value,
+    pub stored_at: u64,
+    pub kid: String,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -132,7 +190,13 @@ fn check_field(name: &str, v: &str) -> Result<(), ServiceError> {
 }
 
 impl<B: Backend> Service<B> {
-    pub fn new(store: Store, backend: B, cfg: Config) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        backend: B,
+        cfg: Config,
+        keys: KeyRing,
+        admin_token_sha256: Option<[u8; 32]>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             backend,
@@ -140,6 +204,130 @@ impl<B: Backend> Service<B> {
             http: reqwest::Client::new(),
             vms: Mutex::default(),
             changed: tokio::sync::Notify::new(),
+            keys,
+            admin_token_sha256,
+        })
+    }
+
+    /// `POST /api/auth/credentials/store` from a VM's agent: authenticated by the agent
+    /// token only that VM was given; a VM stores for its own session only; sealed before it
+    /// is written; the session moves to `completed`. Checks in this order: 401 (no or unknown
+    /// token), 404 (unknown session), 403 (another session's token), 409 (state).
+    pub async fn store_credentials(
+        self: &Arc<Self>,
+        agent_token: Option<&str>,
+        session_id: &str,
+        provider: &str,
+        credentials: &serde_json::Value,
+    ) -> Result<Stored, CredentialsError> {
+        let token = agent_token.ok_or_else(|| {
+            CredentialsError::Unauthorized("agent token required (Authorization: Bearer)".into())
+        })?;
+        let digest = vncgate_schema::record::token_digest(token.as_bytes());
+        let owner = self
+            .store
+            .agent_token_session(&digest)
+            .await?
+            .ok_or_else(|| CredentialsError::Unauthorized("unknown agent token".into()))?;
+        if vncgate_schema::check_session_id(session_id).is_err() {
+            return Err(CredentialsError::NotFound("unknown session".into()));
+        }
+        let rec = self
+            .store
+            .get(session_id)
+            .await?
+            .ok_or_else(|| CredentialsError::NotFound("unknown session".into()))?;
+        if owner != rec.id {
+            tracing::warn!(session = %rec.id, token_of = %owner, "an agent tried to store credentials for another session");
+            return Err(CredentialsError::Forbidden(
+                "this agent's token belongs to another session".into(),
+            ));
+        }
+        check_field("provider", provider).map_err(CredentialsError::from)?;
+        let plaintext = serde_json::to_vec(credentials).expect("a JSON value serializes");
+        match rec.state {
+            SessionState::Ready => {}
+            SessionState::Completed => {
+                let same = match self.store.credentials(&rec.id).await? {
+                    Some(sealed) => serde_json::from_str::<Sealed>(&sealed)
+                        .ok()
+                        .and_then(|s| self.keys.open(&rec.id, &s).ok())
+                        .is_some_and(|p| p == plaintext),
+                    None => false,
+                };
+                return if same {
+                    Ok(Stored::Again)
+                } else {
+                    Err(CredentialsError::Conflict(
+                        "other credentials are stored for this session".into(),
+                    ))
+                };
+            }
+            other => {
+                return Err(CredentialsError::Conflict(format!(
+                    "a {other} session does not accept credentials"
+                )));
+            }
+        }
+        let sealed = self.keys.seal(&rec.id, provider, &plaintext, unix_now_ms());
+        let json = serde_json::to_string(&sealed).expect("a sealed record serializes");
+        self.store.put_credentials(&rec, &json).await?;
+        match self
+            .transition(&rec.id, Event::CredentialsStored, None)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(session = %rec.id, provider, kid = %sealed.kid, "credentials stored; session completed");
+                Ok(Stored::New)
+            }
+            Err(TransitionError::Refused(r)) => Err(CredentialsError::Conflict(r.to_string())),
+            Err(TransitionError::Service(e)) => Err(e.into()),
+        }
+    }
+
+    /// `GET /api/sessions/{id}/credentials` for the platform's backend, with the admin
+    /// token; `delete` removes them once read.
+    pub async fn read_credentials(
+        &self,
+        admin_token: Option<&str>,
+        id: &str,
+        delete: bool,
+    ) -> Result<Opened, CredentialsError> {
+        let Some(want) = self.admin_token_sha256 else {
+            return Err(CredentialsError::Unauthorized(
+                "reading credentials is off: the controller has no --admin-token-file".into(),
+            ));
+        };
+        let token = admin_token.ok_or_else(|| {
+            CredentialsError::Unauthorized("admin token required (Authorization: Bearer)".into())
+        })?;
+        let got = vncgate_schema::record::token_digest(token.as_bytes());
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&got[..], &want[..])) {
+            return Err(CredentialsError::Unauthorized("invalid admin token".into()));
+        }
+        let rec = self.get(id).await?;
+        let sealed = self.store.credentials(&rec.id).await?.ok_or_else(|| {
+            CredentialsError::NotFound("no credentials stored for this session".into())
+        })?;
+        let sealed: Sealed = serde_json::from_str(&sealed).map_err(|e| {
+            CredentialsError::Unavailable(format!("unusable credentials record: {e}"))
+        })?;
+        let plain = self
+            .keys
+            .open(&rec.id, &sealed)
+            .map_err(|e| CredentialsError::Unavailable(e.to_string()))?;
+        let credentials = serde_json::from_slice(&plain)
+            .map_err(|e| CredentialsError::Unavailable(format!("credentials are not JSON: {e}")))?;
+        if delete {
+            self.store.delete_credentials(&rec.id).await?;
+            tracing::info!(session = %rec.id, "credentials read and deleted");
+        }
+        Ok(Opened {
+            session_id: rec.id,
+            provider: sealed.provider,
+            credentials,
+            stored_at: sealed.stored_at,
+            kid: sealed.kid,
         })
     }
 
@@ -474,6 +662,7 @@ impl<B: Backend> Service<B> {
         }
         let data = VmData {
             session_id: id.to_owned(),
+            provider: self.get(id).await.map(|r| r.provider).unwrap_or_default(),
             agent_token,
             controller_url: self.cfg.controller_url.clone(),
             issued_at_ms: unix_now_ms(),

@@ -53,6 +53,8 @@ struct Memory {
     order: Vec<String>,
     idempotency: HashMap<String, String>,
     routes: HashMap<String, RouteRecord>,
+    agent_tokens: HashMap<[u8; 32], String>,
+    credentials: HashMap<String, String>,
 }
 
 #[derive(Clone)]
@@ -100,7 +102,14 @@ impl Store {
     ) -> Result<Created, StoreError> {
         match &self.inner {
             Backing::Redis(c) => {
-                Ok(schema_store::create_session(&mut c.clone(), rec, idempotency).await?)
+                let mut c = c.clone();
+                let created = schema_store::create_session(&mut c, rec, idempotency).await?;
+                if created == Created::New {
+                    schema_store::put_agent_token(&mut c, rec)
+                        .await
+                        .map_err(unavailable)?;
+                }
+                Ok(created)
             }
             Backing::Memory(m) => {
                 let mut m = Self::mem(m);
@@ -116,6 +125,8 @@ impl Store {
                 }
                 m.sessions.insert(rec.id.clone(), rec.clone());
                 m.order.push(rec.id.clone());
+                m.agent_tokens
+                    .insert(rec.agent_token_sha256, rec.id.clone());
                 Ok(Created::New)
             }
         }
@@ -224,6 +235,80 @@ impl Store {
                 Some(Err(e)) => Err(StoreError::Invalid(e.to_string())),
             },
             Backing::Memory(m) => Ok(Self::mem(m).routes.get(id).cloned()),
+        }
+    }
+
+    /// The session whose agent holds the token with this digest.
+    pub async fn agent_token_session(
+        &self,
+        digest: &[u8; 32],
+    ) -> Result<Option<String>, StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => schema_store::agent_token_session(&mut c.clone(), digest)
+                .await
+                .map_err(unavailable),
+            Backing::Memory(m) => Ok(Self::mem(m).agent_tokens.get(digest).cloned()),
+        }
+    }
+
+    /// A session's sealed credentials (JSON), if stored.
+    pub async fn credentials(&self, id: &str) -> Result<Option<String>, StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => schema_store::get_credentials(&mut c.clone(), id)
+                .await
+                .map_err(unavailable),
+            Backing::Memory(m) => Ok(Self::mem(m).credentials.get(id).cloned()),
+        }
+    }
+
+    pub async fn put_credentials(
+        &self,
+        rec: &SessionRecord,
+        sealed: &str,
+    ) -> Result<(), StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => schema_store::put_credentials(&mut c.clone(), rec, sealed)
+                .await
+                .map_err(unavailable),
+            Backing::Memory(m) => {
+                Self::mem(m)
+                    .credentials
+                    .insert(rec.id.clone(), sealed.to_owned());
+                Ok(())
+            }
+        }
+    }
+
+    /// Replaces sealed credentials if they are still `old`; returns whether it did.
+    pub async fn replace_credentials(
+        &self,
+        id: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<bool, StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => schema_store::replace_credentials(&mut c.clone(), id, old, new)
+                .await
+                .map_err(unavailable),
+            Backing::Memory(m) => {
+                let mut m = Self::mem(m);
+                match m.credentials.get_mut(id) {
+                    Some(cur) if cur == old => {
+                        *cur = new.to_owned();
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                }
+            }
+        }
+    }
+
+    pub async fn delete_credentials(&self, id: &str) -> Result<bool, StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => schema_store::delete_credentials(&mut c.clone(), id)
+                .await
+                .map_err(unavailable),
+            Backing::Memory(m) => Ok(Self::mem(m).credentials.remove(id).is_some()),
         }
     }
 }

@@ -36,10 +36,14 @@ struct Proc {
 }
 
 impl Proc {
-    fn start(mut cmd: Command, prefix: &str) -> Proc {
+    fn start(cmd: Command, prefix: &str) -> Proc {
+        Self::start_logging(cmd, prefix, Stdio::inherit())
+    }
+
+    fn start_logging(mut cmd: Command, prefix: &str, stderr: Stdio) -> Proc {
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("starts");
         let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -84,17 +88,8 @@ impl Setup {
             std::process::id(),
             Instant::now()
         ));
-        let mut c = Command::new(CONTROLLER);
-        c.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--redis",
-            &redis.url(),
-            "--work-dir",
-        ])
-        .arg(&work)
-        .args(extra);
-        let controller = Proc::start(c, "vncgate-controller: listening on ");
+        std::fs::create_dir_all(&work).unwrap();
+        let controller = start_controller(&redis, &work, extra);
         let mut g = Command::new(sibling("vncgate"));
         g.args([
             "serve",
@@ -114,6 +109,11 @@ impl Setup {
             gateway,
             work,
         }
+    }
+
+    /// Everything the controllers of this test logged.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.work.join("controller.log")).unwrap_or_default()
     }
 
     fn api(&self) -> &str {
@@ -153,6 +153,26 @@ impl Drop for Setup {
         }
         let _ = std::fs::remove_dir_all(&self.work);
     }
+}
+
+/// A controller on `redis` with VMs under `work`, logging to `work/controller.log`.
+fn start_controller(redis: &RedisServer, work: &std::path::Path, extra: &[&str]) -> Proc {
+    let mut c = Command::new(CONTROLLER);
+    c.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--redis",
+        &redis.url(),
+        "--work-dir",
+    ])
+    .arg(work)
+    .args(extra);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(work.join("controller.log"))
+        .unwrap();
+    Proc::start_logging(c, "vncgate-controller: listening on ", Stdio::from(log))
 }
 
 /// One HTTP/1.1 request; returns (status, JSON body).
@@ -545,4 +565,333 @@ fn a_controller_killed_mid_session_adopts_its_vm_and_marks_the_lost_one() {
     );
     assert_eq!(r["state"], "vm_stopped", "{r}");
     assert!(r["reason"].as_str().unwrap().contains("vnc port"), "{r}");
+}
+
+/// A file under the test's work directory holding `content`; its path.
+fn file(work: &std::path::Path, name: &str, content: &str) -> String {
+    let p = work.join(name);
+    std::fs::write(&p, content).unwrap();
+    p.display().to_string()
+}
+
+fn key_file(work: &std::path::Path, name: &str, byte: u8) -> String {
+    file(work, name, &format!("{byte:02x}").repeat(32))
+}
+
+/// The agent token the controller handed this session's VM (only its VM has it).
+fn agent_token(work: &std::path::Path, id: &str) -> String {
+    let p = work.join(id).join("vm-data.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(b) = std::fs::read(&p)
+            && let Ok(v) = serde_json::from_slice::<Value>(&b)
+        {
+            return v["agent_token"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no vm-data.json for {id}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A raw request with headers; returns (status, JSON body).
+fn request(base: &str, head: &str, body: &[u8]) -> (u16, Value) {
+    let addr = base.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{head}\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp);
+    let status = resp[9..12].parse().unwrap();
+    let json = resp
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    (status, json)
+}
+
+fn store(api: &str, token: Option<&str>, ctype: &str, body: &str) -> (u16, Value) {
+    let auth = token.map_or(String::new(), |t| format!("\r\nAuthorization: Bearer {t}"));
+    request(
+        api,
+        &format!("POST /api/auth/credentials/store HTTP/1.1\r\nContent-Type: {ctype}{auth}"),
+        body.as_bytes(),
+    )
+}
+
+fn store_body(id: &str, secret: &str) -> String {
+    format!(
+        r#"{{"sessionId":"{id}","provider":"github","credentials":{{"username":"u1","password":"{secret}"}}}}"#
+    )
+}
+
+/// Every value in Redis, dumped: strings, hashes, sorted sets, and DUMP of each key.
+fn redis_everything(r: &RedisServer) -> String {
+    let mut all = String::new();
+    for key in r.cli(&["--scan"]).split_whitespace() {
+        all.push_str(key);
+        for cmd in [
+            &["GET", key][..],
+            &["HGETALL", key],
+            &["ZRANGE", key, "0", "-1"],
+            &["DUMP", key],
+        ] {
+            all.push_str(&r.cli(cmd));
+        }
+    }
+    all
+}
+
+#[test]
+fn the_agent_stores_credentials_sealed_and_the_session_completes() {
+    let work = std::env::temp_dir().join(format!("vncgate-ctl-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let k1 = format!("k1={}", key_file(&work, "k1", 1));
+    let admin = file(&work, "admin", "admin-token-0123456789");
+    let s = Setup::new(&["--credentials-key", &k1, "--admin-token-file", &admin]);
+    let created = create(s.api());
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (_, r) = http(
+        s.api(),
+        "GET",
+        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
+        None,
+    );
+    assert_eq!(r["state"], "ready", "{r}");
+    let token = created["token"].as_str().unwrap().to_owned();
+    let (mut viewer, _) = view(s.gateway(), &format!("/vnc/{id}"), &token);
+    let agent = agent_token(&s.work, &id);
+
+    // The login inside the VM writes its credentials; the agent posts them.
+    let secret = format!("hunter2-{}", std::process::id());
+    std::fs::write(
+        s.work.join(&id).join("credentials.json"),
+        format!(r#"{{"username":"u1","password":"{secret}"}}"#),
+    )
+    .unwrap();
+    let (_, done) = http(
+        s.api(),
+        "GET",
+        &format!("/api/sessions/{id}/wait?state=completed&timeout=30"),
+        None,
+    );
+    assert_eq!(done["state"], "completed", "{done}");
+    // Completion withdraws the route: the viewer is told by name.
+    assert_eq!(close_of(&mut viewer).0, 4006);
+
+    // The plaintext is nowhere in Redis, nor in the controller's log; the sealed record is.
+    let everything = redis_everything(&s.redis);
+    assert!(everything.contains(&format!("vncgate:credentials:{id}")));
+    assert!(!everything.contains(&secret), "plaintext in Redis");
+    assert!(!everything.contains("hunter2"), "plaintext in Redis");
+    assert!(!s.log().contains(&secret), "plaintext in the log");
+    assert!(!s.log().contains(&token), "viewer token in the log");
+
+    // The platform reads it back with the admin token, and may delete it on read.
+    let get = |auth: &str, q: &str| {
+        request(
+            s.api(),
+            &format!("GET /api/sessions/{id}/credentials{q} HTTP/1.1{auth}"),
+            b"",
+        )
+    };
+    assert_eq!(get("", "").0, 401);
+    assert_eq!(
+        get("\r\nAuthorization: Bearer wrong-token-000000", "").0,
+        401
+    );
+    let ok = "\r\nAuthorization: Bearer admin-token-0123456789";
+    let (st, v) = get(ok, "");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["credentials"]["password"], secret.as_str());
+    assert_eq!(
+        (v["provider"].as_str(), v["key_id"].as_str()),
+        (Some("github"), Some("k1"))
+    );
+    // The same store again is idempotent; different ones are a conflict.
+    let (st, _) = store(
+        s.api(),
+        Some(&agent),
+        "application/json",
+        &store_body(&id, &secret),
+    );
+    assert_eq!(st, 200);
+    let (st, _) = store(
+        s.api(),
+        Some(&agent),
+        "application/json",
+        &store_body(&id, "other"),
+    );
+    assert_eq!(st, 409);
+    let (st, _) = get(ok, "?delete=true");
+    assert_eq!(st, 200);
+    assert_eq!(get(ok, "").0, 404);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn every_credentials_error_has_its_status() {
+    let s = Setup::new(&["--max-credentials-bytes", "2048"]);
+    // Two sessions: A stores, B is the other VM.
+    let a = create(s.api());
+    let a_id = a["id"].as_str().unwrap().to_owned();
+    let (_, r) = http(
+        s.api(),
+        "GET",
+        &format!("/api/sessions/{a_id}/wait?state=ready&timeout=30"),
+        None,
+    );
+    assert_eq!(r["state"], "ready");
+    let a_token = agent_token(&s.work, &a_id);
+    let b = create(s.api());
+    let b_id = b["id"].as_str().unwrap().to_owned();
+    let b_token = agent_token(&s.work, &b_id);
+    let body = store_body(&a_id, "pw");
+    let json = "application/json";
+
+    let (st, v) = store(s.api(), None, json, &body);
+    assert_eq!(st, 401, "no token: {v}");
+    assert_eq!(store(s.api(), Some("not-a-token"), json, &body).0, 401);
+    assert_eq!(store(s.api(), Some(&a_token), "text/plain", &body).0, 415);
+    let (st, v) = store(s.api(), Some(&a_token), json, "{");
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = store(
+        s.api(),
+        Some(&a_token),
+        json,
+        r#"{"sessionId":"x","provider":"p"}"#,
+    );
+    assert_eq!(st, 400);
+    assert!(v["reason"].as_str().unwrap().contains("credentials"), "{v}");
+    // A wrong type is named without echoing the value.
+    let (st, v) = store(
+        s.api(),
+        Some(&a_token),
+        json,
+        &format!(r#"{{"sessionId":"{a_id}","provider":"p","credentials":"secret-value-77"}}"#),
+    );
+    assert_eq!(st, 400);
+    assert!(!v.to_string().contains("secret-value-77"), "{v}");
+    let big = store_body(&a_id, &"x".repeat(4096));
+    assert_eq!(store(s.api(), Some(&a_token), json, &big).0, 413);
+    let (st, v) = store(s.api(), Some(&a_token), json, &store_body("s-nope", "pw"));
+    assert_eq!(st, 404, "{v} token {a_token}");
+    // B's VM stores for A: refused, A untouched.
+    let (st, v) = store(s.api(), Some(&b_token), json, &body);
+    assert_eq!(st, 403, "{v}");
+    // A deleted session takes none.
+    let (st, _) = http(s.api(), "DELETE", &format!("/api/sessions/{b_id}"), None);
+    assert_eq!(st, 202);
+    let (st, v) = store(s.api(), Some(&b_token), json, &store_body(&b_id, "pw"));
+    assert_eq!(st, 409, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("deleted"), "{v}");
+    // And the right one works.
+    let (st, v) = store(s.api(), Some(&a_token), json, &body);
+    assert_eq!(st, 201, "{v}");
+    let (_, r) = http(s.api(), "GET", &format!("/api/sessions/{a_id}"), None);
+    assert_eq!(r["state"], "completed");
+}
+
+#[test]
+fn keys_rewrap_moves_records_to_the_newest_key() {
+    let work = std::env::temp_dir().join(format!("vncgate-ctl-rewrap-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let k1 = format!("k1={}", key_file(&work, "k1", 1));
+    let k2 = format!("k2={}", key_file(&work, "k2", 2));
+    let admin = file(&work, "admin", "admin-token-0123456789");
+    let mut s = Setup::new(&["--credentials-key", &k1, "--admin-token-file", &admin]);
+    let a = create(s.api());
+    let id = a["id"].as_str().unwrap().to_owned();
+    let (_, r) = http(
+        s.api(),
+        "GET",
+        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
+        None,
+    );
+    assert_eq!(r["state"], "ready");
+    let token = agent_token(&s.work, &id);
+    assert_eq!(
+        store(
+            s.api(),
+            Some(&token),
+            "application/json",
+            &store_body(&id, "pw-rewrap")
+        )
+        .0,
+        201
+    );
+    let read = |s: &Setup| {
+        request(
+            s.api(),
+            &format!(
+                "GET /api/sessions/{id}/credentials HTTP/1.1\r\nAuthorization: Bearer admin-token-0123456789"
+            ),
+            b"",
+        )
+    };
+    let sealed_before = s.redis.cli(&["GET", &format!("vncgate:credentials:{id}")]);
+
+    // Rewrap with both keys loaded, k2 newest.
+    let out = Command::new(CONTROLLER)
+        .args([
+            "keys",
+            "rewrap",
+            "--redis",
+            &s.redis.url(),
+            "--credentials-key",
+            &k1,
+            "--credentials-key",
+            &k2,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rewrapped 1 records"));
+    let sealed_after = s.redis.cli(&["GET", &format!("vncgate:credentials:{id}")]);
+    let (b, a): (Value, Value) = (
+        serde_json::from_str(&sealed_before).unwrap(),
+        serde_json::from_str(&sealed_after).unwrap(),
+    );
+    assert_eq!(
+        (b["kid"].as_str(), a["kid"].as_str()),
+        (Some("k1"), Some("k2"))
+    );
+    assert_eq!(
+        a["ciphertext"], b["ciphertext"],
+        "the data itself was not re-encrypted"
+    );
+
+    // A controller with only the new key reads it; the old key is no longer needed.
+    let _ = s.controller.child.kill();
+    let _ = s.controller.child.wait();
+    s.controller = start_controller(
+        &s.redis,
+        &s.work,
+        &["--credentials-key", &k2, "--admin-token-file", &admin],
+    );
+    let (st, v) = read(&s);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["credentials"]["password"], "pw-rewrap");
+    // Only the old key: the record does not open, and says which key it needs.
+    let _ = s.controller.child.kill();
+    let _ = s.controller.child.wait();
+    s.controller = start_controller(
+        &s.redis,
+        &s.work,
+        &["--credentials-key", &k1, "--admin-token-file", &admin],
+    );
+    let (st, v) = read(&s);
+    assert_eq!(st, 503, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("k2"), "{v}");
+    let _ = std::fs::remove_dir_all(&work);
 }

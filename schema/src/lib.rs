@@ -18,6 +18,8 @@
 //! | `vncgate:session:<id>` | string | the session record ([`session::SessionRecord`], JSON); kept a day past `expires_at` |
 //! | `vncgate:sessions` | sorted set | index for listing: member = session id, score = `created_at` (ms) |
 //! | `vncgate:idempotency:<sha256>` | string | the session id an `Idempotency-Key` created; 24 h |
+//! | `vncgate:agent-token:<sha256>` | string | the session whose VM agent holds that token; as long as the session |
+//! | `vncgate:credentials:<id>` | string | the session's credentials, sealed (envelope encryption, JSON); as long as the session |
 //!
 //! The record's `expires_at` is the truth about expiry: gateways close live sessions with
 //! 4005 at that instant. The key outlives it by a grace period so that a browser arriving

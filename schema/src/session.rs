@@ -37,6 +37,19 @@ pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
 /// readable for a day after the session ended).
 pub const SESSION_RETENTION_SECS: u64 = 24 * 3600;
 
+/// Prefix of the sealed credentials of a session (JSON; the controller's envelope format).
+pub const CREDENTIALS_KEY_PREFIX: &str = "vncgate:credentials:";
+/// Prefix of the agent-token index: `vncgate:agent-token:<sha256 hex>` -> session id.
+pub const AGENT_TOKEN_KEY_PREFIX: &str = "vncgate:agent-token:";
+
+pub fn credentials_key(id: &str) -> String {
+    format!("{CREDENTIALS_KEY_PREFIX}{id}")
+}
+
+pub fn agent_token_key(digest: &[u8; 32]) -> String {
+    format!("{AGENT_TOKEN_KEY_PREFIX}{}", hex::encode(digest))
+}
+
 pub fn session_key(id: &str) -> String {
     format!("{SESSION_KEY_PREFIX}{id}")
 }

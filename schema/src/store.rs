@@ -15,8 +15,8 @@ use redis::{RedisResult, Value};
 
 use crate::record::{RecordError, RouteRecord};
 use crate::session::{
-    IDEMPOTENCY_TTL_SECS, SESSION_INDEX_KEY, SessionRecord, SessionRecordError, idempotency_key,
-    session_key,
+    IDEMPOTENCY_TTL_SECS, SESSION_INDEX_KEY, SessionRecord, SessionRecordError, agent_token_key,
+    credentials_key, idempotency_key, session_key,
 };
 use crate::url::{RedisUrl, Target};
 use crate::{
@@ -448,6 +448,105 @@ pub async fn list_sessions(
                     .query_async::<()>(c)
                     .await?;
             }
+        }
+    }
+    Ok(out)
+}
+
+/// Sets a string key until `until_secs` (Unix seconds).
+async fn set_until(c: &mut Conn, key: &str, value: &str, until_secs: u64) -> RedisResult<()> {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("EXAT")
+        .arg(until_secs)
+        .query_async(c)
+        .await
+}
+
+/// Remembers which session an agent token (its digest) belongs to, as long as the session.
+pub async fn put_agent_token(c: &mut Conn, rec: &SessionRecord) -> RedisResult<()> {
+    set_until(
+        c,
+        &agent_token_key(&rec.agent_token_sha256),
+        &rec.id,
+        rec.retain_until_secs(),
+    )
+    .await
+}
+
+/// The session an agent token belongs to.
+pub async fn agent_token_session(c: &mut Conn, digest: &[u8; 32]) -> RedisResult<Option<String>> {
+    redis::cmd("GET")
+        .arg(agent_token_key(digest))
+        .query_async(c)
+        .await
+}
+
+/// Stores a session's sealed credentials (opaque JSON), as long as the session is kept.
+pub async fn put_credentials(
+    c: &mut Conn,
+    rec: &SessionRecord,
+    sealed_json: &str,
+) -> RedisResult<()> {
+    set_until(
+        c,
+        &credentials_key(&rec.id),
+        sealed_json,
+        rec.retain_until_secs(),
+    )
+    .await
+}
+
+pub async fn get_credentials(c: &mut Conn, id: &str) -> RedisResult<Option<String>> {
+    redis::cmd("GET")
+        .arg(credentials_key(id))
+        .query_async(c)
+        .await
+}
+
+/// Replaces sealed credentials only if they are still `old` (a rewrap racing a delete or
+/// another rewrap loses, and says so).
+pub async fn replace_credentials(
+    c: &mut Conn,
+    id: &str,
+    old: &str,
+    new: &str,
+) -> RedisResult<bool> {
+    const CAS: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+return 1
+"#;
+    let done: i64 = redis::cmd("EVAL")
+        .arg(CAS)
+        .arg(1)
+        .arg(credentials_key(id))
+        .arg(old)
+        .arg(new)
+        .query_async(c)
+        .await?;
+    Ok(done == 1)
+}
+
+pub async fn delete_credentials(c: &mut Conn, id: &str) -> RedisResult<bool> {
+    let n: u64 = redis::cmd("DEL")
+        .arg(credentials_key(id))
+        .query_async(c)
+        .await?;
+    Ok(n > 0)
+}
+
+/// The ids of every session with stored credentials (for a rewrap).
+pub async fn credentials_ids(c: &mut Conn) -> RedisResult<Vec<String>> {
+    let mut out = Vec::new();
+    for (id, _) in list_sessions(c).await? {
+        if redis::cmd("EXISTS")
+            .arg(credentials_key(&id))
+            .query_async::<bool>(c)
+            .await?
+        {
+            out.push(id);
         }
     }
     Ok(out)

@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmData {
     pub session_id: String,
+    /// The session's provider, which the agent's credentials post names.
+    pub provider: String,
     pub agent_token: String,
     /// Where the agent posts credentials (`{controller_url}/api/auth/credentials/store`).
     pub controller_url: String,
