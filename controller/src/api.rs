@@ -339,7 +339,23 @@ pub struct StoreBody {
     pub credentials: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Counts every outcome of a credentials post (`stored`, `repeated`, or the status).
 async fn store_credentials<B: Backend>(
+    svc: State<Arc<Service<B>>>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let r = store_credentials_inner(svc, headers, body).await;
+    let outcome = match &r {
+        Ok((StatusCode::CREATED, _)) => "stored".to_owned(),
+        Ok(_) => "repeated".to_owned(),
+        Err(e) => e.status.as_u16().to_string(),
+    };
+    metrics::counter!(crate::metrics::CREDENTIALS, "outcome" => outcome).increment(1);
+    r
+}
+
+async fn store_credentials_inner<B: Backend>(
     State(svc): State<Arc<Service<B>>>,
     headers: HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
@@ -383,7 +399,8 @@ async fn store_credentials<B: Backend>(
             &b.provider,
             &serde_json::Value::Object(b.credentials),
         )
-        .await?;
+        .await
+        .map_err(ApiError::from)?;
     let (status, again) = match stored {
         Stored::New => (StatusCode::CREATED, false),
         Stored::Again => (StatusCode::OK, true),

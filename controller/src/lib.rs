@@ -9,6 +9,7 @@
 //! | [`backend`] | the VM backend trait (start from golden, push per-VM data, alive, stop, adopt) and the `process` backend |
 //! | [`credentials`] | credentials at rest: envelope encryption (AES-256-GCM data keys wrapped by named KEKs), rewrap |
 //! | [`lifecycle`] | a session's state machine, pure: event in, new record and effects (route, VM) out |
+//! | [`metrics`] | metric names, help texts, the Prometheus recorder (every series at zero from the start) |
 //! | [`probe`] | connect to a VM's VNC port, read the banner under a deadline (checked by `vncgate_rfb::banner`), name the outcome |
 //! | [`readiness`] | readiness that means a desktop: agent `/health` 200 and the VNC port through ServerInit |
 //! | [`server`] | `vncgate-controller --listen`: store, backend, service, reconciler, API, until a signal |
@@ -24,6 +25,7 @@ pub mod api;
 pub mod backend;
 pub mod credentials;
 pub mod lifecycle;
+pub mod metrics;
 pub mod probe;
 pub mod publish;
 pub mod readiness;

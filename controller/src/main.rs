@@ -57,6 +57,9 @@ struct ServeArgs {
     /// (GET /api/sessions/{id}/credentials); without it, reading is off.
     #[arg(long, value_name = "FILE")]
     admin_token_file: Option<std::path::PathBuf>,
+    /// Admin listener: /healthz, /readyz (the store answers), /metrics.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
     /// Largest credentials body, in bytes; above it, 413.
     #[arg(long, default_value_t = 64 * 1024)]
     max_credentials_bytes: usize,
@@ -226,6 +229,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         credentials_keys: a.keys.credentials_keys,
         admin_token_file: a.admin_token_file,
         max_credentials_bytes: a.max_credentials_bytes,
+        admin: a.admin,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

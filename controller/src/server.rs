@@ -33,6 +33,8 @@ pub struct Settings {
     pub credentials_keys: Vec<String>,
     pub admin_token_file: Option<PathBuf>,
     pub max_credentials_bytes: usize,
+    /// `/healthz`, `/readyz` and `/metrics`.
+    pub admin: Option<String>,
 }
 
 /// The key ring from `--credentials-key` flags; without any, an ephemeral key (said loudly:
@@ -103,12 +105,24 @@ pub async fn run(s: Settings) -> Result<(), String> {
         ..Config::default()
     };
     let keys = key_ring(&s.credentials_keys, s.redis.is_some())?;
-    let admin = admin_token(&s.admin_token_file)?;
-    let svc = Service::new(store.clone(), backend, cfg, keys, admin);
+    let admin_sha256 = admin_token(&s.admin_token_file)?;
+    let svc = Service::new(store.clone(), backend, cfg, keys, admin_sha256);
     svc.adopt_all()
         .await
         .map_err(|e| format!("adopting VMs: {e}"))?;
     tokio::spawn(svc.clone().reconcile_forever());
+    let prom = crate::metrics::install()?;
+    // The admin line first: a script that waits for "listening on" has both then.
+    if let Some(a) = &s.admin {
+        let l = tokio::net::TcpListener::bind(a)
+            .await
+            .map_err(|e| format!("--admin {a}: {e}"))?;
+        println!(
+            "vncgate-controller: admin on http://{}",
+            l.local_addr().map_err(|e| e.to_string())?
+        );
+        tokio::spawn(admin(l, store.clone(), prom));
+    }
     println!("vncgate-controller: listening on http://{addr}");
     tracing::info!(%addr, store = store.name(), backend = "process", boot_timeout = ?s.boot_timeout, "controller up");
     axum::serve(listener, crate::api::router(svc, s.max_credentials_bytes))
@@ -173,4 +187,35 @@ pub async fn rewrap(redis: &str, flags: &[String]) -> Result<(usize, usize), Str
         }
     }
     Ok((moved, current))
+}
+
+/// `/healthz` (the process serves), `/readyz` (and its store answers), `/metrics`.
+async fn admin(
+    l: tokio::net::TcpListener,
+    store: Store,
+    prom: metrics_exporter_prometheus::PrometheusHandle,
+) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let store = store.clone();
+                async move {
+                    match store.ping().await {
+                        Ok(()) => (
+                            StatusCode::OK,
+                            format!("ready: {} store answers\n", store.name()),
+                        ),
+                        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+                    }
+                }
+            }),
+        )
+        .route("/metrics", get(move || std::future::ready(prom.render())));
+    if let Err(e) = axum::serve(l, app).await {
+        tracing::error!(error = %e, "admin endpoint stopped");
+    }
 }

@@ -17,6 +17,7 @@ use vncgate_schema::{RouteRecord, SCHEMA_VERSION};
 use crate::backend::{Backend, Vm, VmData};
 use crate::credentials::{KeyRing, Sealed};
 use crate::lifecycle::{self, Effects, Event};
+use crate::metrics as m;
 use crate::readiness;
 use crate::store::{Store, StoreError};
 
@@ -405,6 +406,7 @@ impl<B: Backend> Service<B> {
             }),
             Created::New => {
                 tracing::info!(session = %rec.id, user = %rec.user_id, backend = self.backend.name(), "session created");
+                metrics::counter!(m::SESSIONS_CREATED).increment(1);
                 self.changed.notify_waiters();
                 let svc = self.clone();
                 let id = rec.id.clone();
@@ -703,6 +705,8 @@ impl<B: Backend> Service<B> {
                 match self.transition(id, Event::Ready, Some(probes)).await {
                     Ok(rec) => {
                         let ms = started.elapsed().as_millis();
+                        metrics::histogram!(m::CREATE_TO_READY_SECONDS)
+                            .record(unix_now_ms().saturating_sub(rec.created_at) as f64 / 1000.0);
                         tracing::info!(session = %id, state = %rec.state, boot_ms = ms as u64, "ready: agent healthy and the VNC port is a desktop");
                     }
                     Err(e) => {
@@ -715,6 +719,8 @@ impl<B: Backend> Service<B> {
             if waited >= self.cfg.boot_timeout {
                 let reason = format!("{} (for {} s)", report.describe(), waited.as_secs());
                 tracing::warn!(session = %id, check = report.failed_check().unwrap_or(""), reason, "boot timed out");
+                metrics::counter!(m::READINESS_FAILURES, "check" => report.failed_check().unwrap_or("vm"))
+                    .increment(1);
                 let _ = self
                     .transition(id, Event::BootFailed(reason), Some(probes))
                     .await;
@@ -735,11 +741,17 @@ impl<B: Backend> Service<B> {
     /// its VM.
     pub async fn reconcile_once(self: &Arc<Self>) -> Result<(), ServiceError> {
         let now = unix_now_ms();
-        for rec in self.store.list().await? {
+        let all = self.store.list().await?;
+        for st in SessionState::ALL {
+            let n = all.iter().filter(|r| r.state == st).count();
+            metrics::gauge!(m::SESSIONS, "state" => st.as_str()).set(n as f64);
+        }
+        for rec in all {
             if rec.state.is_terminal() {
                 continue;
             }
             if rec.expires_at <= now {
+                metrics::counter!(m::RECONCILER_ACTIONS, "kind" => "expired").increment(1);
                 let _ = self.transition(&rec.id, Event::Expired, None).await;
                 continue;
             }
@@ -762,6 +774,9 @@ impl<B: Backend> Service<B> {
             if let Some(reason) = lost {
                 let probes = serde_json::to_value(&report).expect("a report serializes");
                 tracing::warn!(session = %rec.id, check = report.failed_check().unwrap_or("vm"), reason, "ready session lost its desktop");
+                metrics::counter!(m::RECONCILER_ACTIONS, "kind" => "vm_lost").increment(1);
+                metrics::counter!(m::READINESS_FAILURES, "check" => report.failed_check().unwrap_or("vm"))
+                    .increment(1);
                 let _ = self
                     .transition(&rec.id, Event::VmLost(reason), Some(probes))
                     .await;
@@ -783,9 +798,12 @@ impl<B: Backend> Service<B> {
             match (rec.state, vm) {
                 (SessionState::Ready, Some(vm)) => {
                     tracing::info!(session = %rec.id, "adopted a running VM");
+                    metrics::counter!(m::RECONCILER_ACTIONS, "kind" => "adopted").increment(1);
                     self.set_vm(&rec.id, Some(vm));
                 }
                 (SessionState::Ready, None) => {
+                    metrics::counter!(m::RECONCILER_ACTIONS, "kind" => "adoption_lost")
+                        .increment(1);
                     let _ = self
                         .transition(
                             &rec.id,

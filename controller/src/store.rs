@@ -311,4 +311,20 @@ impl Store {
             Backing::Memory(m) => Ok(Self::mem(m).credentials.remove(id).is_some()),
         }
     }
+
+    /// Whether the store answers now (Redis: a PING), for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => redis_ping(&mut c.clone()).await,
+            Backing::Memory(_) => Ok(()),
+        }
+    }
+}
+
+async fn redis_ping(c: &mut Conn) -> Result<(), StoreError> {
+    use redis::aio::ConnectionLike as _;
+    c.req_packed_command(&redis::cmd("PING"))
+        .await
+        .map(drop)
+        .map_err(unavailable)
 }

@@ -33,6 +33,8 @@ fn sibling(name: &str) -> PathBuf {
 struct Proc {
     child: Child,
     found: String,
+    /// The lines before the one found.
+    before: Vec<String>,
 }
 
 impl Proc {
@@ -48,6 +50,7 @@ impl Proc {
             .expect("starts");
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
+        let mut before = Vec::new();
         for _ in 0..20 {
             line.clear();
             if out.read_line(&mut line).unwrap() == 0 {
@@ -57,8 +60,13 @@ impl Proc {
                 let found = rest.to_owned();
                 // Keep draining stdout so the child never blocks on a full pipe.
                 std::thread::spawn(move || for _ in out.lines() {});
-                return Proc { child, found };
+                return Proc {
+                    child,
+                    found,
+                    before,
+                };
             }
+            before.push(line.trim().to_owned());
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -83,10 +91,13 @@ struct Setup {
 impl Setup {
     fn new(extra: &[&str]) -> Setup {
         let redis = RedisServer::start();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
         let work = std::env::temp_dir().join(format!(
-            "vncgate-ctl-test-{}-{:?}",
-            std::process::id(),
-            Instant::now()
+            "vncgate-ctl-test-{}-{nanos:09}",
+            std::process::id()
         ));
         std::fs::create_dir_all(&work).unwrap();
         let controller = start_controller(&redis, &work, extra);
@@ -131,6 +142,13 @@ impl Drop for Setup {
     /// ones this test started, by the pids their session records name, each checked to be
     /// this test's (its command line names the session or this test's work directory).
     fn drop(&mut self) {
+        self.kill_vms();
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+impl Setup {
+    fn kill_vms(&self) {
         let work = self.work.display().to_string();
         let keys = self
             .redis
@@ -151,7 +169,6 @@ impl Drop for Setup {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&self.work);
     }
 }
 
@@ -894,4 +911,74 @@ fn keys_rewrap_moves_records_to_the_newest_key() {
     assert_eq!(st, 503, "{v}");
     assert!(v["reason"].as_str().unwrap().contains("k2"), "{v}");
     let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn admin_endpoints_and_metrics_from_zero() {
+    let s = Setup::new(&["--admin", "127.0.0.1:0"]);
+    let admin = s
+        .controller
+        .before
+        .iter()
+        .find_map(|l| l.strip_prefix("vncgate-controller: admin on "))
+        .expect("an admin line")
+        .to_owned();
+    let get = |path: &str| {
+        let addr = admin.trim_start_matches("http://");
+        let mut c = TcpStream::connect(addr).unwrap();
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut r = String::new();
+        c.read_to_string(&mut r).unwrap();
+        r
+    };
+    assert!(get("/healthz").starts_with("HTTP/1.1 200"));
+    assert!(get("/readyz").contains("redis store answers"));
+    let m = get("/metrics");
+    // Every family has its help line and its series before the first event.
+    for name in [
+        "vncgate_controller_readiness_failures_total",
+        "vncgate_controller_credentials_total",
+        "vncgate_controller_reconciler_actions_total",
+        "vncgate_controller_sessions",
+    ] {
+        assert!(m.contains(&format!("# HELP {name}")), "{name}: {m}");
+    }
+    assert!(
+        m.contains(r#"vncgate_controller_readiness_failures_total{check="vnc_refused"} 0"#),
+        "{m}"
+    );
+    // A session to ready moves the histogram and, after a reconciler pass, the gauge.
+    let c = create(s.api());
+    let id = c["id"].as_str().unwrap();
+    let (_, r) = http(
+        s.api(),
+        "GET",
+        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
+        None,
+    );
+    assert_eq!(r["state"], "ready");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = get("/metrics");
+        if m.contains("vncgate_controller_create_to_ready_seconds_count 1")
+            && m.contains(r#"vncgate_controller_sessions{state="ready"} 1"#)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // And Redis going away makes the controller unready, by name.
+    let mut s = s;
+    s.kill_vms();
+    s.redis.kill();
+    let r = get("/readyz");
+    assert!(
+        r.starts_with("HTTP/1.1 503") && r.contains("not ready"),
+        "{r}"
+    );
 }
