@@ -694,10 +694,11 @@ impl<B: Backend> Service<B> {
         }
     }
 
-    /// Probes with backoff (100 ms doubling to 1 s) until ready or `--boot-timeout`.
+    /// Probes with backoff (10 ms doubling to 1 s: a process VM is up in tens of ms, a real
+    /// one in seconds) until ready or `--boot-timeout`.
     async fn await_ready(self: &Arc<Self>, id: &str, vm: &Vm) {
         let started = Instant::now();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Duration::from_millis(10);
         loop {
             let report = readiness::check(&self.http, vm, self.cfg.probe_timeout).await;
             let probes = serde_json::to_value(&report).expect("a report serializes");

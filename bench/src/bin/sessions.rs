@@ -1,0 +1,229 @@
+//! `vncgate-bench-sessions`: sessions created to `ready` per second through
+//! `vncgate-controller` with the `process` backend, and the create-to-ready latency (p50,
+//! p99), for each count of concurrent creators. Each creator loops for `--secs`: create,
+//! wait for ready (the API's wait, no polling), delete. A session that does not reach ready
+//! fails the point, with its state and reason: a figure is only printed for what was
+//! measured. Writes bench/out/sessions.md and sessions.json.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug)]
+#[command(name = "vncgate-bench-sessions", version)]
+struct Args {
+    /// The controller binary.
+    #[arg(long, value_name = "PATH")]
+    controller: PathBuf,
+    /// Concurrent creators, one point each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,20")]
+    creators: Vec<usize>,
+    /// Seconds each point runs.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Where to write sessions.md and sessions.json.
+    #[arg(long, default_value = "bench/out")]
+    out: PathBuf,
+}
+
+/// One HTTP/1.1 exchange; (status, JSON).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, Value), String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let ctype = if body.is_empty() {
+        ""
+    } else {
+        "Content-Type: application/json\r\n"
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{ctype}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    let status = resp
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {resp:.60}"))?;
+    let json = resp
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    Ok((status, json))
+}
+
+/// Create, wait for ready, delete; the create-to-ready time.
+fn one(addr: &str) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let (st, c) = http(
+        addr,
+        "POST",
+        "/api/sessions",
+        r#"{"user_id":"bench","provider":"bench"}"#,
+    )?;
+    if st != 201 {
+        return Err(format!("create answered {st}: {c}"));
+    }
+    let id = c["id"].as_str().ok_or("no id")?.to_owned();
+    let (_, w) = http(
+        addr,
+        "GET",
+        &format!("/api/sessions/{id}/wait?state=ready&timeout=60"),
+        "",
+    )?;
+    let took = t0.elapsed();
+    if w["state"] != "ready" {
+        return Err(format!(
+            "session {id} ended {} ({})",
+            w["state"],
+            w["reason"].as_str().unwrap_or("no reason")
+        ));
+    }
+    let (st, d) = http(addr, "DELETE", &format!("/api/sessions/{id}"), "")?;
+    if st != 202 {
+        return Err(format!("delete answered {st}: {d}"));
+    }
+    Ok(took)
+}
+
+struct Point {
+    creators: usize,
+    ready: usize,
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn point(addr: &str, creators: usize, secs: f64) -> Result<Point, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let workers: Vec<_> = (0..creators)
+        .map(|_| {
+            let (addr, stop) = (addr.to_owned(), stop.clone());
+            std::thread::spawn(move || -> Result<Vec<Duration>, String> {
+                let mut lat = Vec::new();
+                while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+                    match one(&addr) {
+                        Ok(d) => lat.push(d),
+                        Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut lat = Vec::new();
+    for w in workers {
+        lat.extend(
+            w.join()
+                .map_err(|_| "a creator thread panicked".to_owned())??,
+        );
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if lat.is_empty() {
+        return Err("no session reached ready".into());
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
+    Ok(Point {
+        creators,
+        ready: lat.len(),
+        rate: lat.len() as f64 / elapsed,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+    })
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    let work = std::env::temp_dir().join(format!("vncgate-bench-sessions-{}", std::process::id()));
+    let mut child = match Command::new(&a.controller)
+        .args(["--listen", "127.0.0.1:0", "--work-dir"])
+        .arg(&work)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vncgate-bench-sessions: {}: {e}", a.controller.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    let _ = out.read_line(&mut line);
+    let Some(addr) = line
+        .trim()
+        .strip_prefix("vncgate-controller: listening on http://")
+        .map(str::to_owned)
+    else {
+        eprintln!("vncgate-bench-sessions: the controller did not start: {line}");
+        let _ = child.kill();
+        let _ = child.wait();
+        return ExitCode::from(2);
+    };
+    std::thread::spawn(move || for _ in out.lines() {});
+    let mut points = Vec::new();
+    let mut failed = false;
+    for &n in &a.creators {
+        eprintln!("vncgate-bench-sessions: {n} creators for {} s", a.secs);
+        match point(&addr, n, a.secs) {
+            Ok(p) => points.push(p),
+            Err(e) => {
+                eprintln!("vncgate-bench-sessions: {n} creators: {e}");
+                failed = true;
+            }
+        }
+        // Let deleted VMs stop before the next point.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&work);
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut md = format!(
+        "# vncgate-controller: sessions to ready\n\n{cpus} CPUs · process backend (synthetic desktop + vncgate-agent per session) · in-memory store · {} s per point. Each creator: create, wait for ready (agent healthy and VNC through ServerInit), delete.\n\n| creators | ready sessions | sessions/s | create-to-ready p50 ms | p99 ms | max ms |\n|---:|---:|---:|---:|---:|---:|\n",
+        a.secs
+    );
+    for p in &points {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {:.0} | {:.0} | {:.0} |\n",
+            p.creators, p.ready, p.rate, p.p50_ms, p.p99_ms, p.max_ms
+        ));
+    }
+    let js = json!({
+        "cpus": cpus,
+        "secs": a.secs,
+        "points": points.iter().map(|p| json!({
+            "creators": p.creators, "ready": p.ready, "sessions_per_s": p.rate,
+            "p50_ms": p.p50_ms, "p99_ms": p.p99_ms, "max_ms": p.max_ms,
+        })).collect::<Vec<_>>(),
+    });
+    print!("{md}");
+    let _ = std::fs::create_dir_all(&a.out);
+    let _ = std::fs::write(a.out.join("sessions.md"), &md);
+    let _ = std::fs::write(a.out.join("sessions.json"), js.to_string());
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
