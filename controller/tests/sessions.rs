@@ -194,30 +194,7 @@ fn start_controller(redis: &RedisServer, work: &std::path::Path, extra: &[&str])
 
 /// One HTTP/1.1 request; returns (status, JSON body).
 fn http(base: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let addr = base.trim_start_matches("http://");
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.unwrap_or("");
-    let ctype = if body.is_empty() {
-        ""
-    } else {
-        "Content-Type: application/json\r\n"
-    };
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{ctype}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp[9..12].parse().unwrap();
-    let json = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .and_then(|b| serde_json::from_str(b).ok())
-        .unwrap_or(Value::Null);
-    (status, json)
+    vncgate_loadtest::http::json(base, method, path, body.unwrap_or("")).unwrap()
 }
 
 fn create(api: &str) -> Value {
@@ -610,27 +587,18 @@ fn agent_token(work: &std::path::Path, id: &str) -> String {
     }
 }
 
-/// A raw request with headers; returns (status, JSON body).
+/// A request with header lines `head` (the request line, then headers); (status, JSON).
 fn request(base: &str, head: &str, body: &[u8]) -> (u16, Value) {
-    let addr = base.trim_start_matches("http://");
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "{head}\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp);
-    let resp = String::from_utf8_lossy(&resp);
-    let status = resp[9..12].parse().unwrap();
-    let json = resp
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(Value::Null);
-    (status, json)
+    let (line, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    let mut parts = line.split(' ');
+    let (method, path) = (parts.next().unwrap(), parts.next().unwrap());
+    let headers = if headers.is_empty() {
+        String::new()
+    } else {
+        format!("{headers}\r\n")
+    };
+    let r = vncgate_loadtest::http::request(base, method, path, &headers, body).unwrap();
+    (r.status, r.json())
 }
 
 fn store(api: &str, token: Option<&str>, ctype: &str, body: &str) -> (u16, Value) {

@@ -4,6 +4,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`demo`] | `vncgate-loadtest demo`: the shipped `vncgate` binary in front of a synthetic desktop, one command |
+//! | [`http`] | a one-request HTTP/1.1 client for JSON APIs, exact statuses and headers |
 //! | [`fakevm`] | the synthetic RFB server: the demo's VM, the tests' upstream, a load-test target |
 //! | [`swarm`] | N simulated noVNC clients over WebSocket and the report they produce |
 //! | [`idle`] | many RFB-over-WebSocket sessions opened and held idle, and what they cost the server |
@@ -22,6 +23,7 @@
 pub mod demo;
 pub mod dial;
 pub mod fakevm;
+pub mod http;
 pub mod idle;
 pub mod limits;
 pub mod procmem;
