@@ -74,7 +74,7 @@ impl From<JsonRejection> for ApiError {
 }
 
 /// `POST /api/sessions`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     pub user_id: String,
@@ -83,16 +83,18 @@ pub struct CreateBody {
 }
 
 /// `POST /api/sessions/{id}/keepalive` (the body is optional).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeepaliveBody {
     pub ttl_secs: Option<u64>,
 }
 
 /// A session as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SessionView {
     pub id: String,
+    /// pending, booting, ready, completed, failed, vm_stopped, expired, deleted.
+    #[schema(value_type = String)]
     pub state: SessionState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -110,12 +112,14 @@ pub struct SessionView {
     pub history: Vec<TransitionView>,
     /// The last readiness checks (agent health, VNC port), as the probe reported them.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub probes: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TransitionView {
     pub at: String,
+    #[schema(value_type = String)]
     pub state: SessionState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -164,6 +168,11 @@ fn secs(v: Option<u64>, name: &str) -> Result<Option<Duration>, ApiError> {
     }
 }
 
+#[utoipa::path(post, path = "/api/sessions", request_body = CreateBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key returns the same session")),
+    responses((status = 201, description = "created; `token` is returned this once", body = SessionView),
+        (status = 200, description = "a replay of an Idempotency-Key: the same session, without its token", body = SessionView),
+        (status = 400, description = "malformed request", body = ErrorBody), (status = 415, description = "not JSON", body = ErrorBody), (status = 503, description = "store unavailable", body = ErrorBody)))]
 async fn create<B: Backend>(
     State(svc): State<Arc<Service<B>>>,
     headers: HeaderMap,
@@ -198,6 +207,8 @@ async fn create<B: Backend>(
     Ok((status, Json(SessionView::of(created.record, created.token))))
 }
 
+#[utoipa::path(get, path = "/api/sessions/{id}", params(("id" = String, Path, description = "session id")),
+    responses((status = 200, description = "the session with its history and last probes", body = SessionView), (status = 404, description = "unknown session", body = ErrorBody)))]
 async fn show<B: Backend>(
     State(svc): State<Arc<Service<B>>>,
     Path(id): Path<String>,
@@ -205,7 +216,7 @@ async fn show<B: Backend>(
     Ok(Json(SessionView::of(svc.get(&id).await?, None)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct WaitQuery {
     pub state: Option<String>,
@@ -213,6 +224,8 @@ pub struct WaitQuery {
     pub timeout: Option<f64>,
 }
 
+#[utoipa::path(get, path = "/api/sessions/{id}/wait", params(("id" = String, Path, description = "session id"), WaitQuery),
+    responses((status = 200, description = "the session when it reached the state (or a terminal one), or at the timeout", body = SessionView), (status = 400, description = "malformed request", body = ErrorBody), (status = 404, description = "unknown session", body = ErrorBody)))]
 async fn wait<B: Backend>(
     State(svc): State<Arc<Service<B>>>,
     Path(id): Path<String>,
@@ -240,6 +253,8 @@ async fn wait<B: Backend>(
     Ok(Json(SessionView::of(rec, None)))
 }
 
+#[utoipa::path(post, path = "/api/sessions/{id}/keepalive", params(("id" = String, Path, description = "session id")), request_body(content = Option<KeepaliveBody>, description = "optional"),
+    responses((status = 200, description = "expires_at moved (and the route's expiry)", body = SessionView), (status = 400, description = "malformed request", body = ErrorBody), (status = 404, description = "unknown session", body = ErrorBody), (status = 409, description = "a finished session", body = ErrorBody), (status = 415, description = "a body that is not JSON", body = ErrorBody)))]
 async fn keepalive<B: Backend>(
     State(svc): State<Arc<Service<B>>>,
     Path(id): Path<String>,
@@ -268,6 +283,8 @@ async fn keepalive<B: Backend>(
     Ok(Json(SessionView::of(rec, None)))
 }
 
+#[utoipa::path(delete, path = "/api/sessions/{id}", params(("id" = String, Path, description = "session id")),
+    responses((status = 202, description = "deleted: route withdrawn (viewers get 4006), VM stopping", body = SessionView), (status = 404, description = "unknown session", body = ErrorBody)))]
 async fn delete<B: Backend>(
     State(svc): State<Arc<Service<B>>>,
     Path(id): Path<String>,
@@ -276,13 +293,15 @@ async fn delete<B: Backend>(
     Ok((StatusCode::ACCEPTED, Json(SessionView::of(rec, None))))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     pub state: Option<String>,
     pub user_id: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/sessions", params(ListQuery),
+    responses((status = 200, description = "`{\"sessions\": [...]}`, oldest first"), (status = 400, description = "malformed request", body = ErrorBody)))]
 async fn list<B: Backend>(
     State(svc): State<Arc<Service<B>>>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -331,15 +350,22 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The seed's body: `{"sessionId", "provider", "credentials": {...}}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StoreBody {
     pub session_id: String,
     pub provider: String,
+    #[schema(value_type = Object)]
     pub credentials: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Counts every outcome of a credentials post (`stored`, `repeated`, or the status).
+#[utoipa::path(post, path = "/api/auth/credentials/store", request_body = StoreBody,
+    security(("agent_token" = [])),
+    responses((status = 201, description = "sealed and stored; the session is completed"), (status = 200, description = "the same credentials again"),
+        (status = 400, description = "malformed request", body = ErrorBody), (status = 401, description = "no or unknown agent token", body = ErrorBody), (status = 403, description = "another session's token", body = ErrorBody),
+        (status = 404, description = "unknown session", body = ErrorBody), (status = 409, description = "the session takes no credentials, or others are stored", body = ErrorBody),
+        (status = 413, description = "over --max-credentials-bytes", body = ErrorBody), (status = 415, description = "not JSON", body = ErrorBody)))]
 async fn store_credentials<B: Backend>(
     svc: State<Arc<Service<B>>>,
     headers: HeaderMap,
@@ -427,13 +453,16 @@ fn safe_json_error(e: &serde_json::Error) -> String {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ReadQuery {
     #[serde(default)]
     pub delete: bool,
 }
 
+#[utoipa::path(get, path = "/api/sessions/{id}/credentials", params(("id" = String, Path, description = "session id"), ReadQuery),
+    security(("admin_token" = [])),
+    responses((status = 200, description = "the credentials, opened"), (status = 401, description = "no or wrong admin token, or reading is off", body = ErrorBody), (status = 404, description = "unknown session, or none stored", body = ErrorBody)))]
 async fn read_credentials<B: Backend>(
     State(svc): State<Arc<Service<B>>>,
     Path(id): Path<String>,
@@ -459,20 +488,127 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
+/// Every error: what went wrong by name, and why.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    pub reason: String,
+}
+
+#[utoipa::path(get, path = "/api/openapi.json", responses((status = 200, description = "this document")))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi())
+}
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "the API serves")))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let c = doc.components.get_or_insert_with(Default::default);
+        for name in ["agent_token", "admin_token"] {
+            c.add_security_scheme(
+                name,
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+    }
+}
+
+/// The OpenAPI 3 document of the whole API, from the handlers' own annotations; served at
+/// `/api/openapi.json`, committed as `controller/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "vncgate-controller", description = "Browser-VM sessions whose ready means a desktop, and the credentials store."),
+    paths(create, list, show, delete, wait, keepalive, store_credentials, read_credentials, openapi, healthz),
+    components(schemas(CreateBody, KeepaliveBody, SessionView, TransitionView, StoreBody, ErrorBody)),
+    modifiers(&Security)
+)]
+pub struct ApiDoc;
+
+/// The document as committed (`controller/openapi.json`): pretty JSON.
+pub fn openapi_json() -> String {
+    <ApiDoc as utoipa::OpenApi>::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes")
+}
+
+/// Adds a route, refusing (at startup, so every test catches it) one that the OpenAPI
+/// document does not describe with these methods: the document and the router cannot drift.
+fn documented<S: Clone + Send + Sync + 'static>(
+    r: Router<S>,
+    doc: &utoipa::openapi::OpenApi,
+    path: &str,
+    methods: &[&str],
+    mr: axum::routing::MethodRouter<S>,
+) -> Router<S> {
+    let item = doc
+        .paths
+        .paths
+        .get(path)
+        .unwrap_or_else(|| panic!("{path} is served but not in the OpenAPI document"));
+    for m in methods {
+        let op = match *m {
+            "get" => &item.get,
+            "post" => &item.post,
+            "delete" => &item.delete,
+            other => panic!("method {other} of {path} is not handled here"),
+        };
+        assert!(
+            op.is_some(),
+            "{m} {path} is served but not in the OpenAPI document"
+        );
+    }
+    r.route(path, mr)
+}
+
 /// The API's routes; credentials bodies are limited to `max_credentials_bytes`.
 pub fn router<B: Backend>(svc: Arc<Service<B>>, max_credentials_bytes: usize) -> Router {
-    Router::new()
-        .route(
-            "/api/auth/credentials/store",
-            post(store_credentials::<B>)
-                .layer(axum::extract::DefaultBodyLimit::max(max_credentials_bytes)),
-        )
-        .route("/api/sessions/{id}/credentials", get(read_credentials::<B>))
-        .route("/api/sessions", post(create::<B>).get(list::<B>))
-        .route("/api/sessions/{id}", get(show::<B>).delete(delete::<B>))
-        .route("/api/sessions/{id}/wait", get(wait::<B>))
-        .route("/api/sessions/{id}/keepalive", post(keepalive::<B>))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .fallback(not_found)
-        .with_state(svc)
+    let doc = <ApiDoc as utoipa::OpenApi>::openapi();
+    let r = Router::new();
+    let r = documented(
+        r,
+        &doc,
+        "/api/auth/credentials/store",
+        &["post"],
+        post(store_credentials::<B>)
+            .layer(axum::extract::DefaultBodyLimit::max(max_credentials_bytes)),
+    );
+    let r = documented(
+        r,
+        &doc,
+        "/api/sessions/{id}/credentials",
+        &["get"],
+        get(read_credentials::<B>),
+    );
+    let r = documented(
+        r,
+        &doc,
+        "/api/sessions",
+        &["post", "get"],
+        post(create::<B>).get(list::<B>),
+    );
+    let r = documented(
+        r,
+        &doc,
+        "/api/sessions/{id}",
+        &["get", "delete"],
+        get(show::<B>).delete(delete::<B>),
+    );
+    let r = documented(r, &doc, "/api/sessions/{id}/wait", &["get"], get(wait::<B>));
+    let r = documented(
+        r,
+        &doc,
+        "/api/sessions/{id}/keepalive",
+        &["post"],
+        post(keepalive::<B>),
+    );
+    let r = documented(r, &doc, "/api/openapi.json", &["get"], get(openapi));
+    let r = documented(r, &doc, "/healthz", &["get"], get(healthz));
+    r.fallback(not_found).with_state(svc)
 }

@@ -142,6 +142,8 @@ enum Cmd {
     /// The credentials store's keys.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Print the API's OpenAPI 3 document (committed as controller/openapi.json).
+    Openapi,
 }
 
 /// How far the probe goes.
@@ -361,6 +363,10 @@ fn main() -> ExitCode {
                 }
                 Err(e) => fail(e),
             }
+        }
+        Cmd::Openapi => {
+            println!("{}", vncgate_controller::api::openapi_json());
+            ExitCode::SUCCESS
         }
         Cmd::Keys(KeysCmd::Rewrap { redis, keys }) => {
             let rt = match tokio::runtime::Builder::new_current_thread()

@@ -950,3 +950,40 @@ fn admin_endpoints_and_metrics_from_zero() {
         "{r}"
     );
 }
+
+/// The committed OpenAPI document is the one the code generates, the server serves it, and
+/// every operation in it answers (not the "no such endpoint" fallback). The other direction,
+/// every served route in the document, is checked by the router itself at startup.
+#[test]
+fn the_openapi_document_is_committed_served_and_complete() {
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json"))
+        .expect("controller/openapi.json");
+    let generated = vncgate_controller::api::openapi_json();
+    assert_eq!(
+        committed.trim(),
+        generated.trim(),
+        "controller/openapi.json is stale: vncgate-controller openapi > controller/openapi.json"
+    );
+    let s = Setup::new(&[]);
+    let (st, served) = http(s.api(), "GET", "/api/openapi.json", None);
+    assert_eq!(st, 200);
+    let doc: Value = serde_json::from_str(&generated).unwrap();
+    assert_eq!(served, doc);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let mut ops = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let concrete = path.replace("{id}", "s-doesnotexist");
+            let (_, v) = http(s.api(), &method.to_uppercase(), &concrete, None);
+            assert_ne!(
+                v["reason"], "no such endpoint",
+                "{method} {path} is documented but not served"
+            );
+            ops += 1;
+        }
+    }
+    assert!(ops >= 10, "{ops} operations");
+    // And something undocumented is the fallback.
+    let (st, v) = http(s.api(), "GET", "/api/sessions/x/nothing", None);
+    assert_eq!((st, v["reason"].as_str()), (404, Some("no such endpoint")));
+}
