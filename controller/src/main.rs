@@ -57,6 +57,10 @@ struct ServeArgs {
     /// (GET /api/sessions/{id}/credentials); without it, reading is off.
     #[arg(long, value_name = "FILE")]
     admin_token_file: Option<std::path::PathBuf>,
+    /// Run the gateway in this process on ADDR, fed by the in-memory store: the embedded
+    /// default, one command, no Redis (not with --redis).
+    #[arg(long, value_name = "ADDR")]
+    gateway_listen: Option<String>,
     /// Admin listener: /healthz, /readyz (the store answers), /metrics.
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
@@ -232,6 +236,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         admin_token_file: a.admin_token_file,
         max_credentials_bytes: a.max_credentials_bytes,
         admin: a.admin,
+        gateway_listen: a.gateway_listen,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

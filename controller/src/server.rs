@@ -35,6 +35,41 @@ pub struct Settings {
     pub max_credentials_bytes: usize,
     /// `/healthz`, `/readyz` and `/metrics`.
     pub admin: Option<String>,
+    /// Run the gateway in this process on this address, fed by the in-memory store (the
+    /// embedded default: one command, no Redis).
+    pub gateway_listen: Option<String>,
+}
+
+/// The embedded gateway: `vncgate serve` on `listen` with 127.0.0.0/8 allowed upstream (the
+/// process backend's VMs), routes from `table`. Its metrics go to this process's recorder.
+fn start_gateway(
+    listen: &str,
+    table: &vncgate::route_table::RouteTable,
+    workers: usize,
+) -> Result<std::net::SocketAddr, String> {
+    let args = vncgate::config::ServeArgs {
+        listen: Some(listen.to_owned()),
+        allow_upstream: vec!["127.0.0.0/8".into()],
+        workers: Some(workers),
+        ..Default::default()
+    };
+    let settings = args
+        .settings_with_env(std::env::vars())
+        .map_err(|e| format!("--gateway-listen: {e}"))?;
+    let t = table.clone();
+    let running = vncgate::server::start_with(
+        settings,
+        None,
+        vncgate::server::Hooks::default(),
+        move |i| t.source(i),
+    )
+    .map_err(|e| format!("--gateway-listen {listen}: {e}"))?;
+    let addr = running.local_addr;
+    std::thread::Builder::new()
+        .name("vncgate-gateway".into())
+        .spawn(move || running.join())
+        .map_err(|e| e.to_string())?;
+    Ok(addr)
 }
 
 /// The key ring from `--credentials-key` flags; without any, an ephemeral key (said loudly:
@@ -76,8 +111,20 @@ pub async fn run(s: Settings) -> Result<(), String> {
         .await
         .map_err(|e| format!("--listen {}: {e}", s.listen))?;
     let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut gateway = None;
     let store = match &s.redis {
+        None if s.gateway_listen.is_some() => {
+            let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let table = vncgate::route_table::RouteTable::new(workers)
+                .map_err(|e| format!("--gateway-listen: {e}"))?;
+            let listen = s.gateway_listen.as_deref().expect("checked");
+            gateway = Some(start_gateway(listen, &table, workers)?);
+            Store::memory_with_gateway(table)
+        }
         None => Store::memory(),
+        Some(_) if s.gateway_listen.is_some() => {
+            return Err("--gateway-listen runs the gateway on the in-memory store; with --redis, run `vncgate serve --redis URL` beside the controller".into());
+        }
         Some(url) => {
             let url: vncgate_schema::RedisUrl = url.parse().map_err(|e| format!("--redis: {e}"))?;
             Store::redis(url.connect_for_command().await?)
@@ -123,7 +170,15 @@ pub async fn run(s: Settings) -> Result<(), String> {
         );
         tokio::spawn(admin(l, store.clone(), prom));
     }
+    if let Some(g) = gateway {
+        println!("vncgate-controller: gateway on ws://{g}/vnc/");
+    }
     println!("vncgate-controller: listening on http://{addr}");
+    if let Some(g) = gateway {
+        println!(
+            "vncgate-controller: try: curl -s -XPOST http://{addr}/api/sessions -H 'content-type: application/json' -d '{{\"user_id\":\"me\",\"provider\":\"demo\"}}', then open ws://{g}/vnc/<id>?token=<token> in noVNC"
+        );
+    }
     tracing::info!(%addr, store = store.name(), backend = "process", boot_timeout = ?s.boot_timeout, "controller up");
     axum::serve(listener, crate::api::router(svc, s.max_credentials_bytes))
         .with_graceful_shutdown(async {

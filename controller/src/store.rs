@@ -48,6 +48,8 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 #[derive(Default)]
 struct Memory {
+    /// The embedded gateway's table, which every route write also goes to.
+    gateway: Option<vncgate::route_table::RouteTable>,
     sessions: HashMap<String, SessionRecord>,
     /// Creation order, for listing.
     order: Vec<String>,
@@ -73,6 +75,16 @@ impl Store {
     pub fn memory() -> Store {
         Store {
             inner: Backing::Memory(Arc::default()),
+        }
+    }
+
+    /// In memory, feeding an embedded gateway's route table.
+    pub fn memory_with_gateway(table: vncgate::route_table::RouteTable) -> Store {
+        Store {
+            inner: Backing::Memory(Arc::new(Mutex::new(Memory {
+                gateway: Some(table),
+                ..Memory::default()
+            }))),
         }
     }
 
@@ -202,7 +214,11 @@ impl Store {
                 .await
                 .map_err(unavailable),
             Backing::Memory(m) => {
-                Self::mem(m).routes.insert(id.to_owned(), route.clone());
+                let mut m = Self::mem(m);
+                if let Some(g) = &m.gateway {
+                    g.put(id, vncgate::route::Route::from(route.clone()));
+                }
+                m.routes.insert(id.to_owned(), route.clone());
                 Ok(())
             }
         }
@@ -216,7 +232,11 @@ impl Store {
                 .map(drop)
                 .map_err(unavailable),
             Backing::Memory(m) => {
-                Self::mem(m).routes.remove(id);
+                let mut m = Self::mem(m);
+                if let Some(g) = &m.gateway {
+                    g.remove(id, reason == RemovalReason::Expired);
+                }
+                m.routes.remove(id);
                 Ok(())
             }
         }

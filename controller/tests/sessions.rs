@@ -91,15 +91,7 @@ struct Setup {
 impl Setup {
     fn new(extra: &[&str]) -> Setup {
         let redis = RedisServer::start();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let work = std::env::temp_dir().join(format!(
-            "vncgate-ctl-test-{}-{nanos:09}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&work).unwrap();
+        let (work, _) = scratch("test");
         let controller = start_controller(&redis, &work, extra);
         let mut g = Command::new(sibling("vncgate"));
         g.args([
@@ -170,6 +162,20 @@ impl Setup {
             }
         }
     }
+}
+
+/// A fresh directory under the temp dir, and the nanoseconds that name it apart.
+fn scratch(tag: &str) -> (PathBuf, u32) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let dir = std::env::temp_dir().join(format!(
+        "vncgate-ctl-{tag}-{}-{nanos:09}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    (dir, nanos)
 }
 
 /// A controller on `redis` with VMs under `work`, logging to `work/controller.log`.
@@ -986,4 +992,77 @@ fn the_openapi_document_is_committed_served_and_complete() {
     // And something undocumented is the fallback.
     let (st, v) = http(s.api(), "GET", "/api/sessions/x/nothing", None);
     assert_eq!((st, v["reason"].as_str()), (404, Some("no such endpoint")));
+}
+
+/// The embedded default: one command, no Redis. The controller runs the gateway in process,
+/// fed by its in-memory store: create, ready, view with the token, the agent stores the
+/// credentials, the session completes and the viewer is closed with 4006.
+#[test]
+fn the_embedded_default_end_to_end_without_redis() {
+    let (work, nanos) = scratch("embedded");
+    let mut c = Command::new(CONTROLLER);
+    c.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway-listen",
+        "127.0.0.1:0",
+        "--work-dir",
+    ])
+    .arg(&work);
+    let log = std::fs::File::create(work.join("controller.log")).unwrap();
+    let ctl = Proc::start_logging(c, "vncgate-controller: listening on ", Stdio::from(log));
+    let gw = ctl
+        .before
+        .iter()
+        .find_map(|l| l.strip_prefix("vncgate-controller: gateway on ws://"))
+        .expect("a gateway line")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let api = ctl.found.clone();
+    let created = create(&api);
+    let id = created["id"].as_str().unwrap().to_owned();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let (_, r) = http(
+        &api,
+        "GET",
+        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
+        None,
+    );
+    assert_eq!(r["state"], "ready", "{r}");
+    let (mut ws, init) = view(&gw, &format!("/vnc/{id}"), &token);
+    assert_eq!(init.width, 1024);
+    // Keepalive moves the expiry (and the embedded gateway's).
+    let (st, k) = http(
+        &api,
+        "POST",
+        &format!("/api/sessions/{id}/keepalive"),
+        Some(r#"{"ttl_secs":120}"#),
+    );
+    assert_eq!(st, 200, "{k}");
+    let secret = format!("embedded-secret-{nanos}");
+    std::fs::write(
+        work.join(&id).join("credentials.json"),
+        format!(r#"{{"password":"{secret}"}}"#),
+    )
+    .unwrap();
+    let (_, done) = http(
+        &api,
+        "GET",
+        &format!("/api/sessions/{id}/wait?state=completed&timeout=30"),
+        None,
+    );
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(close_of(&mut ws), (4006, "session revoked".to_owned()));
+    let logged = std::fs::read_to_string(work.join("controller.log")).unwrap();
+    assert!(!logged.contains(&secret) && !logged.contains(&token));
+    // The completed session's VM stops a second after its route went.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !work.join(&id).exists(),
+        "the VM's directory is still there"
+    );
+    drop(ctl);
+    let _ = std::fs::remove_dir_all(&work);
 }

@@ -12,6 +12,8 @@
 //! - [`deadlines`]: a session's expiry, duration, idle and keepalive deadlines, sans IO.
 //! - [`token`]: session tokens, held as SHA-256 digests and compared in constant time.
 //! - [`route`]: the [`route::RouteSource`] trait and the static sources (flags, routes file).
+//! - [`route_table`]: a route table written from the same process (the controller's embedded
+//!   default), its changes delivered to every worker as Redis events are.
 //! - [`route_admin`]: `vncgate route add|del|list`, route management in Redis.
 //! - [`routing`]: routes from Redis: the control-plane thread and the per-worker cache.
 //! - [`policy`]: the upstream CIDR allowlist that keeps the gateway from being an open proxy.
@@ -32,6 +34,7 @@ pub mod metrics;
 pub mod policy;
 pub mod route;
 pub mod route_admin;
+pub mod route_table;
 pub mod routing;
 pub mod server;
 pub mod sys;
