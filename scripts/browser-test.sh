@@ -30,5 +30,5 @@ if [ ! -f "$dir/node_modules/playwright-core/package.json" ] || [ ! -f "$dir/nod
 fi
 cp config/demo/viewer.html "$dir/index.html"
 cp gateway/tests/browser/novnc.test.mjs "$dir/"
-cargo build -q -p vncgate -p vncgate-loadtest
-VNCGATE_BIN="$target/debug/vncgate" DEMO_BIN="$target/debug/vncgate-loadtest" VIEWER_DIR="$dir" node --test --test-concurrency=1 "$dir/novnc.test.mjs"
+cargo build -q -p vncgate -p vncgate-loadtest -p vncgate-controller
+VNCGATE_BIN="$target/debug/vncgate" DEMO_BIN="$target/debug/vncgate-loadtest" CONTROLLER_BIN="$target/debug/vncgate-controller" VIEWER_DIR="$dir" node --test --test-concurrency=1 "$dir/novnc.test.mjs"

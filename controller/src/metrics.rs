@@ -28,7 +28,13 @@ pub const CHECKS: [&str; 7] = [
     "vnc_error",
     "vm",
 ];
-pub const RECONCILER_KINDS: [&str; 4] = ["expired", "vm_lost", "adopted", "adoption_lost"];
+pub const RECONCILER_KINDS: [&str; 5] = [
+    "expired",
+    "vm_lost",
+    "adopted",
+    "adoption_lost",
+    "orphan_stopped",
+];
 pub const CREDENTIALS_OUTCOMES: [&str; 9] = [
     "stored", "repeated", "400", "401", "403", "404", "409", "413", "415",
 ];

@@ -788,7 +788,23 @@ impl<B: Backend> Service<B> {
 
     /// After a restart: adopt the VMs of live sessions that still run; mark the others.
     pub async fn adopt_all(self: &Arc<Self>) -> Result<(), ServiceError> {
-        for rec in self.store.list().await? {
+        let all = self.store.list().await?;
+        // Orphans: VMs running on this host that no live session names.
+        let owned: Vec<&serde_json::Value> = all
+            .iter()
+            .filter(|r| !r.state.is_terminal() && r.backend == self.backend.name())
+            .filter_map(|r| r.vm.as_ref())
+            .collect();
+        for vm in self.backend.running().await {
+            if !owned.contains(&&vm.handle) {
+                tracing::warn!(vnc = %vm.addrs.vnc, agent = %vm.addrs.agent, "an orphaned VM (no live session names it): stopping it");
+                metrics::counter!(m::RECONCILER_ACTIONS, "kind" => "orphan_stopped").increment(1);
+                if let Err(e) = self.backend.stop(&vm).await {
+                    tracing::warn!(error = %e, "cannot stop the orphaned VM");
+                }
+            }
+        }
+        for rec in all {
             if rec.state.is_terminal() || rec.backend != self.backend.name() {
                 continue;
             }

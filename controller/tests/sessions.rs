@@ -726,10 +726,19 @@ fn the_agent_stores_credentials_sealed_and_the_session_completes() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
-#[test]
-fn every_credentials_error_has_its_status() {
+/// Two sessions for the credentials endpoint's refusals: A is ready, B is another VM.
+struct Creds {
+    s: Setup,
+    a_id: String,
+    a_token: String,
+    b_id: String,
+    b_token: String,
+}
+
+const JSON: &str = "application/json";
+
+fn creds() -> Creds {
     let s = Setup::new(&["--max-credentials-bytes", "2048"]);
-    // Two sessions: A stores, B is the other VM.
     let a = create(s.api());
     let a_id = a["id"].as_str().unwrap().to_owned();
     let (_, r) = http(
@@ -743,49 +752,148 @@ fn every_credentials_error_has_its_status() {
     let b = create(s.api());
     let b_id = b["id"].as_str().unwrap().to_owned();
     let b_token = agent_token(&s.work, &b_id);
-    let body = store_body(&a_id, "pw");
-    let json = "application/json";
+    Creds {
+        s,
+        a_id,
+        a_token,
+        b_id,
+        b_token,
+    }
+}
 
-    let (st, v) = store(s.api(), None, json, &body);
-    assert_eq!(st, 401, "no token: {v}");
-    assert_eq!(store(s.api(), Some("not-a-token"), json, &body).0, 401);
-    assert_eq!(store(s.api(), Some(&a_token), "text/plain", &body).0, 415);
-    let (st, v) = store(s.api(), Some(&a_token), json, "{");
+impl Creds {
+    /// A's session is untouched by a refusal: still ready, nothing stored.
+    fn a_untouched(&self) {
+        let (_, r) = http(
+            self.s.api(),
+            "GET",
+            &format!("/api/sessions/{}", self.a_id),
+            None,
+        );
+        assert_eq!(r["state"], "ready", "{r}");
+        let stored = self
+            .s
+            .redis
+            .cli(&["EXISTS", &format!("vncgate:credentials:{}", self.a_id)]);
+        assert_eq!(stored.trim(), "0");
+    }
+}
+
+#[test]
+fn credentials_401_without_or_with_an_unknown_agent_token() {
+    let c = creds();
+    let body = store_body(&c.a_id, "pw");
+    let (st, v) = store(c.s.api(), None, JSON, &body);
+    assert_eq!(st, 401, "{v}");
+    let (st, v) = store(c.s.api(), Some("not-a-token"), JSON, &body);
+    assert_eq!(
+        (st, v["reason"].as_str()),
+        (401, Some("unknown agent token"))
+    );
+    c.a_untouched();
+}
+
+#[test]
+fn credentials_415_for_a_body_that_is_not_json() {
+    let c = creds();
+    let (st, v) = store(
+        c.s.api(),
+        Some(&c.a_token),
+        "text/plain",
+        &store_body(&c.a_id, "pw"),
+    );
+    assert_eq!(st, 415, "{v}");
+    c.a_untouched();
+}
+
+#[test]
+fn credentials_400_for_malformed_or_incomplete_bodies_without_echoing_values() {
+    let c = creds();
+    let (st, v) = store(c.s.api(), Some(&c.a_token), JSON, "{");
     assert_eq!(st, 400, "{v}");
     let (st, v) = store(
-        s.api(),
-        Some(&a_token),
-        json,
+        c.s.api(),
+        Some(&c.a_token),
+        JSON,
         r#"{"sessionId":"x","provider":"p"}"#,
     );
     assert_eq!(st, 400);
     assert!(v["reason"].as_str().unwrap().contains("credentials"), "{v}");
-    // A wrong type is named without echoing the value.
     let (st, v) = store(
-        s.api(),
-        Some(&a_token),
-        json,
-        &format!(r#"{{"sessionId":"{a_id}","provider":"p","credentials":"secret-value-77"}}"#),
+        c.s.api(),
+        Some(&c.a_token),
+        JSON,
+        &format!(
+            r#"{{"sessionId":"{}","provider":"p","credentials":"secret-value-77"}}"#,
+            c.a_id
+        ),
     );
     assert_eq!(st, 400);
     assert!(!v.to_string().contains("secret-value-77"), "{v}");
-    let big = store_body(&a_id, &"x".repeat(4096));
-    assert_eq!(store(s.api(), Some(&a_token), json, &big).0, 413);
-    let (st, v) = store(s.api(), Some(&a_token), json, &store_body("s-nope", "pw"));
-    assert_eq!(st, 404, "{v} token {a_token}");
-    // B's VM stores for A: refused, A untouched.
-    let (st, v) = store(s.api(), Some(&b_token), json, &body);
+    c.a_untouched();
+}
+
+#[test]
+fn credentials_413_over_the_size_limit() {
+    let c = creds();
+    let big = store_body(&c.a_id, &"x".repeat(4096));
+    assert_eq!(store(c.s.api(), Some(&c.a_token), JSON, &big).0, 413);
+    c.a_untouched();
+}
+
+#[test]
+fn credentials_404_for_an_unknown_session() {
+    let c = creds();
+    let (st, v) = store(
+        c.s.api(),
+        Some(&c.a_token),
+        JSON,
+        &store_body("s-nope", "pw"),
+    );
+    assert_eq!(st, 404, "{v}");
+    c.a_untouched();
+}
+
+#[test]
+fn credentials_403_for_another_sessions_token() {
+    let c = creds();
+    let (st, v) = store(
+        c.s.api(),
+        Some(&c.b_token),
+        JSON,
+        &store_body(&c.a_id, "pw"),
+    );
     assert_eq!(st, 403, "{v}");
-    // A deleted session takes none.
-    let (st, _) = http(s.api(), "DELETE", &format!("/api/sessions/{b_id}"), None);
+    c.a_untouched();
+}
+
+#[test]
+fn credentials_409_for_a_session_that_takes_none() {
+    let c = creds();
+    let (st, _) = http(
+        c.s.api(),
+        "DELETE",
+        &format!("/api/sessions/{}", c.b_id),
+        None,
+    );
     assert_eq!(st, 202);
-    let (st, v) = store(s.api(), Some(&b_token), json, &store_body(&b_id, "pw"));
+    let (st, v) = store(
+        c.s.api(),
+        Some(&c.b_token),
+        JSON,
+        &store_body(&c.b_id, "pw"),
+    );
     assert_eq!(st, 409, "{v}");
     assert!(v["reason"].as_str().unwrap().contains("deleted"), "{v}");
-    // And the right one works.
-    let (st, v) = store(s.api(), Some(&a_token), json, &body);
+    // And the right one still works.
+    let (st, v) = store(
+        c.s.api(),
+        Some(&c.a_token),
+        JSON,
+        &store_body(&c.a_id, "pw"),
+    );
     assert_eq!(st, 201, "{v}");
-    let (_, r) = http(s.api(), "GET", &format!("/api/sessions/{a_id}"), None);
+    let (_, r) = http(c.s.api(), "GET", &format!("/api/sessions/{}", c.a_id), None);
     assert_eq!(r["state"], "completed");
 }
 
@@ -1065,4 +1173,48 @@ fn the_embedded_default_end_to_end_without_redis() {
     );
     drop(ctl);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A VM no session names any more (its record was lost while the controller was down) is an
+/// orphan: the next controller finds it on the host and stops it.
+#[test]
+fn a_restarted_controller_stops_orphaned_vms() {
+    let mut s = Setup::new(&[]);
+    let c = create(s.api());
+    let id = c["id"].as_str().unwrap().to_owned();
+    let (_, r) = http(
+        s.api(),
+        "GET",
+        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
+        None,
+    );
+    assert_eq!(r["state"], "ready");
+    let vm = work_vm_pids(&s, &id);
+    assert_eq!(vm.len(), 2, "the VNC server and the agent");
+    let _ = s.controller.child.kill();
+    let _ = s.controller.child.wait();
+    s.redis.cli(&["DEL", &format!("vncgate:session:{id}")]);
+    s.controller = start_controller(&s.redis, &s.work, &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.work.join(&id).exists()
+        || vm
+            .iter()
+            .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(Instant::now() < deadline, "the orphan still runs");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(s.log().contains("orphaned VM"), "{}", s.log());
+}
+
+/// The pids of a session's VM, from its handle.json.
+fn work_vm_pids(s: &Setup, id: &str) -> Vec<u64> {
+    let h: Value = serde_json::from_str(
+        &std::fs::read_to_string(s.work.join(id).join("handle.json")).unwrap(),
+    )
+    .unwrap();
+    ["vnc", "agent"]
+        .iter()
+        .filter_map(|p| h[p]["pid"].as_u64())
+        .collect()
 }

@@ -87,4 +87,8 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The VM a persisted handle names, when it still runs (after a controller restart).
     fn adopt(&self, handle: &serde_json::Value) -> impl Future<Output = Option<Vm>> + Send;
+
+    /// Every VM this backend finds running on its host, whether a session knows it or not
+    /// (after a restart, those no session owns are orphans, and are stopped).
+    fn running(&self) -> impl Future<Output = Vec<Vm>> + Send;
 }

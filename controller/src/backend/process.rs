@@ -225,9 +225,14 @@ impl Backend for ProcessBackend {
             agent,
             addrs,
         };
+        let value = serde_json::to_value(&handle).expect("a handle serializes");
+        // Beside the VM too, so a controller that lost the session record finds the orphan.
+        if let Err(e) = std::fs::write(handle.dir.join("handle.json"), value.to_string()) {
+            tracing::warn!(session, error = %e, "cannot write the VM's handle.json");
+        }
         Ok(Vm {
             addrs,
-            handle: serde_json::to_value(&handle).expect("a handle serializes"),
+            handle: value,
             vnc_password: None,
         })
     }
@@ -264,6 +269,25 @@ impl Backend for ProcessBackend {
         }
         let _ = std::fs::remove_dir_all(&h.dir);
         Ok(())
+    }
+
+    async fn running(&self) -> Vec<Vm> {
+        let mut out = Vec::new();
+        let Ok(dirs) = std::fs::read_dir(&self.cfg.work_dir) else {
+            return out;
+        };
+        for d in dirs.flatten() {
+            let Ok(text) = std::fs::read_to_string(d.path().join("handle.json")) else {
+                continue;
+            };
+            let Ok(handle) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            if let Some(vm) = self.adopt(&handle).await {
+                out.push(vm);
+            }
+        }
+        out
     }
 
     async fn adopt(&self, handle: &serde_json::Value) -> Option<Vm> {

@@ -18,6 +18,7 @@ import { chromium } from 'playwright-core';
 
 const BIN = process.env.VNCGATE_BIN;
 const DEMO_BIN = process.env.DEMO_BIN;
+const CONTROLLER_BIN = process.env.CONTROLLER_BIN;
 const VIEWER_DIR = process.env.VIEWER_DIR;
 let gw, gwUrl, http, httpPort, browser, refusedPort;
 
@@ -82,9 +83,9 @@ after(async () => {
   if (gw) await stop(gw.child);
 });
 
-async function viewDesktop(protocols) {
+async function viewDesktop(protocols, wsUrl = `${gwUrl}/vnc/demo`) {
   const page = await browser.newPage({ viewport: { width: 900, height: 700 } });
-  const url = encodeURIComponent(`${gwUrl}/vnc/demo`);
+  const url = encodeURIComponent(wsUrl);
   const q = protocols ? `&protocols=${protocols}` : '';
   await page.goto(`http://127.0.0.1:${httpPort}/?url=${url}${q}`);
   await page.waitForFunction(() => document.getElementById('status').textContent.startsWith('connected'),
@@ -469,5 +470,92 @@ describe('a real VNC server (Xvnc with an xterm) through vncgate serve', () => {
     // noVNC itself calls it unclean: the server ended the session before the RFB handshake.
     assert.equal(await page.textContent('#status'), 'disconnected (clean: false)');
     await page.close();
+  });
+});
+
+// ---- Sessions made through the controller's API: the embedded default, and Redis ----
+
+/** Starts a process and resolves once each of `patterns` matched a stdout line. */
+function startWithLines(bin, args, patterns) {
+  return new Promise((resolve, reject) => {
+    const child = track(spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] }));
+    let out = '';
+    child.stdout.on('data', (d) => {
+      out += d;
+      const found = patterns.map((p) => out.match(p));
+      if (found.every(Boolean)) resolve({ child, found: found.map((m) => m[1]) });
+    });
+    child.stderr.on('data', () => {});
+    child.on('exit', (code) => reject(new Error(`${bin} exited ${code}: ${out}`)));
+  });
+}
+
+async function api(base, method, path, body) {
+  const r = await fetch(`${base}${path}`, {
+    method,
+    headers: body ? { 'content-type': 'application/json' } : {},
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  return { status: r.status, json: await r.json() };
+}
+
+/** Create a session, wait for ready, show its desktop through `gateway`, delete it. */
+async function viewControllerSession(apiBase, gateway) {
+  const c = await api(apiBase, 'POST', '/api/sessions', { user_id: 'browser', provider: 'test' });
+  assert.equal(c.status, 201, JSON.stringify(c.json));
+  const { id, token } = c.json;
+  const w = await api(apiBase, 'GET', `/api/sessions/${id}/wait?state=ready&timeout=30`);
+  assert.equal(w.json.state, 'ready', JSON.stringify(w.json));
+  await viewDesktop(null, `${gateway}/vnc/${id}?token=${token}`);
+  const d = await api(apiBase, 'DELETE', `/api/sessions/${id}`);
+  assert.equal(d.status, 202);
+  // The VM stops a second after its route is withdrawn.
+  await sleep(1500);
+}
+
+describe('sessions made through the controller', () => {
+  let work;
+  before(async () => {
+    work = await mkdtemp(join(tmpdir(), 'vncgate-browser-ctl-'));
+  });
+  after(async () => {
+    if (work) await rm(work, { recursive: true, force: true });
+  });
+
+  test('the embedded default (no Redis) shows the session\'s desktop in noVNC', async () => {
+    const ctl = await startWithLines(CONTROLLER_BIN,
+      ['--listen', '127.0.0.1:0', '--gateway-listen', '127.0.0.1:0', '--work-dir', join(work, 'embedded')],
+      [/listening on (http:\/\/[0-9.:]+)/, /gateway on (ws:\/\/[0-9.:]+)\//]);
+    try {
+      await viewControllerSession(ctl.found[0], ctl.found[1]);
+    } finally {
+      ctl.child.removeAllListeners('exit');
+      await stop(ctl.child);
+    }
+  });
+
+  test('with Redis and vncgate serve, the session\'s desktop shows in noVNC', async () => {
+    const port = await freePort();
+    const redis = track(spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'],
+      { stdio: 'ignore' }));
+    const url = `redis://127.0.0.1:${port}`;
+    let ctl, gate;
+    try {
+      for (let i = 0; i < 100 && spawnSync('redis-cli', ['-p', String(port), 'ping']).stdout?.toString().trim() !== 'PONG'; i++) {
+        await sleep(50);
+      }
+      ctl = await startWithLines(CONTROLLER_BIN,
+        ['--listen', '127.0.0.1:0', '--redis', url, '--work-dir', join(work, 'redis')],
+        [/listening on (http:\/\/[0-9.:]+)/]);
+      gate = await startWithLines(BIN,
+        ['serve', '--listen', '127.0.0.1:0', '--redis', url, '--allow-upstream', '127.0.0.0/8', '--workers', '1'],
+        [/listening on (ws:\/\/[0-9.:]+)\//]);
+      await viewControllerSession(ctl.found[0], gate.found[0]);
+    } finally {
+      for (const p of [gate, ctl]) {
+        if (p) { p.child.removeAllListeners('exit'); await stop(p.child); }
+      }
+      await stop(redis);
+    }
   });
 });
