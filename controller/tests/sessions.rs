@@ -762,6 +762,11 @@ fn creds() -> Creds {
 }
 
 impl Creds {
+    /// A credentials post with `token` (JSON).
+    fn post(&self, token: Option<&str>, body: &str) -> (u16, Value) {
+        store(self.s.api(), token, JSON, body)
+    }
+
     /// A's session is untouched by a refusal: still ready, nothing stored.
     fn a_untouched(&self) {
         let (_, r) = http(
@@ -783,9 +788,9 @@ impl Creds {
 fn credentials_401_without_or_with_an_unknown_agent_token() {
     let c = creds();
     let body = store_body(&c.a_id, "pw");
-    let (st, v) = store(c.s.api(), None, JSON, &body);
+    let (st, v) = c.post(None, &body);
     assert_eq!(st, 401, "{v}");
-    let (st, v) = store(c.s.api(), Some("not-a-token"), JSON, &body);
+    let (st, v) = c.post(Some("not-a-token"), &body);
     assert_eq!(
         (st, v["reason"].as_str()),
         (401, Some("unknown agent token"))
@@ -809,20 +814,13 @@ fn credentials_415_for_a_body_that_is_not_json() {
 #[test]
 fn credentials_400_for_malformed_or_incomplete_bodies_without_echoing_values() {
     let c = creds();
-    let (st, v) = store(c.s.api(), Some(&c.a_token), JSON, "{");
+    let (st, v) = c.post(Some(&c.a_token), "{");
     assert_eq!(st, 400, "{v}");
-    let (st, v) = store(
-        c.s.api(),
-        Some(&c.a_token),
-        JSON,
-        r#"{"sessionId":"x","provider":"p"}"#,
-    );
+    let (st, v) = c.post(Some(&c.a_token), r#"{"sessionId":"x","provider":"p"}"#);
     assert_eq!(st, 400);
     assert!(v["reason"].as_str().unwrap().contains("credentials"), "{v}");
-    let (st, v) = store(
-        c.s.api(),
+    let (st, v) = c.post(
         Some(&c.a_token),
-        JSON,
         &format!(
             r#"{{"sessionId":"{}","provider":"p","credentials":"secret-value-77"}}"#,
             c.a_id
@@ -837,19 +835,14 @@ fn credentials_400_for_malformed_or_incomplete_bodies_without_echoing_values() {
 fn credentials_413_over_the_size_limit() {
     let c = creds();
     let big = store_body(&c.a_id, &"x".repeat(4096));
-    assert_eq!(store(c.s.api(), Some(&c.a_token), JSON, &big).0, 413);
+    assert_eq!(c.post(Some(&c.a_token), &big).0, 413);
     c.a_untouched();
 }
 
 #[test]
 fn credentials_404_for_an_unknown_session() {
     let c = creds();
-    let (st, v) = store(
-        c.s.api(),
-        Some(&c.a_token),
-        JSON,
-        &store_body("s-nope", "pw"),
-    );
+    let (st, v) = c.post(Some(&c.a_token), &store_body("s-nope", "pw"));
     assert_eq!(st, 404, "{v}");
     c.a_untouched();
 }
@@ -857,12 +850,7 @@ fn credentials_404_for_an_unknown_session() {
 #[test]
 fn credentials_403_for_another_sessions_token() {
     let c = creds();
-    let (st, v) = store(
-        c.s.api(),
-        Some(&c.b_token),
-        JSON,
-        &store_body(&c.a_id, "pw"),
-    );
+    let (st, v) = c.post(Some(&c.b_token), &store_body(&c.a_id, "pw"));
     assert_eq!(st, 403, "{v}");
     c.a_untouched();
 }
@@ -877,21 +865,11 @@ fn credentials_409_for_a_session_that_takes_none() {
         None,
     );
     assert_eq!(st, 202);
-    let (st, v) = store(
-        c.s.api(),
-        Some(&c.b_token),
-        JSON,
-        &store_body(&c.b_id, "pw"),
-    );
+    let (st, v) = c.post(Some(&c.b_token), &store_body(&c.b_id, "pw"));
     assert_eq!(st, 409, "{v}");
     assert!(v["reason"].as_str().unwrap().contains("deleted"), "{v}");
     // And the right one still works.
-    let (st, v) = store(
-        c.s.api(),
-        Some(&c.a_token),
-        JSON,
-        &store_body(&c.a_id, "pw"),
-    );
+    let (st, v) = c.post(Some(&c.a_token), &store_body(&c.a_id, "pw"));
     assert_eq!(st, 201, "{v}");
     let (_, r) = http(c.s.api(), "GET", &format!("/api/sessions/{}", c.a_id), None);
     assert_eq!(r["state"], "completed");
