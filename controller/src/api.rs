@@ -265,11 +265,7 @@ async fn keepalive<B: Backend>(
     let body: KeepaliveBody = if body.is_empty() {
         KeepaliveBody::default()
     } else {
-        let json = headers
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
-        if !json {
+        if !is_json(&headers) {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
@@ -336,6 +332,14 @@ impl From<CredentialsError> for ApiError {
     }
 }
 
+/// Whether the request says its body is JSON.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
 /// The token of `Authorization: Bearer <token>`.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers
@@ -397,10 +401,6 @@ async fn store_credentials_inner<B: Backend>(
             ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
         }
     })?;
-    let json = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
     // The token first: nobody learns what a body should look like without one.
     let token = bearer(&headers);
     if token.is_none() {
@@ -409,7 +409,7 @@ async fn store_credentials_inner<B: Backend>(
         )
         .into());
     }
-    if !json {
+    if !is_json(&headers) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",

@@ -409,8 +409,8 @@ impl<B: Backend> Service<B> {
                 metrics::counter!(m::SESSIONS_CREATED).increment(1);
                 self.changed.notify_waiters();
                 let svc = self.clone();
-                let id = rec.id.clone();
-                tokio::spawn(async move { svc.boot(&id, agent_token).await });
+                let (id, provider) = (rec.id.clone(), rec.provider.clone());
+                tokio::spawn(async move { svc.boot(&id, provider, agent_token).await });
                 Ok(CreatedSession {
                     record: rec,
                     token: Some(token),
@@ -481,20 +481,37 @@ impl<B: Backend> Service<B> {
                 self.cfg.max_ttl.as_secs()
             )));
         }
+        let written = self
+            .modify(id, |rec| {
+                if rec.state.is_terminal() {
+                    return Err(ServiceError::Conflict(format!(
+                        "a {} session cannot be kept alive",
+                        rec.state
+                    )));
+                }
+                rec.expires_at = unix_now_ms() + ttl.as_millis() as u64;
+                Ok(())
+            })
+            .await?;
+        if written.state == SessionState::Ready {
+            self.publish_route(&written).await;
+        }
+        Ok(written)
+    }
+
+    /// Reads the session, changes it with `f`, and writes it back by compare-and-set,
+    /// reading and changing again when someone wrote in between. Not for state
+    /// transitions, which go through [`Self::transition`].
+    async fn modify(
+        &self,
+        id: &str,
+        mut f: impl FnMut(&mut SessionRecord) -> Result<(), ServiceError>,
+    ) -> Result<SessionRecord, ServiceError> {
         loop {
             let mut rec = self.get(id).await?;
-            if rec.state.is_terminal() {
-                return Err(ServiceError::Conflict(format!(
-                    "a {} session cannot be kept alive",
-                    rec.state
-                )));
-            }
-            rec.expires_at = unix_now_ms() + ttl.as_millis() as u64;
+            f(&mut rec)?;
             match self.store.update(&rec).await {
                 Ok(written) => {
-                    if written.state == SessionState::Ready {
-                        self.publish_route(&written).await;
-                    }
                     self.changed.notify_waiters();
                     return Ok(written);
                 }
@@ -549,20 +566,15 @@ impl<B: Backend> Service<B> {
 
     /// Writes the probe results into the record (a write of its own: the record's story
     /// stays current while the session boots).
-    async fn record_probes(self: &Arc<Self>, id: &str, probes: serde_json::Value) {
-        for _ in 0..5 {
-            let Ok(mut rec) = self.get(id).await else {
-                return;
-            };
-            rec.probes = Some(probes.clone());
-            match self.store.update(&rec).await {
-                Err(StoreError::Conflict) => continue,
-                Err(e) => {
-                    tracing::warn!(session = %id, error = %e, "cannot record probe results");
-                    return;
-                }
-                Ok(_) => return,
-            }
+    async fn record_probes(&self, id: &str, probes: serde_json::Value) {
+        let written = self
+            .modify(id, |rec| {
+                rec.probes = Some(probes.clone());
+                Ok(())
+            })
+            .await;
+        if let Err(e) = written {
+            tracing::warn!(session = %id, error = %e, "cannot record probe results");
         }
     }
 
@@ -640,7 +652,7 @@ impl<B: Backend> Service<B> {
 
     /// Boots the session's VM and waits for readiness: `ready`, or `failed` naming the
     /// check that did not pass.
-    async fn boot(self: Arc<Self>, id: &str, agent_token: String) {
+    async fn boot(self: Arc<Self>, id: &str, provider: String, agent_token: String) {
         if let Err(e) = self.transition(id, Event::BootStarted, None).await {
             tracing::warn!(session = %id, error = ?e, "boot not started");
             return;
@@ -664,7 +676,7 @@ impl<B: Backend> Service<B> {
         }
         let data = VmData {
             session_id: id.to_owned(),
-            provider: self.get(id).await.map(|r| r.provider).unwrap_or_default(),
+            provider,
             agent_token,
             controller_url: self.cfg.controller_url.clone(),
             issued_at_ms: unix_now_ms(),
@@ -682,16 +694,13 @@ impl<B: Backend> Service<B> {
         self.await_ready(id, &vm).await;
     }
 
-    async fn save_vm_handle(self: &Arc<Self>, id: &str, vm: &Vm) -> Result<(), ServiceError> {
-        loop {
-            let mut rec = self.get(id).await?;
+    async fn save_vm_handle(&self, id: &str, vm: &Vm) -> Result<(), ServiceError> {
+        self.modify(id, |rec| {
             rec.vm = Some(vm.handle.clone());
-            match self.store.update(&rec).await {
-                Ok(_) => return Ok(()),
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+            Ok(())
+        })
+        .await
+        .map(drop)
     }
 
     /// Probes with backoff (10 ms doubling to 1 s: a process VM is up in tens of ms, a real

@@ -1,10 +1,9 @@
 //! Route publishing against a real Redis: nothing is written until the VM's VNC port sends
 //! an RFB banner; withdrawing deletes and announces.
 
-use std::io::{BufRead as _, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpListener;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vncgate_schema::testing::RedisServer;
@@ -28,30 +27,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Every command Redis executes from now on, with the instant this process read it
-/// (`MONITOR`): a watch over the whole test rather than a look at one moment.
-fn monitor(port: u16) -> Arc<Mutex<Vec<(Instant, String)>>> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"MONITOR\r\n").unwrap();
-    let mut r = BufReader::new(s);
-    let mut ok = String::new();
-    r.read_line(&mut ok).unwrap();
-    assert_eq!(ok.trim(), "+OK", "MONITOR refused");
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let out = seen.clone();
-    std::thread::spawn(move || {
-        for line in r.lines() {
-            let Ok(line) = line else { return };
-            out.lock().unwrap().push((Instant::now(), line));
-        }
-    });
-    seen
-}
-
 #[test]
 fn a_route_is_published_only_once_the_vnc_server_answers() {
     let r = RedisServer::start();
-    let watched = monitor(r.port);
+    let watched = r.monitor();
     let port = free_port();
     let vnc = format!("127.0.0.1:{port}");
     let child = Command::new(BIN)
@@ -99,8 +78,7 @@ fn a_route_is_published_only_once_the_vnc_server_answers() {
     // Over the whole run, nothing touched the route's key before the VNC server was up, and
     // the write came after it.
     let touching: Vec<(Instant, String)> = watched
-        .lock()
-        .unwrap()
+        .seen()
         .iter()
         .filter(|(_, l)| l.contains("vncgate:route:boot1"))
         .cloned()

@@ -9,7 +9,6 @@ use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -114,6 +113,14 @@ impl Setup {
         }
     }
 
+    /// Whether Redis holds a route for `id`.
+    fn route_exists(&self, id: &str) -> bool {
+        self.redis
+            .cli(&["EXISTS", &format!("vncgate:route:{id}")])
+            .trim()
+            == "1"
+    }
+
     /// Everything the controllers of this test logged.
     fn log(&self) -> String {
         std::fs::read_to_string(self.work.join("controller.log")).unwrap_or_default()
@@ -203,6 +210,18 @@ fn http(base: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Value
     vncgate_loadtest::http::json(base, method, path, body.unwrap_or("")).unwrap()
 }
 
+/// The session once it reached `state` (or a terminal one), as `wait` answers it.
+fn wait_for(api: &str, id: &str, state: &str) -> Value {
+    let (st, v) = http(
+        api,
+        "GET",
+        &format!("/api/sessions/{id}/wait?state={state}&timeout=30"),
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
 fn create(api: &str) -> Value {
     let (st, v) = http(
         api,
@@ -260,25 +279,6 @@ fn close_of(ws: &mut tungstenite::WebSocket<TcpStream>) -> (u16, String) {
     panic!("no close frame within 15 s");
 }
 
-/// Every Redis command from now on, with when this process read it (MONITOR).
-fn monitor(port: u16) -> Arc<Mutex<Vec<(Instant, String)>>> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"MONITOR\r\n").unwrap();
-    let mut r = BufReader::new(s);
-    let mut ok = String::new();
-    r.read_line(&mut ok).unwrap();
-    assert_eq!(ok.trim(), "+OK");
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let out = seen.clone();
-    std::thread::spawn(move || {
-        for line in r.lines() {
-            let Ok(line) = line else { return };
-            out.lock().unwrap().push((Instant::now(), line));
-        }
-    });
-    seen
-}
-
 #[test]
 fn create_ready_view_through_the_gateway_delete_closes_4006() {
     let s = Setup::new(&[]);
@@ -288,13 +288,7 @@ fn create_ready_view_through_the_gateway_delete_closes_4006() {
     assert_eq!(created["ws_path"], format!("/vnc/{id}"));
     assert_eq!(created["state"], "pending");
 
-    let (st, ready) = http(
-        s.api(),
-        "GET",
-        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
-        None,
-    );
-    assert_eq!(st, 200);
+    let ready = wait_for(s.api(), &id, "ready");
     assert_eq!(ready["state"], "ready", "{ready}");
     assert!(ready.get("token").is_none(), "the token is returned once");
     let states: Vec<&str> = ready["history"]
@@ -341,26 +335,16 @@ fn create_ready_view_through_the_gateway_delete_closes_4006() {
     assert_eq!(del["state"], "deleted");
     let (code, reason) = close_of(&mut ws);
     assert_eq!((code, reason.as_str()), (4006, "session revoked"));
-    assert_eq!(
-        s.redis
-            .cli(&["EXISTS", &format!("vncgate:route:{id}")])
-            .trim(),
-        "0"
-    );
+    assert!(!s.route_exists(&id), "the route is still there");
 }
 
 #[test]
 fn the_seeds_failure_a_vnc_server_that_never_starts() {
     let s = Setup::new(&["--process-vnc", "/bin/sleep 600", "--boot-timeout", "3"]);
-    let watched = monitor(s.redis.port);
+    let watched = s.redis.monitor();
     let created = create(s.api());
     let id = created["id"].as_str().unwrap().to_owned();
-    let (_, end) = http(
-        s.api(),
-        "GET",
-        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
-        None,
-    );
+    let end = wait_for(s.api(), &id, "ready");
     assert_eq!(end["state"], "failed", "{end}");
     let reason = end["reason"].as_str().unwrap();
     assert!(reason.starts_with("vnc port 127.0.0.1:"), "{reason}");
@@ -374,14 +358,13 @@ fn the_seeds_failure_a_vnc_server_that_never_starts() {
     // No route was ever written for it, over the whole run.
     let key = format!("vncgate:route:{id}");
     let wrote: Vec<String> = watched
-        .lock()
-        .unwrap()
+        .seen()
         .iter()
         .filter(|(_, l)| l.contains(&key) && !l.contains("\"DEL\"") && !l.contains("\"ZREM\""))
         .map(|(_, l)| l.clone())
         .collect();
     assert!(wrote.is_empty(), "route commands: {wrote:?}");
-    assert!(!watched.lock().unwrap().is_empty(), "MONITOR saw nothing");
+    assert!(!watched.seen().is_empty(), "MONITOR saw nothing");
 }
 
 #[test]
@@ -390,12 +373,7 @@ fn a_vnc_server_that_dies_under_a_live_viewer() {
     let created = create(s.api());
     let id = created["id"].as_str().unwrap().to_owned();
     let token = created["token"].as_str().unwrap().to_owned();
-    let (_, ready) = http(
-        s.api(),
-        "GET",
-        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
-        None,
-    );
+    let ready = wait_for(s.api(), &id, "ready");
     assert_eq!(ready["state"], "ready");
     let (mut ws, _) = view(s.gateway(), &format!("/vnc/{id}"), &token);
     // Kill the VNC server only (the agent lives on): the seed's 8080-up, 6080-down state.
@@ -423,24 +401,14 @@ fn a_vnc_server_that_dies_under_a_live_viewer() {
         .unwrap();
     let (code, _) = close_of(&mut ws);
     assert!((4000..5000).contains(&code), "closed with {code}");
-    let (_, end) = http(
-        s.api(),
-        "GET",
-        &format!("/api/sessions/{id}/wait?state=vm_stopped&timeout=30"),
-        None,
-    );
+    let end = wait_for(s.api(), &id, "vm_stopped");
     assert_eq!(end["state"], "vm_stopped", "{end}");
     let reason = end["reason"].as_str().unwrap();
     assert!(
         reason.contains("vnc port") || reason.contains("not running"),
         "{reason}"
     );
-    assert_eq!(
-        s.redis
-            .cli(&["EXISTS", &format!("vncgate:route:{id}")])
-            .trim(),
-        "0"
-    );
+    assert!(!s.route_exists(&id), "the route is still there");
 }
 
 #[test]
@@ -517,12 +485,7 @@ fn a_controller_killed_mid_session_adopts_its_vm_and_marks_the_lost_one() {
     let mut ids = Vec::new();
     for c in [&live, &doomed] {
         let id = c["id"].as_str().unwrap().to_owned();
-        let (_, r) = http(
-            s.api(),
-            "GET",
-            &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
-            None,
-        );
+        let r = wait_for(s.api(), &id, "ready");
         assert_eq!(r["state"], "ready", "{r}");
         ids.push(id);
     }
@@ -557,12 +520,7 @@ fn a_controller_killed_mid_session_adopts_its_vm_and_marks_the_lost_one() {
     let (_, init) = view(s.gateway(), &format!("/vnc/{}", ids[0]), token);
     assert_eq!(init.width, 1024);
     // The other is found and marked.
-    let (_, r) = http(
-        s.api(),
-        "GET",
-        &format!("/api/sessions/{}/wait?state=vm_stopped&timeout=30", ids[1]),
-        None,
-    );
+    let r = wait_for(s.api(), &ids[1], "vm_stopped");
     assert_eq!(r["state"], "vm_stopped", "{r}");
     assert!(r["reason"].as_str().unwrap().contains("vnc port"), "{r}");
 }
@@ -648,12 +606,7 @@ fn the_agent_stores_credentials_sealed_and_the_session_completes() {
     let s = Setup::new(&["--credentials-key", &k1, "--admin-token-file", &admin]);
     let created = create(s.api());
     let id = created["id"].as_str().unwrap().to_owned();
-    let (_, r) = http(
-        s.api(),
-        "GET",
-        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
-        None,
-    );
+    let r = wait_for(s.api(), &id, "ready");
     assert_eq!(r["state"], "ready", "{r}");
     let token = created["token"].as_str().unwrap().to_owned();
     let (mut viewer, _) = view(s.gateway(), &format!("/vnc/{id}"), &token);
@@ -666,12 +619,7 @@ fn the_agent_stores_credentials_sealed_and_the_session_completes() {
         format!(r#"{{"username":"u1","password":"{secret}"}}"#),
     )
     .unwrap();
-    let (_, done) = http(
-        s.api(),
-        "GET",
-        &format!("/api/sessions/{id}/wait?state=completed&timeout=30"),
-        None,
-    );
+    let done = wait_for(s.api(), &id, "completed");
     assert_eq!(done["state"], "completed", "{done}");
     // Completion withdraws the route: the viewer is told by name.
     assert_eq!(close_of(&mut viewer).0, 4006);
@@ -741,12 +689,7 @@ fn creds() -> Creds {
     let s = Setup::new(&["--max-credentials-bytes", "2048"]);
     let a = create(s.api());
     let a_id = a["id"].as_str().unwrap().to_owned();
-    let (_, r) = http(
-        s.api(),
-        "GET",
-        &format!("/api/sessions/{a_id}/wait?state=ready&timeout=30"),
-        None,
-    );
+    let r = wait_for(s.api(), &a_id, "ready");
     assert_eq!(r["state"], "ready");
     let a_token = agent_token(&s.work, &a_id);
     let b = create(s.api());
@@ -885,12 +828,7 @@ fn keys_rewrap_moves_records_to_the_newest_key() {
     let mut s = Setup::new(&["--credentials-key", &k1, "--admin-token-file", &admin]);
     let a = create(s.api());
     let id = a["id"].as_str().unwrap().to_owned();
-    let (_, r) = http(
-        s.api(),
-        "GET",
-        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
-        None,
-    );
+    let r = wait_for(s.api(), &id, "ready");
     assert_eq!(r["state"], "ready");
     let token = agent_token(&s.work, &id);
     assert_eq!(
@@ -1014,12 +952,7 @@ fn admin_endpoints_and_metrics_from_zero() {
     // A session to ready moves the histogram and, after a reconciler pass, the gauge.
     let c = create(s.api());
     let id = c["id"].as_str().unwrap();
-    let (_, r) = http(
-        s.api(),
-        "GET",
-        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
-        None,
-    );
+    let r = wait_for(s.api(), id, "ready");
     assert_eq!(r["state"], "ready");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -1110,12 +1043,7 @@ fn the_embedded_default_end_to_end_without_redis() {
     let created = create(&api);
     let id = created["id"].as_str().unwrap().to_owned();
     let token = created["token"].as_str().unwrap().to_owned();
-    let (_, r) = http(
-        &api,
-        "GET",
-        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
-        None,
-    );
+    let r = wait_for(&api, &id, "ready");
     assert_eq!(r["state"], "ready", "{r}");
     let (mut ws, init) = view(&gw, &format!("/vnc/{id}"), &token);
     assert_eq!(init.width, 1024);
@@ -1133,12 +1061,7 @@ fn the_embedded_default_end_to_end_without_redis() {
         format!(r#"{{"password":"{secret}"}}"#),
     )
     .unwrap();
-    let (_, done) = http(
-        &api,
-        "GET",
-        &format!("/api/sessions/{id}/wait?state=completed&timeout=30"),
-        None,
-    );
+    let done = wait_for(&api, &id, "completed");
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(close_of(&mut ws), (4006, "session revoked".to_owned()));
     let logged = std::fs::read_to_string(work.join("controller.log")).unwrap();
@@ -1160,12 +1083,7 @@ fn a_restarted_controller_stops_orphaned_vms() {
     let mut s = Setup::new(&[]);
     let c = create(s.api());
     let id = c["id"].as_str().unwrap().to_owned();
-    let (_, r) = http(
-        s.api(),
-        "GET",
-        &format!("/api/sessions/{id}/wait?state=ready&timeout=30"),
-        None,
-    );
+    let r = wait_for(s.api(), &id, "ready");
     assert_eq!(r["state"], "ready");
     let vm = work_vm_pids(&s, &id);
     assert_eq!(vm.len(), 2, "the VNC server and the agent");

@@ -89,6 +89,17 @@ impl Default for Options {
     }
 }
 
+/// The commands a [`RedisServer::monitor`] saw so far.
+#[derive(Clone, Default)]
+pub struct Monitor(std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>>);
+
+impl Monitor {
+    /// The commands seen so far, with when.
+    pub fn seen(&self) -> Vec<(std::time::Instant, String)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
@@ -196,6 +207,30 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Every command this server executes from now on, each with the instant it was read
+    /// here (`MONITOR`): a watch over a whole test, not a look at one moment.
+    pub fn monitor(&self) -> Monitor {
+        use std::io::BufRead as _;
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect for MONITOR");
+        s.write_all(b"MONITOR\r\n").expect("send MONITOR");
+        let mut r = std::io::BufReader::new(s);
+        let mut ok = String::new();
+        r.read_line(&mut ok).expect("MONITOR's answer");
+        assert_eq!(ok.trim(), "+OK", "MONITOR refused");
+        let seen = Monitor::default();
+        let out = seen.clone();
+        thread::spawn(move || {
+            for line in r.lines() {
+                let Ok(line) = line else { return };
+                out.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((std::time::Instant::now(), line));
+            }
+        });
+        seen
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
