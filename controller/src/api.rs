@@ -114,6 +114,15 @@ pub struct SessionView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub probes: Option<serde_json::Value>,
+    /// What the VM's agent did with its per-VM identity (clock, RNG reseed, machine id), as
+    /// it reported it: a clone of a snapshot is not ready without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub identity: Option<serde_json::Value>,
+    /// A pending session's position in the line for a VM slot (1: next), when this host
+    /// is full (`--max-vms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<usize>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -131,8 +140,15 @@ fn rfc3339(ms: u64) -> String {
 }
 
 impl SessionView {
-    pub fn of(r: SessionRecord, token: Option<String>) -> Self {
+    pub fn of<B: Backend>(svc: &Service<B>, r: SessionRecord, token: Option<String>) -> Self {
         Self {
+            queue_position: svc.queue_position(&r.id),
+            identity: r
+                .probes
+                .as_ref()
+                .and_then(|p| p.get("agent"))
+                .and_then(|a| a.get("identity"))
+                .cloned(),
             ws_path: format!("/vnc/{}", r.id),
             id: r.id,
             state: r.state,
@@ -204,7 +220,10 @@ async fn create<B: Backend>(
     } else {
         StatusCode::CREATED
     };
-    Ok((status, Json(SessionView::of(created.record, created.token))))
+    Ok((
+        status,
+        Json(SessionView::of(&svc, created.record, created.token)),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/sessions/{id}", params(("id" = String, Path, description = "session id")),
@@ -213,7 +232,7 @@ async fn show<B: Backend>(
     State(svc): State<Arc<Service<B>>>,
     Path(id): Path<String>,
 ) -> Result<Json<SessionView>, ApiError> {
-    Ok(Json(SessionView::of(svc.get(&id).await?, None)))
+    Ok(Json(SessionView::of(&svc, svc.get(&id).await?, None)))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -250,7 +269,7 @@ async fn wait<B: Backend>(
     let rec = svc
         .wait(&id, state, Duration::from_secs_f64(timeout))
         .await?;
-    Ok(Json(SessionView::of(rec, None)))
+    Ok(Json(SessionView::of(&svc, rec, None)))
 }
 
 #[utoipa::path(post, path = "/api/sessions/{id}/keepalive", params(("id" = String, Path, description = "session id")), request_body(content = Option<KeepaliveBody>, description = "optional"),
@@ -276,7 +295,7 @@ async fn keepalive<B: Backend>(
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?
     };
     let rec = svc.keepalive(&id, secs(body.ttl_secs, "ttl_secs")?).await?;
-    Ok(Json(SessionView::of(rec, None)))
+    Ok(Json(SessionView::of(&svc, rec, None)))
 }
 
 #[utoipa::path(delete, path = "/api/sessions/{id}", params(("id" = String, Path, description = "session id")),
@@ -286,7 +305,7 @@ async fn delete<B: Backend>(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<SessionView>), ApiError> {
     let rec = svc.delete(&id).await?;
-    Ok((StatusCode::ACCEPTED, Json(SessionView::of(rec, None))))
+    Ok((StatusCode::ACCEPTED, Json(SessionView::of(&svc, rec, None))))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -313,7 +332,7 @@ async fn list<B: Backend>(
     let found = svc.list(state, q.user_id.as_deref()).await?;
     let views: Vec<SessionView> = found
         .into_iter()
-        .map(|r| SessionView::of(r, None))
+        .map(|r| SessionView::of(&svc, r, None))
         .collect();
     Ok(Json(serde_json::json!({ "sessions": views })))
 }

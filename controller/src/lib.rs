@@ -1,12 +1,12 @@
-//! The vncgate control plane. For now: the VM readiness probe that decides when a session's
-//! route may be published (see DESIGN.md, "Controller"), and publishing routes to Redis
-//! through the schema shared with the gateway; the session API, VM backends, reconciler and
-//! credentials store come later.
+//! The vncgate control plane: sessions whose `ready` means a desktop, on VMs from a backend
+//! (local processes, QEMU from a golden snapshot), with their routes published for the
+//! gateways and their credentials sealed (see DESIGN.md, "Controller").
 //!
 //! | module | owns |
 //! |---|---|
 //! | [`api`] | the session API over HTTP (axum): thin handlers, one error-to-status map |
-//! | [`backend`] | the VM backend trait (start from golden, push per-VM data, alive, stop, adopt) and the `process` backend |
+//! | [`backend`] | the VM backend trait (start from golden, push per-VM data, alive, stop, adopt); the `process` and `qemu` backends, the golden snapshot |
+//! | [`capacity`] | VM slots on this host (`--max-vms`): a line of pending sessions with positions, `capacity` failures after the placement timeout |
 //! | [`credentials`] | credentials at rest: envelope encryption (AES-256-GCM data keys wrapped by named KEKs), rewrap |
 //! | [`lifecycle`] | a session's state machine, pure: event in, new record and effects (route, VM) out |
 //! | [`metrics`] | metric names, help texts, the Prometheus recorder (every series at zero from the start) |
@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod capacity;
 pub mod credentials;
 pub mod lifecycle;
 pub mod metrics;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use vncgate_controller::backend::qemu as golden;
 use vncgate_controller::publish::{self, Publish, Published};
 use vncgate_controller::{probe, server};
 use vncgate_schema::{RedisUrl, RemovalReason};
@@ -45,9 +46,23 @@ struct ServeArgs {
     /// VNC server never starts.
     #[arg(long, value_name = "CMD")]
     process_vnc: Option<String>,
-    /// Where the process backend puts each VM's directory.
+    /// Where the backend puts each VM's directory (its overlay, sockets and logs for qemu).
     #[arg(long, value_name = "DIR", default_value = "/tmp/vncgate-process")]
     work_dir: std::path::PathBuf,
+    /// The golden directory for --backend qemu: the image and snapshot that
+    /// config/golden/build.sh DIR made.
+    #[arg(long, value_name = "DIR")]
+    golden: Option<std::path::PathBuf>,
+    /// The QEMU binary.
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+    qemu: std::path::PathBuf,
+    /// VMs this host runs at most; sessions beyond it wait in `pending` (with their
+    /// queue_position) and fail with reason `capacity` after --placement-timeout.
+    #[arg(long, value_name = "N")]
+    max_vms: Option<usize>,
+    /// Seconds a session waits for a VM slot before it fails with reason `capacity`.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    placement_timeout: f64,
     /// Viewers per session written into routes [default: the gateway's --max-viewers].
     #[arg(long)]
     max_viewers: Option<u32>,
@@ -148,6 +163,40 @@ enum Cmd {
     Keys(KeysCmd),
     /// Print the API's OpenAPI 3 document (committed as controller/openapi.json).
     Openapi,
+    /// The golden snapshot of the qemu backend.
+    #[command(subcommand)]
+    Golden(GoldenCmd),
+}
+
+#[derive(Subcommand)]
+enum GoldenCmd {
+    /// Boot the golden image in DIR once and save the golden snapshot into DIR/snapshot, only
+    /// when the guest's VNC port completes an RFB handshake to ServerInit and its agent
+    /// answers HTTP; otherwise refuse, naming the port, and exit 1.
+    Snapshot {
+        /// The golden directory (golden.json and the image, from config/golden/build.sh).
+        dir: std::path::PathBuf,
+        /// The QEMU binary.
+        #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+        qemu: std::path::PathBuf,
+        /// Memory per VM in MiB [default: the image's]; every restore uses the snapshot's.
+        #[arg(long)]
+        memory_mib: Option<u32>,
+        /// vCPUs per VM [default: the image's].
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Seconds the cold boot has to reach a desktop.
+        #[arg(long, default_value_t = 180.0, value_name = "SECS")]
+        boot_timeout: f64,
+        /// Extra kernel arguments for this boot (e.g. systemd.mask=vncgate-vnc.service).
+        #[arg(long, value_name = "ARGS")]
+        extra_cmdline: Option<String>,
+        /// Save even though the VNC port never answers: a snapshot like the one that broke
+        /// production, for testing that sessions from it fail by name. Recorded in
+        /// snapshot.json (vnc_checked: false) and warned about by every controller using it.
+        #[arg(long)]
+        allow_missing_vnc: bool,
+    },
 }
 
 /// How far the probe goes.
@@ -224,6 +273,18 @@ fn serve(a: ServeArgs) -> ExitCode {
             a.boot_timeout
         ));
     };
+    let Ok(placement_timeout) = Duration::try_from_secs_f64(a.placement_timeout) else {
+        return fail(format!(
+            "--placement-timeout: {} is not a number of seconds",
+            a.placement_timeout
+        ));
+    };
+    if a.max_vms == Some(0) {
+        return fail(
+            "--max-vms 0 would run no VM at all; give at least 1, or leave it out for no limit"
+                .into(),
+        );
+    }
     let settings = server::Settings {
         listen: a.listen,
         redis: a.redis,
@@ -237,6 +298,10 @@ fn serve(a: ServeArgs) -> ExitCode {
         max_credentials_bytes: a.max_credentials_bytes,
         admin: a.admin,
         gateway_listen: a.gateway_listen,
+        golden: a.golden,
+        qemu: a.qemu,
+        max_vms: a.max_vms,
+        placement_timeout,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -367,6 +432,70 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
                 Err(e) => fail(e),
+            }
+        }
+        Cmd::Golden(GoldenCmd::Snapshot {
+            dir,
+            qemu,
+            memory_mib,
+            vcpus,
+            boot_timeout,
+            extra_cmdline,
+            allow_missing_vnc,
+        }) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("VNCGATE_LOG")
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let Ok(boot_timeout) = Duration::try_from_secs_f64(boot_timeout) else {
+                return fail(format!(
+                    "--boot-timeout: {boot_timeout} is not a number of seconds"
+                ));
+            };
+            let golden = match golden::Golden::open(&dir) {
+                Ok(g) => g,
+                Err(e) => return fail(e),
+            };
+            let opts = golden::snapshot::Options {
+                qemu,
+                memory_mib,
+                vcpus,
+                boot_timeout,
+                extra_cmdline,
+                allow_missing_vnc,
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(format!("cannot start a runtime: {e}")),
+            };
+            match rt.block_on(golden::snapshot::snapshot(&golden, &opts)) {
+                Ok(s) => {
+                    println!(
+                        "golden snapshot saved in {}: boot to desktop {:.1} s, save {:.1} s, {:?}, {} MiB, {} vCPU{}",
+                        golden.snapshot_dir().display(),
+                        s.boot_ms as f64 / 1000.0,
+                        s.save_ms as f64 / 1000.0,
+                        s.accel,
+                        s.memory_mib,
+                        s.vcpus,
+                        if s.vnc_checked {
+                            ""
+                        } else {
+                            " (VNC NOT CHECKED: --allow-missing-vnc)"
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vncgate-controller: golden snapshot: {e}");
+                    ExitCode::FAILURE
+                }
             }
         }
         Cmd::Openapi => {

@@ -19,6 +19,12 @@ pub const CREDENTIALS: &str = "vncgate_controller_credentials_total";
 /// Sessions created, and failed to boot (`failed`), by outcome.
 pub const SESSIONS_CREATED: &str = "vncgate_controller_sessions_created_total";
 
+/// VM slots on this host by `state`: `in_use` (booting, ready, adopted), `waiting` (pending
+/// sessions in line), `max` (`--max-vms`, absent without one).
+pub const VM_SLOTS: &str = "vncgate_controller_vm_slots";
+/// Sessions that failed with reason `capacity`: no slot within the placement timeout.
+pub const CAPACITY_FAILURES: &str = "vncgate_controller_capacity_failures_total";
+
 pub const CHECKS: [&str; 7] = [
     "agent",
     "vnc_refused",
@@ -84,6 +90,18 @@ pub fn install() -> Result<PrometheusHandle, String> {
         metrics::counter!(CREDENTIALS, "outcome" => o).absolute(0);
     }
     metrics::counter!(SESSIONS_CREATED).absolute(0);
+    metrics::describe_gauge!(
+        VM_SLOTS,
+        "VM slots on this host: in_use (booting, ready, adopted), waiting (pending sessions in line), max (--max-vms)."
+    );
+    metrics::describe_counter!(
+        CAPACITY_FAILURES,
+        "Sessions failed with reason capacity: no VM slot within the placement timeout."
+    );
+    for st in ["in_use", "waiting"] {
+        metrics::gauge!(VM_SLOTS, "state" => st).set(0.0);
+    }
+    metrics::counter!(CAPACITY_FAILURES).absolute(0);
     let upkeep = handle.clone();
     tokio::spawn(async move {
         loop {

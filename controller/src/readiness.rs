@@ -21,6 +21,10 @@ pub struct AgentCheck {
     /// What went wrong: the connection error, or the body of a non-200 answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The identity report the agent gave (what it did with the clock, the RNG and the
+    /// machine id), as it gave it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<serde_json::Value>,
 }
 
 /// The VNC port's answer, as the probe classified it.
@@ -83,41 +87,76 @@ impl Report {
     }
 }
 
-/// Checks the agent's health within `timeout`.
-pub async fn check_agent(http: &reqwest::Client, vm: &Vm, timeout: Duration) -> AgentCheck {
+/// Checks the agent's health within `timeout`. Healthy means a 200 that carries the agent's
+/// identity report, and, for a VM cloned from a snapshot (`clone`), one that says the
+/// identity was applied: a clone that kept the snapshot's RNG and machine id is not ready.
+pub async fn check_agent(
+    http: &reqwest::Client,
+    vm: &Vm,
+    timeout: Duration,
+    clone: bool,
+) -> AgentCheck {
     let addr = vm.addrs.agent.to_string();
     let url = format!("http://{addr}/health");
+    let unhealthy = |status, identity, error: String| AgentCheck {
+        addr: addr.clone(),
+        healthy: false,
+        status,
+        error: Some(error),
+        identity,
+    };
     match http.get(&url).timeout(timeout).send().await {
-        Ok(r) if r.status() == reqwest::StatusCode::OK => AgentCheck {
-            addr,
-            healthy: true,
-            status: Some(200),
-            error: None,
-        },
         Ok(r) => {
             let status = r.status().as_u16();
             let body = r.text().await.unwrap_or_default();
-            let mut body = body.trim().to_owned();
-            body.truncate(200);
-            AgentCheck {
-                addr,
-                healthy: false,
-                status: Some(status),
-                error: Some(format!("/health answered {status}: {body}")),
+            let identity = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("identity").cloned());
+            if status != 200 {
+                let mut body = body.trim().to_owned();
+                body.truncate(200);
+                return unhealthy(
+                    Some(status),
+                    identity,
+                    format!("/health answered {status}: {body}"),
+                );
+            }
+            let applied = identity
+                .as_ref()
+                .and_then(|i| i.get("applied"))
+                .and_then(serde_json::Value::as_bool);
+            match applied {
+                None => unhealthy(
+                    Some(200),
+                    identity,
+                    "/health answered 200 without an identity report".into(),
+                ),
+                Some(false) if clone => unhealthy(
+                    Some(200),
+                    identity,
+                    "identity not applied: the agent of a cloned VM must run with --apply-identity"
+                        .into(),
+                ),
+                Some(_) => AgentCheck {
+                    addr: addr.clone(),
+                    healthy: true,
+                    status: Some(200),
+                    error: None,
+                    identity,
+                },
             }
         }
-        Err(e) => AgentCheck {
-            addr,
-            healthy: false,
-            status: None,
-            error: Some(if e.is_timeout() {
+        Err(e) => unhealthy(
+            None,
+            None,
+            if e.is_timeout() {
                 format!("/health did not answer within {timeout:?}")
             } else if e.is_connect() {
                 "/health: connection refused".to_owned()
             } else {
                 format!("/health: {e}")
-            }),
-        },
+            },
+        ),
     }
 }
 
@@ -147,8 +186,11 @@ pub async fn check_vnc(vm: &Vm, timeout: Duration) -> VncCheck {
 }
 
 /// Both checks, at once.
-pub async fn check(http: &reqwest::Client, vm: &Vm, timeout: Duration) -> Report {
-    let (agent, vnc) = tokio::join!(check_agent(http, vm, timeout), check_vnc(vm, timeout));
+pub async fn check(http: &reqwest::Client, vm: &Vm, timeout: Duration, clone: bool) -> Report {
+    let (agent, vnc) = tokio::join!(
+        check_agent(http, vm, timeout, clone),
+        check_vnc(vm, timeout)
+    );
     Report {
         at: vncgate_schema::session::unix_now_ms(),
         agent,

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::backend::Backend;
 use crate::backend::process::{ProcessBackend, ProcessConfig};
+use crate::backend::qemu::{QemuBackend, QemuConfig};
 use crate::credentials::{Kek, KeyRing, Sealed};
 use crate::service::{Config, Service};
 use crate::store::Store;
@@ -38,6 +40,13 @@ pub struct Settings {
     /// Run the gateway in this process on this address, fed by the in-memory store (the
     /// embedded default: one command, no Redis).
     pub gateway_listen: Option<String>,
+    /// The golden directory (`--backend qemu`).
+    pub golden: Option<PathBuf>,
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// VMs at most on this host, and how long a session waits for a slot.
+    pub max_vms: Option<usize>,
+    pub placement_timeout: Duration,
 }
 
 /// The embedded gateway: `vncgate serve` on `listen` with 127.0.0.0/8 allowed upstream (the
@@ -130,25 +139,49 @@ pub async fn run(s: Settings) -> Result<(), String> {
             Store::redis(url.connect_for_command().await?)
         }
     };
-    let backend = match s.backend {
-        BackendKind::Process => ProcessBackend::new(ProcessConfig::beside_this_binary(
-            s.process_vnc.clone(),
-            s.work_dir.clone(),
-        ))?,
-        other => {
-            return Err(format!(
-                "--backend {}: not built yet (the QEMU and Firecracker backends are issue 11); use --backend process",
-                match other {
-                    BackendKind::Qemu => "qemu",
-                    _ => "firecracker",
-                }
-            ));
+    match s.backend {
+        BackendKind::Process => {
+            let b = ProcessBackend::new(ProcessConfig::beside_this_binary(
+                s.process_vnc.clone(),
+                s.work_dir.clone(),
+            ))?;
+            serve_with(s, listener, addr, store, gateway, b).await
         }
-    };
+        BackendKind::Qemu => {
+            let Some(golden) = s.golden.clone() else {
+                return Err("--backend qemu needs --golden DIR (built by config/golden/build.sh DIR)".into());
+            };
+            let b = QemuBackend::new(QemuConfig {
+                golden,
+                work_dir: s.work_dir.clone(),
+                qemu: s.qemu.clone(),
+                restore_timeout: Duration::from_secs(30),
+            })?;
+            serve_with(s, listener, addr, store, gateway, b).await
+        }
+        BackendKind::Firecracker => Err(
+            "--backend firecracker: not wired to the command line yet; use --backend qemu or process"
+                .into(),
+        ),
+    }
+}
+
+/// The rest of [`run`], for one backend.
+async fn serve_with<B: Backend>(
+    s: Settings,
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    store: Store,
+    gateway: Option<SocketAddr>,
+    backend: B,
+) -> Result<(), String> {
+    let backend_name = backend.name();
     let cfg = Config {
         boot_timeout: s.boot_timeout,
         controller_url: format!("http://{addr}"),
         max_viewers: s.max_viewers,
+        max_vms: s.max_vms,
+        placement_timeout: s.placement_timeout,
         ..Config::default()
     };
     let keys = key_ring(&s.credentials_keys, s.redis.is_some())?;
@@ -179,7 +212,7 @@ pub async fn run(s: Settings) -> Result<(), String> {
             "vncgate-controller: try: curl -s -XPOST http://{addr}/api/sessions -H 'content-type: application/json' -d '{{\"user_id\":\"me\",\"provider\":\"demo\"}}', then open ws://{g}/vnc/<id>?token=<token> in noVNC"
         );
     }
-    tracing::info!(%addr, store = store.name(), backend = "process", boot_timeout = ?s.boot_timeout, "controller up");
+    tracing::info!(%addr, store = store.name(), backend = backend_name, boot_timeout = ?s.boot_timeout, "controller up");
     axum::serve(listener, crate::api::router(svc, s.max_credentials_bytes))
         .with_graceful_shutdown(async {
             let mut term =

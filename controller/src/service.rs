@@ -15,6 +15,7 @@ use vncgate_schema::store::Created;
 use vncgate_schema::{RouteRecord, SCHEMA_VERSION};
 
 use crate::backend::{Backend, Vm, VmData};
+use crate::capacity::Capacity;
 use crate::credentials::{KeyRing, Sealed};
 use crate::lifecycle::{self, Effects, Event};
 use crate::metrics as m;
@@ -40,6 +41,10 @@ pub struct Config {
     /// How long a withdrawn route's VM keeps running, so that gateways close live viewers
     /// with the withdrawal's code before the VM's end reaches them.
     pub withdraw_grace: Duration,
+    /// VMs this host runs at most (`None`: no limit); sessions beyond it wait in `pending`.
+    pub max_vms: Option<usize>,
+    /// How long a session waits for a VM slot before it fails with reason `capacity`.
+    pub placement_timeout: Duration,
 }
 
 impl Default for Config {
@@ -53,6 +58,8 @@ impl Default for Config {
             controller_url: "http://127.0.0.1:8000".into(),
             max_viewers: None,
             withdraw_grace: Duration::from_secs(1),
+            max_vms: None,
+            placement_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -120,6 +127,8 @@ pub struct Service<B: Backend> {
     keys: KeyRing,
     /// SHA-256 of the admin token that reads credentials (`--admin-token-file`).
     admin_token_sha256: Option<[u8; 32]>,
+    /// VM slots (`--max-vms`).
+    capacity: Capacity,
 }
 
 /// Why a credentials call was refused: each with its status.
@@ -201,12 +210,13 @@ impl<B: Backend> Service<B> {
         Arc::new(Self {
             store,
             backend,
-            cfg,
             http: reqwest::Client::new(),
             vms: Mutex::default(),
             changed: tokio::sync::Notify::new(),
             keys,
             admin_token_sha256,
+            capacity: Capacity::new(cfg.max_vms),
+            cfg,
         })
     }
 
@@ -334,6 +344,11 @@ impl<B: Backend> Service<B> {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// A pending session's 1-based position in the line for a VM slot.
+    pub fn queue_position(&self, id: &str) -> Option<usize> {
+        self.capacity.position(id)
     }
 
     pub fn backend(&self) -> &B {
@@ -627,6 +642,7 @@ impl<B: Backend> Service<B> {
             tracing::info!(session = %rec.id, "vm stopped");
         }
         self.set_vm(&rec.id, None);
+        self.capacity.release(&rec.id);
     }
 
     async fn publish_route(&self, rec: &SessionRecord) {
@@ -653,13 +669,27 @@ impl<B: Backend> Service<B> {
     /// Boots the session's VM and waits for readiness: `ready`, or `failed` naming the
     /// check that did not pass.
     async fn boot(self: Arc<Self>, id: &str, provider: String, agent_token: String) {
+        match self.capacity.acquire(id, self.cfg.placement_timeout).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(no) => {
+                tracing::warn!(session = %id, reason = %no, "no VM slot");
+                metrics::counter!(m::CAPACITY_FAILURES).increment(1);
+                let _ = self
+                    .transition(id, Event::BootFailed(no.to_string()), None)
+                    .await;
+                return;
+            }
+        }
         if let Err(e) = self.transition(id, Event::BootStarted, None).await {
             tracing::warn!(session = %id, error = ?e, "boot not started");
+            self.capacity.release(id);
             return;
         }
         let vm = match self.backend.start(id).await {
             Ok(vm) => vm,
             Err(e) => {
+                self.capacity.release(id);
                 let _ = self
                     .transition(
                         id,
@@ -680,6 +710,7 @@ impl<B: Backend> Service<B> {
             agent_token,
             controller_url: self.cfg.controller_url.clone(),
             issued_at_ms: unix_now_ms(),
+            entropy: VmData::fresh_entropy(),
         };
         if let Err(e) = self.backend.push_data(&vm, &data).await {
             let _ = self
@@ -709,7 +740,13 @@ impl<B: Backend> Service<B> {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(10);
         loop {
-            let report = readiness::check(&self.http, vm, self.cfg.probe_timeout).await;
+            let report = readiness::check(
+                &self.http,
+                vm,
+                self.cfg.probe_timeout,
+                self.backend.clones(),
+            )
+            .await;
             let probes = serde_json::to_value(&report).expect("a report serializes");
             if report.ready() {
                 match self.transition(id, Event::Ready, Some(probes)).await {
@@ -756,6 +793,11 @@ impl<B: Backend> Service<B> {
             let n = all.iter().filter(|r| r.state == st).count();
             metrics::gauge!(m::SESSIONS, "state" => st.as_str()).set(n as f64);
         }
+        metrics::gauge!(m::VM_SLOTS, "state" => "in_use").set(self.capacity.in_use() as f64);
+        metrics::gauge!(m::VM_SLOTS, "state" => "waiting").set(self.capacity.waiting() as f64);
+        if let Some(max) = self.capacity.max() {
+            metrics::gauge!(m::VM_SLOTS, "state" => "max").set(max as f64);
+        }
         for rec in all {
             if rec.state.is_terminal() {
                 continue;
@@ -773,7 +815,13 @@ impl<B: Backend> Service<B> {
             };
             // The probes first: their failure names the part that went (the VNC server,
             // the agent, both), which "not running" would not.
-            let report = readiness::check(&self.http, &vm, self.cfg.probe_timeout).await;
+            let report = readiness::check(
+                &self.http,
+                &vm,
+                self.cfg.probe_timeout,
+                self.backend.clones(),
+            )
+            .await;
             let lost = if !report.ready() {
                 Some(report.describe())
             } else if !self.backend.alive(&vm).await {
@@ -825,6 +873,7 @@ impl<B: Backend> Service<B> {
                 (SessionState::Ready, Some(vm)) => {
                     tracing::info!(session = %rec.id, "adopted a running VM");
                     metrics::counter!(m::RECONCILER_ACTIONS, "kind" => "adopted").increment(1);
+                    self.capacity.hold(&rec.id);
                     self.set_vm(&rec.id, Some(vm));
                 }
                 (SessionState::Ready, None) => {
@@ -841,6 +890,7 @@ impl<B: Backend> Service<B> {
                 (_, Some(vm)) => {
                     // Booting when the controller died: go on waiting for readiness.
                     tracing::info!(session = %rec.id, "adopted a booting VM");
+                    self.capacity.hold(&rec.id);
                     self.set_vm(&rec.id, Some(vm.clone()));
                     let svc = self.clone();
                     let id = rec.id.clone();

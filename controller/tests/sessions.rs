@@ -5,80 +5,17 @@
 //! server never starts) with Redis watched the whole time; a VNC server that dies under a
 //! live viewer.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+mod common;
+
+use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::*;
 use serde_json::Value;
 use vncgate_schema::testing::RedisServer;
-
-const CONTROLLER: &str = env!("CARGO_BIN_EXE_vncgate-controller");
-
-/// A binary of another package of the workspace, built beside this one.
-fn sibling(name: &str) -> PathBuf {
-    let p = PathBuf::from(CONTROLLER).with_file_name(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: build the workspace (cargo build --workspace) first",
-        p.display()
-    );
-    p
-}
-
-/// A child process killed (by pid) when dropped, with the first stdout line that starts
-/// with `prefix` parsed out.
-struct Proc {
-    child: Child,
-    found: String,
-    /// The lines before the one found.
-    before: Vec<String>,
-}
-
-impl Proc {
-    fn start(cmd: Command, prefix: &str) -> Proc {
-        Self::start_logging(cmd, prefix, Stdio::inherit())
-    }
-
-    fn start_logging(mut cmd: Command, prefix: &str, stderr: Stdio) -> Proc {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("starts");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let mut before = Vec::new();
-        for _ in 0..20 {
-            line.clear();
-            if out.read_line(&mut line).unwrap() == 0 {
-                break;
-            }
-            if let Some(rest) = line.trim().strip_prefix(prefix) {
-                let found = rest.to_owned();
-                // Keep draining stdout so the child never blocks on a full pipe.
-                std::thread::spawn(move || for _ in out.lines() {});
-                return Proc {
-                    child,
-                    found,
-                    before,
-                };
-            }
-            before.push(line.trim().to_owned());
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("no '{prefix}' line from {cmd:?}");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Setup {
     redis: RedisServer,
@@ -169,114 +106,6 @@ impl Setup {
             }
         }
     }
-}
-
-/// A fresh directory under the temp dir, and the nanoseconds that name it apart.
-fn scratch(tag: &str) -> (PathBuf, u32) {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let dir = std::env::temp_dir().join(format!(
-        "vncgate-ctl-{tag}-{}-{nanos:09}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    (dir, nanos)
-}
-
-/// A controller on `redis` with VMs under `work`, logging to `work/controller.log`.
-fn start_controller(redis: &RedisServer, work: &std::path::Path, extra: &[&str]) -> Proc {
-    let mut c = Command::new(CONTROLLER);
-    c.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--redis",
-        &redis.url(),
-        "--work-dir",
-    ])
-    .arg(work)
-    .args(extra);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(work.join("controller.log"))
-        .unwrap();
-    Proc::start_logging(c, "vncgate-controller: listening on ", Stdio::from(log))
-}
-
-/// One HTTP/1.1 request; returns (status, JSON body).
-fn http(base: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    vncgate_loadtest::http::json(base, method, path, body.unwrap_or("")).unwrap()
-}
-
-/// The session once it reached `state` (or a terminal one), as `wait` answers it.
-fn wait_for(api: &str, id: &str, state: &str) -> Value {
-    let (st, v) = http(
-        api,
-        "GET",
-        &format!("/api/sessions/{id}/wait?state={state}&timeout=30"),
-        None,
-    );
-    assert_eq!(st, 200, "{v}");
-    v
-}
-
-fn create(api: &str) -> Value {
-    let (st, v) = http(
-        api,
-        "POST",
-        "/api/sessions",
-        Some(r#"{"user_id":"u1","provider":"github"}"#),
-    );
-    assert_eq!(st, 201, "{v}");
-    v
-}
-
-/// A viewer through the gateway: the upgrade with `?token=`, then the RFB handshake to
-/// ServerInit over binary frames. Returns the socket and the ServerInit.
-fn view(
-    gateway: &str,
-    ws_path: &str,
-    token: &str,
-) -> (tungstenite::WebSocket<TcpStream>, vncgate_rfb::ServerInit) {
-    let url = format!("ws://{gateway}{ws_path}?token={token}");
-    let s = TcpStream::connect(gateway).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (mut ws, _) = tungstenite::client(url.as_str(), s).expect("upgrade");
-    let mut hs = vncgate_rfb::ClientHandshake::new(None, true);
-    let mut pending = Vec::new();
-    while !hs.is_done() {
-        match ws.read().expect("a frame") {
-            tungstenite::Message::Binary(b) => pending.extend_from_slice(&b),
-            tungstenite::Message::Close(c) => panic!("closed during the handshake: {c:?}"),
-            _ => continue,
-        }
-        let used = hs.receive(&pending).expect("RFB handshake");
-        pending.drain(..used);
-        let out = hs.take_output();
-        if !out.is_empty() {
-            ws.send(tungstenite::Message::Binary(out.into())).unwrap();
-        }
-    }
-    let init = hs.server_init().unwrap().clone();
-    (ws, init)
-}
-
-/// Reads until the close frame; returns its code and reason.
-fn close_of(ws: &mut tungstenite::WebSocket<TcpStream>) -> (u16, String) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        match ws.read() {
-            Ok(tungstenite::Message::Close(Some(f))) => {
-                return (f.code.into(), f.reason.to_string());
-            }
-            Ok(tungstenite::Message::Close(None)) => return (1005, String::new()),
-            Ok(_) => {}
-            Err(e) => panic!("no close frame: {e}"),
-        }
-    }
-    panic!("no close frame within 15 s");
 }
 
 #[test]

@@ -4,7 +4,9 @@
 //! `firecracker` (issue 11) are three implementations of it, not three paths through the
 //! service.
 
+mod host;
 pub mod process;
+pub mod qemu;
 
 use std::net::SocketAddr;
 
@@ -22,8 +24,19 @@ pub struct VmData {
     /// Where the agent posts credentials (`{controller_url}/api/auth/credentials/store`).
     pub controller_url: String,
     /// The controller's clock when the data was written (Unix ms): a restored clone's clock
-    /// is the snapshot's until it syncs.
+    /// is the snapshot's until the agent sets it from this.
     pub issued_at_ms: u64,
+    /// 32 bytes (hex) from the controller's kernel RNG, drawn for this VM alone: the agent
+    /// reseeds the guest's RNG with them, so clones of one snapshot diverge.
+    #[serde(default)]
+    pub entropy: String,
+}
+
+impl VmData {
+    /// Fresh entropy for one VM, hex.
+    pub fn fresh_entropy() -> String {
+        hex::encode(rand::random::<[u8; 32]>())
+    }
 }
 
 impl std::fmt::Debug for VmData {
@@ -31,6 +44,7 @@ impl std::fmt::Debug for VmData {
         f.debug_struct("VmData")
             .field("session_id", &self.session_id)
             .field("agent_token", &"<redacted>")
+            .field("entropy", &"<redacted>")
             .field("controller_url", &self.controller_url)
             .finish()
     }
@@ -68,6 +82,13 @@ impl std::error::Error for BackendError {}
 /// A VM host.
 pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+
+    /// Whether its VMs are clones of one snapshot (sharing its clock, RNG state and machine
+    /// id until the agent applies the per-VM identity): then readiness requires the agent's
+    /// report that it did.
+    fn clones(&self) -> bool {
+        false
+    }
 
     /// Creates and starts a VM for `session` from the golden source.
     fn start(&self, session: &str) -> impl Future<Output = Result<Vm, BackendError>> + Send;

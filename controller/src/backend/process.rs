@@ -10,13 +10,13 @@
 //! `vm-data.json` in the VM's directory, written whole by rename; the agent reads it from
 //! there.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::host::{Proc, free_port, spawn};
 use super::{Backend, BackendError, Vm, VmAddrs, VmData};
 
 /// How the backend starts its processes.
@@ -62,49 +62,6 @@ struct Handle {
     addrs: VmAddrs,
 }
 
-/// A process by pid and start time (clock ticks after boot, /proc/PID/stat field 22), so a
-/// reused pid is told apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct Proc {
-    pid: u32,
-    start: u64,
-}
-
-impl Proc {
-    fn alive(&self) -> bool {
-        proc_stat(self.pid).is_some_and(|(state, start)| start == self.start && state != 'Z')
-    }
-
-    fn signal(&self, sig: rustix::process::Signal) {
-        if !self.alive() {
-            return;
-        }
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
-            // The process group: a shell's children go with it.
-            let _ = rustix::process::kill_process_group(pid, sig);
-        }
-    }
-}
-
-/// (state, start time) from /proc/PID/stat.
-fn proc_stat(pid: u32) -> Option<(char, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command, which may hold spaces and parentheses: state is field 3,
-    // starttime field 22.
-    let rest = &s[s.rfind(')')? + 2..];
-    let mut f = rest.split_ascii_whitespace();
-    let state = f.next()?.chars().next()?;
-    let start = f.nth(18)?.parse().ok()?;
-    Some((state, start))
-}
-
-fn free_port() -> Result<u16, BackendError> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| BackendError(format!("no free loopback port: {e}")))
-}
-
 impl ProcessBackend {
     pub fn new(cfg: ProcessConfig) -> Result<Self, String> {
         if !cfg.agent.is_file() {
@@ -123,44 +80,6 @@ impl ProcessBackend {
             .map_err(|e| format!("--work-dir {}: {e}", cfg.work_dir.display()))?;
         Ok(Self { cfg })
     }
-
-    fn spawn(
-        &self,
-        dir: &Path,
-        name: &str,
-        program: &Path,
-        args: &[String],
-    ) -> Result<Proc, BackendError> {
-        let log = std::fs::File::create(dir.join(format!("{name}.log")))
-            .map_err(|e| BackendError(format!("{name} log in {}: {e}", dir.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| BackendError(format!("{name} log: {e}")))?;
-        let mut child = tokio::process::Command::new(program)
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            // Its own group: it outlives a killed controller (to be adopted), and a stop
-            // reaches a shell's children.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| {
-                BackendError(format!("cannot start {name} ({}): {e}", program.display()))
-            })?;
-        let pid = child
-            .id()
-            .ok_or_else(|| BackendError(format!("{name} exited at once")))?;
-        let start = proc_stat(pid)
-            .map(|(_, s)| s)
-            .ok_or_else(|| BackendError(format!("{name} (pid {pid}) exited at once")))?;
-        // Reaped when it exits, so a dead VM process is gone from /proc, not a zombie.
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-        });
-        Ok(Proc { pid, start })
-    }
 }
 
 impl Backend for ProcessBackend {
@@ -176,14 +95,14 @@ impl Backend for ProcessBackend {
         let vnc = match &self.cfg.vnc_command {
             Some(cmd) => {
                 let line = cmd.replace("{port}", &vnc_port.to_string());
-                self.spawn(
+                spawn(
                     &dir,
                     "vnc",
                     Path::new("/bin/sh"),
                     &["-c".into(), format!("exec {line}")],
                 )?
             }
-            None => self.spawn(
+            None => spawn(
                 &dir,
                 "vnc",
                 &self.cfg.desktop,
@@ -196,7 +115,7 @@ impl Backend for ProcessBackend {
                 ],
             )?,
         };
-        let agent = match self.spawn(
+        let agent = match spawn(
             &dir,
             "agent",
             &self.cfg.agent,

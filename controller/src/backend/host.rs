@@ -1,0 +1,91 @@
+//! What the backends share on the host: processes known by pid and start time (so a reused
+//! pid is told apart, and a VM outlives a killed controller to be adopted), started in their
+//! own process group with their output in a log; free loopback ports.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::Path;
+use std::process::Stdio;
+
+use serde::{Deserialize, Serialize};
+
+use super::BackendError;
+
+/// A process by pid and start time (clock ticks after boot, /proc/PID/stat field 22), so a
+/// reused pid is told apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Proc {
+    pub pid: u32,
+    pub start: u64,
+}
+
+impl Proc {
+    pub fn alive(&self) -> bool {
+        proc_stat(self.pid).is_some_and(|(state, start)| start == self.start && state != 'Z')
+    }
+
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        if !self.alive() {
+            return;
+        }
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+            // The process group: a shell's children go with it.
+            let _ = rustix::process::kill_process_group(pid, sig);
+        }
+    }
+}
+
+/// (state, start time) from /proc/PID/stat.
+pub(crate) fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command, which may hold spaces and parentheses: state is field 3,
+    // starttime field 22.
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut f = rest.split_ascii_whitespace();
+    let state = f.next()?.chars().next()?;
+    let start = f.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+pub(crate) fn free_port() -> Result<u16, BackendError> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| BackendError(format!("no free loopback port: {e}")))
+}
+
+/// Starts `program` in `dir`, its own process group, output to `dir/{name}.log`; reaped by a
+/// task when it exits.
+pub(crate) fn spawn(
+    dir: &Path,
+    name: &str,
+    program: &Path,
+    args: &[String],
+) -> Result<Proc, BackendError> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))
+        .map_err(|e| BackendError(format!("{name} log in {}: {e}", dir.display())))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| BackendError(format!("{name} log: {e}")))?;
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        // Its own group: it outlives a killed controller (to be adopted), and a stop
+        // reaches a shell's children.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| BackendError(format!("cannot start {name} ({}): {e}", program.display())))?;
+    let pid = child
+        .id()
+        .ok_or_else(|| BackendError(format!("{name} exited at once")))?;
+    let start = proc_stat(pid)
+        .map(|(_, s)| s)
+        .ok_or_else(|| BackendError(format!("{name} (pid {pid}) exited at once")))?;
+    // Reaped when it exits, so a dead VM process is gone from /proc, not a zombie.
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    Ok(Proc { pid, start })
+}
