@@ -39,6 +39,22 @@ fi
 command -v Xvnc >/dev/null && command -v xterm >/dev/null && command -v xsetroot >/dev/null
 Xvnc -version 2>&1 | awk 'NF && !shown { print; shown = 1 }'
 
+step "QEMU and debootstrap (the qemu backend's tests boot real VMs from the golden image)"
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1 \
+  || ! command -v zstd >/dev/null 2>&1 || ! command -v mkfs.ext4 >/dev/null 2>&1; then
+  # qemu-utils from the same release as qemu-system-x86: a newer qemu-utils (a backport)
+  # breaks qemu-system-common of the release, so it is taken back to the release's.
+  qpkgs="qemu-system-x86 qemu-utils/bookworm debootstrap e2fsprogs zstd binutils"
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo
+  $sudo_ apt-get update -qq
+  $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    --allow-downgrades $qpkgs >/dev/null
+fi
+qemu-system-x86_64 --version | head -1
+
+step "Firecracker and jailer (the firecracker backend's tests run the real binary)"
+scripts/firecracker-fetch.sh
+
 step "format"
 cargo fmt --all -- --check
 
@@ -50,6 +66,12 @@ scripts/structure.sh
 
 step "build"
 cargo build --workspace --all-targets
+
+step "golden image: config/golden/build.sh (its Debian base from the cache when there is one), then its snapshot"
+# The image takes the agent just built; its snapshot is taken by the controller just built.
+VNCGATE_AGENT="$PWD/target/debug/vncgate-agent" VNCGATE_CONTROLLER="$PWD/target/debug/vncgate-controller" \
+  config/golden/build.sh target/golden
+export VNCGATE_GOLDEN="$PWD/target/golden"
 
 step "tests (unit and integration, io_uring and epoll)"
 cargo nextest run --workspace --no-fail-fast

@@ -185,6 +185,9 @@ enum GoldenCmd {
         /// vCPUs per VM [default: the image's].
         #[arg(long)]
         vcpus: Option<u32>,
+        /// QEMU's CPU model [default: host under KVM, qemu64 under TCG].
+        #[arg(long)]
+        cpu: Option<String>,
         /// Seconds the cold boot has to reach a desktop.
         #[arg(long, default_value_t = 180.0, value_name = "SECS")]
         boot_timeout: f64,
@@ -439,6 +442,7 @@ fn main() -> ExitCode {
             qemu,
             memory_mib,
             vcpus,
+            cpu,
             boot_timeout,
             extra_cmdline,
             allow_missing_vnc,
@@ -463,6 +467,7 @@ fn main() -> ExitCode {
                 qemu,
                 memory_mib,
                 vcpus,
+                cpu,
                 boot_timeout,
                 extra_cmdline,
                 allow_missing_vnc,
@@ -477,13 +482,14 @@ fn main() -> ExitCode {
             match rt.block_on(golden::snapshot::snapshot(&golden, &opts)) {
                 Ok(s) => {
                     println!(
-                        "golden snapshot saved in {}: boot to desktop {:.1} s, save {:.1} s, {:?}, {} MiB, {} vCPU{}",
+                        "golden snapshot saved in {}: boot to desktop {:.1} s, save {:.1} s, {:?} cpu {}, {} MiB, {} vCPU{}",
                         golden.snapshot_dir().display(),
                         s.boot_ms as f64 / 1000.0,
                         s.save_ms as f64 / 1000.0,
-                        s.accel,
-                        s.memory_mib,
-                        s.vcpus,
+                        s.machine.accel,
+                        s.machine.cpu,
+                        s.machine.memory_mib,
+                        s.machine.vcpus,
                         if s.vnc_checked {
                             ""
                         } else {

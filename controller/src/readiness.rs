@@ -31,6 +31,9 @@ pub struct AgentCheck {
 #[derive(Debug, Clone, Serialize)]
 pub struct VncCheck {
     pub addr: String,
+    /// The port inside the guest, when `addr` is a forward to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_port: Option<u16>,
     pub ready: bool,
     /// The probe's JSON (`status`: desktop, handshake, refused, timeout, not-rfb, ...).
     pub probe: serde_json::Value,
@@ -75,9 +78,13 @@ impl Report {
                 self.agent.error.as_deref().unwrap_or("not healthy")
             )
         };
+        let port = match self.vnc.guest_port {
+            Some(g) => format!("{} (guest port {g})", self.vnc.addr),
+            None => self.vnc.addr.clone(),
+        };
         let vnc = match &self.vnc.outcome {
-            Some(o) => format!("vnc port {}: {o}", self.vnc.addr),
-            None => format!("vnc port {}: not probed", self.vnc.addr),
+            Some(o) => format!("vnc port {port}: {o}"),
+            None => format!("vnc port {port}: not probed"),
         };
         if self.vnc.ready {
             format!("{agent}; {vnc}")
@@ -177,6 +184,7 @@ pub async fn check_vnc(vm: &Vm, timeout: Duration) -> VncCheck {
     let probe = serde_json::from_str(&outcome.to_json(&addr, started.elapsed()))
         .expect("the probe's JSON parses");
     VncCheck {
+        guest_port: vm.guest_vnc_port,
         ready: outcome.is_ready(),
         failed_check: outcome.failed_check(),
         addr,

@@ -130,6 +130,11 @@ fn create_ready_view_through_the_gateway_delete_closes_4006() {
     assert_eq!(ready["probes"]["agent"]["healthy"], true);
     assert_eq!(ready["probes"]["vnc"]["probe"]["status"], "desktop");
     assert_eq!(ready["probes"]["vnc"]["probe"]["desktop"]["width"], 1024);
+    // The agent reported its identity; the process backend's "VM" is the host, so it
+    // changed nothing, and says so.
+    assert_eq!(ready["identity"]["applied"], false, "{ready}");
+    assert_eq!(ready["identity"]["rng_reseeded"], false);
+    assert_eq!(ready["identity"]["errors"], serde_json::json!([]));
 
     // Redis holds the token's digest only, never the token.
     let dump = s.redis.cli(&["GET", &format!("vncgate:session:{id}")]);
@@ -165,6 +170,44 @@ fn create_ready_view_through_the_gateway_delete_closes_4006() {
     let (code, reason) = close_of(&mut ws);
     assert_eq!((code, reason.as_str()), (4006, "session revoked"));
     assert!(!s.route_exists(&id), "the route is still there");
+}
+
+#[test]
+fn beyond_max_vms_sessions_wait_in_line_then_take_a_freed_slot_or_fail_with_capacity() {
+    let s = Setup::new(&["--max-vms", "1", "--placement-timeout", "6"]);
+    let a = create(s.api());
+    let a_id = a["id"].as_str().unwrap().to_owned();
+    assert_eq!(wait_for(s.api(), &a_id, "ready")["state"], "ready");
+    let b = create(s.api());
+    let c = create(s.api());
+    let (b_id, c_id) = (b["id"].as_str().unwrap(), c["id"].as_str().unwrap());
+    // Both wait in pending, in the order they came, with their places in line.
+    let get = |id: &str| http(s.api(), "GET", &format!("/api/sessions/{id}"), None).1;
+    let until = Instant::now() + Duration::from_secs(5);
+    while get(c_id)["queue_position"] != 2 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (bv, cv) = (get(b_id), get(c_id));
+    assert_eq!(
+        (bv["state"].as_str(), bv["queue_position"].as_u64()),
+        (Some("pending"), Some(1)),
+        "{bv}"
+    );
+    assert_eq!(
+        (cv["state"].as_str(), cv["queue_position"].as_u64()),
+        (Some("pending"), Some(2)),
+        "{cv}"
+    );
+    // A's end frees its slot: B boots in it, C moves up and then fails by name.
+    let (st, _) = http(s.api(), "DELETE", &format!("/api/sessions/{a_id}"), None);
+    assert_eq!(st, 202);
+    assert_eq!(wait_for(s.api(), b_id, "ready")["state"], "ready");
+    let end = wait_for(s.api(), c_id, "ready");
+    assert_eq!(end["state"], "failed", "{end}");
+    let reason = end["reason"].as_str().unwrap();
+    assert!(reason.starts_with("capacity: no VM slot"), "{reason}");
+    assert!(reason.contains("--max-vms 1"), "{reason}");
+    assert!(end.get("queue_position").is_none(), "{end}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! `firecracker` (issue 11) are three implementations of it, not three paths through the
 //! service.
 
+pub mod firecracker;
 mod host;
 pub mod process;
 pub mod qemu;
@@ -65,6 +66,9 @@ pub struct Vm {
     pub handle: serde_json::Value,
     /// The VNC password the backend set, when the VNC server asks for one.
     pub vnc_password: Option<String>,
+    /// The VNC port inside the guest, when the controller reaches it through a forward on
+    /// another port (QEMU's user networking): failures name both.
+    pub guest_vnc_port: Option<u16>,
 }
 
 /// A backend failure, with what it was doing.

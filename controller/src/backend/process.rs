@@ -153,6 +153,7 @@ impl Backend for ProcessBackend {
             addrs,
             handle: value,
             vnc_password: None,
+            guest_vnc_port: None,
         })
     }
 
@@ -215,6 +216,7 @@ impl Backend for ProcessBackend {
             addrs: h.addrs,
             handle: handle.clone(),
             vnc_password: None,
+            guest_vnc_port: None,
         })
     }
 }

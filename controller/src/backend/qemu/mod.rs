@@ -53,17 +53,52 @@ pub struct Snapshot {
     pub state: PathBuf,
     /// The frozen disk overlay (backed by the image's root filesystem).
     pub disk: PathBuf,
-    pub accel: Accel,
-    pub memory_mib: u32,
-    pub vcpus: u32,
-    /// The kernel command line the VM was booted with.
-    pub cmdline: String,
+    /// The VM it was taken of; every restore must be the same machine.
+    #[serde(flatten)]
+    pub machine: MachineSpec,
     /// Whether the save waited for the VNC port's RFB handshake (`false` only with
     /// `--allow-missing-vnc`, for the test of what a session from such a snapshot does).
     pub vnc_checked: bool,
     pub boot_ms: u64,
     pub save_ms: u64,
     pub saved_at_ms: u64,
+    /// The image's root filesystem as it was when the snapshot was taken: the frozen disk
+    /// is a delta on it, so a rebuilt image under an old snapshot is a corrupt disk.
+    pub base: FileStamp,
+}
+
+/// A file's size and modification time, to tell that it did not change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> Result<Self, String> {
+        let m = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mtime_ns = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as i128);
+        Ok(Self {
+            size: m.len(),
+            mtime_ns,
+        })
+    }
+}
+
+/// What a VM is, beyond its devices: accelerator, CPU model, memory, vCPUs, and the kernel
+/// command line it booted with. A restore must use the snapshot's exactly (a migration
+/// stream loaded into another CPU model "succeeds" and the guest hangs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineSpec {
+    pub accel: Accel,
+    pub cpu: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub cmdline: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +123,23 @@ impl Accel {
             .filter(|l| l.starts_with("flags"))
             .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
         if kvm && hw { Accel::Kvm } else { Accel::Tcg }
+    }
+
+    /// The CPU model a golden VM gets by default: the host's under KVM; under TCG `qemu64`,
+    /// the plainest x86-64 (measured on this kind of machine: cold boot 22 s against 28 s
+    /// with `max`, whose extra features TCG emulates slowly).
+    pub fn default_cpu(self) -> &'static str {
+        match self {
+            Accel::Kvm => "host",
+            Accel::Tcg => "qemu64",
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
     }
 }
 
@@ -190,20 +242,8 @@ impl Layout {
 
     /// QEMU's command line for this VM: the same devices for the golden boot and for every
     /// restore (`incoming`: the migration stream to restore from).
-    pub fn args(
-        &self,
-        golden: &Golden,
-        accel: Accel,
-        memory_mib: u32,
-        vcpus: u32,
-        cmdline: &str,
-        incoming: Option<&Path>,
-    ) -> Vec<String> {
+    pub fn args(&self, golden: &Golden, m: &MachineSpec, incoming: Option<&Path>) -> Vec<String> {
         let img = &golden.image;
-        let (accel, cpu) = match accel {
-            Accel::Kvm => ("kvm", "host"),
-            Accel::Tcg => ("tcg", "max"),
-        };
         let machine = if img.machine == "microvm" {
             "microvm,x-option-roms=off,rtc=on,isa-serial=on".to_owned()
         } else {
@@ -217,12 +257,17 @@ impl Layout {
                 format!("{name}-pci")
             }
         };
-        let mut a: Vec<String> = ["-M", &machine, "-accel", accel, "-cpu", cpu]
+        let mut a: Vec<String> = ["-M", &machine, "-accel", m.accel.as_str(), "-cpu", &m.cpu]
             .iter()
             .map(|s| s.to_string())
             .collect();
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-        push(&["-m", &memory_mib.to_string(), "-smp", &vcpus.to_string()]);
+        push(&[
+            "-m",
+            &m.memory_mib.to_string(),
+            "-smp",
+            &m.vcpus.to_string(),
+        ]);
         push(&["-nodefaults", "-no-user-config", "-display", "none"]);
         push(&[
             "-kernel",
@@ -231,7 +276,7 @@ impl Layout {
         if let Some(initrd) = &img.initrd {
             push(&["-initrd", &golden.dir.join(initrd).display().to_string()]);
         }
-        push(&["-append", cmdline]);
+        push(&["-append", &m.cmdline]);
         push(&[
             "-drive",
             &format!("id=root,file={},format=qcow2,if=none", self.disk.display()),
@@ -361,11 +406,11 @@ impl QemuBackend {
     pub fn new(cfg: QemuConfig) -> Result<Self, String> {
         let golden = Golden::open(&cfg.golden)?;
         let snapshot = golden.snapshot()?;
-        if snapshot.accel != Accel::detect() {
+        if snapshot.machine.accel != Accel::detect() {
             return Err(format!(
                 "the golden snapshot in {} was taken under {:?}, this host runs {:?}: take it again here",
                 golden.snapshot_dir().display(),
-                snapshot.accel,
+                snapshot.machine.accel,
                 Accel::detect()
             ));
         }
@@ -394,20 +439,37 @@ impl QemuBackend {
         create_overlay(&self.snapshot.disk, &layout.disk).map_err(BackendError)?;
         let args = layout.args(
             &self.golden,
-            self.snapshot.accel,
-            self.snapshot.memory_mib,
-            self.snapshot.vcpus,
-            &self.snapshot.cmdline,
+            &self.snapshot.machine,
             Some(&self.snapshot.state),
         );
         let qemu = spawn_qemu(&self.cfg.qemu, layout, &args)?;
         let started = Instant::now();
+        match self.resume(layout, started).await {
+            Ok(()) => {
+                tracing::debug!(dir = %layout.dir.display(), ms = started.elapsed().as_millis() as u64, "VM restored");
+                Ok(qemu)
+            }
+            Err(e) => {
+                qemu.signal(rustix::process::Signal::KILL);
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for the incoming migration to land and the VM to run.
+    async fn resume(&self, layout: &Layout, started: Instant) -> Result<(), BackendError> {
         let mut qmp = qmp::Qmp::connect(&layout.qmp(), self.cfg.restore_timeout)
             .await
             .map_err(|e| BackendError(format!("restore: {e}{}", tail_logs(&layout.dir))))?;
         loop {
             match qmp.status().await {
                 Ok(s) if s == "running" => break,
+                // The golden VM was paused for its save, so the restored one arrives paused.
+                Ok(s) if s == "paused" => {
+                    qmp.execute("cont", None)
+                        .await
+                        .map_err(|e| BackendError(format!("restore: {e}")))?;
+                }
                 Ok(_) if started.elapsed() < self.cfg.restore_timeout => {
                     tokio::time::sleep(Duration::from_millis(10)).await
                 }
@@ -426,8 +488,7 @@ impl QemuBackend {
                 }
             }
         }
-        tracing::debug!(dir = %layout.dir.display(), ms = started.elapsed().as_millis() as u64, "VM restored");
-        Ok(qemu)
+        Ok(())
     }
 }
 
@@ -482,6 +543,7 @@ impl Backend for QemuBackend {
             addrs: layout.addrs(),
             handle: value,
             vnc_password: None,
+            guest_vnc_port: Some(self.golden.image.vnc_port),
         })
     }
 
@@ -565,6 +627,7 @@ impl Backend for QemuBackend {
             addrs: h.layout.addrs(),
             handle: handle.clone(),
             vnc_password: None,
+            guest_vnc_port: Some(self.golden.image.vnc_port),
         })
     }
 

@@ -12,14 +12,16 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{Accel, Golden, Layout, Snapshot, qmp::Qmp, spawn_qemu, tail_logs};
+use super::{Accel, Golden, Layout, MachineSpec, Snapshot, qmp::Qmp, spawn_qemu, tail_logs};
 use crate::probe::{self, Depth, ProbeOutcome};
 
 #[derive(Debug, Clone)]
 pub struct Options {
     pub qemu: PathBuf,
-    /// Overrides of the image's memory and vCPUs (every restore uses what the snapshot has).
+    /// Overrides of the image's memory and vCPUs, and of the CPU model (every restore uses
+    /// what the snapshot has).
     pub memory_mib: Option<u32>,
+    pub cpu: Option<String>,
     pub vcpus: Option<u32>,
     /// How long the cold boot may take to reach a desktop.
     pub boot_timeout: Duration,
@@ -72,13 +74,21 @@ async fn agent_answer(http: &reqwest::Client, port: u16) -> String {
 pub async fn snapshot(golden: &Golden, opts: &Options) -> Result<Snapshot, String> {
     let img = &golden.image;
     let accel = Accel::detect();
-    let memory_mib = opts.memory_mib.unwrap_or(img.memory_mib);
-    let vcpus = opts.vcpus.unwrap_or(img.vcpus);
-    let cmdline = match &opts.extra_cmdline {
-        Some(x) => format!("{} {x}", img.cmdline),
-        None => img.cmdline.clone(),
+    let machine = MachineSpec {
+        accel,
+        cpu: opts
+            .cpu
+            .clone()
+            .unwrap_or_else(|| accel.default_cpu().to_owned()),
+        memory_mib: opts.memory_mib.unwrap_or(img.memory_mib),
+        vcpus: opts.vcpus.unwrap_or(img.vcpus),
+        cmdline: match &opts.extra_cmdline {
+            Some(x) => format!("{} {x}", img.cmdline),
+            None => img.cmdline.clone(),
+        },
     };
     let fin = golden.snapshot_dir();
+    let base_stamp = super::FileStamp::of(&golden.dir.join(&img.rootfs))?;
     let tmp = golden.dir.join("snapshot.tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -99,8 +109,8 @@ pub async fn snapshot(golden: &Golden, opts: &Options) -> Result<Snapshot, Strin
         ));
     }
     let layout = Layout::fresh(tmp.clone(), disk.clone()).map_err(|e| e.0)?;
-    let args = layout.args(golden, accel, memory_mib, vcpus, &cmdline, None);
-    tracing::info!(accel = ?accel, memory_mib, vcpus, vnc = layout.vnc, agent = layout.agent, "booting the golden image");
+    let args = layout.args(golden, &machine, None);
+    tracing::info!(machine = ?machine, vnc = layout.vnc, agent = layout.agent, "booting the golden image");
     let qemu = spawn_qemu(&opts.qemu, &layout, &args).map_err(|e| e.0)?;
     let kill = || {
         qemu.signal(rustix::process::Signal::KILL);
@@ -205,14 +215,12 @@ pub async fn snapshot(golden: &Golden, opts: &Options) -> Result<Snapshot, Strin
         version: 1,
         state: "state".into(),
         disk: "disk.qcow2".into(),
-        accel,
-        memory_mib,
-        vcpus,
-        cmdline,
+        machine,
         vnc_checked: needs_vnc,
         boot_ms,
         save_ms,
         saved_at_ms: vncgate_schema::session::unix_now_ms(),
+        base: base_stamp,
     };
     for f in ["qmp.sock", "vm-data.sock"] {
         let _ = std::fs::remove_file(tmp.join(f));
