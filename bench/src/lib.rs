@@ -3,6 +3,8 @@
 //!
 //! - `ws`: RFC 6455 client role without I/O (upgrade, masked frames, frame decoder).
 //! - `conn`: one client connection over a blocking socket, raw TCP or WebSocket.
+//! - `controller`: a `vncgate-controller` child process and its session API, for the
+//!   session benches (`vncgate-bench-sessions`, `vncgate-bench-restores`).
 //! - `targets`: the in-process upstreams (bulk source, echo server), and the idle point's
 //!   fake VM in a child process.
 //! - `proxy`: the relays under test, started as child processes and killed by pid.
@@ -18,6 +20,7 @@
 
 pub mod cli;
 pub mod conn;
+pub mod controller;
 pub mod measure;
 pub mod plot;
 pub mod point;

@@ -6,15 +6,15 @@
 //! measured. Writes bench/out/sessions.md and sessions.json.
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use serde_json::{Value, json};
+use serde_json::json;
+use vncgate_bench::controller::{Controller, quantile};
 
 #[derive(Parser, Debug)]
 #[command(name = "vncgate-bench-sessions", version)]
@@ -33,46 +33,6 @@ struct Args {
     out: PathBuf,
 }
 
-/// One HTTP/1.1 exchange; (status, JSON).
-fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, Value), String> {
-    vncgate_loadtest::http::json(addr, method, path, body)
-        .map_err(|e| format!("{method} {path}: {e}"))
-}
-
-/// Create, wait for ready, delete; the create-to-ready time.
-fn one(addr: &str) -> Result<Duration, String> {
-    let t0 = Instant::now();
-    let (st, c) = http(
-        addr,
-        "POST",
-        "/api/sessions",
-        r#"{"user_id":"bench","provider":"bench"}"#,
-    )?;
-    if st != 201 {
-        return Err(format!("create answered {st}: {c}"));
-    }
-    let id = c["id"].as_str().ok_or("no id")?.to_owned();
-    let (_, w) = http(
-        addr,
-        "GET",
-        &format!("/api/sessions/{id}/wait?state=ready&timeout=60"),
-        "",
-    )?;
-    let took = t0.elapsed();
-    if w["state"] != "ready" {
-        return Err(format!(
-            "session {id} ended {} ({})",
-            w["state"],
-            w["reason"].as_str().unwrap_or("no reason")
-        ));
-    }
-    let (st, d) = http(addr, "DELETE", &format!("/api/sessions/{id}"), "")?;
-    if st != 202 {
-        return Err(format!("delete answered {st}: {d}"));
-    }
-    Ok(took)
-}
-
 struct Point {
     creators: usize,
     ready: usize,
@@ -82,16 +42,16 @@ struct Point {
     max_ms: f64,
 }
 
-fn point(addr: &str, creators: usize, secs: f64) -> Result<Point, String> {
+fn point(ctl: &Arc<Controller>, creators: usize, secs: f64) -> Result<Point, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let workers: Vec<_> = (0..creators)
         .map(|_| {
-            let (addr, stop) = (addr.to_owned(), stop.clone());
+            let (ctl, stop) = (ctl.clone(), stop.clone());
             std::thread::spawn(move || -> Result<Vec<Duration>, String> {
                 let mut lat = Vec::new();
                 while Instant::now() < end && !stop.load(Ordering::Relaxed) {
-                    match one(&addr) {
+                    match ctl.one(Duration::from_secs(60)) {
                         Ok(d) => lat.push(d),
                         Err(e) => {
                             stop.store(true, Ordering::Relaxed);
@@ -116,7 +76,7 @@ fn point(addr: &str, creators: usize, secs: f64) -> Result<Point, String> {
         return Err("no session reached ready".into());
     }
     lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
+    let pct = |p: f64| quantile(&lat, p);
     Ok(Point {
         creators,
         ready: lat.len(),
@@ -129,39 +89,18 @@ fn point(addr: &str, creators: usize, secs: f64) -> Result<Point, String> {
 
 fn main() -> ExitCode {
     let a = Args::parse();
-    let work = std::env::temp_dir().join(format!("vncgate-bench-sessions-{}", std::process::id()));
-    let mut child = match Command::new(&a.controller)
-        .args(["--listen", "127.0.0.1:0", "--work-dir"])
-        .arg(&work)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(c) => c,
+    let ctl = match Controller::start(&a.controller, "sessions", &[]) {
+        Ok(c) => Arc::new(c),
         Err(e) => {
-            eprintln!("vncgate-bench-sessions: {}: {e}", a.controller.display());
+            eprintln!("vncgate-bench-sessions: {e}");
             return ExitCode::from(2);
         }
     };
-    let mut out = BufReader::new(child.stdout.take().expect("piped"));
-    let mut line = String::new();
-    let _ = out.read_line(&mut line);
-    let Some(addr) = line
-        .trim()
-        .strip_prefix("vncgate-controller: listening on http://")
-        .map(str::to_owned)
-    else {
-        eprintln!("vncgate-bench-sessions: the controller did not start: {line}");
-        let _ = child.kill();
-        let _ = child.wait();
-        return ExitCode::from(2);
-    };
-    std::thread::spawn(move || for _ in out.lines() {});
     let mut points = Vec::new();
     let mut failed = false;
     for &n in &a.creators {
         eprintln!("vncgate-bench-sessions: {n} creators for {} s", a.secs);
-        match point(&addr, n, a.secs) {
+        match point(&ctl, n, a.secs) {
             Ok(p) => points.push(p),
             Err(e) => {
                 eprintln!("vncgate-bench-sessions: {n} creators: {e}");
@@ -171,9 +110,7 @@ fn main() -> ExitCode {
         // Let deleted VMs stop before the next point.
         std::thread::sleep(Duration::from_secs(2));
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&work);
+    drop(ctl);
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mut md = format!(
         "# vncgate-controller: sessions to ready\n\n{cpus} CPUs · process backend (synthetic desktop + vncgate-agent per session) · in-memory store · {} s per point. Each creator: create, wait for ready (agent healthy and VNC through ServerInit), delete.\n\n| creators | ready sessions | sessions/s | create-to-ready p50 ms | p99 ms | max ms |\n|---:|---:|---:|---:|---:|---:|\n",
