@@ -56,19 +56,7 @@ impl Vms {
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let controller = start_controller(&redis, &work, &args);
-        let mut g = Command::new(sibling("vncgate"));
-        g.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--redis",
-            &redis.url(),
-            "--allow-upstream",
-            "127.0.0.0/8",
-            "--workers",
-            "1",
-        ]);
-        let gateway = Proc::start(g, "vncgate: listening on ws://");
+        let gateway = start_gateway(&redis);
         Vms {
             redis,
             controller,
@@ -405,12 +393,7 @@ fn an_image_without_vnc_is_refused_naming_6080_and_its_sessions_fail_by_name() {
     assert!(reason.contains("guest port 6080"), "{reason}");
     assert!(reason.contains("agent healthy"), "{reason}");
     let key = format!("vncgate:route:{id}");
-    let wrote: Vec<String> = watched
-        .seen()
-        .iter()
-        .filter(|(_, l)| l.contains(&key) && !l.contains("\"DEL\"") && !l.contains("\"ZREM\""))
-        .map(|(_, l)| l.clone())
-        .collect();
+    let wrote = route_writes(&watched, &key);
     assert!(wrote.is_empty(), "route commands: {wrote:?}");
     assert!(gone(&s.work.join(&id), 20));
     drop(s);

@@ -29,19 +29,7 @@ impl Setup {
         let redis = RedisServer::start();
         let (work, _) = scratch("test");
         let controller = start_controller(&redis, &work, extra);
-        let mut g = Command::new(sibling("vncgate"));
-        g.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--redis",
-            &redis.url(),
-            "--allow-upstream",
-            "127.0.0.0/8",
-            "--workers",
-            "1",
-        ]);
-        let gateway = Proc::start(g, "vncgate: listening on ws://");
+        let gateway = start_gateway(&redis);
         Setup {
             redis,
             controller,
@@ -229,12 +217,7 @@ fn the_seeds_failure_a_vnc_server_that_never_starts() {
     assert_eq!(end["probes"]["vnc"]["probe"]["status"], "refused");
     // No route was ever written for it, over the whole run.
     let key = format!("vncgate:route:{id}");
-    let wrote: Vec<String> = watched
-        .seen()
-        .iter()
-        .filter(|(_, l)| l.contains(&key) && !l.contains("\"DEL\"") && !l.contains("\"ZREM\""))
-        .map(|(_, l)| l.clone())
-        .collect();
+    let wrote = route_writes(&watched, &key);
     assert!(wrote.is_empty(), "route commands: {wrote:?}");
     assert!(!watched.seen().is_empty(), "MONITOR saw nothing");
 }

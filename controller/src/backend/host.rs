@@ -8,7 +8,7 @@ use std::process::Stdio;
 
 use serde::{Deserialize, Serialize};
 
-use super::BackendError;
+use super::{Backend, BackendError, Vm};
 
 /// A process by pid and start time (clock ticks after boot, /proc/PID/stat field 22), so a
 /// reused pid is told apart.
@@ -88,4 +88,25 @@ pub(crate) fn spawn(
         let _ = child.wait().await;
     });
     Ok(Proc { pid, start })
+}
+
+/// The VMs of `backend` that run from the directories under `work_dir`: each directory's
+/// `handle.json`, adopted by the backend (which tells its own handles and live processes);
+/// a directory without a readable handle is skipped.
+pub(crate) async fn running_in<B: Backend>(backend: &B, work_dir: &Path) -> Vec<Vm> {
+    let Ok(dirs) = std::fs::read_dir(work_dir) else {
+        return Vec::new();
+    };
+    let handles: Vec<serde_json::Value> = dirs
+        .flatten()
+        .filter_map(|d| std::fs::read_to_string(d.path().join("handle.json")).ok())
+        .filter_map(|t| serde_json::from_str(&t).ok())
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        if let Some(vm) = backend.adopt(&h).await {
+            out.push(vm);
+        }
+    }
+    out
 }

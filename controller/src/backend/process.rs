@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::host::{Proc, free_port, spawn};
+use super::host::{Proc, free_port, running_in, spawn};
 use super::{Backend, BackendError, Vm, VmAddrs, VmData};
 
 /// How the backend starts its processes.
@@ -192,22 +192,7 @@ impl Backend for ProcessBackend {
     }
 
     async fn running(&self) -> Vec<Vm> {
-        let mut out = Vec::new();
-        let Ok(dirs) = std::fs::read_dir(&self.cfg.work_dir) else {
-            return out;
-        };
-        for d in dirs.flatten() {
-            let Ok(text) = std::fs::read_to_string(d.path().join("handle.json")) else {
-                continue;
-            };
-            let Ok(handle) = serde_json::from_str::<serde_json::Value>(&text) else {
-                continue;
-            };
-            if let Some(vm) = self.adopt(&handle).await {
-                out.push(vm);
-            }
-        }
-        out
+        running_in(self, &self.cfg.work_dir).await
     }
 
     async fn adopt(&self, handle: &serde_json::Value) -> Option<Vm> {

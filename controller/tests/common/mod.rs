@@ -186,3 +186,30 @@ pub fn close_of(ws: &mut tungstenite::WebSocket<TcpStream>) -> (u16, String) {
     }
     panic!("no close frame within 15 s");
 }
+
+/// `vncgate serve` on `redis`, one worker, loopback upstreams allowed.
+pub fn start_gateway(redis: &RedisServer) -> Proc {
+    let mut g = Command::new(sibling("vncgate"));
+    g.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--redis",
+        &redis.url(),
+        "--allow-upstream",
+        "127.0.0.0/8",
+        "--workers",
+        "1",
+    ]);
+    Proc::start(g, "vncgate: listening on ws://")
+}
+
+/// The commands MONITOR saw that wrote `key` (anything but its deletion).
+pub fn route_writes(watched: &vncgate_schema::testing::Monitor, key: &str) -> Vec<String> {
+    watched
+        .seen()
+        .iter()
+        .filter(|(_, l)| l.contains(key) && !l.contains("\"DEL\"") && !l.contains("\"ZREM\""))
+        .map(|(_, l)| l.clone())
+        .collect()
+}
