@@ -5,7 +5,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`api`] | the session API over HTTP (axum): thin handlers, one error-to-status map |
-//! | [`backend`] | the VM backend trait (start from golden, push per-VM data, alive, stop, adopt); the `process` and `qemu` backends, the golden snapshot |
+//! | [`backend`] | the VM backend trait (start from golden, push per-VM data, alive, stop, adopt); the `process`, `qemu` and `firecracker` backends, their golden snapshots |
 //! | [`capacity`] | VM slots on this host (`--max-vms`): a line of pending sessions with positions, `capacity` failures after the placement timeout |
 //! | [`credentials`] | credentials at rest: envelope encryption (AES-256-GCM data keys wrapped by named KEKs), rewrap |
 //! | [`lifecycle`] | a session's state machine, pure: event in, new record and effects (route, VM) out |

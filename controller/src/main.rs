@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use vncgate_controller::backend::firecracker as fc;
 use vncgate_controller::backend::qemu as golden;
 use vncgate_controller::publish::{self, Publish, Published};
 use vncgate_controller::{probe, server};
@@ -85,6 +86,68 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    #[command(flatten)]
+    firecracker: FirecrackerArgs,
+}
+
+/// The `firecracker` backend (controller/FIRECRACKER.md).
+#[derive(clap::Args)]
+#[command(next_help_heading = "Firecracker backend (--backend firecracker)")]
+struct FirecrackerArgs {
+    /// The firecracker binary (v1.12.1: scripts/firecracker-fetch.sh); a bare name is looked
+    /// up on PATH.
+    #[arg(long, value_name = "PATH", default_value = "firecracker")]
+    firecracker: std::path::PathBuf,
+    /// Run each VM under this jailer (with --jailer-uid and --jailer-gid).
+    #[arg(long, value_name = "PATH")]
+    jailer: Option<std::path::PathBuf>,
+    /// The user the jailer runs Firecracker as.
+    #[arg(long, value_name = "UID")]
+    jailer_uid: Option<u32>,
+    /// The group the jailer runs Firecracker as.
+    #[arg(long, value_name = "GID")]
+    jailer_gid: Option<u32>,
+    /// The jailer's --chroot-base-dir.
+    #[arg(long, value_name = "DIR", default_value = "/srv/jailer")]
+    jailer_chroot_base: std::path::PathBuf,
+    /// The golden snapshot's VM state file (`golden firecracker-snapshot` writes it).
+    #[arg(long, value_name = "FILE")]
+    fc_vmstate: Option<std::path::PathBuf>,
+    /// The golden snapshot's guest memory file.
+    #[arg(long, value_name = "FILE")]
+    fc_memory: Option<std::path::PathBuf>,
+    /// A file the snapshot opens (its root drive), at the path it was taken with; linked
+    /// into each jail. Repeatable.
+    #[arg(long = "fc-drive", value_name = "FILE")]
+    fc_drives: Vec<std::path::PathBuf>,
+    /// The host bridge the VMs' taps join, created when absent [default: vncgatefc0].
+    #[arg(long, value_name = "NAME")]
+    fc_bridge: Option<String>,
+    /// The VMs' subnet: the host is .1, VM n is .n+2, the golden VM the last address
+    /// [default: 172.30.0.0/24].
+    #[arg(long, value_name = "CIDR")]
+    fc_subnet: Option<String>,
+    /// A network namespace (ip netns add) for the bridge, the taps and Firecracker.
+    #[arg(long, value_name = "NAME")]
+    fc_netns: Option<String>,
+}
+
+impl FirecrackerArgs {
+    fn settings(self) -> server::FirecrackerSettings {
+        server::FirecrackerSettings {
+            binary: self.firecracker,
+            jailer: self.jailer,
+            jailer_uid: self.jailer_uid,
+            jailer_gid: self.jailer_gid,
+            jailer_chroot_base: self.jailer_chroot_base,
+            vmstate: self.fc_vmstate,
+            memory: self.fc_memory,
+            drives: self.fc_drives,
+            bridge: self.fc_bridge,
+            subnet: self.fc_subnet,
+            netns: self.fc_netns,
+        }
+    }
 }
 
 /// The credentials store's keys.
@@ -163,7 +226,7 @@ enum Cmd {
     Keys(KeysCmd),
     /// Print the API's OpenAPI 3 document (committed as controller/openapi.json).
     Openapi,
-    /// The golden snapshot of the qemu backend.
+    /// The golden snapshot of the qemu (and firecracker) backend.
     #[command(subcommand)]
     Golden(GoldenCmd),
 }
@@ -199,6 +262,41 @@ enum GoldenCmd {
         /// snapshot.json (vnc_checked: false) and warned about by every controller using it.
         #[arg(long)]
         allow_missing_vnc: bool,
+    },
+    /// Boot a Firecracker golden VM cold (an uncompressed kernel, a raw ext4 rootfs whose
+    /// agent runs with --vm-data-mmds) and save its snapshot to --fc-vmstate and --fc-memory,
+    /// only when its agent answers HTTP and its VNC port completes an RFB handshake to
+    /// ServerInit; otherwise refuse, naming the port, and exit 1. Give `--backend
+    /// firecracker` the same --fc-* flags (and --fc-drive ROOTFS).
+    FirecrackerSnapshot {
+        /// The guest kernel, an uncompressed ELF (vmlinux).
+        #[arg(long, value_name = "FILE")]
+        kernel: std::path::PathBuf,
+        /// The root filesystem image (raw ext4), attached read-only; every clone opens it at
+        /// this path.
+        #[arg(long, value_name = "FILE")]
+        rootfs: Option<std::path::PathBuf>,
+        /// The kernel command line; the golden address (ip=...) is appended, and
+        /// Firecracker adds root=/dev/vda ro for the rootfs.
+        #[arg(long, value_name = "ARGS", default_value = fc::ColdBoot::DEFAULT_BOOT_ARGS)]
+        boot_args: String,
+        /// vCPUs of the golden VM (every clone has the snapshot's).
+        #[arg(long, default_value_t = 2)]
+        vcpus: u8,
+        /// Memory of the golden VM in MiB (every clone has the snapshot's).
+        #[arg(long, default_value_t = 1024)]
+        memory_mib: u32,
+        /// Seconds the cold boot has to reach a desktop.
+        #[arg(long, default_value_t = 180.0, value_name = "SECS")]
+        boot_timeout: f64,
+        /// Save even though the VNC port never answers (for tests of a broken image).
+        #[arg(long)]
+        allow_missing_vnc: bool,
+        /// Where the golden VM's directory (console, log, socket) goes while it runs.
+        #[arg(long, value_name = "DIR", default_value = "/tmp/vncgate-process")]
+        work_dir: std::path::PathBuf,
+        #[command(flatten)]
+        firecracker: Box<FirecrackerArgs>,
     },
 }
 
@@ -260,27 +358,41 @@ fn redis_url(s: &str) -> Result<RedisUrl, String> {
     s.parse().map_err(|e| format!("--redis: {e}"))
 }
 
-fn serve(a: ServeArgs) -> ExitCode {
+/// Logs to stderr, filtered by `VNCGATE_LOG` (default `info`).
+fn log_to_stderr(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VNCGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match a.log_format {
+    match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
     }
-    let Ok(boot_timeout) = Duration::try_from_secs_f64(a.boot_timeout) else {
-        return fail(format!(
-            "--boot-timeout: {} is not a number of seconds",
-            a.boot_timeout
-        ));
+}
+
+/// A flag's seconds as a duration, or the error naming the flag.
+fn secs(flag: &str, v: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(v).map_err(|_| format!("{flag}: {v} is not a number of seconds"))
+}
+
+/// A current-thread runtime for a subcommand.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))
+}
+
+fn serve(a: ServeArgs) -> ExitCode {
+    log_to_stderr(a.log_format);
+    let boot_timeout = match secs("--boot-timeout", a.boot_timeout) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
     };
-    let Ok(placement_timeout) = Duration::try_from_secs_f64(a.placement_timeout) else {
-        return fail(format!(
-            "--placement-timeout: {} is not a number of seconds",
-            a.placement_timeout
-        ));
+    let placement_timeout = match secs("--placement-timeout", a.placement_timeout) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
     };
     if a.max_vms == Some(0) {
         return fail(
@@ -305,6 +417,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         qemu: a.qemu,
         max_vms: a.max_vms,
         placement_timeout,
+        firecracker: a.firecracker.settings(),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -367,8 +480,9 @@ fn main() -> ExitCode {
                 Ok(u) => u,
                 Err(e) => return fail(e),
             };
-            let Ok(wait) = Duration::try_from_secs_f64(wait) else {
-                return fail(format!("--wait: {wait} is not a number of seconds"));
+            let wait = match secs("--wait", wait) {
+                Ok(d) => d,
+                Err(e) => return fail(e),
             };
             let p = Publish {
                 session: session.clone(),
@@ -447,17 +561,10 @@ fn main() -> ExitCode {
             extra_cmdline,
             allow_missing_vnc,
         }) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("VNCGATE_LOG")
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .init();
-            let Ok(boot_timeout) = Duration::try_from_secs_f64(boot_timeout) else {
-                return fail(format!(
-                    "--boot-timeout: {boot_timeout} is not a number of seconds"
-                ));
+            log_to_stderr(LogFormat::Text);
+            let boot_timeout = match secs("--boot-timeout", boot_timeout) {
+                Ok(d) => d,
+                Err(e) => return fail(e),
             };
             let golden = match golden::Golden::open(&dir) {
                 Ok(g) => g,
@@ -472,12 +579,9 @@ fn main() -> ExitCode {
                 extra_cmdline,
                 allow_missing_vnc,
             };
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => return fail(format!("cannot start a runtime: {e}")),
+                Err(e) => return fail(e),
             };
             match rt.block_on(golden::snapshot::snapshot(&golden, &opts)) {
                 Ok(s) => {
@@ -504,17 +608,74 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Golden(GoldenCmd::FirecrackerSnapshot {
+            kernel,
+            rootfs,
+            boot_args,
+            vcpus,
+            memory_mib,
+            boot_timeout,
+            allow_missing_vnc,
+            work_dir,
+            firecracker,
+        }) => {
+            log_to_stderr(LogFormat::Text);
+            let boot_timeout = match secs("--boot-timeout", boot_timeout) {
+                Ok(d) => d,
+                Err(e) => return fail(e),
+            };
+            let mut settings = (*firecracker).settings();
+            // The clones open the rootfs at this path: it is one of the snapshot's files.
+            settings.drives.extend(rootfs.clone());
+            let mut cfg = match settings.config(&work_dir) {
+                Ok(c) => c,
+                Err(e) => {
+                    return fail(e.replace(
+                        "--backend firecracker needs",
+                        "golden firecracker-snapshot needs",
+                    ));
+                }
+            };
+            cfg.cold_boot = Some(fc::ColdBoot {
+                kernel,
+                rootfs,
+                boot_args,
+            });
+            (cfg.vcpus, cfg.memory_mib) = (vcpus, memory_mib);
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return fail(e),
+            };
+            match rt.block_on(fc::golden::snapshot(cfg, boot_timeout, allow_missing_vnc)) {
+                Ok(m) => {
+                    println!(
+                        "golden snapshot saved: {} and {}: boot to desktop {:.1} s, save {:.1} s, {memory_mib} MiB, {vcpus} vCPU{}",
+                        m.vmstate.display(),
+                        m.memory.display(),
+                        m.boot_ms as f64 / 1000.0,
+                        m.save_ms as f64 / 1000.0,
+                        if m.vnc_checked {
+                            ""
+                        } else {
+                            " (VNC NOT CHECKED: --allow-missing-vnc)"
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vncgate-controller: golden firecracker-snapshot: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Openapi => {
             println!("{}", vncgate_controller::api::openapi_json());
             ExitCode::SUCCESS
         }
         Cmd::Keys(KeysCmd::Rewrap { redis, keys }) => {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => return fail(format!("cannot start a runtime: {e}")),
+                Err(e) => return fail(e),
             };
             match rt.block_on(server::rewrap(&redis, &keys.credentials_keys)) {
                 Ok((moved, current)) => {

@@ -3,10 +3,13 @@
 //! the controller stops; the next one adopts them.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::backend::Backend;
+use crate::backend::firecracker::{
+    FirecrackerBackend, FirecrackerConfig, GoldenSnapshot, JailerConfig,
+};
 use crate::backend::process::{ProcessBackend, ProcessConfig};
 use crate::backend::qemu::{QemuBackend, QemuConfig};
 use crate::credentials::{Kek, KeyRing, Sealed};
@@ -47,6 +50,89 @@ pub struct Settings {
     /// VMs at most on this host, and how long a session waits for a slot.
     pub max_vms: Option<usize>,
     pub placement_timeout: Duration,
+    /// `--backend firecracker`.
+    pub firecracker: FirecrackerSettings,
+}
+
+/// The `firecracker` backend's flags, as given; [`FirecrackerSettings::config`] checks them.
+#[derive(Debug, Clone, Default)]
+pub struct FirecrackerSettings {
+    /// `--firecracker`: a path, or a bare name looked up on `PATH`.
+    pub binary: PathBuf,
+    /// `--jailer`, with `--jailer-uid`, `--jailer-gid` and `--jailer-chroot-base`.
+    pub jailer: Option<PathBuf>,
+    pub jailer_uid: Option<u32>,
+    pub jailer_gid: Option<u32>,
+    pub jailer_chroot_base: PathBuf,
+    /// `--fc-vmstate`, `--fc-memory`: the golden snapshot's two files.
+    pub vmstate: Option<PathBuf>,
+    pub memory: Option<PathBuf>,
+    /// `--fc-drive`: files the snapshot opens (its drives), linked into each jail.
+    pub drives: Vec<PathBuf>,
+    /// `--fc-bridge`, `--fc-subnet`, `--fc-netns` [default: the backend's].
+    pub bridge: Option<String>,
+    pub subnet: Option<String>,
+    pub netns: Option<String>,
+}
+
+/// `name` when it is a path; else the first executable file of that name on `PATH`.
+fn find_binary(name: &Path, flag: &str) -> Result<PathBuf, String> {
+    if name.components().count() != 1 || name.is_absolute() {
+        return Ok(name.to_owned());
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!(
+                "{flag}: no {} on PATH; give its path (scripts/firecracker-fetch.sh puts v1.12.1 in target/firecracker/)",
+                name.display()
+            )
+        })
+}
+
+impl FirecrackerSettings {
+    /// The backend's configuration; a missing or malformed flag is an error naming it.
+    pub fn config(&self, work_dir: &Path) -> Result<FirecrackerConfig, String> {
+        let need = |v: &Option<PathBuf>, flag: &str| {
+            v.clone().ok_or_else(|| {
+                format!("--backend firecracker needs {flag} FILE (the golden snapshot's {}; `vncgate-controller golden firecracker-snapshot` makes it)", if flag == "--fc-vmstate" { "VM state" } else { "guest memory" })
+            })
+        };
+        let golden = GoldenSnapshot {
+            vmstate: need(&self.vmstate, "--fc-vmstate")?,
+            memory: need(&self.memory, "--fc-memory")?,
+            files: self.drives.clone(),
+        };
+        let binary = find_binary(&self.binary, "--firecracker")?;
+        let mut cfg = FirecrackerConfig::new(binary, golden, work_dir.to_owned());
+        if let Some(j) = &self.jailer {
+            let (Some(uid), Some(gid)) = (self.jailer_uid, self.jailer_gid) else {
+                return Err(
+                    "--jailer needs --jailer-uid and --jailer-gid (the user Firecracker runs as)"
+                        .into(),
+                );
+            };
+            cfg.jailer = Some(JailerConfig {
+                binary: find_binary(j, "--jailer")?,
+                uid,
+                gid,
+                chroot_base: self.jailer_chroot_base.clone(),
+            });
+        } else if self.jailer_uid.is_some() || self.jailer_gid.is_some() {
+            return Err("--jailer-uid and --jailer-gid take effect with --jailer PATH only".into());
+        }
+        if let Some(b) = &self.bridge {
+            cfg.bridge = b.clone();
+        }
+        if let Some(s) = &self.subnet {
+            cfg.subnet = s.parse().map_err(|e| format!("--fc-subnet: {e}"))?;
+        }
+        cfg.netns = self.netns.clone();
+        Ok(cfg)
+    }
 }
 
 /// The embedded gateway: `vncgate serve` on `listen` with 127.0.0.0/8 allowed upstream (the
@@ -149,7 +235,10 @@ pub async fn run(s: Settings) -> Result<(), String> {
         }
         BackendKind::Qemu => {
             let Some(golden) = s.golden.clone() else {
-                return Err("--backend qemu needs --golden DIR (built by config/golden/build.sh DIR)".into());
+                return Err(
+                    "--backend qemu needs --golden DIR (built by config/golden/build.sh DIR)"
+                        .into(),
+                );
             };
             let b = QemuBackend::new(QemuConfig {
                 golden,
@@ -159,10 +248,14 @@ pub async fn run(s: Settings) -> Result<(), String> {
             })?;
             serve_with(s, listener, addr, store, gateway, b).await
         }
-        BackendKind::Firecracker => Err(
-            "--backend firecracker: not wired to the command line yet; use --backend qemu or process"
-                .into(),
-        ),
+        BackendKind::Firecracker => {
+            let cfg = s.firecracker.config(&s.work_dir)?;
+            if addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the controller listens on loopback, which no Firecracker guest reaches: agents cannot post credentials (use --listen 0.0.0.0:PORT; guests are given the bridge's address)");
+            }
+            let b = FirecrackerBackend::new(cfg)?;
+            serve_with(s, listener, addr, store, gateway, b).await
+        }
     }
 }
 
@@ -305,5 +398,88 @@ async fn admin(
         .route("/metrics", get(move || std::future::ready(prom.render())));
     if let Err(e) = axum::serve(l, app).await {
         tracing::error!(error = %e, "admin endpoint stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags() -> FirecrackerSettings {
+        FirecrackerSettings {
+            binary: "/opt/fc/firecracker".into(),
+            jailer_chroot_base: "/srv/jailer".into(),
+            vmstate: Some("/g/golden.vmstate".into()),
+            memory: Some("/g/golden.mem".into()),
+            ..FirecrackerSettings::default()
+        }
+    }
+
+    #[test]
+    fn firecracker_flags_become_the_backends_config() {
+        let mut f = flags();
+        f.drives = vec!["/g/rootfs.ext4".into()];
+        f.subnet = Some("10.8.0.0/16".into());
+        f.bridge = Some("fcbr0".into());
+        f.netns = Some("vms".into());
+        f.jailer = Some("/opt/fc/jailer".into());
+        (f.jailer_uid, f.jailer_gid) = (Some(123), Some(456));
+        let c = f.config(Path::new("/w")).unwrap();
+        assert_eq!(c.firecracker, Path::new("/opt/fc/firecracker"));
+        assert_eq!(c.golden.vmstate, Path::new("/g/golden.vmstate"));
+        assert_eq!(c.golden.files, [PathBuf::from("/g/rootfs.ext4")]);
+        assert_eq!(c.subnet.to_string(), "10.8.0.0/16");
+        assert_eq!(
+            (c.bridge.as_str(), c.netns.as_deref()),
+            ("fcbr0", Some("vms"))
+        );
+        let j = c.jailer.unwrap();
+        assert_eq!(
+            (j.uid, j.gid, j.chroot_base),
+            (123, 456, "/srv/jailer".into())
+        );
+        assert_eq!(c.work_dir, Path::new("/w"));
+        // The rest are the backend's defaults.
+        let d = flags().config(Path::new("/w")).unwrap();
+        assert_eq!(
+            (d.bridge.as_str(), d.subnet.to_string()),
+            ("vncgatefc0", "172.30.0.0/24".into())
+        );
+        assert!(d.jailer.is_none() && d.netns.is_none());
+    }
+
+    #[test]
+    fn missing_or_malformed_firecracker_flags_are_named() {
+        let e = |f: FirecrackerSettings| f.config(Path::new("/w")).unwrap_err();
+        let mut f = flags();
+        f.vmstate = None;
+        assert!(e(f).starts_with("--backend firecracker needs --fc-vmstate FILE"));
+        let mut f = flags();
+        f.memory = None;
+        assert!(e(f).starts_with("--backend firecracker needs --fc-memory FILE"));
+        let mut f = flags();
+        f.subnet = Some("172.30.0.0/8".into());
+        assert_eq!(e(f), "--fc-subnet: prefix /8: use /16 to /29");
+        let mut f = flags();
+        f.jailer = Some("/opt/fc/jailer".into());
+        f.jailer_uid = Some(1);
+        assert!(e(f).starts_with("--jailer needs --jailer-uid and --jailer-gid"));
+        let mut f = flags();
+        f.jailer_gid = Some(1);
+        assert!(e(f).contains("with --jailer PATH only"));
+        let mut f = flags();
+        f.binary = "vncgate-no-such-firecracker".into();
+        assert!(e(f).starts_with("--firecracker: no vncgate-no-such-firecracker on PATH"));
+    }
+
+    #[test]
+    fn a_bare_binary_name_is_looked_up_on_path() {
+        // `sh` is on every PATH these tests run with.
+        let sh = find_binary(Path::new("sh"), "--firecracker").unwrap();
+        assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
+        assert_eq!(
+            find_binary(Path::new("./fc"), "--firecracker").unwrap(),
+            Path::new("./fc")
+        );
     }
 }

@@ -10,7 +10,8 @@
 //!
 //! Taps and bridges live in a network namespace each test creates and deletes; nothing is
 //! sent anywhere. `boots_a_real_guest_from_a_golden_snapshot` needs a real kernel, rootfs
-//! and hardware KVM: it is `#[ignore]`d (see controller/FIRECRACKER.md).
+//! and hardware KVM: it is `#[ignore]`d (see controller/FIRECRACKER.md). The two
+//! `vncgate-controller` tests run the binary with its Firecracker flags.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -19,10 +20,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vncgate_controller::backend::firecracker::api::{ApiClient, NetworkInterface};
+use vncgate_controller::backend::firecracker::guest::{self, Document};
 use vncgate_controller::backend::firecracker::{
     ColdBoot, FirecrackerBackend, FirecrackerConfig, GoldenSnapshot, JailerConfig,
 };
 use vncgate_controller::backend::{Backend, VmAddrs, VmData};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vncgate-controller");
 
 /// The guest, assembled from (GNU as, `.intel_syntax noprefix`, linked at 0x1000000):
 ///
@@ -497,6 +501,20 @@ async fn clones_start_paused_get_their_data_then_run_stop_cleanly_and_are_adopte
             "network": { "ip": "172.30.0.2", "prefix": 24, "gateway": "172.30.0.1", "mac": "06:00:ac:1e:00:02" },
         })
     );
+    // What the agent (`--vm-data-mmds`) makes of Firecracker's store: this session's data
+    // and its own network.
+    let doc =
+        Document::parse(&serde_json::to_vec(&aapi.get_mmds().await.unwrap()).unwrap()).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<VmData>(&doc.vm_data.unwrap()).unwrap(),
+        data
+    );
+    let net = doc.network.unwrap();
+    assert_eq!((net.ip, net.gateway), (ip(2), ip(1)));
+    assert_eq!(
+        guest::network_commands("eth0", &net, Some(guest::MMDS_ADDR))[2].join(" "),
+        "addr add 172.30.0.2/24 dev eth0"
+    );
     // Again (new data, already running): replaced, still running.
     let data2 = vm_data("sess-a");
     b.push_data(&a, &data2).await.unwrap();
@@ -602,10 +620,201 @@ async fn a_jailed_clone_loads_runs_and_leaves_no_jail() {
     assert!(!jail.exists());
 }
 
-/// A real guest (kernel, rootfs with the agent and a VNC server) on a host with hardware
-/// KVM: see controller/FIRECRACKER.md for the command. Never counted as run by default.
+/// `vncgate-controller --backend firecracker` from its flags alone: a missing snapshot flag
+/// is refused by name; then a session's VM is a clone of the golden snapshot made here, its
+/// data and network in MMDS, resumed. The test guest has no agent, so the session fails
+/// after --boot-timeout naming the agent, and the controller stops the VM, leaving nothing.
 #[tokio::test]
-#[ignore = "needs hardware KVM, a guest kernel and rootfs: VNCGATE_FC_GUEST_TEST=1 VNCGATE_FC_KERNEL=... VNCGATE_FC_ROOTFS=... (controller/FIRECRACKER.md)"]
+async fn the_controller_runs_sessions_on_firecracker_from_its_flags() {
+    let s = Scene::new("cli");
+    let cfg = s.config();
+    make_golden(&FirecrackerBackend::new(cfg.clone()).unwrap()).await;
+    let fc = firecracker_bin();
+    let work = s.dir.join("ctl-vms");
+    let mut args: Vec<String> = [
+        "--backend",
+        "firecracker",
+        "--listen",
+        "127.0.0.1:0",
+        "--boot-timeout",
+        "3",
+        "--firecracker",
+        fc.to_str().unwrap(),
+        "--fc-netns",
+        &s.netns,
+        "--fc-bridge",
+        "vncgatebr0",
+        "--work-dir",
+        work.to_str().unwrap(),
+        "--fc-memory",
+        cfg.golden.memory.to_str().unwrap(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let refused = Command::new(BIN).args(&args).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("error: --backend firecracker needs --fc-vmstate FILE"),
+        "{stderr}"
+    );
+    args.extend([
+        "--fc-vmstate".into(),
+        cfg.golden.vmstate.display().to_string(),
+    ]);
+    let log = s.dir.join("controller.log");
+    let mut ctl = tokio::process::Command::new(BIN)
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(ctl.stdout.take().unwrap());
+    let api = tokio::time::timeout(Duration::from_secs(20), async {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).await.unwrap() > 0,
+                "the controller exited"
+            );
+            if let Some(a) = line
+                .trim()
+                .strip_prefix("vncgate-controller: listening on ")
+            {
+                return a.to_owned();
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no listening line; log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    let http = reqwest::Client::new();
+    let created: serde_json::Value = http
+        .post(format!("{api}/api/sessions"))
+        .json(&json!({"user_id": "me", "provider": "demo"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    let handle = work.join("0/handle.json");
+    wait_for("the session's VM (slot 0)", || handle.is_file()).await;
+    let h: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&handle).unwrap()).unwrap();
+    assert_eq!(h["session"], json!(id));
+    let vapi = ApiClient::new(h["api_socket"].as_str().unwrap(), Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vapi.describe().await.map(|i| i.state).ok().as_deref() != Some("Running") {
+        assert!(Instant::now() < deadline, "the VM was never resumed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let doc =
+        Document::parse(&serde_json::to_vec(&vapi.get_mmds().await.unwrap()).unwrap()).unwrap();
+    let data: VmData = serde_json::from_slice(&doc.vm_data.unwrap()).unwrap();
+    assert_eq!(
+        (data.session_id.as_str(), data.provider.as_str()),
+        (id.as_str(), "demo")
+    );
+    assert_eq!(data.controller_url, api);
+    assert_eq!(doc.network.unwrap().ip, Ipv4Addr::new(172, 30, 0, 2));
+
+    let end: serde_json::Value = http
+        .get(format!(
+            "{api}/api/sessions/{id}/wait?state=ready&timeout=30"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(end["state"], "failed", "{end}");
+    let reason = end["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("agent 172.30.0.2:8080"), "{reason}");
+    let dir = work.join("0");
+    wait_for("the failed session's VM to be removed", || !dir.exists()).await;
+    assert!(!s.link_exists("vncgate-fc-0"));
+    ctl.kill().await.unwrap();
+}
+
+/// `vncgate-controller golden firecracker-snapshot` refuses a golden VM whose agent never
+/// answers (the test guest has none), naming the port, and writes nothing; and it refuses
+/// --fc-netns (run under `ip netns exec` instead), as this test does.
+#[tokio::test]
+async fn the_golden_command_refuses_a_vm_without_an_agent_and_writes_nothing() {
+    let s = Scene::new("goldcli");
+    let (vmstate, memory) = (s.dir.join("g/golden.vmstate"), s.dir.join("g/golden.mem"));
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = [
+            "golden",
+            "firecracker-snapshot",
+            "--kernel",
+            s.dir.join("guest.elf").to_str().unwrap(),
+            "--memory-mib",
+            "32",
+            "--vcpus",
+            "1",
+            "--boot-timeout",
+            "2",
+            "--firecracker",
+            firecracker_bin().to_str().unwrap(),
+            "--fc-bridge",
+            "vncgatebr0",
+            "--work-dir",
+            s.dir.join("vms").to_str().unwrap(),
+            "--fc-vmstate",
+            vmstate.to_str().unwrap(),
+            "--fc-memory",
+            memory.to_str().unwrap(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        a.extend(extra.iter().map(|e| (*e).to_owned()));
+        a
+    };
+    let out = Command::new(BIN)
+        .args(args(&["--fc-netns", &s.netns]))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--fc-netns: "), "{err}");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &s.netns, BIN])
+        .args(args(&[]))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "golden firecracker-snapshot: port 8080 (agent) did not answer HTTP within 2s"
+        ),
+        "{err}"
+    );
+    assert!(err.contains(UP), "the console's tail: {err}");
+    for f in [&vmstate, &memory] {
+        assert!(!f.exists(), "{}", f.display());
+    }
+    assert!(!std::fs::read_dir(s.dir.join("g")).unwrap().any(|_| true));
+    assert!(!s.link_exists("vncgate-fc-g"));
+}
+
+/// A real guest (kernel, rootfs with the agent under `--vm-data-mmds --apply-identity` and a
+/// VNC server) on a host with hardware KVM: see controller/FIRECRACKER.md for the command.
+/// Never counted as run by default.
+#[tokio::test]
+#[ignore = "needs hardware KVM, a guest kernel and a rootfs whose agent runs with --vm-data-mmds: VNCGATE_FC_GUEST_TEST=1 VNCGATE_FC_KERNEL=... VNCGATE_FC_ROOTFS=... (controller/FIRECRACKER.md)"]
 async fn boots_a_real_guest_from_a_golden_snapshot() {
     assert_eq!(
         std::env::var("VNCGATE_FC_GUEST_TEST").as_deref(),
@@ -629,46 +838,85 @@ async fn boots_a_real_guest_from_a_golden_snapshot() {
     cfg.vcpus = 2;
     cfg.memory_mib = 1024;
     let b = FirecrackerBackend::new(cfg).unwrap();
-    // From inside the namespace only: the guest's addresses are there.
-    let reachable = |addr: SocketAddr, path: &str| {
+    // From inside the namespace only: the guest's addresses are there. Any HTTP answer's
+    // JSON body (curl without -f: a 503 is an answer too).
+    let health = |addr: SocketAddr| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &s.netns, "curl", "-s", "-m", "1"])
+            .arg(format!("http://{addr}/health"))
+            .output()
+            .ok()?;
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()
+    };
+    // Ready as the controller means it: the agent's /health is 200 (data, identity and
+    // network applied) and the VNC port completes the RFB handshake to ServerInit; both
+    // asked from inside the namespace.
+    let desktop = |addr: SocketAddr| {
         Command::new("ip")
             .args([
                 "netns",
                 "exec",
                 &s.netns,
-                "curl",
-                "-sf",
-                "-m",
-                "1",
-                &format!("http://{addr}{path}"),
+                BIN,
+                "probe",
+                "--desktop",
+                "--vnc",
             ])
+            .arg(addr.to_string())
             .stdout(Stdio::null())
             .status()
             .is_ok_and(|st| st.success())
     };
     let golden = b.boot_golden().await.unwrap();
     let golden_agent = SocketAddr::from((b.config().subnet.golden(), b.config().agent_port));
+    let golden_vnc = SocketAddr::from((b.config().subnet.golden(), b.config().vnc_port));
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !reachable(golden_agent, "/health") {
+    let waiting = loop {
+        // Any answer: before its data the agent says what it waits for (503).
+        if let Some(body) = health(golden_agent)
+            && desktop(golden_vnc)
+        {
+            break body;
+        }
         assert!(
             Instant::now() < deadline,
-            "the golden guest's agent never answered; console: {}",
+            "the golden guest's agent or VNC port never answered; console: {}",
             golden.console.display()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    };
+    assert_eq!(waiting["status"], "waiting", "{waiting}");
+    assert!(
+        waiting["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("MMDS at http://169.254.169.254"),
+        "the golden image's agent does not read MMDS (--vm-data-mmds): {waiting}"
+    );
     golden.snapshot().await.unwrap();
     let vm = b.start("guest-1").await.unwrap();
     b.push_data(&vm, &vm_data("guest-1")).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !reachable(vm.addrs.agent, "/health") {
+    let ok = loop {
+        if let Some(body) = health(vm.addrs.agent)
+            && body["status"] == "ok"
+            && desktop(vm.addrs.vnc)
+        {
+            break body;
+        }
         assert!(
             Instant::now() < deadline,
-            "the clone's agent never answered at {} (does the guest apply MMDS `network`?)",
-            vm.addrs.agent
+            "the clone never became ready at {} (agent: {:?})",
+            vm.addrs.agent,
+            health(vm.addrs.agent)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    assert_eq!(ok["session_id"], "guest-1", "{ok}");
+    assert_eq!(ok["identity"]["applied"], true, "{ok}");
+    assert_eq!(ok["identity"]["rng_reseeded"], true, "{ok}");
+    assert_eq!(ok["network"]["ip"], json!(vm.addrs.agent.ip()), "{ok}");
+    assert_eq!(ok["network"]["errors"], json!([]), "{ok}");
     let t = Instant::now();
     b.stop(&vm).await.unwrap();
     assert!(

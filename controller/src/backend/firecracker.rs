@@ -25,6 +25,8 @@
 //! controller adopts the VM.
 
 pub mod api;
+pub mod golden;
+pub mod guest;
 pub mod http;
 pub mod net;
 
@@ -227,6 +229,23 @@ fn link_into(root: &Path, file: &Path) -> Result<(), BackendError> {
                 inside.display()
             ))
         })
+}
+
+/// The controller's URL as a guest reaches it: a controller on every address
+/// (`--listen 0.0.0.0:PORT`, whose URL says `0.0.0.0`) is the bridge's host address to its
+/// guests. Any other URL is kept as it is (a loopback one is unreachable from a guest, which
+/// `vncgate-controller` warns about at start).
+pub fn guest_controller_url(url: &str, host: std::net::Ipv4Addr) -> String {
+    for any in ["0.0.0.0", "[::]"] {
+        for scheme in ["http://", "https://"] {
+            if let Some(rest) = url.strip_prefix(&format!("{scheme}{any}"))
+                && (rest.is_empty() || rest.starts_with(':') || rest.starts_with('/'))
+            {
+                return format!("{scheme}{host}{rest}");
+            }
+        }
+    }
+    url.to_owned()
 }
 
 /// Polls `done` every 10 ms until it holds or `limit` passes; whether it held.
@@ -672,6 +691,8 @@ impl Backend for FirecrackerBackend {
     async fn push_data(&self, vm: &Vm, data: &VmData) -> Result<(), BackendError> {
         let h: Handle = serde_json::from_value(vm.handle.clone()).map_err(bad_handle)?;
         let api = self.api(&h.place.api_socket);
+        let mut data = data.clone();
+        data.controller_url = guest_controller_url(&data.controller_url, h.guest.gateway);
         let mmds = serde_json::json!({ "vncgate": data, "network": h.guest });
         api.put_mmds(&mmds).await?;
         // Resumed only now, so the guest's first instruction finds its data in MMDS.
@@ -742,5 +763,30 @@ impl Backend for FirecrackerBackend {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_controller_on_every_address_is_the_bridge_host_to_its_guests() {
+        let host = std::net::Ipv4Addr::new(172, 30, 0, 1);
+        assert_eq!(
+            guest_controller_url("http://0.0.0.0:8000", host),
+            "http://172.30.0.1:8000"
+        );
+        assert_eq!(
+            guest_controller_url("https://[::]:8443/x", host),
+            "https://172.30.0.1:8443/x"
+        );
+        for kept in [
+            "http://127.0.0.1:8000",
+            "http://0.0.0.0.example:80",
+            "https://ctl.example",
+        ] {
+            assert_eq!(guest_controller_url(kept, host), kept);
+        }
     }
 }

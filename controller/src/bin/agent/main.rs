@@ -4,8 +4,10 @@
 //! counts a VM that was not given its identity as ready.
 //!
 //! The data comes from `--vm-data FILE` (the `process` backend writes it; reread whenever it
-//! changes) or from `--vm-data-port PATH`, a virtio-serial port (QEMU) on which the host
-//! writes one JSON line per push and reads back one line: the identity [`identity::Report`].
+//! changes), from `--vm-data-port PATH`, a virtio-serial port (QEMU) on which the host
+//! writes one JSON line per push and reads back one line: the identity [`identity::Report`],
+//! or from `--vm-data-mmds`, Firecracker's MMDS, polled every 500 ms (see [`mmds`]); its
+//! `network` is applied to `--mmds-iface` first, and `/health` reports what was done.
 //! With `--apply-identity` (inside a VM restored from a shared snapshot) each push sets the
 //! clock, reseeds the kernel RNG and takes a fresh machine id; `/health` carries the report.
 //!
@@ -18,6 +20,7 @@
 #![deny(unsafe_code)]
 
 mod identity;
+mod mmds;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -33,7 +36,7 @@ use vncgate_controller::backend::VmData;
 
 #[derive(Parser)]
 #[command(name = "vncgate-agent", version, about = "vncgate's agent inside a VM")]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["vm_data", "vm_data_port"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["vm_data", "vm_data_port", "vm_data_mmds"])))]
 struct Args {
     /// Address for /health.
     #[arg(long, default_value = "0.0.0.0:8080")]
@@ -46,6 +49,21 @@ struct Args {
     /// writes the per-VM data as one JSON line, and reads back the identity report.
     #[arg(long, value_name = "PATH")]
     vm_data_port: Option<PathBuf>,
+    /// Firecracker's MMDS (V2): poll it for `{"vncgate": ..., "network": ...}`, apply the
+    /// network to --mmds-iface with `ip`, then take the data; again whenever it changes.
+    #[arg(long)]
+    vm_data_mmds: bool,
+    /// The interface MMDS answers on, and that gets the document's network.
+    #[arg(long, value_name = "NAME", default_value = "eth0")]
+    mmds_iface: String,
+    /// MMDS's base URL (a link-local one is routed on --mmds-iface first).
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "http://169.254.169.254",
+        hide = true
+    )]
+    mmds_url: String,
     /// Apply each VM data's identity: set the clock, reseed the kernel RNG with its entropy,
     /// write a fresh machine id (needs root; inside a VM only).
     #[arg(long)]
@@ -62,6 +80,8 @@ struct Args {
 struct State_ {
     data: Option<VmData>,
     identity: Option<identity::Report>,
+    /// What was done to the interface for MMDS's `network` (`--vm-data-mmds`).
+    network: Option<mmds::NetReport>,
     /// Why there is no data yet (missing, unreadable, malformed), for /health.
     waiting: String,
 }
@@ -81,7 +101,11 @@ impl Agent {
         self.state.lock().expect("agent state").waiting = why;
     }
 
-    /// Takes one VM data (from the file or the port): checks it, applies its identity, and
+    fn network(&self, report: mmds::NetReport) {
+        self.state.lock().expect("agent state").network = Some(report);
+    }
+
+    /// Takes one VM data (from the file, the port or MMDS): checks it, applies its identity, and
     /// returns the report, or why it was refused.
     fn accept(&self, bytes: &[u8], from: &str) -> Result<identity::Report, String> {
         let d = match serde_json::from_slice::<VmData>(bytes) {
@@ -117,27 +141,47 @@ impl Agent {
     }
 }
 
+/// 200 only with data, its identity applied, and (from MMDS) its network applied: a clone
+/// still on the golden VM's MAC would share it with every other clone on the bridge.
 async fn health(State(a): State<Arc<Agent>>) -> (StatusCode, Json<serde_json::Value>) {
     let st = a.state.lock().expect("agent state");
-    match (&st.data, &st.identity) {
-        (Some(d), Some(id)) if id.errors.is_empty() => (
+    let net_errors = st
+        .network
+        .as_ref()
+        .map(|n| n.errors.join("; "))
+        .unwrap_or_default();
+    let (code, mut body) = match (&st.data, &st.identity) {
+        (Some(d), Some(id)) if id.errors.is_empty() && net_errors.is_empty() => (
             StatusCode::OK,
-            Json(serde_json::json!({"status": "ok", "session_id": d.session_id, "identity": id})),
+            serde_json::json!({"status": "ok", "session_id": d.session_id, "identity": id}),
+        ),
+        (Some(d), Some(id)) if id.errors.is_empty() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({
+                "status": "network-failed",
+                "session_id": d.session_id,
+                "reason": format!("network not applied: {net_errors}"),
+                "identity": id,
+            }),
         ),
         (Some(d), Some(id)) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({
+            serde_json::json!({
                 "status": "identity-failed",
                 "session_id": d.session_id,
                 "reason": format!("identity not applied: {}", id.errors.join("; ")),
                 "identity": id,
-            })),
+            }),
         ),
         _ => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "waiting", "reason": st.waiting})),
+            serde_json::json!({"status": "waiting", "reason": st.waiting}),
         ),
+    };
+    if let Some(n) = &st.network {
+        body["network"] = serde_json::json!(n);
     }
+    (code, Json(body))
 }
 
 /// Reads the VM data whenever the file changes (by modification time and size).
@@ -356,6 +400,13 @@ async fn main() -> std::process::ExitCode {
         let agent = agent.clone();
         std::thread::spawn(move || watch_vm_data_port(agent, port));
     }
+    if args.vm_data_mmds {
+        tokio::spawn(mmds::watch(
+            agent.clone(),
+            args.mmds_url.clone(),
+            args.mmds_iface.clone(),
+        ));
+    }
     if let Some(c) = &args.credentials_file {
         tokio::spawn(watch_credentials(agent.clone(), c.clone()));
     }
@@ -368,5 +419,107 @@ async fn main() -> std::process::ExitCode {
             eprintln!("vncgate-agent: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vncgate_controller::backend::firecracker::GuestNet;
+    use vncgate_controller::backend::firecracker::guest::Document;
+
+    fn agent() -> Arc<Agent> {
+        Arc::new(Agent {
+            state: Mutex::new(State_::default()),
+            apply_identity: false,
+            machine_id_file: "/nonexistent/machine-id".into(),
+        })
+    }
+
+    /// The document as the backend writes it (`push_data`) and MMDS serves it back.
+    const DOCUMENT: &[u8] = br#"{"network":{"gateway":"172.30.0.1","ip":"172.30.0.2","mac":"06:00:ac:1e:00:02","prefix":24},"vncgate":{"agent_token":"tok","controller_url":"http://172.30.0.1:8000","entropy":"","issued_at_ms":1,"provider":"github","session_id":"sess-1"}}"#;
+
+    fn net_report(errors: &[&str]) -> mmds::NetReport {
+        let spec = Document::parse(DOCUMENT).unwrap().network.unwrap();
+        mmds::apply(
+            "eth0",
+            &spec,
+            vncgate_controller::backend::firecracker::guest::network_commands("eth0", &spec, None),
+            |c| match errors.first() {
+                Some(e) if c[0] == "route" => Err((*e).to_owned()),
+                _ => Ok(()),
+            },
+        )
+    }
+
+    async fn health_of(a: &Arc<Agent>) -> (u16, serde_json::Value) {
+        let (code, Json(body)) = health(State(a.clone())).await;
+        (code.as_u16(), body)
+    }
+
+    #[tokio::test]
+    async fn mmds_data_goes_through_accept_and_health_waits_for_the_network() {
+        let a = agent();
+        let (code, body) = health_of(&a).await;
+        assert_eq!((code, body["status"].as_str()), (503, Some("waiting")));
+
+        let doc = Document::parse(DOCUMENT).unwrap();
+        assert_eq!(
+            doc.network,
+            Some(GuestNet {
+                ip: "172.30.0.2".parse().unwrap(),
+                prefix: 24,
+                gateway: "172.30.0.1".parse().unwrap(),
+                mac: "06:00:ac:1e:00:02".into()
+            })
+        );
+        a.network(net_report(&["RTNETLINK answers: Network is unreachable"]));
+        a.accept(&doc.vm_data.unwrap(), "MMDS at http://169.254.169.254")
+            .unwrap();
+        assert_eq!(a.data().unwrap().session_id, "sess-1");
+        let (code, body) = health_of(&a).await;
+        assert_eq!(code, 503, "{body}");
+        assert_eq!(body["status"], "network-failed");
+        assert_eq!(
+            body["reason"],
+            "network not applied: ip route replace default via 172.30.0.1 dev eth0: RTNETLINK answers: Network is unreachable"
+        );
+        assert_eq!(body["network"]["commands"].as_array().unwrap().len(), 4);
+
+        a.network(net_report(&[]));
+        let (code, body) = health_of(&a).await;
+        assert_eq!((code, body["status"].as_str()), (200, Some("ok")), "{body}");
+        assert_eq!(body["session_id"], "sess-1");
+        assert_eq!(body["network"]["mac"], "06:00:ac:1e:00:02");
+        assert_eq!(body["network"]["errors"], serde_json::json!([]));
+        assert_eq!(
+            body["network"]["commands"][2],
+            "ip addr add 172.30.0.2/24 dev eth0"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_mmds_health_has_no_network_field() {
+        let a = agent();
+        a.accept(
+            &Document::parse(DOCUMENT).unwrap().vm_data.unwrap(),
+            "a file",
+        )
+        .unwrap();
+        let (code, body) = health_of(&a).await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.get("network").is_none(), "{body}");
+    }
+
+    #[test]
+    fn the_mmds_flags() {
+        let a =
+            Args::try_parse_from(["vncgate-agent", "--vm-data-mmds", "--apply-identity"]).unwrap();
+        assert!(a.vm_data_mmds && a.apply_identity);
+        assert_eq!(
+            (a.mmds_iface.as_str(), a.mmds_url.as_str()),
+            ("eth0", "http://169.254.169.254")
+        );
+        assert!(Args::try_parse_from(["vncgate-agent"]).is_err());
     }
 }
