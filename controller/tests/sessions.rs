@@ -969,3 +969,78 @@ fn work_vm_pids(s: &Setup, id: &str) -> Vec<u64> {
         .filter_map(|p| h[p]["pid"].as_u64())
         .collect()
 }
+
+/// `vncgate-loadtest sessions` against a real controller and gateway: every session ready
+/// and viewed to its first framebuffer, the figures in its last JSON line; and a run whose
+/// VMs never become desktops reports each failure by name, and `--fail-on-error` exits 1.
+#[test]
+fn the_session_load_test_reports_what_each_session_came_to() {
+    let run = |s: &Setup, extra: &[&str]| {
+        let out = Command::new(sibling("vncgate-loadtest"))
+            .args([
+                "sessions",
+                "--controller",
+                &format!("http://{}", s.api()),
+                "--gateway",
+                &format!("ws://{}", s.gateway()),
+                "--hold",
+                "0.2",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let last: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), last)
+    };
+    let s = Setup::new(&[]);
+    let (code, r) = run(&s, &["--sessions", "6", "--concurrency", "3"]);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(
+        (
+            r["sessions"].as_u64(),
+            r["ready"].as_u64(),
+            r["viewed"].as_u64(),
+            r["failed"].as_u64()
+        ),
+        (Some(6), Some(6), Some(6), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["create_to_ready_ms"]["n"], 6, "{r}");
+    assert_eq!(r["create_to_first_framebuffer_ms"]["n"], 6, "{r}");
+    let (first_fb, ready) = (
+        r["create_to_first_framebuffer_ms"]["p50"].as_f64().unwrap(),
+        r["create_to_ready_ms"]["p50"].as_f64().unwrap(),
+    );
+    assert!(first_fb >= ready, "the first framebuffer came before ready: {r}");
+    // Every viewer closed cleanly and every session was deleted.
+    let (_, l) = http(s.api(), "GET", "/api/sessions?state=deleted", None);
+    assert_eq!(l["sessions"].as_array().unwrap().len(), 6, "{l}");
+    drop(s);
+
+    let s = Setup::new(&["--process-vnc", "/bin/sleep 600", "--boot-timeout", "1"]);
+    let (code, r) = run(
+        &s,
+        &["--sessions", "2", "--concurrency", "2", "--fail-on-error"],
+    );
+    assert_eq!(code, Some(1), "{r}");
+    assert_eq!(
+        (r["ready"].as_u64(), r["failed"].as_u64()),
+        (Some(0), Some(2)),
+        "{r}"
+    );
+    assert_eq!(r["failures"]["state_failed"], 2, "{r}");
+    assert!(
+        r["failure_examples"]["state_failed"]
+            .as_str()
+            .unwrap()
+            .contains("refused"),
+        "{r}"
+    );
+    assert!(
+        r["create_to_ready_ms"].is_null(),
+        "a figure with nothing measured: {r}"
+    );
+}

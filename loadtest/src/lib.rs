@@ -7,6 +7,7 @@
 //! | [`http`] | a one-request HTTP/1.1 client for JSON APIs, exact statuses and headers |
 //! | [`fakevm`] | the synthetic RFB server: the demo's VM, the tests' upstream, a load-test target |
 //! | [`swarm`] | N simulated noVNC clients over WebSocket and the report they produce |
+//! | [`sessions`] | the session-level load test: create on a controller, ready, view through the gateway to the first framebuffer, hold, delete; percentiles and failures by reason |
 //! | [`idle`] | many RFB-over-WebSocket sessions opened and held idle, and what they cost the server |
 //! | [`dial`] | opening one WebSocket: source address, TLS for `wss://` (rustls, ring), upgrade; error names |
 //! | [`stats`] | percentiles and the report's number formatting |
@@ -27,5 +28,6 @@ pub mod http;
 pub mod idle;
 pub mod limits;
 pub mod procmem;
+pub mod sessions;
 pub mod stats;
 pub mod swarm;

@@ -33,9 +33,49 @@ enum Cmd {
     /// Open and hold N idle RFB-over-WebSocket sessions; report how many were held and
     /// (with --pid) what they cost that process in PSS.
     Idle(IdleArgs),
+    /// Session-level load: create sessions on a controller, wait for ready, view each
+    /// through the gateway to its first framebuffer, hold, close, delete; report
+    /// create-to-ready and create-to-first-framebuffer percentiles and failures by reason.
+    Sessions(SessionsArgs),
     /// Run the vncgate gateway in front of a synthetic desktop (route `demo`, no Redis) and
     /// print the URL to open. Flags after the demo's own go to `vncgate serve`.
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct SessionsArgs {
+    /// The controller's API, e.g. http://127.0.0.1:8000
+    #[arg(long, value_name = "URL")]
+    controller: String,
+    /// The gateway, e.g. ws://127.0.0.1:8080 (or wss://); each viewer opens the session's
+    /// ws_path on it with its token.
+    #[arg(long, value_name = "WS_URL")]
+    gateway: String,
+    /// Sessions to run in all.
+    #[arg(long, default_value_t = 10)]
+    sessions: usize,
+    /// Sessions in flight at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Seconds each viewer stays open after its first framebuffer update.
+    #[arg(long, default_value_t = 1.0)]
+    hold: f64,
+    /// Seconds a session may take to become ready.
+    #[arg(long, default_value_t = 60.0)]
+    ready_timeout: f64,
+    /// The sessions' user_id and provider.
+    #[arg(long, default_value = "vncgate-loadtest")]
+    user_id: String,
+    #[arg(long, default_value = "loadtest")]
+    provider: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Print one JSON object (last line) instead of the table; no progress line.
+    #[arg(long)]
+    json: bool,
+    /// Exit 1 when any session failed.
+    #[arg(long)]
+    fail_on_error: bool,
 }
 
 #[derive(Args)]
@@ -303,6 +343,39 @@ async fn main() -> ExitCode {
                 a.json,
                 swarm::Report::to_json_line,
             )
+        }
+        Cmd::Sessions(a) => {
+            init_tracing("warn");
+            let [hold, ready_timeout] =
+                match all_secs([("hold", a.hold), ("ready-timeout", a.ready_timeout)]) {
+                    Ok(d) => d,
+                    Err(code) => return code,
+                };
+            let cfg = vncgate_loadtest::sessions::Config {
+                tls: a.tls.tls(&a.gateway),
+                controller: a.controller,
+                gateway: a.gateway,
+                sessions: a.sessions,
+                concurrency: a.concurrency,
+                hold,
+                ready_timeout,
+                user_id: a.user_id,
+                provider: a.provider,
+                progress: std::io::stderr().is_terminal() && !a.json,
+            };
+            let result = vncgate_loadtest::sessions::run(cfg).await;
+            let failed = matches!(&result, Ok(r) if r.failed > 0);
+            let code = print_report(
+                "sessions",
+                result,
+                a.json,
+                vncgate_loadtest::sessions::Report::to_json_line,
+            );
+            if code == ExitCode::SUCCESS && failed && a.fail_on_error {
+                ExitCode::FAILURE
+            } else {
+                code
+            }
         }
         Cmd::Demo(a) => {
             init_tracing("info");
