@@ -109,6 +109,9 @@ pub struct SessionView {
     pub created_at: String,
     pub expires_at: String,
     pub backend: String,
+    /// The host (`--host-id`) whose controller owns the session's VM, once placed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub history: Vec<TransitionView>,
     /// The last readiness checks (agent health, VNC port), as the probe reported them.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -159,6 +162,7 @@ impl SessionView {
             created_at: rfc3339(r.created_at),
             expires_at: rfc3339(r.expires_at),
             backend: r.backend,
+            host: r.host,
             history: r
                 .history
                 .into_iter()

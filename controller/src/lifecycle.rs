@@ -159,6 +159,7 @@ mod tests {
             token_sha256: [0; 32],
             agent_token_sha256: [0; 32],
             backend: "process".into(),
+            host: None,
             vm: None,
             history: Vec::new(),
             probes: None,

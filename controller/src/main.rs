@@ -57,6 +57,10 @@ struct ServeArgs {
     /// The QEMU binary.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
     qemu: std::path::PathBuf,
+    /// This host's name, written into the sessions it places (`host` in the session JSON)
+    /// [default: the machine's hostname].
+    #[arg(long, value_name = "NAME", env = "VNCGATE_HOST_ID")]
+    host_id: Option<String>,
     /// VMs this host runs at most; sessions beyond it wait in `pending` (with their
     /// queue_position) and fail with reason `capacity` after --placement-timeout.
     #[arg(long, value_name = "N")]
@@ -394,6 +398,13 @@ fn serve(a: ServeArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
+    let host_id = match a.host_id.clone().map_or_else(server::default_host_id, Ok) {
+        Ok(h) => h,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = server::check_host_id(&host_id) {
+        return fail(e);
+    }
     if a.max_vms == Some(0) {
         return fail(
             "--max-vms 0 would run no VM at all; give at least 1, or leave it out for no limit"
@@ -417,6 +428,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         qemu: a.qemu,
         max_vms: a.max_vms,
         placement_timeout,
+        host_id,
         firecracker: a.firecracker.settings(),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()

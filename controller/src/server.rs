@@ -50,6 +50,8 @@ pub struct Settings {
     /// VMs at most on this host, and how long a session waits for a slot.
     pub max_vms: Option<usize>,
     pub placement_timeout: Duration,
+    /// This host's name in the sessions it places.
+    pub host_id: String,
     /// `--backend firecracker`.
     pub firecracker: FirecrackerSettings,
 }
@@ -200,6 +202,28 @@ fn admin_token(path: &Option<PathBuf>) -> Result<Option<[u8; 32]>, String> {
     Ok(Some(vncgate_schema::record::token_digest(token.as_bytes())))
 }
 
+/// The machine's hostname, the default `--host-id`.
+pub fn default_host_id() -> Result<String, String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_err(|e| format!("--host-id not given and the hostname is unreadable: {e}"))?;
+    Ok(name.trim().to_owned())
+}
+
+/// A host id is 1-64 characters of letters, digits, `.`, `_` and `-`.
+pub fn check_host_id(id: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "--host-id {id:?}: use 1-64 letters, digits, '.', '_' or '-'"
+        ))
+    }
+}
+
 /// Runs the controller until a signal.
 pub async fn run(s: Settings) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(&s.listen)
@@ -275,6 +299,7 @@ async fn serve_with<B: Backend>(
         max_viewers: s.max_viewers,
         max_vms: s.max_vms,
         placement_timeout: s.placement_timeout,
+        host_id: s.host_id.clone(),
         ..Config::default()
     };
     let keys = key_ring(&s.credentials_keys, s.redis.is_some())?;
@@ -305,7 +330,7 @@ async fn serve_with<B: Backend>(
             "vncgate-controller: try: curl -s -XPOST http://{addr}/api/sessions -H 'content-type: application/json' -d '{{\"user_id\":\"me\",\"provider\":\"demo\"}}', then open ws://{g}/vnc/<id>?token=<token> in noVNC"
         );
     }
-    tracing::info!(%addr, store = store.name(), backend = backend_name, boot_timeout = ?s.boot_timeout, "controller up");
+    tracing::info!(%addr, host = %s.host_id, store = store.name(), backend = backend_name, boot_timeout = ?s.boot_timeout, "controller up");
     axum::serve(listener, crate::api::router(svc, s.max_credentials_bytes))
         .with_graceful_shutdown(async {
             let mut term =

@@ -45,6 +45,8 @@ pub struct Config {
     pub max_vms: Option<usize>,
     /// How long a session waits for a VM slot before it fails with reason `capacity`.
     pub placement_timeout: Duration,
+    /// This host's name (`--host-id`), written into the sessions it places.
+    pub host_id: String,
 }
 
 impl Default for Config {
@@ -60,6 +62,7 @@ impl Default for Config {
             withdraw_grace: Duration::from_secs(1),
             max_vms: None,
             placement_timeout: Duration::from_secs(60),
+            host_id: "local".into(),
         }
     }
 }
@@ -404,6 +407,7 @@ impl<B: Backend> Service<B> {
             token_sha256: vncgate_schema::record::token_digest(token.as_bytes()),
             agent_token_sha256: vncgate_schema::record::token_digest(agent_token.as_bytes()),
             backend: self.backend.name().into(),
+            host: Some(self.cfg.host_id.clone()),
             vm: None,
             history: vec![Transition {
                 at: now,

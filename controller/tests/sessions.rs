@@ -162,7 +162,14 @@ fn create_ready_view_through_the_gateway_delete_closes_4006() {
 
 #[test]
 fn beyond_max_vms_sessions_wait_in_line_then_take_a_freed_slot_or_fail_with_capacity() {
-    let s = Setup::new(&["--max-vms", "1", "--placement-timeout", "6"]);
+    let s = Setup::new(&[
+        "--max-vms",
+        "1",
+        "--placement-timeout",
+        "6",
+        "--host-id",
+        "host-a",
+    ]);
     let a = create(s.api());
     let a_id = a["id"].as_str().unwrap().to_owned();
     assert_eq!(wait_for(s.api(), &a_id, "ready")["state"], "ready");
@@ -185,6 +192,11 @@ fn beyond_max_vms_sessions_wait_in_line_then_take_a_freed_slot_or_fail_with_capa
         (cv["state"].as_str(), cv["queue_position"].as_u64()),
         (Some("pending"), Some(2)),
         "{cv}"
+    );
+    // Placed on this host, and named by its --host-id.
+    assert_eq!(
+        (bv["host"].as_str(), cv["host"].as_str()),
+        (Some("host-a"), Some("host-a"))
     );
     // A's end frees its slot: B boots in it, C moves up and then fails by name.
     let (st, _) = http(s.api(), "DELETE", &format!("/api/sessions/{a_id}"), None);
@@ -1014,7 +1026,10 @@ fn the_session_load_test_reports_what_each_session_came_to() {
         r["create_to_first_framebuffer_ms"]["p50"].as_f64().unwrap(),
         r["create_to_ready_ms"]["p50"].as_f64().unwrap(),
     );
-    assert!(first_fb >= ready, "the first framebuffer came before ready: {r}");
+    assert!(
+        first_fb >= ready,
+        "the first framebuffer came before ready: {r}"
+    );
     // Every viewer closed cleanly and every session was deleted.
     let (_, l) = http(s.api(), "GET", "/api/sessions?state=deleted", None);
     assert_eq!(l["sessions"].as_array().unwrap().len(), 6, "{l}");

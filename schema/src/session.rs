@@ -157,6 +157,9 @@ pub struct SessionRecord {
     #[serde(with = "hex::serde")]
     pub agent_token_sha256: [u8; 32],
     pub backend: String,
+    /// The host (controller `--host-id`) that owns the session's VM, once placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<serde_json::Value>,
     #[serde(default)]
@@ -226,6 +229,7 @@ mod tests {
             token_sha256: crate::record::token_digest(b"viewer"),
             agent_token_sha256: crate::record::token_digest(b"agent"),
             backend: "process".into(),
+            host: None,
             vm: Some(serde_json::json!({"pid": 42})),
             history: vec![
                 Transition {

@@ -661,6 +661,7 @@ mod tests {
             token_sha256: crate::record::token_digest(b"viewer"),
             agent_token_sha256: crate::record::token_digest(b"agent"),
             backend: "process".into(),
+            host: None,
             vm: None,
             history: vec![Transition {
                 at: now,
