@@ -46,6 +46,22 @@ const GUEST_CODE: &str = "488d352f000000e81d000000e464a8017504f390ebf6488d352c00
 const UP: &str = "vncgate-guest: up";
 const CAD: &str = "vncgate-guest: ctrl-alt-del";
 
+/// How long a stop waits for the guest to power off before it kills Firecracker. A stop that
+/// returns before it ran out is one the guest ended itself (it resets on Ctrl-Alt-Del);
+/// the kill would have come only after all of it.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// Stops `vm` and checks the guest powered itself off (the stop returned within the grace).
+async fn stopped_by_the_guest(b: &FirecrackerBackend, vm: &vncgate_controller::backend::Vm) {
+    let t = Instant::now();
+    b.stop(vm).await.unwrap();
+    assert!(
+        t.elapsed() < STOP_GRACE,
+        "stop took {:?}: the guest did not power off on Ctrl-Alt-Del and was killed",
+        t.elapsed()
+    );
+}
+
 /// An ELF64 executable with one PT_LOAD segment (headers and code) at 16 MiB, entry at the
 /// code: what Firecracker's kernel loader takes.
 fn guest_elf() -> Vec<u8> {
@@ -182,8 +198,8 @@ impl Scene {
         });
         cfg.vcpus = 1;
         cfg.memory_mib = 32;
-        // Long, so a stop that returns well within it was the guest's doing, not the kill.
-        cfg.stop_grace = Duration::from_secs(20);
+        // Long, so a stop that returns within it was the guest's doing, not the kill.
+        cfg.stop_grace = STOP_GRACE;
         cfg
     }
 }
@@ -524,13 +540,7 @@ async fn clones_start_paused_get_their_data_then_run_stop_cleanly_and_are_adopte
     );
 
     // The guest powers off on Ctrl-Alt-Del, well inside the 20 s grace.
-    let t = Instant::now();
-    b.stop(&a).await.unwrap();
-    assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "stop took {:?}: the guest was killed",
-        t.elapsed()
-    );
+    stopped_by_the_guest(&b, &a).await;
     assert_gone(&s, &a);
     assert!(!b.alive(&a).await);
     b.stop(&a).await.unwrap();
@@ -609,13 +619,7 @@ async fn a_jailed_clone_loads_runs_and_leaves_no_jail() {
     b.push_data(&vm, &vm_data("sess")).await.unwrap();
     let api = ApiClient::new(socket_of(&vm), Duration::from_secs(5));
     assert_eq!(api.describe().await.unwrap().state, "Running");
-    let t = Instant::now();
-    b.stop(&vm).await.unwrap();
-    assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "stop took {:?}",
-        t.elapsed()
-    );
+    stopped_by_the_guest(&b, &vm).await;
     assert_gone(&s, &vm);
     assert!(!jail.exists());
 }
@@ -917,11 +921,6 @@ async fn boots_a_real_guest_from_a_golden_snapshot() {
     assert_eq!(ok["identity"]["rng_reseeded"], true, "{ok}");
     assert_eq!(ok["network"]["ip"], json!(vm.addrs.agent.ip()), "{ok}");
     assert_eq!(ok["network"]["errors"], json!([]), "{ok}");
-    let t = Instant::now();
-    b.stop(&vm).await.unwrap();
-    assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "the guest did not power off on Ctrl-Alt-Del"
-    );
+    stopped_by_the_guest(&b, &vm).await;
     assert_gone(&s, &vm);
 }
