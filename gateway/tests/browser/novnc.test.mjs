@@ -509,8 +509,11 @@ async function api(base, method, path, body) {
   return { status: r.status, json: await r.json() };
 }
 
-/** Create a session, wait for ready, show its desktop through `gateway`, delete it. */
-async function viewControllerSession(apiBase, gateway) {
+/**
+ * Create a session, wait for ready, show its desktop through `gateway`, delete it, and wait
+ * until its VM is gone (its directory under `workDir` removed), so none outlives the test.
+ */
+async function viewControllerSession(apiBase, gateway, workDir) {
   const c = await api(apiBase, 'POST', '/api/sessions', { user_id: 'browser', provider: 'test' });
   assert.equal(c.status, 201, JSON.stringify(c.json));
   const { id, token } = c.json;
@@ -519,8 +522,9 @@ async function viewControllerSession(apiBase, gateway) {
   await viewDesktop(null, `${gateway}/vnc/${id}?token=${token}`);
   const d = await api(apiBase, 'DELETE', `/api/sessions/${id}`);
   assert.equal(d.status, 202);
-  // The VM stops a second after its route is withdrawn.
-  await sleep(1500);
+  // The VM stops a second after its route is withdrawn, and takes its directory with it.
+  for (let i = 0; i < 200 && existsSync(join(workDir, id)); i++) await sleep(50);
+  assert.ok(!existsSync(join(workDir, id)), `the VM of ${id} is still there after its deletion`);
 }
 
 describe('sessions made through the controller', () => {
@@ -537,7 +541,7 @@ describe('sessions made through the controller', () => {
       ['--listen', '127.0.0.1:0', '--gateway-listen', '127.0.0.1:0', '--work-dir', join(work, 'embedded')],
       [/listening on (http:\/\/[0-9.:]+)/, /gateway on (ws:\/\/[0-9.:]+)\//]);
     try {
-      await viewControllerSession(ctl.found[0], ctl.found[1]);
+      await viewControllerSession(ctl.found[0], ctl.found[1], join(work, 'embedded'));
     } finally {
       ctl.child.removeAllListeners('exit');
       await stop(ctl.child);
@@ -560,7 +564,7 @@ describe('sessions made through the controller', () => {
       gate = await startWithLines(BIN,
         ['serve', '--listen', '127.0.0.1:0', '--redis', url, '--allow-upstream', '127.0.0.0/8', '--workers', '1'],
         [/listening on (ws:\/\/[0-9.:]+)\//]);
-      await viewControllerSession(ctl.found[0], gate.found[0]);
+      await viewControllerSession(ctl.found[0], gate.found[0], join(work, 'redis'));
     } finally {
       for (const p of [gate, ctl]) {
         if (p) { p.child.removeAllListeners('exit'); await stop(p.child); }
