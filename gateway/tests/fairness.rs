@@ -15,8 +15,9 @@
 //! (a hand-off, a scheduling or a pacing bug), not a proof that none can happen.
 //!
 //! The bound is relative, never a wall-clock figure: the slowest session must move at least
-//! a quarter of the mean session's bytes. Direct TCP to the same source is measured in the
-//! same run and printed beside it.
+//! a quarter of the mean session's bytes, or as large a share as direct TCP to the same
+//! source gives its own slowest stream in the same run, whichever is lower (the bound is one
+//! direct TCP meets: when the test's client starves a stream of its own, direct shows it).
 //!
 //! It runs alone (`.config/nextest.toml` gives it every test thread): the figures mean
 //! nothing while other tests share the two cores.
@@ -33,10 +34,14 @@ use std::time::{Duration, Instant};
 use common::{Gw, upgrade_request};
 
 const STREAMS: usize = 50;
-/// The slowest session's share of the mean session's bytes, at least. Through the gateway
-/// this measured 0.83-0.86 here (and fell to 0.02-0.03 when starving); direct TCP with the
-/// same client ranged 0.02-0.69, since at 6 GB/s the client's own two threads are the
-/// bottleneck and a late task can wait behind the others: it is reported, not used.
+/// The slowest session's share of the mean session's bytes, at least, when direct TCP meets
+/// it. Through the gateway this measured 0.83-0.86 here (and fell to 0.02-0.03 when
+/// starving); direct TCP with the same client ranged 0.02-0.69, since at 6 GB/s the
+/// client's own two threads are the bottleneck and a late task can wait behind the others.
+/// In a run where that happens, direct TCP's own slowest/mean is the bound instead: the
+/// client, not the gateway, set the floor (seen in CI: direct 0.022 and the gateway 0.040,
+/// their slowest streams 2.4 and 2.7 MB/s). The gateway that starved handed-off sessions
+/// measured 0.005 against direct's 0.37, which either bound catches.
 const BOUND: f64 = 0.25;
 /// Between one viewer's arrival and the next.
 const ARRIVAL_GAP: Duration = Duration::from_millis(20);
@@ -183,7 +188,7 @@ fn fifty_streams_each_get_a_fair_share() {
     stop.store(true, Ordering::SeqCst);
 
     let v = min_over_mean(&through);
-    let bound = BOUND;
+    let bound = BOUND.min(min_over_mean(&direct));
     let (_, metrics) = gw.admin_get("/metrics");
     let handed_off = metrics
         .lines()
@@ -191,7 +196,7 @@ fn fifty_streams_each_get_a_fair_share() {
         .unwrap_or("0")
         .to_owned();
     let report = format!(
-        "direct: {}\nvncgate: {}\nbound on vncgate's slowest/mean: {bound:.3}; connections handed between workers: {handed_off}",
+        "direct: {}\nvncgate: {}\nbound on vncgate's slowest/mean: {bound:.3} (the lower of {BOUND} and direct's); connections handed between workers: {handed_off}",
         summary(&direct),
         summary(&through)
     );
