@@ -46,6 +46,11 @@ const GUEST_CODE: &str = "488d352f000000e81d000000e464a8017504f390ebf6488d352c00
 const UP: &str = "vncgate-guest: up";
 const CAD: &str = "vncgate-guest: ctrl-alt-del";
 
+/// Sends `req` and parses its answer as JSON.
+async fn json_of(req: reqwest::RequestBuilder) -> serde_json::Value {
+    req.send().await.unwrap().json().await.unwrap()
+}
+
 /// How long a stop waits for the guest to power off before it kills Firecracker. A stop that
 /// returns before it ran out is one the guest ended itself (it resets on Ctrl-Alt-Del);
 /// the kill would have come only after all of it.
@@ -700,15 +705,11 @@ async fn the_controller_runs_sessions_on_firecracker_from_its_flags() {
         )
     });
     let http = reqwest::Client::new();
-    let created: serde_json::Value = http
-        .post(format!("{api}/api/sessions"))
-        .json(&json!({"user_id": "me", "provider": "demo"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = json_of(
+        http.post(format!("{api}/api/sessions"))
+            .json(&json!({"user_id": "me", "provider": "demo"})),
+    )
+    .await;
     let id = created["id"].as_str().unwrap().to_owned();
 
     let handle = work.join("0/handle.json");
@@ -732,16 +733,10 @@ async fn the_controller_runs_sessions_on_firecracker_from_its_flags() {
     assert_eq!(data.controller_url, api);
     assert_eq!(doc.network.unwrap().ip, Ipv4Addr::new(172, 30, 0, 2));
 
-    let end: serde_json::Value = http
-        .get(format!(
-            "{api}/api/sessions/{id}/wait?state=ready&timeout=30"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let end = json_of(http.get(format!(
+        "{api}/api/sessions/{id}/wait?state=ready&timeout=30"
+    )))
+    .await;
     assert_eq!(end["state"], "failed", "{end}");
     let reason = end["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("agent 172.30.0.2:8080"), "{reason}");

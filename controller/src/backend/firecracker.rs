@@ -347,41 +347,27 @@ impl FirecrackerBackend {
         let dir = self.cfg.work_dir.join(name);
         let tap = format!("{}{name}", self.cfg.tap_prefix);
         let netns = self.cfg.netns.clone();
-        match self.cfg.jailer.as_ref().filter(|_| jailed) {
-            None => {
-                let api_socket = dir.join("firecracker.socket");
-                (
-                    id,
-                    Place {
-                        dir,
-                        api_socket,
-                        tap,
-                        netns,
-                        jail: None,
-                    },
-                )
-            }
-            Some(j) => {
-                let exec_name = self
-                    .cfg
-                    .firecracker
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "firecracker".into());
-                let jail = j.chroot_base.join(exec_name).join(&id);
-                let api_socket = jail.join("root/run/firecracker.socket");
-                (
-                    id,
-                    Place {
-                        dir,
-                        api_socket,
-                        tap,
-                        netns,
-                        jail: Some(jail),
-                    },
-                )
-            }
-        }
+        let jail = self.cfg.jailer.as_ref().filter(|_| jailed).map(|j| {
+            let exec_name = self
+                .cfg
+                .firecracker
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "firecracker".into());
+            j.chroot_base.join(exec_name).join(&id)
+        });
+        let api_socket = match &jail {
+            None => dir.join("firecracker.socket"),
+            Some(jail) => jail.join("root/run/firecracker.socket"),
+        };
+        let place = Place {
+            dir,
+            api_socket,
+            tap,
+            netns,
+            jail,
+        };
+        (id, place)
     }
 
     /// Makes the tap, starts Firecracker and waits for its API.
