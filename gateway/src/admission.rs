@@ -63,6 +63,12 @@ impl Refusal {
 
 pub const HANDSHAKE_TIMEOUT: Refusal =
     Refusal::new(408, "upgrade request not received in time", Blame::Browser);
+/// Plain HTTP on a `wss://` listener (`--tls-cert`), answered in plain text.
+pub const TLS_REQUIRED: Refusal = Refusal::new(
+    400,
+    "this port speaks TLS: connect with wss:// (https://)",
+    Blame::Browser,
+);
 pub const INVALID_SESSION_ID: Refusal = Refusal::new(400, "invalid session id", Blame::Browser);
 pub const UNKNOWN_SESSION: Refusal = Refusal::new(404, "unknown session", Blame::Browser);
 pub const TOKEN_REQUIRED: Refusal = Refusal::new(401, "token required", Blame::Browser)

@@ -22,6 +22,8 @@
 //! - [`sys`]: the one module with `unsafe`: splice, pipes, non-blocking send/recv.
 //! - [`server`]: the runtime adapter: workers (one monoio runtime each, io_uring or epoll),
 //!   listeners, sessions, the splice relay, the admin endpoint, drain.
+//! - [`tls`]: `wss://`: the certificate store (reloaded on SIGHUP and on change) and the
+//!   rustls configuration; [`server::client`] drives rustls over a worker's socket.
 //! - [`metrics`]: metric names and the Prometheus recorder.
 
 #![deny(unsafe_code)]
@@ -38,4 +40,5 @@ pub mod route_table;
 pub mod routing;
 pub mod server;
 pub mod sys;
+pub mod tls;
 pub mod token;

@@ -49,6 +49,15 @@ pub const ROUTE_RECORDS_INVALID: &str = "vncgate_route_records_invalid_total";
 /// Route events received, by `op`: `put`, `del`, `invalid`, `resubscribe`, `recheck_gone`.
 pub const ROUTE_EVENTS: &str = "vncgate_route_events_total";
 
+/// Reloads (SIGHUP, or certificate files changing), by `result` (`ok`, `failed`: the old
+/// settings stay).
+pub const CONFIG_RELOADS: &str = "vncgate_config_reload_total";
+/// TLS handshakes on the public listener (`--tls-cert`), by `result`: `ok`, `timeout`,
+/// `client_gone`, `not_tls` (plain HTTP to the TLS port: answered 400), `incompatible` (no
+/// shared version, cipher suite or ALPN protocol), `client_rejected_certificate` (the
+/// client's alert says it does not trust ours), `protocol_error`.
+pub const TLS_HANDSHAKES: &str = "vncgate_tls_handshakes_total";
+
 /// Installs the global Prometheus recorder and returns the handle that renders it.
 ///
 /// Histogram samples (connect times, lookup times) queue up inside the recorder until they

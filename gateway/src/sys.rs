@@ -45,6 +45,25 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// recv(2) with `MSG_PEEK | MSG_DONTWAIT`: looks at what is queued without taking it.
+pub fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the pointer and length come from a live mutable slice.
+        let r = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// send(2) with `MSG_DONTWAIT | MSG_NOSIGNAL`, plus `MSG_MORE` when more of the same frame
 /// follows at once (a frame header before its spliced payload), so the kernel can put both
 /// in one segment.
@@ -53,6 +72,25 @@ pub fn send(fd: RawFd, buf: &[u8], more: bool) -> io::Result<usize> {
     loop {
         // SAFETY: the pointer and length come from a live slice.
         let r = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// sendmsg(2) of several buffers at once (`MSG_DONTWAIT | MSG_NOSIGNAL`): TLS records
+/// queued by rustls go out in one call.
+pub fn sendv(fd: RawFd, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: `msghdr` is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSlice` is ABI-compatible with `iovec` (std guarantees it on Unix); the kernel
+    // only reads through these pointers.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+    loop {
+        // SAFETY: `msg` points at `bufs`, live for the call.
+        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
         match cvt(r) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             other => return other,

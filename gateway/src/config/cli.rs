@@ -204,6 +204,13 @@ pub struct ServeArgs {
     /// [default: 0]. Over the limit, the upgrade closes with 4009 "too many viewers".
     #[arg(long)]
     pub max_viewers: Option<u32>,
+    /// Serve `wss://`: the certificate chain, PEM, leaf first (RSA, ECDSA or Ed25519).
+    /// Reloaded on SIGHUP and when the file changes; live sessions keep their keys.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub route_negative_ttl: Option<f64>,
     pub redis_timeout: Option<f64>,
     pub max_viewers: Option<u32>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Reads and parses a config file; the error names the file and, for a bad key, the key.
@@ -75,6 +77,8 @@ impl FileConfig {
             max_header_bytes: self.max_header_bytes,
             redis: self.redis,
             max_viewers: self.max_viewers,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
             handshake_timeout: secs("handshake_timeout", self.handshake_timeout)?,
             connect_timeout: secs("connect_timeout", self.connect_timeout)?,
             connect_retry_window: secs("connect_retry_window", self.connect_retry_window)?,

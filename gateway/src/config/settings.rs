@@ -139,6 +139,8 @@ layer! {
     route_negative_ttl: Duration,
     redis_timeout: Duration,
     max_viewers: u32,
+    tls_cert: PathBuf,
+    tls_key: PathBuf,
 }
 
 /// The address a gateway listens on without `--listen`.
@@ -284,6 +286,8 @@ pub struct Settings {
     pub tcp_congestion: TcpCongestion,
     /// Where routes come from besides the static ones.
     pub redis: Option<RedisSettings>,
+    /// `wss://` on the public listener: the certificate store (`--tls-cert`, `--tls-key`).
+    pub tls: Option<std::sync::Arc<crate::tls::Certs>>,
 }
 
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -332,6 +336,8 @@ impl ServeArgs {
             route_negative_ttl: self.route_negative_ttl,
             redis_timeout: self.redis_timeout,
             max_viewers: self.max_viewers,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
             routes: self.routes.clone(),
             allow_upstream: self.allow_upstream.clone(),
             allow_origins: self.allow_origins.clone(),
@@ -470,6 +476,20 @@ impl Settings {
         if limits.max_message == 0 {
             return Err("--max-message must be positive".into());
         }
+        let tls = match (l.tls_cert, l.tls_key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some(crate::tls::Certs::open(c, k)?),
+            (Some(_), None) => {
+                return Err(
+                    "--tls-cert needs --tls-key (the certificate's private key, PEM)".into(),
+                );
+            }
+            (None, Some(_)) => {
+                return Err(
+                    "--tls-key needs --tls-cert (the certificate chain, PEM, leaf first)".into(),
+                );
+            }
+        };
         Ok(Settings {
             listen,
             workers,
@@ -486,6 +506,7 @@ impl Settings {
             limits,
             tcp_congestion: TcpCongestion::parse(l.tcp_congestion.as_deref())?,
             redis,
+            tls,
         })
     }
 }

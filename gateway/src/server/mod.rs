@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod client;
 pub mod listener;
 pub mod mailbox;
 pub mod pool;
@@ -107,6 +108,8 @@ pub struct Running {
     pub local_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     pub driver: DriverKind,
+    /// The public listener speaks `wss://`.
+    pub tls: bool,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -175,6 +178,15 @@ where
         }
         None => None,
     };
+    let tls = match &settings.tls {
+        Some(certs) => {
+            certs
+                .watch()
+                .map_err(|e| format!("cannot start the certificate watcher: {e}"))?;
+            Some(certs.server_config()?)
+        }
+        None => None,
+    };
     let settings = Arc::new(settings);
     let make_routes = Arc::new(make_routes);
     let mut threads = Vec::new();
@@ -183,6 +195,7 @@ where
         let shared2 = shared.clone();
         let make_routes = make_routes.clone();
         let congestion = congestion.clone();
+        let tls = tls.clone();
         let t = std::thread::Builder::new()
             .name(format!("vncgate-w{index}"))
             .spawn(move || {
@@ -190,10 +203,9 @@ where
                     let w = Rc::new(Worker::new(
                         index,
                         make_routes(index),
-                        settings.handshake.clone(),
-                        settings.policy.clone(),
-                        settings.limits.clone(),
+                        &settings,
                         congestion.clone(),
+                        tls.clone(),
                         shared2.clone(),
                     ));
                     worker_main(w, l, shared2)
@@ -238,6 +250,7 @@ where
         local_addr,
         admin_addr,
         driver,
+        tls: tls.is_some(),
         shared,
         threads,
     })

@@ -42,8 +42,8 @@ use monoio::buf::IoBuf;
 use monoio::io::AsyncWriteRent;
 use monoio::net::TcpStream;
 
+use super::client::Client;
 use super::signal::{Nudge, Signal, WriteGate, yield_now};
-use super::sock::{linger_close, write_all};
 use super::worker::Worker;
 use crate::close::{self, CloseCause};
 use crate::deadlines::{Deadlines, Next};
@@ -108,6 +108,10 @@ pub struct Relay<'a, S: RouteSource> {
     w: &'a Rc<Worker<S>>,
     /// The session id, for log lines.
     session: &'a str,
+    /// The browser's connection: plain, or TLS (then every write to the browser is copied
+    /// into rustls, and nothing is spliced).
+    wire: &'a Client<'a>,
+    /// Its TCP socket.
     client: &'a TcpStream,
     upstream: &'a TcpStream,
     cfd: RawFd,
@@ -164,12 +168,14 @@ impl<'a, S: RouteSource> Relay<'a, S> {
     pub fn new(
         w: &'a Rc<Worker<S>>,
         session: &'a str,
-        client: &'a TcpStream,
+        wire: &'a Client<'a>,
         upstream: &'a TcpStream,
     ) -> Self {
+        let client = wire.stream();
         Self {
             w,
             session,
+            wire,
             client,
             upstream,
             cfd: client.as_raw_fd(),
@@ -325,12 +331,12 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         let sent = monoio::time::timeout_at(deadline.into(), async {
             self.flush_inflight().await.map_err(drop)?;
             let _g = self.gate.acquire().await;
-            write_all(self.client, frame.as_bytes()).await.map_err(drop)
+            self.wire.write_all(frame.as_bytes()).await.map_err(drop)
         })
         .await;
         let sent = matches!(sent, Ok(Ok(())));
         if sent {
-            linger_close(self.client, Duration::from_secs(2)).await;
+            self.wire.linger_close(Duration::from_secs(2)).await;
         }
         sent
     }
@@ -375,7 +381,8 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                     st.set(st.get() + len as u64);
                     self.last_activity.set(Instant::now());
                     drained = !streaming && !full;
-                    streaming = full;
+                    // Under TLS the payload is encrypted in user space anyway: no splice.
+                    streaming = full && self.wire.tls().is_none();
                     budget = budget.saturating_sub(len);
                     if budget == 0 {
                         budget = RELAY_BUDGET;
@@ -457,6 +464,13 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             o.buf.take().filter(|_| off < end).map(|b| (b, off, end))
         };
         if let Some((buf, off, end)) = copied {
+            if let Some(tls) = self.wire.tls() {
+                // The whole frame into rustls at once (see `server::client`).
+                let r = tls.write_all(&buf[off..end]).await;
+                self.w.bufs.give(buf);
+                self.out.borrow_mut().off = end;
+                return r.map_err(|e| client_write_error(&e));
+            }
             // The copy path: one send op for the whole frame.
             let (buf, from, to) = self.for_send(buf, off, end);
             let (r, buf) = self.send_all(Side::Browser, buf, from, to).await;
@@ -510,8 +524,9 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         // Browser messages are small: after a short read the socket is empty, so wait for
         // readiness first instead of spending a syscall on EAGAIN.
         let mut drained = false;
+        let tls = self.wire.tls();
         loop {
-            if drained && self.client.readable(false).await.is_err() {
+            if drained && tls.is_none() && self.client.readable(false).await.is_err() {
                 return End::ClientGone("browser connection error");
             }
             let mut buf = self.w.bufs.lend();
@@ -521,6 +536,27 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                     buf[..n].copy_from_slice(&e[..n]);
                     n
                 }
+                // rustls may hold decrypted bytes the socket's readiness knows nothing
+                // of: ask it, and it waits on the socket when it has none.
+                None if tls.is_some() => match self.wire.read(&mut buf).await {
+                    Ok(0) => {
+                        self.w.bufs.give(buf);
+                        return End::ClientGone(
+                            "browser closed the connection without a close frame",
+                        );
+                    }
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.w.bufs.give(buf);
+                        return match e.kind() {
+                            io::ErrorKind::UnexpectedEof => End::ClientGone(
+                                "browser closed the connection without a close frame",
+                            ),
+                            io::ErrorKind::InvalidData => End::ClientGone("browser TLS error"),
+                            _ => End::ClientGone("browser connection reset"),
+                        };
+                    }
+                },
                 None => match sys::recv(self.cfd, &mut buf) {
                     Ok(0) => {
                         self.w.bufs.give(buf);
@@ -630,7 +666,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
 
     async fn send_control(&self, frame: &ControlFrame) -> io::Result<()> {
         let _g = self.gate.acquire().await;
-        write_all(self.client, frame.as_bytes()).await
+        self.wire.write_all(frame.as_bytes()).await
     }
 
     /// Keepalive pings and their pong deadline, the idle timeout, the route's expiry and

@@ -3,7 +3,7 @@
 //! start the workers, print the machine-readable lines, turn SIGTERM and SIGINT into a drain,
 //! and wait for the workers.
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::config::Settings;
 
@@ -17,6 +17,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     }
     let prom = crate::metrics::install()?;
     let prefix = settings.handshake.path_prefix.clone();
+    let tls = settings.tls.clone();
     let running = match settings.redis.clone() {
         None => crate::server::start(settings, Some(prom))?,
         Some(redis) => {
@@ -40,18 +41,26 @@ pub fn run(settings: Settings) -> Result<(), String> {
         }
     };
     // Machine-readable lines on stdout, so scripts and tests can use port 0.
-    println!("vncgate: listening on ws://{}{prefix}", running.local_addr);
+    let scheme = if running.tls { "wss" } else { "ws" };
+    println!(
+        "vncgate: listening on {scheme}://{}{prefix}",
+        running.local_addr
+    );
     if let Some(a) = running.admin_addr {
         println!("vncgate: admin on http://{a}");
     }
     let shared = running.shared();
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     std::thread::Builder::new()
         .name("vncgate-signals".into())
         .spawn(move || {
             let mut seen = 0;
             for sig in signals.forever() {
+                if sig == SIGHUP {
+                    reload(tls.as_deref());
+                    continue;
+                }
                 seen += 1;
                 if seen > 1 {
                     tracing::warn!(sig, "second signal: exiting now");
@@ -68,4 +77,13 @@ pub fn run(settings: Settings) -> Result<(), String> {
     running.join();
     tracing::info!("all workers drained; exiting");
     Ok(())
+}
+
+/// SIGHUP: reloads what can change without a restart. A part that fails validation keeps
+/// its old settings, logged and counted by name.
+fn reload(tls: Option<&crate::tls::Certs>) {
+    tracing::info!("SIGHUP: reloading");
+    if let Some(certs) = tls {
+        let _ = certs.reload("sighup");
+    }
 }

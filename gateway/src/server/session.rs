@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use monoio::net::TcpStream;
 
+use super::client::{Client, HandshakeError, TlsConn};
 use super::relay::{End, Relay};
-use super::sock;
 use super::worker::{SessionCtl, Worker};
 use crate::admission::{self, Decision, Refusal};
 use crate::close::{self, Blame, CloseCause};
@@ -48,16 +48,23 @@ pub async fn serve<S: RouteSource>(
         return;
     }
     let _ = stream.set_nodelay(true);
+    // One deadline for the TLS handshake and the upgrade request together.
+    let deadline = Instant::now() + w.limits.handshake_timeout;
+    let client = match &w.tls {
+        None => Client::Plain(&stream),
+        Some(cfg) => match start_tls(&stream, peer, cfg.clone(), deadline).await {
+            Some(t) => Client::Tls(Box::new(t)),
+            None => return,
+        },
+    };
+    let stream = &client;
     let mut head = Vec::new();
-    let read = monoio::time::timeout(
-        w.limits.handshake_timeout,
-        read_head(&stream, &mut head, &w.handshake),
-    )
-    .await;
+    let read =
+        monoio::time::timeout_at(deadline.into(), read_head(stream, &mut head, &w.handshake)).await;
     let req = match read {
         Ok(Ok(req)) => req,
         Ok(Err(HeadError::Reject(r))) => {
-            return refuse(&stream, peer, None, Refusal::from_reject(r)).await;
+            return refuse(stream, peer, None, Refusal::from_reject(r)).await;
         }
         Ok(Err(HeadError::Io(e))) => {
             metrics::counter!(m::HANDSHAKE_REJECTED, "status" => "none", "reason" => "client_gone", "blame" => Blame::Browser.as_str())
@@ -65,7 +72,7 @@ pub async fn serve<S: RouteSource>(
             tracing::debug!(%peer, error = %e, "client left during the handshake");
             return;
         }
-        Err(_) => return refuse(&stream, peer, None, admission::HANDSHAKE_TIMEOUT).await,
+        Err(_) => return refuse(stream, peer, None, admission::HANDSHAKE_TIMEOUT).await,
     };
     // Bytes the client sent right behind its request (rare): kept, and the head's buffer
     // released, so an established session holds no handshake memory.
@@ -75,7 +82,7 @@ pub async fn serve<S: RouteSource>(
         Ok(a) => a,
         Err(r) => {
             let named = (r != admission::INVALID_SESSION_ID).then_some(req.session_id.as_str());
-            return refuse(&stream, peer, named, r).await;
+            return refuse(stream, peer, named, r).await;
         }
     };
     let id = ask.session_id.as_str();
@@ -97,13 +104,13 @@ pub async fn serve<S: RouteSource>(
     };
     let decision = admission::decide(&ask, route, &gate);
     if let Decision::Refuse(r) = decision {
-        return refuse(&stream, peer, Some(id), r).await;
+        return refuse(stream, peer, Some(id), r).await;
     }
 
     // The upgrade. From here on, failures are close codes.
     let ok = handshake::switching_protocols(&req.accept, req.protocol);
     drop(req);
-    if let Err(e) = sock::write_all(&stream, &ok).await {
+    if let Err(e) = stream.write_all(&ok).await {
         tracing::debug!(session = %id, %peer, error = %e, "client left before the 101");
         return;
     }
@@ -122,7 +129,7 @@ pub async fn serve<S: RouteSource>(
                     tracing::error!(session = %id, upstream = %r.upstream, "route upstream outside --allow-upstream; refusing to dial");
                 }
             }
-            close_before_relay(&stream, cause).await
+            close_before_relay(stream, cause).await
         }
         Decision::Admit(admit) => {
             ctl.expires
@@ -130,11 +137,11 @@ pub async fn serve<S: RouteSource>(
             match w.viewers().try_join(id, admit.viewer_limit) {
                 None => {
                     tracing::info!(session = %id, limit = admit.viewer_limit, "viewer limit reached");
-                    close_before_relay(&stream, close::TOO_MANY_VIEWERS).await
+                    close_before_relay(stream, close::TOO_MANY_VIEWERS).await
                 }
                 Some(slot) => {
                     viewer = Some(slot);
-                    relay(&w, &stream, &ctl, admit.upstream, id, &early).await
+                    relay(&w, stream, &ctl, admit.upstream, id, &early).await
                 }
             }
         }
@@ -173,7 +180,7 @@ pub async fn serve<S: RouteSource>(
 /// Dials the VM and relays until the session ends; the close is part of it.
 async fn relay<S: RouteSource>(
     w: &Rc<Worker<S>>,
-    stream: &TcpStream,
+    stream: &Client<'_>,
     ctl: &SessionCtl,
     upstream: SocketAddr,
     id: &str,
@@ -194,13 +201,55 @@ async fn relay<S: RouteSource>(
     }
 }
 
+/// Runs the TLS handshake by `deadline`, counted by result. Plain HTTP sent to the TLS
+/// port gets a plain-text 400 that says to use `wss://`.
+async fn start_tls<'a>(
+    stream: &'a TcpStream,
+    peer: SocketAddr,
+    cfg: std::sync::Arc<rustls::ServerConfig>,
+    deadline: Instant,
+) -> Option<TlsConn<'a>> {
+    let tls = match TlsConn::new(stream, cfg) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "cannot start a TLS connection");
+            return None;
+        }
+    };
+    let r = monoio::time::timeout_at(deadline.into(), tls.handshake()).await;
+    let result = match &r {
+        Ok(Ok(())) => "ok",
+        Ok(Err(e)) => e.name(),
+        Err(_) => "timeout",
+    };
+    metrics::counter!(m::TLS_HANDSHAKES, "result" => result).increment(1);
+    match r {
+        Ok(Ok(())) => Some(tls),
+        Ok(Err(HandshakeError::NotTls)) => {
+            refuse(&Client::Plain(stream), peer, None, admission::TLS_REQUIRED).await;
+            None
+        }
+        Ok(Err(e @ HandshakeError::ClientGone(_))) => {
+            tracing::debug!(%peer, error = %e, "client left during the TLS handshake");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::info!(%peer, result, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, result, "TLS handshake not completed in time");
+            None
+        }
+    }
+}
+
 /// Reads until the request head is complete, rejected, or the client leaves.
 async fn read_head(
-    stream: &TcpStream,
+    stream: &Client<'_>,
     head: &mut Vec<u8>,
     cfg: &handshake::HandshakeConfig,
 ) -> Result<UpgradeRequest, HeadError> {
-    let fd = stream.as_raw_fd();
     loop {
         // Read into the Vec's tail (no stack buffer inside the session's future), never
         // past the limit plus one byte, to tell "at the limit" from "over".
@@ -209,15 +258,11 @@ async fn read_head(
             .saturating_sub(have)
             .clamp(1, 2048);
         head.resize(have + room, 0);
-        let r = sys::recv(fd, &mut head[have..]);
+        let r = stream.read(&mut head[have..]).await;
         head.truncate(have + *r.as_ref().unwrap_or(&0));
         match r {
             Ok(0) => return Err(HeadError::Io(io::ErrorKind::UnexpectedEof.into())),
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                stream.readable(false).await.map_err(HeadError::Io)?;
-                continue;
-            }
             Err(e) => return Err(HeadError::Io(e)),
         }
         match handshake::parse_request(head, cfg) {
@@ -230,21 +275,21 @@ async fn read_head(
 
 /// Answers a refused upgrade with its HTTP error, counted and logged (with the session id
 /// once the path named a valid one), then closes without resetting the response away.
-async fn refuse(stream: &TcpStream, peer: SocketAddr, session: Option<&str>, r: Refusal) {
+async fn refuse(stream: &Client<'_>, peer: SocketAddr, session: Option<&str>, r: Refusal) {
     metrics::counter!(m::HANDSHAKE_REJECTED, "status" => r.status.to_string(), "reason" => r.reason, "blame" => r.blame.as_str())
         .increment(1);
     tracing::info!(session = session.unwrap_or("-"), %peer, status = r.status, reason = r.reason, blame = r.blame.as_str(), "upgrade refused");
-    if sock::write_all(stream, &r.response()).await.is_ok() {
-        sock::linger_close(stream, Duration::from_secs(1)).await;
+    if stream.write_all(&r.response()).await.is_ok() {
+        stream.linger_close(Duration::from_secs(1)).await;
     }
 }
 
 /// Closes an upgraded connection that never reached the relay.
-async fn close_before_relay(stream: &TcpStream, cause: CloseCause) -> (End, u64, u64, bool) {
+async fn close_before_relay(stream: &Client<'_>, cause: CloseCause) -> (End, u64, u64, bool) {
     let frame = ControlFrame::close(Some(cause.code), cause.reason);
-    let sent = sock::write_all(stream, frame.as_bytes()).await.is_ok();
+    let sent = stream.write_all(frame.as_bytes()).await.is_ok();
     if sent {
-        sock::linger_close(stream, Duration::from_secs(2)).await;
+        stream.linger_close(Duration::from_secs(2)).await;
     }
     (End::Cause(cause), 0, 0, sent)
 }

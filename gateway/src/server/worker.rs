@@ -16,7 +16,7 @@ use super::pool::{BufPool, PipePool};
 use super::signal::Signal;
 use super::viewers::Viewers;
 use crate::close::{self, CloseCause};
-use crate::config::Limits;
+use crate::config::{Limits, Settings};
 use crate::metrics as m;
 use crate::policy::UpstreamPolicy;
 use crate::route::{RouteChange, RouteSource};
@@ -56,6 +56,8 @@ pub struct Worker<S> {
     pub limits: Limits,
     /// Congestion control for upstream sockets (the accepted ones take the listener's).
     pub congestion: Option<Arc<str>>,
+    /// `wss://`: the rustls configuration every browser connection starts with.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub pipes: PipePool,
     pub bufs: BufPool,
     pub stats: Stats,
@@ -72,21 +74,22 @@ impl<S: RouteSource> Worker<S> {
     pub fn new(
         index: usize,
         routes: S,
-        handshake: HandshakeConfig,
-        policy: UpstreamPolicy,
-        limits: Limits,
+        settings: &Settings,
         congestion: Option<Arc<str>>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         shared: Arc<Shared>,
     ) -> Self {
+        let limits = settings.limits.clone();
         Self {
             index,
             routes,
-            handshake,
-            policy,
+            handshake: settings.handshake.clone(),
+            policy: settings.policy.clone(),
             pipes: PipePool::new(limits.pipe_size, limits.max_idle_pipes),
             bufs: BufPool::new(limits.read_buffer, 64),
             limits,
             congestion,
+            tls,
             stats: Stats::default(),
             draining: Cell::new(false),
             stop_accepting: Signal::new(),

@@ -84,7 +84,10 @@ impl Gw {
         while addr.is_none() || admin.is_none() {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) => {
-                    if let Some(rest) = line.strip_prefix("vncgate: listening on ws://") {
+                    let listening = line
+                        .strip_prefix("vncgate: listening on ws://")
+                        .or_else(|| line.strip_prefix("vncgate: listening on wss://"));
+                    if let Some(rest) = listening {
                         addr = Some(rest.split('/').next().unwrap().parse().unwrap());
                     } else if let Some(rest) = line.strip_prefix("vncgate: admin on http://") {
                         admin = Some(rest.parse().unwrap());
