@@ -9,6 +9,8 @@
 //!
 //! - [`admission`]: whether a parsed upgrade becomes a session, as a pure decision (HTTP
 //!   refusal with its blame, an immediate close with its cause, or an admission).
+//! - [`live`]: the settings a SIGHUP reloads (static routes, upstream and origin policy),
+//!   published to the workers by generation.
 //! - [`deadlines`]: a session's expiry, duration, idle and keepalive deadlines, sans IO.
 //! - [`token`]: session tokens, held as SHA-256 digests and compared in constant time.
 //! - [`route`]: the [`route::RouteSource`] trait and the static sources (flags, routes file).
@@ -32,6 +34,7 @@ pub mod admission;
 pub mod close;
 pub mod config;
 pub mod deadlines;
+pub mod live;
 pub mod metrics;
 pub mod policy;
 pub mod route;

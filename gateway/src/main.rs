@@ -5,14 +5,12 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use vncgate::config::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+use vncgate::config::{Cli, Command, LogFormat, ServeArgs};
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Serve(args) => {
-            init_logging(args.log_format);
-            args.settings().and_then(vncgate::server::run)
-        }
+        Command::Serve(args) => serve(*args),
         Command::Route(r) => match vncgate::route_admin::run(&r) {
             Ok(vncgate::route_admin::Outcome::Done) => Ok(()),
             Ok(vncgate::route_admin::Outcome::NotFound) => return ExitCode::from(1),
@@ -28,15 +26,46 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VNCGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let settings = args.settings()?;
+    let log_filter = init_logging(args.log_format, &settings.log_level);
+    let reloader = vncgate::server::Reloader {
+        settings: Box::new(move || args.settings()),
+        log_filter,
+    };
+    vncgate::server::run(settings, reloader)
+}
+
+/// Installs the subscriber, and returns how to change its filter (none when `VNCGATE_LOG`
+/// is set: the environment then fixes it).
+fn init_logging(format: LogFormat, level: &str) -> Option<vncgate::server::SetLogFilter> {
+    let from_env = EnvFilter::try_from_env("VNCGATE_LOG").ok();
+    let fixed = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
+        .with_ansi(ansi);
+    // The filter goes last: reloading wraps the layers built so far.
+    let set: vncgate::server::SetLogFilter = match format {
+        LogFormat::Text => {
+            let b = b.with_env_filter(filter).with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            Box::new(move |f| {
+                h.reload(EnvFilter::try_new(f).map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())
+            })
+        }
+        LogFormat::Json => {
+            let b = b.json().with_env_filter(filter).with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            Box::new(move |f| {
+                h.reload(EnvFilter::try_new(f).map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())
+            })
+        }
+    };
+    (!fixed).then_some(set)
 }

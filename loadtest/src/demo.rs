@@ -110,13 +110,16 @@ fn listening_url(line: &str) -> Option<&str> {
 
 fn announce(url: &str) {
     println!("vncgate: demo desktop at {url}demo");
-    if let Some((host_port, path)) = url
-        .strip_prefix("ws://")
-        .and_then(|rest| rest.split_once('/'))
+    // noVNC's own page takes the parts, and `encrypt=1` for wss://.
+    let (rest, encrypt) = match url.strip_prefix("wss://") {
+        Some(r) => (Some(r), " encrypt=1"),
+        None => (url.strip_prefix("ws://"), ""),
+    };
+    if let Some((host_port, path)) = rest.and_then(|r| r.split_once('/'))
         && let Some((host, port)) = host_port.rsplit_once(':')
     {
         println!(
-            "vncgate: open noVNC with host={host} port={port} path={path}demo (see README: Seeing the demo desktop)"
+            "vncgate: open noVNC with host={host} port={port} path={path}demo{encrypt} (see README: Seeing the demo desktop)"
         );
     }
 }

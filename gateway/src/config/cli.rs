@@ -211,6 +211,11 @@ pub struct ServeArgs {
     /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
+    /// `info,vncgate::routing=debug`; reloaded on SIGHUP. VNCGATE_LOG, when set, wins
+    /// [default: info].
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,

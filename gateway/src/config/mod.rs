@@ -11,5 +11,5 @@ pub use cli::{
     RouteListArgs, ServeArgs,
 };
 pub use settings::{
-    DEFAULT_TCP_CONGESTION, IoDriver, Layer, Limits, Settings, TcpCongestion, parse_secs,
+    DEFAULT_TCP_CONGESTION, IoDriver, Layer, Limits, Settings, TcpCongestion, TlsFiles, parse_secs,
 };

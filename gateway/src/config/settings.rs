@@ -141,6 +141,7 @@ layer! {
     max_viewers: u32,
     tls_cert: PathBuf,
     tls_key: PathBuf,
+    log_level: String,
 }
 
 /// The address a gateway listens on without `--listen`.
@@ -176,6 +177,7 @@ impl Layer {
             route_negative_ttl: Some(r.negative_ttl),
             redis_timeout: Some(r.timeout),
             max_viewers: Some(l.max_viewers),
+            log_level: Some("info".into()),
             allow_origins: h.allowed_origins,
             ..Layer::default()
         }
@@ -286,8 +288,18 @@ pub struct Settings {
     pub tcp_congestion: TcpCongestion,
     /// Where routes come from besides the static ones.
     pub redis: Option<RedisSettings>,
-    /// `wss://` on the public listener: the certificate store (`--tls-cert`, `--tls-key`).
-    pub tls: Option<std::sync::Arc<crate::tls::Certs>>,
+    /// `wss://` on the public listener: the certificate and key files (`--tls-cert`,
+    /// `--tls-key`), loaded when the server starts.
+    pub tls: Option<TlsFiles>,
+    /// The log filter (`--log-level`: a level, or `tracing` directives such as
+    /// `info,vncgate::routing=debug`); `VNCGATE_LOG`, when set, overrides it.
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -338,6 +350,7 @@ impl ServeArgs {
             max_viewers: self.max_viewers,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            log_level: self.log_level.clone(),
             routes: self.routes.clone(),
             allow_upstream: self.allow_upstream.clone(),
             allow_origins: self.allow_origins.clone(),
@@ -476,9 +489,12 @@ impl Settings {
         if limits.max_message == 0 {
             return Err("--max-message must be positive".into());
         }
+        let log_level = need(l.log_level, "log_level")?;
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|e| format!("--log-level '{log_level}': {e}"))?;
         let tls = match (l.tls_cert, l.tls_key) {
             (None, None) => None,
-            (Some(c), Some(k)) => Some(crate::tls::Certs::open(c, k)?),
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             (Some(_), None) => {
                 return Err(
                     "--tls-cert needs --tls-key (the certificate's private key, PEM)".into(),
@@ -507,6 +523,7 @@ impl Settings {
             tcp_congestion: TcpCongestion::parse(l.tcp_congestion.as_deref())?,
             redis,
             tls,
+            log_level,
         })
     }
 }

@@ -11,8 +11,9 @@ use vncgate_schema::store::{self, Conn};
 use vncgate_schema::{EVENTS_CHANNEL, EventOp, RemovalReason, RouteEvent, Timeouts};
 
 use super::{Answer, RedisSettings, ToWorker};
+use crate::live::Live;
 use crate::metrics as m;
-use crate::route::{Route, RouteChange, SourceHealth, StaticRoutes, Unavailable};
+use crate::route::{Route, RouteChange, SourceHealth, Unavailable};
 use crate::server::mailbox::Mailbox;
 use crate::server::viewers::Viewers;
 
@@ -84,7 +85,8 @@ struct State {
     to_workers: Vec<Arc<Mailbox<ToWorker>>>,
     subscribed: Arc<AtomicBool>,
     viewers: Arc<Viewers>,
-    fixed: StaticRoutes,
+    /// The static routes served alongside Redis (reloadable), never rechecked against it.
+    fixed: Arc<Live>,
 }
 
 impl State {
@@ -117,13 +119,13 @@ impl State {
     }
 }
 
-/// Starts the control thread for `workers` workers. `fixed` are the static routes served
+/// Starts the control thread for `workers` workers. `fixed` holds the static routes served
 /// alongside Redis (never rechecked against it).
 pub fn spawn(
     settings: RedisSettings,
     workers: usize,
     viewers: Arc<Viewers>,
-    fixed: StaticRoutes,
+    fixed: Arc<Live>,
 ) -> Result<Arc<Control>, String> {
     let (requests, rx) = mpsc::unbounded_channel();
     let mailboxes = (0..workers)
@@ -385,11 +387,12 @@ async fn recheck_live_sessions(s: Arc<State>) {
             _ = s.recheck.notified() => {}
         }
         let Some(c) = s.conn() else { continue };
+        let statics = s.fixed.current().1;
         let ids: Vec<String> = s
             .viewers
             .sessions()
             .into_iter()
-            .filter(|id| s.fixed.get(id).is_none())
+            .filter(|id| statics.routes.get(id).is_none())
             .collect();
         let timeout = s.settings.timeout;
         let checks = ids.into_iter().map(|id| {

@@ -31,7 +31,7 @@ use crate::metrics as m;
 use crate::route::{RouteSource, SourceHealth};
 use worker::Worker;
 
-pub use run::run;
+pub use run::{Reloader, SetLogFilter, run};
 
 /// State shared by all workers: only flags, read or written rarely.
 #[derive(Debug)]
@@ -45,6 +45,8 @@ pub struct Shared {
     pub viewers: Arc<viewers::Viewers>,
     /// The health of a route source that can fail (Redis), for `/readyz`.
     pub route_health: Option<Arc<SourceHealth>>,
+    /// The settings a SIGHUP reloads (see [`crate::live`]).
+    pub live: Arc<crate::live::Live>,
 }
 
 /// What the route source shares with the rest of the process.
@@ -52,6 +54,9 @@ pub struct Shared {
 pub struct Hooks {
     pub viewers: Arc<viewers::Viewers>,
     pub route_health: Option<Arc<SourceHealth>>,
+    /// The reloadable settings, when the route source reads them too (Redis's recheck
+    /// skips static routes); made from the settings otherwise.
+    pub live: Option<Arc<crate::live::Live>>,
 }
 
 impl Shared {
@@ -110,6 +115,8 @@ pub struct Running {
     pub driver: DriverKind,
     /// The public listener speaks `wss://`.
     pub tls: bool,
+    /// Its certificates, for SIGHUP.
+    pub certs: Option<Arc<crate::tls::Certs>>,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -127,10 +134,12 @@ impl Running {
     }
 }
 
-/// Binds the listeners and starts the workers with the static route table.
+/// Binds the listeners and starts the workers with the static routes only (each worker
+/// reads them from [`crate::live`], so a reload reaches them).
 pub fn start(settings: Settings, prom: Option<PrometheusHandle>) -> Result<Running, String> {
-    let routes = settings.routes.clone();
-    start_with(settings, prom, Hooks::default(), move |_| routes.clone())
+    start_with(settings, prom, Hooks::default(), |_| {
+        crate::route::StaticRoutes::default()
+    })
 }
 
 /// Starts the workers with a route source built per worker by `make_routes` (each worker
@@ -167,6 +176,9 @@ where
             .map_err(|e| format!("cannot create worker lanes: {e}"))?,
         viewers: hooks.viewers,
         route_health: hooks.route_health,
+        live: hooks.live.unwrap_or_else(|| {
+            Arc::new(crate::live::Live::new(crate::live::Dynamic::of(&settings)))
+        }),
     });
     let admin_addr = match settings.admin {
         Some(a) => {
@@ -178,15 +190,17 @@ where
         }
         None => None,
     };
-    let tls = match &settings.tls {
-        Some(certs) => {
+    let certs = match &settings.tls {
+        Some(f) => {
+            let certs = crate::tls::Certs::open(f.cert.clone(), f.key.clone())?;
             certs
                 .watch()
                 .map_err(|e| format!("cannot start the certificate watcher: {e}"))?;
-            Some(certs.server_config()?)
+            Some(certs)
         }
         None => None,
     };
+    let tls = certs.as_ref().map(|c| c.server_config()).transpose()?;
     let settings = Arc::new(settings);
     let make_routes = Arc::new(make_routes);
     let mut threads = Vec::new();
@@ -251,6 +265,7 @@ where
         admin_addr,
         driver,
         tls: tls.is_some(),
+        certs,
         shared,
         threads,
     })

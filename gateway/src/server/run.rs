@@ -1,14 +1,31 @@
 //! Startup, as the binary runs it: raise the descriptor limit, install the metrics recorder,
 //! wire the route source (the static routes, or Redis through the control-plane thread),
-//! start the workers, print the machine-readable lines, turn SIGTERM and SIGINT into a drain,
-//! and wait for the workers.
+//! start the workers, print the machine-readable lines, turn SIGTERM and SIGINT into a drain
+//! and SIGHUP into a reload, and wait for the workers.
+
+use std::sync::Arc;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::config::Settings;
+use crate::live::{Dynamic, Live};
+use crate::metrics as m;
+
+/// Installs a log filter, or says why it cannot.
+pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send>;
+
+/// How a SIGHUP re-reads the configuration.
+pub struct Reloader {
+    /// The settings again, from the same command line: the config file, the routes file
+    /// and the environment are read anew.
+    pub settings: Box<dyn Fn() -> Result<Settings, String> + Send>,
+    /// Installs a new log filter (validated already); `None` when it cannot change (the
+    /// `VNCGATE_LOG` environment variable fixed it).
+    pub log_filter: Option<SetLogFilter>,
+}
 
 /// Runs a gateway on `settings` until it has drained.
-pub fn run(settings: Settings) -> Result<(), String> {
+pub fn run(settings: Settings, reloader: Reloader) -> Result<(), String> {
     // A gateway holds two descriptors per idle session, four while it sends (each socket,
     // and its second handle for send ops): the soft limit goes up to the hard one.
     match rlimit::increase_nofile_limit(u64::MAX) {
@@ -16,17 +33,29 @@ pub fn run(settings: Settings) -> Result<(), String> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
     }
     let prom = crate::metrics::install()?;
+    // Before anything is announced: a SIGHUP's default action would end the process.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let prefix = settings.handshake.path_prefix.clone();
-    let tls = settings.tls.clone();
+    let live = Arc::new(Live::new(Dynamic::of(&settings)));
+    let current = settings.clone();
     let running = match settings.redis.clone() {
-        None => crate::server::start(settings, Some(prom))?,
+        None => crate::server::start_with(
+            settings,
+            Some(prom),
+            crate::server::Hooks {
+                live: Some(live.clone()),
+                ..Default::default()
+            },
+            // The static routes are the workers' own (see `crate::live`).
+            |_| crate::route::StaticRoutes::default(),
+        )?,
         Some(redis) => {
-            let viewers = std::sync::Arc::new(crate::server::viewers::Viewers::default());
-            let fixed = settings.routes.clone();
+            let viewers = Arc::new(crate::server::viewers::Viewers::default());
             tracing::info!(redis = %redis.url, cache_ttl = ?redis.cache_ttl, "routes from redis");
             let wait = (redis.timeout * 4).max(std::time::Duration::from_secs(2));
             let control =
-                crate::routing::spawn(redis, settings.workers, viewers.clone(), fixed.clone())?;
+                crate::routing::spawn(redis, settings.workers, viewers.clone(), live.clone())?;
             if !control.wait_connected(wait) {
                 let h = control.health();
                 tracing::warn!(error = %h.why(), up = h.is_up(), "starting before redis answered and the route events subscription started: uncached lookups fail with 503 until then");
@@ -34,9 +63,14 @@ pub fn run(settings: Settings) -> Result<(), String> {
             let hooks = crate::server::Hooks {
                 viewers,
                 route_health: Some(control.health()),
+                live: Some(live.clone()),
             };
             crate::server::start_with(settings, Some(prom), hooks, move |i| {
-                crate::routing::RedisRoutes::new(i, control.clone(), fixed.clone())
+                crate::routing::RedisRoutes::new(
+                    i,
+                    control.clone(),
+                    crate::route::StaticRoutes::default(),
+                )
             })?
         }
     };
@@ -50,15 +84,20 @@ pub fn run(settings: Settings) -> Result<(), String> {
         println!("vncgate: admin on http://{a}");
     }
     let shared = running.shared();
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let certs = running.certs.clone();
     std::thread::Builder::new()
         .name("vncgate-signals".into())
         .spawn(move || {
+            let mut current = current;
             let mut seen = 0;
             for sig in signals.forever() {
                 if sig == SIGHUP {
-                    reload(tls.as_deref());
+                    if let Some(c) = &certs {
+                        let _ = c.reload("sighup");
+                    }
+                    if let Some(new) = reload(&current, &reloader, &live) {
+                        current = new;
+                    }
                     continue;
                 }
                 seen += 1;
@@ -79,11 +118,117 @@ pub fn run(settings: Settings) -> Result<(), String> {
     Ok(())
 }
 
-/// SIGHUP: reloads what can change without a restart. A part that fails validation keeps
-/// its old settings, logged and counted by name.
-fn reload(tls: Option<&crate::tls::Certs>) {
-    tracing::info!("SIGHUP: reloading");
-    if let Some(certs) = tls {
-        let _ = certs.reload("sighup");
+/// SIGHUP: reads the configuration again and applies what can change without a restart
+/// (static routes, `--allow-upstream`, `--allow-origin`, the log filter; certificates are
+/// reloaded by the caller). Validation failing anywhere keeps every current setting, logged
+/// and counted. Settings that need a restart are named in the log and keep their values.
+/// Returns the settings now in force.
+fn reload(current: &Settings, reloader: &Reloader, live: &Live) -> Option<Settings> {
+    let failed = |e: &str| {
+        metrics::counter!(m::CONFIG_RELOADS, "result" => "failed").increment(1);
+        tracing::error!(error = %e, "SIGHUP: reload failed; keeping the current settings");
+    };
+    let new = match (reloader.settings)() {
+        Ok(s) => s,
+        Err(e) => {
+            failed(&e);
+            return None;
+        }
+    };
+    for setting in needs_restart(current, &new) {
+        tracing::warn!(
+            setting,
+            "SIGHUP: this setting changed but takes effect only at a restart; keeping the running value"
+        );
+    }
+    if new.log_level != current.log_level {
+        match &reloader.log_filter {
+            Some(set) => {
+                if let Err(e) = set(&new.log_level) {
+                    failed(&format!("--log-level: {e}"));
+                    return None;
+                }
+            }
+            None => tracing::warn!(
+                "SIGHUP: log_level changed, but VNCGATE_LOG is set and fixes the filter"
+            ),
+        }
+    }
+    let (_, old) = live.current();
+    let next = Dynamic::of(&new);
+    let changes = old.route_changes(&next);
+    let added = next
+        .routes
+        .iter()
+        .filter(|(id, _)| old.routes.get(id).is_none())
+        .count();
+    live.publish(next);
+    metrics::counter!(m::CONFIG_RELOADS, "result" => "ok").increment(1);
+    tracing::info!(
+        routes = new.routes.len(),
+        added,
+        removed_or_changed = changes.len(),
+        allow_upstream = new.policy.nets().len(),
+        allow_origins = new.handshake.allowed_origins.len(),
+        log_level = %new.log_level,
+        "SIGHUP: configuration reloaded"
+    );
+    // What did not apply stays as it runs, so the next reload compares with that.
+    Some(restart_bound(current, new))
+}
+
+/// The names of the settings that differ and need a restart.
+fn needs_restart(a: &Settings, b: &Settings) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |name, differs: bool| {
+        if differs {
+            out.push(name);
+        }
+    };
+    check("listen", a.listen != b.listen);
+    check("workers", a.workers != b.workers);
+    check("io_driver", a.io_driver != b.io_driver);
+    check("admin", a.admin != b.admin);
+    check("share_port", a.share_port != b.share_port);
+    check("tcp_congestion", a.tcp_congestion != b.tcp_congestion);
+    check("tls_cert/tls_key", a.tls != b.tls);
+    macro_rules! limits {
+        ($($f:ident),*) => {$(check(stringify!($f), a.limits.$f != b.limits.$f);)*};
+    }
+    limits!(
+        max_sessions_per_worker,
+        max_message,
+        handshake_timeout,
+        connect_timeout,
+        connect_retry_window,
+        idle_timeout,
+        max_session_duration,
+        keepalive_interval,
+        keepalive_timeout,
+        drain_timeout,
+        pipe_size,
+        max_viewers
+    );
+    // The Redis settings hold a parsed URL without a comparison of its own.
+    check(
+        "redis",
+        format!("{:?}", a.redis) != format!("{:?}", b.redis),
+    );
+    out
+}
+
+/// `new` with the settings that need a restart put back to their running values.
+fn restart_bound(running: &Settings, new: Settings) -> Settings {
+    Settings {
+        listen: running.listen,
+        workers: running.workers,
+        io_driver: running.io_driver,
+        admin: running.admin,
+        share_port: running.share_port,
+        tcp_congestion: running.tcp_congestion.clone(),
+        tls: running.tls.clone(),
+        limits: running.limits.clone(),
+        redis: running.redis.clone(),
+        ..new
     }
 }

@@ -58,9 +58,13 @@ pub async fn serve<S: RouteSource>(
         },
     };
     let stream = &client;
+    let dynamic = w.dynamic();
     let mut head = Vec::new();
-    let read =
-        monoio::time::timeout_at(deadline.into(), read_head(stream, &mut head, &w.handshake)).await;
+    let read = monoio::time::timeout_at(
+        deadline.into(),
+        read_head(stream, &mut head, &dynamic.handshake),
+    )
+    .await;
     let req = match read {
         Ok(Ok(req)) => req,
         Ok(Err(HeadError::Reject(r))) => {
@@ -86,7 +90,7 @@ pub async fn serve<S: RouteSource>(
         }
     };
     let id = ask.session_id.as_str();
-    let lookup = w.routes.lookup(id).await;
+    let lookup = w.lookup(id).await;
     if let Err(e) = &lookup {
         tracing::warn!(session = %id, error = %e, "route lookup failed");
     }
@@ -95,7 +99,7 @@ pub async fn serve<S: RouteSource>(
         sessions: w.session_count(),
         max_sessions: w.limits.max_sessions_per_worker,
         default_max_viewers: w.limits.max_viewers,
-        policy: &w.policy,
+        policy: &dynamic.policy,
         now: SystemTime::now(),
     };
     let route = match &lookup {

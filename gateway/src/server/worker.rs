@@ -17,10 +17,9 @@ use super::signal::Signal;
 use super::viewers::Viewers;
 use crate::close::{self, CloseCause};
 use crate::config::{Limits, Settings};
+use crate::live::Dynamic;
 use crate::metrics as m;
-use crate::policy::UpstreamPolicy;
-use crate::route::{RouteChange, RouteSource};
-use vncgate_ws::handshake::HandshakeConfig;
+use crate::route::{Route, RouteChange, RouteSource, Unavailable};
 
 /// A live session's handle, by which the worker can end it (drain, revocation) or move its
 /// expiry (a rewritten route).
@@ -51,8 +50,9 @@ pub struct Stats {
 pub struct Worker<S> {
     pub index: usize,
     pub routes: S,
-    pub handshake: HandshakeConfig,
-    pub policy: UpstreamPolicy,
+    /// The reloadable settings as this worker last took them, with their generation (see
+    /// [`crate::live`]).
+    seen: RefCell<(u64, Arc<Dynamic>)>,
     pub limits: Limits,
     /// Congestion control for upstream sockets (the accepted ones take the listener's).
     pub congestion: Option<Arc<str>>,
@@ -83,8 +83,7 @@ impl<S: RouteSource> Worker<S> {
         Self {
             index,
             routes,
-            handshake: settings.handshake.clone(),
-            policy: settings.policy.clone(),
+            seen: RefCell::new(shared.live.current()),
             pipes: PipePool::new(limits.pipe_size, limits.max_idle_pipes),
             bufs: BufPool::new(limits.read_buffer, 64),
             limits,
@@ -152,10 +151,37 @@ impl<S: RouteSource> Worker<S> {
         &self.shared.viewers
     }
 
+    /// The reloadable settings (handshake, upstream policy, static routes), after following
+    /// a reload if one was published since the last look.
+    pub fn dynamic(self: &Rc<Self>) -> Arc<Dynamic> {
+        if self.shared.live.generation() != self.seen.borrow().0 {
+            let (g, new) = self.shared.live.current();
+            let old = std::mem::replace(&mut *self.seen.borrow_mut(), (g, new.clone())).1;
+            for change in old.route_changes(&new) {
+                self.follow_route_change(change);
+            }
+        }
+        self.seen.borrow().1.clone()
+    }
+
+    /// A session's route: the static routes first (reloadable), then the route source.
+    pub async fn lookup(self: &Rc<Self>, session: &str) -> Result<Option<Arc<Route>>, Unavailable> {
+        if let Some(r) = self.dynamic().routes.get(session) {
+            return Ok(Some(r.clone()));
+        }
+        self.routes.lookup(session).await
+    }
+
     /// Applies the route source's changes to live sessions: a removed route ends them, a
     /// rewritten one is looked up again for its new expiry.
     pub fn follow_route_changes(self: &Rc<Self>) {
         for change in self.routes.changes() {
+            self.follow_route_change(change);
+        }
+    }
+
+    fn follow_route_change(self: &Rc<Self>, change: RouteChange) {
+        {
             match change {
                 RouteChange::Removed { session, expired } => {
                     let cause = if expired {
@@ -216,7 +242,7 @@ pub async fn route_news<S: RouteSource>(w: Rc<Worker<S>>, bell: std::os::unix::n
 /// A live session's route was rewritten: take up its new expiry, or end the sessions if
 /// the route is gone by now.
 async fn follow_rewrite<S: RouteSource>(w: Rc<Worker<S>>, session: String) {
-    let route = match w.routes.lookup(&session).await {
+    let route = match w.lookup(&session).await {
         Ok(r) => r,
         // Unanswerable now: the sessions keep their expiry; the next change decides.
         Err(e) => {
@@ -262,6 +288,8 @@ pub async fn housekeeping<S: RouteSource>(w: Rc<Worker<S>>) {
     loop {
         monoio::time::sleep(tick).await;
         w.follow_route_changes();
+        // Follows a reload within a tick even when no connection arrives.
+        let _ = w.dynamic();
         if last_flush.elapsed() >= Duration::from_secs(1) {
             w.flush_stats();
             last_flush = Instant::now();

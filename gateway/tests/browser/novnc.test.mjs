@@ -28,7 +28,7 @@ function startGateway(args, bin = BIN) {
     let out = '';
     child.stdout.on('data', (d) => {
       out += d;
-      const m = out.match(/listening on (ws:\/\/[0-9.:]+)\//);
+      const m = out.match(/listening on (wss?:\/\/[0-9.:]+)\//);
       if (m) resolve({ child, base: m[1] });
     });
     child.stderr.on('data', () => {});
@@ -83,8 +83,8 @@ after(async () => {
   if (gw) await stop(gw.child);
 });
 
-async function viewDesktop(protocols, wsUrl = `${gwUrl}/vnc/demo`) {
-  const page = await browser.newPage({ viewport: { width: 900, height: 700 } });
+async function viewDesktop(protocols, wsUrl = `${gwUrl}/vnc/demo`, viewer = browser) {
+  const page = await viewer.newPage({ viewport: { width: 900, height: 700 } });
   const url = encodeURIComponent(wsUrl);
   const q = protocols ? `&protocols=${protocols}` : '';
   await page.goto(`http://127.0.0.1:${httpPort}/?url=${url}${q}`);
@@ -153,6 +153,63 @@ test('an unknown session is refused before the upgrade', async () => {
   }), `${gwUrl}/vnc/nobody`);
   assert.equal(ev.code, 1006, 'a failed handshake is all a browser can see');
   await page.close();
+});
+
+// ---- wss:// (--tls-cert, --tls-key): noVNC over TLS to the same synthetic desktop ----
+
+describe('noVNC through wss://', () => {
+  let tlsGw, tlsUrl, trusting, dir;
+  const openssl = (args) => {
+    const r = spawnSync('openssl', args, { encoding: 'utf8' });
+    assert.equal(r.status, 0, `openssl ${args.join(' ')}: ${r.stderr}`);
+    return r.stdout;
+  };
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'vncgate-wss-'));
+    const [cert, key] = [join(dir, 'gw.crt'), join(dir, 'gw.key')];
+    openssl(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+      '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1',
+      '-keyout', key, '-out', cert]);
+    // Chromium trusts exactly this key (its SPKI's SHA-256), as a private CA would make it.
+    const spki = spawnSync('sh', ['-c',
+      `openssl x509 -in '${cert}' -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64`],
+    { encoding: 'utf8' });
+    assert.equal(spki.status, 0, spki.stderr);
+    tlsGw = await startGateway(['demo', '--gateway', BIN, '--listen', '127.0.0.1:0', '--workers', '1',
+      '--tls-cert', cert, '--tls-key', key, '--drain-timeout', '1'], DEMO_BIN);
+    track(tlsGw.child);
+    tlsUrl = tlsGw.base;
+    assert.match(tlsUrl, /^wss:\/\//);
+    trusting = await chromium.launch({
+      executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+      headless: true,
+      args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+        '--disable-background-networking', '--disable-component-update', '--disable-sync',
+        `--ignore-certificate-errors-spki-list=${spki.stdout.trim()}`],
+    });
+  });
+  after(async () => {
+    await trusting?.close();
+    if (tlsGw) await stop(tlsGw.child);
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  test('noVNC shows the desktop over wss://', async () => {
+    await viewDesktop(null, `${tlsUrl}/vnc/demo`, trusting);
+  });
+
+  test('a browser that does not trust the certificate never opens the socket', async () => {
+    const page = await browser.newPage();
+    await page.goto(`http://127.0.0.1:${httpPort}/blank`);
+    const ev = await page.evaluate((u) => new Promise((resolve) => {
+      const ws = new WebSocket(u);
+      let opened = false;
+      ws.onopen = () => { opened = true; };
+      ws.onclose = (e) => resolve({ opened, code: e.code });
+    }), `${tlsUrl}/vnc/demo`);
+    assert.deepEqual(ev, { opened: false, code: 1006 });
+    await page.close();
+  });
 });
 
 // ---- A real VNC server: Xvnc (TigerVNC) with a solid background and an xterm ----

@@ -55,8 +55,11 @@ impl Gw {
     /// Spawns a prepared command and waits for its listening lines; `Err(stderr)` if it
     /// exits first.
     pub fn spawn(cmd: &mut Command) -> Result<Gw, String> {
+        // Debug logs unless the test chose (or removed) the variable itself.
+        if !cmd.get_envs().any(|(k, _)| k == "VNCGATE_LOG") {
+            cmd.env("VNCGATE_LOG", "debug");
+        }
         let mut child = cmd
-            .env("VNCGATE_LOG", "debug")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
