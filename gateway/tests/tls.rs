@@ -24,6 +24,7 @@ struct Pki {
     root_params: CertificateParams,
     root_key: KeyPair,
     root_der: CertificateDer<'static>,
+    root_pem: String,
 }
 
 impl Pki {
@@ -38,13 +39,21 @@ impl Pki {
             format!("vncgate test root {tag}"),
         );
         let root_key = KeyPair::generate().unwrap();
-        let root_der = root_params.self_signed(&root_key).unwrap().der().clone();
+        let root = root_params.self_signed(&root_key).unwrap();
         Pki {
             dir,
             root_params,
             root_key,
-            root_der,
+            root_der: root.der().clone(),
+            root_pem: root.pem(),
         }
+    }
+
+    /// The root certificate as a PEM file, for clients that read one (`--ca FILE`).
+    fn root_pem(&self) -> PathBuf {
+        let p = self.dir.join("root.pem");
+        std::fs::write(&p, &self.root_pem).unwrap();
+        p
     }
 
     fn roots(&self) -> RootCertStore {
@@ -485,4 +494,39 @@ fn counter(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)
+}
+
+/// noVNC-shaped clients (the load generator's swarm: RFB handshake, update requests, input,
+/// cut-text round trips) through `wss://` to a synthetic desktop, trusting the test root.
+#[test]
+fn the_swarm_runs_rfb_sessions_through_wss() {
+    let pki = Pki::new("swarm");
+    let (cert, key, _) = pki.leaf("leaf", &rcgen::PKCS_ECDSA_P256_SHA256, true);
+    let vm = vncgate_loadtest::fakevm::spawn_background(vncgate_loadtest::fakevm::Config {
+        width: 320,
+        height: 240,
+        ..Default::default()
+    })
+    .unwrap();
+    let gw = start_tls(vm, &cert, &key, &[]);
+    let cfg = vncgate_loadtest::swarm::Config {
+        url: format!("wss://{}/vnc/s1", gw.addr),
+        sessions: 20,
+        duration: Duration::from_secs(3),
+        idle_fraction: 0.25,
+        input_rate: 20.0,
+        tls: vncgate_loadtest::dial::Tls::CaFile(pki.root_pem()),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(vncgate_loadtest::swarm::run(cfg)).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.sessions_ok, 20, "{report:?}");
+    assert!(report.rtt_ms.is_some(), "cut-text round trips through TLS");
+    assert!(report.updates > 20, "{report:?}");
+    let m = metrics(&gw);
+    assert!(
+        counter(&m, "vncgate_tls_handshakes_total{result=\"ok\"}") >= 20.0,
+        "{m}"
+    );
 }
