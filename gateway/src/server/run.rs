@@ -15,7 +15,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         Ok(n) => tracing::debug!(nofile = n, "descriptor limit raised"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
     }
-    let prom = crate::metrics::install()?;
+    let prom = crate::metrics::install(settings.workers)?;
     let prefix = settings.handshake.path_prefix.clone();
     let running = match settings.redis.clone() {
         None => crate::server::start(settings, Some(prom))?,
