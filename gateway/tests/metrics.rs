@@ -340,6 +340,9 @@ fn a_fresh_gateway_is_described_counted_from_zero_and_lint_clean() {
     assert_eq!(e.value("process_max_fds", &[]), Some(soft));
 }
 
+/// A series and the value it must reach.
+type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
 #[test]
 fn events_count_under_the_registered_series_and_add_none() {
     let echo = echo_server();
@@ -370,7 +373,7 @@ fn events_count_under_the_registered_series_and_add_none() {
         assert_eq!(close.and_then(|f| f.close_code()), Some(code));
     }
 
-    let want: &[(&str, &[(&str, &str)], f64)] = &[
+    let want: &[Expected] = &[
         (
             "vncgate_handshake_rejected_total",
             &[
@@ -589,4 +592,38 @@ fn every_dashboard_query_uses_metrics_a_gateway_exposes() {
     ] {
         assert!(used.contains(family), "no panel shows {family}");
     }
+}
+
+#[test]
+fn the_readme_names_every_refusal_reason() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = readme
+        .split("### Statuses before the upgrade")
+        .nth(1)
+        .expect("the statuses section")
+        .split("\n#")
+        .next()
+        .unwrap();
+    let mut in_readme = BTreeMap::new();
+    for row in section
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| status"))
+    {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (status, blame, reasons) = (cells[1], cells[2], cells[3]);
+        for name in reasons.split(',').map(|r| r.trim().trim_matches('`')) {
+            in_readme.insert(name.to_owned(), (status.to_owned(), blame.to_owned()));
+        }
+    }
+    let in_code: BTreeMap<String, (String, String)> = vncgate::admission::refusals()
+        .iter()
+        .map(|r| {
+            (
+                r.name.to_owned(),
+                (r.status.to_string(), r.blame.as_str().to_owned()),
+            )
+        })
+        .collect();
+    assert_eq!(in_readme, in_code);
 }
