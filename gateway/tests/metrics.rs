@@ -346,7 +346,23 @@ type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
 #[test]
 fn events_count_under_the_registered_series_and_add_none() {
     let echo = echo_server();
-    let gw = Gw::with_route("auto", "s", echo.addr, &[]);
+    let (s_route, down_route) = (
+        format!("s={}", echo.addr),
+        format!("down={}", closed_port()),
+    );
+    let gw = Gw::start(
+        "auto",
+        &[
+            "--route",
+            &s_route,
+            "--route",
+            &down_route,
+            "--allow-upstream",
+            "127.0.0.1",
+            "--connect-retry-window",
+            "0",
+        ],
+    );
     let (_, before) = scrape(&gw);
     let families = [
         "vncgate_handshake_rejected_total",
@@ -363,6 +379,15 @@ fn events_count_under_the_registered_series_and_add_none() {
         let resp = http_exchange(gw.addr, req.as_bytes());
         assert_eq!(status_of(&resp), *status, "{resp}");
     }
+    // A client that leaves halfway through its request.
+    {
+        let mut c = std::net::TcpStream::connect(gw.addr).unwrap();
+        c.write_all(b"GET /vnc/s HTTP/1.1\r\nHost: g").unwrap();
+    }
+    // A VM that refuses: 4000, the VM's fault.
+    let mut ws = RawWs::connect(gw.addr, "/vnc/down", "");
+    let (_, close) = ws.until_close();
+    assert_eq!(close.and_then(|f| f.close_code()), Some(4000));
     // Three sessions the browser closes: with 1000, and with two application codes.
     for code in [1000u16, 4321, 3000] {
         let mut ws = RawWs::connect(gw.addr, "/vnc/s", "");
@@ -419,7 +444,25 @@ fn events_count_under_the_registered_series_and_add_none() {
             ],
             2.0,
         ),
-        ("vncgate_sessions_opened_total", &[], 3.0),
+        (
+            "vncgate_handshake_rejected_total",
+            &[
+                ("status", "none"),
+                ("reason", "client_gone"),
+                ("blame", "browser"),
+            ],
+            1.0,
+        ),
+        (
+            "vncgate_sessions_closed_total",
+            &[
+                ("code", "4000"),
+                ("cause", "upstream_refused"),
+                ("blame", "vm"),
+            ],
+            1.0,
+        ),
+        ("vncgate_sessions_opened_total", &[], 4.0),
         (
             "vncgate_relayed_bytes_total",
             &[("direction", "vm_to_browser")],
