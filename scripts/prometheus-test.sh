@@ -3,9 +3,11 @@
 #   1. promtool checks config/prometheus/*.yml and runs the rules' unit tests;
 #   2. every metric the rules use is one the gateway defines (gateway/src/metrics.rs);
 #   3. a real Prometheus scrapes `vncgate-loadtest demo` (the gateway in front of a synthetic desktop) while the swarm runs sessions through it,
-#      loads the rules (all healthy), and answers queries on the gateway's series and on a
-#      recording rule.
-# Installs Debian's prometheus (for promtool and the server) when missing.
+#      and a second gateway routing from a real Redis; it loads the rules (all healthy), and
+#      answers queries on the gateways' series and on a recording rule;
+#   4. every query of the Grafana dashboard (config/grafana/vncgate.json) returns series from
+#      that Prometheus.
+# Installs Debian's prometheus (for promtool and the server) when missing; needs redis-server.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -51,7 +53,22 @@ admin=$(sed -n 's/^vncgate: admin on http:\/\/\(.*\)$/\1/p' "$work/gw.out")
 demo=$(sed -n 's/^vncgate: demo desktop at \(.*\)$/\1/p' "$work/gw.out")
 [ -n "$admin" ] && [ -n "$demo" ] || { echo "the gateway did not start" >&2; cat "$work/gw.log" >&2; exit 1; }
 
-prom_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# A second gateway, routing from a real Redis: the dashboard's Redis panels need one.
+command -v redis-server >/dev/null 2>&1 || { echo "redis-server is missing (scripts/test.sh installs it)" >&2; exit 1; }
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &
+pids+=($!)
+"$target/debug/vncgate" serve --listen 127.0.0.1:0 --admin 127.0.0.1:0 --workers 2 \
+  --redis "redis://127.0.0.1:$redis_port" --allow-upstream 127.0.0.0/8 >"$work/gw2.out" 2>"$work/gw2.log" &
+pids+=($!)
+for _ in $(seq 100); do grep -q 'admin on' "$work/gw2.out" 2>/dev/null && break; sleep 0.1; done
+admin2=$(sed -n 's/^vncgate: admin on http:\/\/\(.*\)$/\1/p' "$work/gw2.out")
+listen2=$(sed -n 's/^vncgate: listening on ws:\/\/\([^/]*\).*$/\1/p' "$work/gw2.out")
+[ -n "$admin2" ] && [ -n "$listen2" ] || { echo "the Redis gateway did not start" >&2; cat "$work/gw2.log" >&2; exit 1; }
+
+prom_port=$(free_port)
 cat >"$work/prometheus.yml" <<EOF
 global:
   scrape_interval: 1s
@@ -61,7 +78,7 @@ rule_files:
 scrape_configs:
   - job_name: vncgate
     static_configs:
-      - targets: ["$admin"]
+      - targets: ["$admin", "$admin2"]
 EOF
 prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/data" \
   --web.listen-address="127.0.0.1:$prom_port" >"$work/prom.log" 2>&1 &
@@ -99,6 +116,45 @@ swarm 3
 expect 'sum(vncgate_sessions_opened_total)' 'v >= 5'
 expect 'sum(vncgate_relayed_bytes_total{direction="vm_to_browser"})' 'v > 100000'
 expect 'sum(vncgate:sessions_opened:rate5m)' 'v > 0'
+expect 'vncgate_redis_up' 'v == 1'
+# Lookups of unknown sessions through the Redis gateway (404s): misses, then negative hits.
+for _ in 1 2 3; do
+  curl -s -o /dev/null --max-time 5 -H 'Connection: Upgrade' -H 'Upgrade: websocket' \
+    -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' \
+    "http://$listen2/vnc/nobody" || true
+done
+expect 'sum(vncgate_route_cache_total{result="miss"})' 'v >= 1'
+expect 'sum(vncgate_handshake_rejected_total{reason="unknown_session"})' 'v >= 3'
+
+# Every dashboard query, as Grafana would send it (all gateways, a 1m rate window),
+# returns at least one series.
+python3 - "$prom_port" config/grafana/vncgate.json <<'PY'
+import json, sys, time, urllib.parse, urllib.request
+port, path = sys.argv[1], sys.argv[2]
+dash = json.load(open(path))
+def exprs(panels):
+    for p in panels:
+        for t in p.get("targets", []):
+            yield p["title"], t["expr"]
+        yield from exprs(p.get("panels", []))
+queries = list(exprs(dash["panels"]))
+assert len(queries) >= 25, len(queries)
+failed = []
+for title, expr in queries:
+    q = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+    for _ in range(40):
+        r = json.load(urllib.request.urlopen(url))
+        if r["status"] == "success" and r["data"]["result"]:
+            break
+        time.sleep(0.5)
+    else:
+        failed.append(f"{title}: {q} -> {r}")
+if failed:
+    print("dashboard queries with no series:\n  " + "\n  ".join(failed), file=sys.stderr)
+    sys.exit(1)
+print(f"prometheus: dashboard: all {len(queries)} queries return series")
+PY
 curl -s "http://127.0.0.1:$prom_port/api/v1/rules" | python3 -c "
 import json, sys
 groups = json.load(sys.stdin)['data']['groups']

@@ -25,6 +25,18 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
 fi
 redis-server --version
 
+step "prometheus and promtool (gateway/tests/metrics.rs runs promtool check metrics; scripts/prometheus-test.sh runs both)"
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+  fi
+  # The packaged service is not needed: the tests run their own Prometheus on a free port.
+  (systemctl disable --now prometheus >/dev/null 2>&1 || true)
+fi
+promtool --version | head -1
+
 step "Xvnc, xterm, xsetroot (the real-VNC-server tests: gateway/tests/real_vnc.rs, browser test)"
 if ! command -v Xvnc >/dev/null 2>&1 || ! command -v xterm >/dev/null 2>&1 \
   || ! command -v xsetroot >/dev/null 2>&1 || ! dpkg -s xfonts-base >/dev/null 2>&1; then

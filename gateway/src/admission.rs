@@ -24,20 +24,23 @@ use crate::policy::UpstreamPolicy;
 use crate::route::{Denied, Route, Unavailable};
 use crate::token::Token;
 
-/// An upgrade refused before the 101: an HTTP status, the reason in its body, its log line
-/// and its metric label, extra response headers, and whose fault it is.
+/// An upgrade refused before the 101: an HTTP status, the reason in its body and its log
+/// line, its metric label (`name`: one of a fixed set, see [`refusals`]), extra response
+/// headers, and whose fault it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal {
     pub status: u16,
+    pub name: &'static str,
     pub reason: &'static str,
     pub headers: &'static str,
     pub blame: Blame,
 }
 
 impl Refusal {
-    pub const fn new(status: u16, reason: &'static str, blame: Blame) -> Self {
+    pub const fn new(status: u16, name: &'static str, reason: &'static str, blame: Blame) -> Self {
         Self {
             status,
+            name,
             reason,
             headers: "",
             blame,
@@ -55,34 +58,96 @@ impl Refusal {
     }
 
     /// A refusal by the protocol core (malformed request, wrong headers, origin): always
-    /// the client's doing.
+    /// the client's doing. The metric label names the kind of rejection; its detail ("duplicate
+    /// Host header") stays in the body and the log.
     pub fn from_reject(r: Reject) -> Self {
-        Refusal::new(r.status(), r.reason(), Blame::Browser).with_headers(r.extra_headers())
+        let name = match r {
+            Reject::BadRequest(_) => "bad_request",
+            Reject::MethodNotAllowed => "method_not_allowed",
+            Reject::UpgradeRequired(_) => "upgrade_required",
+            Reject::HeadersTooLarge => "headers_too_large",
+            Reject::NotFound => "path_not_found",
+            Reject::Forbidden(_) => "origin_not_allowed",
+        };
+        Refusal::new(r.status(), name, r.reason(), Blame::Browser).with_headers(r.extra_headers())
     }
 }
 
-pub const HANDSHAKE_TIMEOUT: Refusal =
-    Refusal::new(408, "upgrade request not received in time", Blame::Browser);
+pub const HANDSHAKE_TIMEOUT: Refusal = Refusal::new(
+    408,
+    "handshake_timeout",
+    "upgrade request not received in time",
+    Blame::Browser,
+);
 /// Plain HTTP on a `wss://` listener (`--tls-cert`), answered in plain text.
 pub const TLS_REQUIRED: Refusal = Refusal::new(
     400,
+    "tls_required",
     "this port speaks TLS: connect with wss:// (https://)",
     Blame::Browser,
 );
-pub const INVALID_SESSION_ID: Refusal = Refusal::new(400, "invalid session id", Blame::Browser);
-pub const UNKNOWN_SESSION: Refusal = Refusal::new(404, "unknown session", Blame::Browser);
-pub const TOKEN_REQUIRED: Refusal = Refusal::new(401, "token required", Blame::Browser)
-    .with_headers("WWW-Authenticate: Bearer realm=\"vncgate\"\r\n");
-pub const INVALID_TOKEN: Refusal = Refusal::new(403, "invalid token", Blame::Browser);
-pub const DRAINING: Refusal =
-    Refusal::new(503, "gateway draining", Blame::Policy).with_headers("Retry-After: 1\r\n");
+pub const INVALID_SESSION_ID: Refusal = Refusal::new(
+    400,
+    "invalid_session_id",
+    "invalid session id",
+    Blame::Browser,
+);
+pub const UNKNOWN_SESSION: Refusal =
+    Refusal::new(404, "unknown_session", "unknown session", Blame::Browser);
+pub const TOKEN_REQUIRED: Refusal =
+    Refusal::new(401, "token_required", "token required", Blame::Browser)
+        .with_headers("WWW-Authenticate: Bearer realm=\"vncgate\"\r\n");
+pub const INVALID_TOKEN: Refusal =
+    Refusal::new(403, "invalid_token", "invalid token", Blame::Browser);
+pub const DRAINING: Refusal = Refusal::new(503, "draining", "gateway draining", Blame::Policy)
+    .with_headers("Retry-After: 1\r\n");
 pub const AT_CAPACITY: Refusal =
-    Refusal::new(503, "gateway at capacity", Blame::Policy).with_headers("Retry-After: 1\r\n");
+    Refusal::new(503, "at_capacity", "gateway at capacity", Blame::Policy)
+        .with_headers("Retry-After: 1\r\n");
 
 /// The route source could not answer ("redis unavailable", "redis lookup timed out",
 /// "route record invalid"...): the gateway's side of the failure.
 pub fn source_unavailable(e: Unavailable) -> Refusal {
-    Refusal::new(503, e.0, Blame::Gateway).with_headers("Retry-After: 1\r\n")
+    Refusal::new(503, "routes_unavailable", e.0, Blame::Gateway).with_headers("Retry-After: 1\r\n")
+}
+
+/// A token with characters or a length no token has ("token has invalid characters").
+fn malformed_token(reason: &'static str) -> Refusal {
+    Refusal::new(400, "malformed_token", reason, Blame::Browser)
+}
+
+/// The metric label of a client that left during the handshake: counted with the refusals
+/// (status `none`), though nothing is answered.
+pub const CLIENT_GONE: &str = "client_gone";
+
+/// Every refusal the gateway can answer, by metric label (`status`, `name`, `blame`), so that
+/// each is registered at zero from the start. A refusal added above and not here fails
+/// `every_refusal_is_in_the_registered_set`.
+pub fn refusals() -> Vec<Refusal> {
+    let mut all = vec![
+        HANDSHAKE_TIMEOUT,
+        INVALID_SESSION_ID,
+        malformed_token(""),
+        UNKNOWN_SESSION,
+        source_unavailable(Unavailable("")),
+        TOKEN_REQUIRED,
+        INVALID_TOKEN,
+        DRAINING,
+        AT_CAPACITY,
+        TLS_REQUIRED,
+    ];
+    all.extend(
+        [
+            Reject::BadRequest(""),
+            Reject::MethodNotAllowed,
+            Reject::UpgradeRequired(""),
+            Reject::HeadersTooLarge,
+            Reject::NotFound,
+            Reject::Forbidden(""),
+        ]
+        .map(Refusal::from_reject),
+    );
+    all
 }
 
 /// What the request asks for, checked before anything is looked up.
@@ -100,7 +165,7 @@ pub fn ask(session_id: &str, token: Option<&PresentedToken>) -> Result<Ask, Refu
     let token = token
         .map(Token::presented)
         .transpose()
-        .map_err(|reason| Refusal::new(400, reason, Blame::Browser))?;
+        .map_err(malformed_token)?;
     Ok(Ask {
         session_id: session_id.to_owned(),
         token,
@@ -310,6 +375,101 @@ mod tests {
             decide(&ok, Ok(Some(&outside)), &g),
             Decision::Close(close::SESSION_EXPIRED)
         );
+    }
+
+    fn label(r: &Refusal) -> (u16, &'static str, Blame) {
+        (r.status, r.name, r.blame)
+    }
+
+    #[test]
+    fn refusal_labels_are_snake_case_and_name_one_status() {
+        let all = refusals();
+        for (i, a) in all.iter().enumerate() {
+            assert!(
+                !a.name.is_empty() && a.name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{}",
+                a.name
+            );
+            for b in &all[i + 1..] {
+                assert_ne!(a.name, b.name, "two refusals share a label");
+            }
+        }
+        assert!(!all.iter().any(|r| r.name == CLIENT_GONE));
+    }
+
+    #[test]
+    fn every_refusal_is_in_the_registered_set() {
+        let registered: Vec<_> = refusals().iter().map(label).collect();
+        let mut seen = Vec::new();
+        // What `decide` and `ask` refuse.
+        let p = policy();
+        let g = gate(&p);
+        let ok = with_token(b"s3cr3t");
+        let draining = Gate {
+            draining: true,
+            ..g
+        };
+        let full = Gate { sessions: 10, ..g };
+        let none = ask("s1", None).unwrap();
+        for (a, lookup, gate) in [
+            (&ok, Ok(None), &g),
+            (&ok, Err(Unavailable("redis lookup timed out")), &g),
+            (&none, Ok(Some(&route())), &g),
+            (&with_token(b"wrong"), Ok(Some(&route())), &g),
+            (&ok, Ok(Some(&route())), &draining),
+            (&ok, Ok(Some(&route())), &full),
+        ] {
+            match decide(a, lookup, gate) {
+                Decision::Refuse(r) => seen.push(r),
+                other => panic!("{other:?}"),
+            }
+        }
+        seen.push(ask("a b", None).unwrap_err());
+        let bad = PresentedToken::new(TokenSource::Query, b"a\x01b");
+        seen.push(ask("s1", Some(&bad)).unwrap_err());
+        seen.push(HANDSHAKE_TIMEOUT);
+        // Plain HTTP on a TLS listener (gateway/tests/tls.rs drives it through the binary).
+        seen.push(TLS_REQUIRED);
+        // What the protocol core rejects, one request per kind of rejection.
+        let cfg = vncgate_ws::handshake::HandshakeConfig {
+            allowed_origins: vec!["https://ok.example".into()],
+            ..Default::default()
+        };
+        let good = "GET /vnc/s1 HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+        let requests = [
+            "GET /vnc/s1 HTTP/1.0\r\n\r\n".to_owned(),
+            "POST /vnc/s1 HTTP/1.1\r\nHost: gw\r\n\r\n".to_owned(),
+            "GET /vnc/s1 HTTP/1.1\r\nHost: gw\r\n\r\n".to_owned(),
+            "GET /x HTTP/1.1\r\nHost: gw\r\n\r\n".to_owned(),
+            format!("{good}Origin: https://evil.example\r\n\r\n"),
+            format!("{good}{}\r\n", "X-Pad: y\r\n".repeat(2000)),
+        ];
+        let mut kinds = Vec::new();
+        for req in &requests {
+            match vncgate_ws::handshake::parse_request(req.as_bytes(), &cfg) {
+                Err(r) => {
+                    kinds.push(r.status());
+                    seen.push(Refusal::from_reject(r));
+                }
+                Ok(_) => panic!("accepted: {req}"),
+            }
+        }
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            [400, 403, 404, 405, 426, 431],
+            "one request per kind"
+        );
+        for r in &seen {
+            assert!(registered.contains(&label(r)), "{r:?} is not registered");
+        }
+        // And nothing registered that no path above produced.
+        for l in &registered {
+            assert!(
+                seen.iter().any(|r| label(r) == *l),
+                "{l:?} registered but never refused"
+            );
+        }
     }
 
     #[test]

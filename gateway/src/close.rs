@@ -111,15 +111,74 @@ pub const TABLE: &[CloseCause] = &[
     MAX_DURATION,
 ];
 
+/// The metric names of the browser's protocol violations, by the close code the frame parser
+/// gives them; any other code counts as 1002's.
+pub const PROTOCOL: &[(u16, &str)] = &[
+    (1002, "protocol_error"),
+    (1003, "text_frame"),
+    (1007, "invalid_payload"),
+    (1009, "message_too_big"),
+];
+
 /// A protocol violation by the browser, as a close cause (1002, 1003, 1007, 1009).
 pub fn protocol(e: ProtocolError) -> CloseCause {
-    let name = match e.code {
-        1003 => "text_frame",
-        1007 => "invalid_payload",
-        1009 => "message_too_big",
-        _ => "protocol_error",
-    };
+    let name = PROTOCOL
+        .iter()
+        .find(|(code, _)| *code == e.code)
+        .map_or(PROTOCOL[0].1, |(_, name)| name);
     cause(e.code, e.reason, name, Blame::Browser)
+}
+
+/// The metric names of the endings the browser chose: its own close (its code echoed), and
+/// a connection that went away without one (1006).
+pub const BROWSER_CLOSE: &str = "browser_close";
+pub const BROWSER_GONE: &str = "browser_gone";
+
+/// The `code` label of a close the browser sent: RFC 6455's codes as they are (1005 for a
+/// close without a code); the application range (3000-4999) is the browser's to pick, so it
+/// counts as `other` and the label stays a fixed set.
+pub fn browser_code_label(code: Option<u16>) -> String {
+    match code.unwrap_or(1005) {
+        c @ 1000..=1014 => c.to_string(),
+        _ => "other".into(),
+    }
+}
+
+/// The causes a failed upstream dial can have ([`connect_failure`]), so the retry counter's
+/// series exist from the start.
+pub const CONNECT_FAILURES: &[CloseCause] = &[
+    UPSTREAM_REFUSED,
+    UPSTREAM_UNREACHABLE,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_ERROR,
+];
+
+/// Every (`code`, `cause`, `blame`) a session's ending is counted under, registered at zero
+/// from the start: the table, the protocol violations, the browser's own endings.
+pub fn metric_labels() -> Vec<(String, &'static str, Blame)> {
+    let mut all: Vec<_> = TABLE
+        .iter()
+        .map(|c| (c.code.to_string(), c.name, c.blame))
+        .collect();
+    all.extend(
+        PROTOCOL
+            .iter()
+            .map(|(code, name)| (code.to_string(), *name, Blame::Browser)),
+    );
+    let mut browser: Vec<String> = (0..=u16::MAX)
+        .filter(|c| vncgate_ws::frame::is_valid_received_code(*c))
+        .map(|c| browser_code_label(Some(c)))
+        .chain([browser_code_label(None)])
+        .collect();
+    browser.sort();
+    browser.dedup();
+    all.extend(
+        browser
+            .into_iter()
+            .map(|code| (code, BROWSER_CLOSE, Blame::Browser)),
+    );
+    all.push(("1006".into(), BROWSER_GONE, Blame::Browser));
+    all
 }
 
 /// The cause for a failed upstream dial, from the last error seen.
@@ -153,6 +212,77 @@ mod tests {
                 assert_ne!(a.code, b.code);
                 assert_ne!(a.name, b.name);
             }
+        }
+    }
+
+    #[test]
+    fn every_ending_is_in_the_registered_labels() {
+        let labels = metric_labels();
+        let has = |code: String, name: &str, blame: Blame| {
+            assert!(
+                labels.contains(&(code.clone(), name, blame)),
+                "{code} {name} {blame:?} not registered"
+            )
+        };
+        for c in TABLE {
+            has(c.code.to_string(), c.name, c.blame);
+        }
+        use vncgate_ws::frame::*;
+        for e in [
+            E_RSV,
+            E_OPCODE,
+            E_UNMASKED,
+            E_CONTROL_FRAGMENTED,
+            E_CONTROL_TOO_LONG,
+            E_LENGTH_MSB,
+            E_UNEXPECTED_CONTINUATION,
+            E_CLOSE_ONE_BYTE,
+            E_CLOSE_CODE,
+            E_CLOSE_UTF8,
+            E_TEXT,
+            E_TOO_BIG,
+        ] {
+            let c = protocol(e);
+            has(c.code.to_string(), c.name, c.blame);
+        }
+        // Any code a browser may send, and none.
+        for code in (0..=u16::MAX).filter(|c| is_valid_received_code(*c)) {
+            has(
+                browser_code_label(Some(code)),
+                BROWSER_CLOSE,
+                Blame::Browser,
+            );
+        }
+        has(browser_code_label(None), BROWSER_CLOSE, Blame::Browser);
+        assert_eq!(browser_code_label(Some(4321)), "other");
+        assert_eq!(browser_code_label(Some(1000)), "1000");
+        // A fixed, small set: no label value a browser can multiply.
+        assert!(labels.len() < 50, "{}", labels.len());
+        let mut unique = labels.clone();
+        unique.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        unique.dedup();
+        assert_eq!(unique.len(), labels.len());
+    }
+
+    #[test]
+    fn every_connect_failure_is_a_registered_retry_cause() {
+        use std::io::{Error, ErrorKind};
+        let mut errors: Vec<Error> = [
+            libc::ECONNREFUSED,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+            libc::EHOSTDOWN,
+            libc::ECONNRESET,
+            libc::EADDRNOTAVAIL,
+            libc::ETIMEDOUT,
+        ]
+        .into_iter()
+        .map(Error::from_raw_os_error)
+        .collect();
+        errors.push(ErrorKind::TimedOut.into());
+        errors.push(Error::other("x"));
+        for e in &errors {
+            assert!(CONNECT_FAILURES.contains(&connect_failure(e)), "{e}");
         }
     }
 

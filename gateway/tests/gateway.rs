@@ -760,6 +760,7 @@ fn bad_requests_get_precise_statuses() {
             None,
         ),
     ];
+    let refused = cases.len() as f64;
     for (req, want, header) in cases {
         let resp = http_exchange(gw.addr, &req);
         assert_eq!(status_of(&resp), want, "{resp}");
@@ -770,11 +771,56 @@ fn bad_requests_get_precise_statuses() {
     }
     let ok = RawWs::connect(gw.addr, "/vnc/e", "Origin: https://app.example\r\n");
     drop(ok);
-    let (_, metrics) = gw.admin_get("/metrics");
+    // Each refusal counted once, by its status; the admitted upgrade not at all.
+    let counted = || {
+        series_sum(
+            &gw.admin_get("/metrics").1,
+            "vncgate_handshake_rejected_total",
+            &[],
+        )
+    };
     assert!(
-        metrics.contains("vncgate_handshake_rejected_total"),
-        "{metrics}"
+        eventually(Duration::from_secs(2), || counted() == refused),
+        "{}",
+        counted()
     );
+    let m = gw.admin_get("/metrics").1;
+    for (status, n) in [
+        ("400", 3.0),
+        ("426", 2.0),
+        ("405", 1.0),
+        ("404", 2.0),
+        ("403", 1.0),
+        ("431", 1.0),
+    ] {
+        assert_eq!(
+            series_sum(
+                &m,
+                "vncgate_handshake_rejected_total",
+                &[("status", status)]
+            ),
+            n,
+            "{status}: {m}"
+        );
+    }
+}
+
+/// The sum of the series of `name` whose labels include all of `labels`.
+fn series_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            if !(rest.is_empty() || rest.starts_with('{')) {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 #[test]
@@ -1094,7 +1140,14 @@ fn thousand_dropped_handshakes_leave_no_trace() {
     ws.send(&frame(0x82, b"alive"));
     assert_eq!(ws.read_data(5), b"alive");
     let (_, m) = gw.admin_get("/metrics");
-    assert!(m.contains("reason=\"client_gone\""), "counted by name");
+    assert!(
+        series_sum(
+            &m,
+            "vncgate_handshake_rejected_total",
+            &[("reason", "client_gone")]
+        ) >= 1000.0,
+        "counted by name: {m}"
+    );
 }
 
 /// A network namespace joined to this one by a veth pair: the far end stands for a
@@ -1238,7 +1291,15 @@ fn half_open_browsers_are_found_and_their_vms_released() {
     // Counted by name; the process answers on.
     let (code, m) = gw.admin_get("/metrics");
     assert_eq!(code, 200);
-    assert!(m.contains("code=\"4008\""), "{m}");
+    assert_eq!(
+        series_sum(
+            &m,
+            "vncgate_sessions_closed_total",
+            &[("code", "4008"), ("cause", "keepalive_timeout")]
+        ),
+        2.0,
+        "{m}"
+    );
     stop.store(true, Ordering::SeqCst);
     let _ = done_tx.send(());
     let _ = far.join();

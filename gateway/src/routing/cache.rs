@@ -23,6 +23,9 @@ struct Cached {
     fetched: Instant,
 }
 
+/// The `result` labels of the route cache's counter, in [`Counters`]' order.
+pub const RESULTS: [&str; 5] = ["hit", "negative_hit", "miss", "stale", "unavailable"];
+
 struct Counters {
     hit: metrics::Counter,
     negative_hit: metrics::Counter,
@@ -59,7 +62,8 @@ pub struct RedisRoutes {
 impl RedisRoutes {
     /// Worker `index`'s source; called on that worker's thread.
     pub fn new(index: usize, control: Arc<Control>, fixed: StaticRoutes) -> Self {
-        let c = |result: &'static str| metrics::counter!(m::ROUTE_CACHE, "result" => result);
+        let [hit, negative_hit, miss, stale, unavailable] =
+            RESULTS.map(|result| metrics::counter!(m::ROUTE_CACHE, "result" => result));
         let s = &control.settings;
         Self {
             index,
@@ -76,11 +80,11 @@ impl RedisRoutes {
             // wedged control thread.
             deadline: s.timeout + Duration::from_millis(250),
             counters: Counters {
-                hit: c("hit"),
-                negative_hit: c("negative_hit"),
-                miss: c("miss"),
-                stale: c("stale"),
-                unavailable: c("unavailable"),
+                hit,
+                negative_hit,
+                miss,
+                stale,
+                unavailable,
             },
             control,
         }

@@ -17,6 +17,20 @@ use crate::route::{Route, RouteChange, SourceHealth, Unavailable};
 use crate::server::mailbox::Mailbox;
 use crate::server::viewers::Viewers;
 
+/// The `op` labels of `vncgate_redis_errors_total`: every Redis failure this thread counts.
+pub const REDIS_ERROR_OPS: &[&str] = &[
+    "connect",
+    "ping",
+    "lookup",
+    "lookup_timeout",
+    "subscribe",
+    "subscription_lost",
+    "recheck",
+];
+
+/// The `op` labels of `vncgate_route_events_total`.
+pub const ROUTE_EVENT_OPS: &[&str] = &["put", "del", "invalid", "resubscribe", "recheck_gone"];
+
 pub(super) struct Request {
     session: String,
     worker: usize,

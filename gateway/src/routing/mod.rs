@@ -34,6 +34,9 @@ use std::time::Duration;
 pub use cache::RedisRoutes;
 pub use control::{Control, spawn};
 use vncgate_schema::RedisUrl;
+pub(crate) use {
+    cache::RESULTS as CACHE_RESULTS, control::REDIS_ERROR_OPS, control::ROUTE_EVENT_OPS,
+};
 
 use crate::route::RouteChange;
 

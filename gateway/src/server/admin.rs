@@ -82,7 +82,7 @@ fn handle(
         },
         "/metrics" => match prom {
             Some(p) => {
-                let body = p.render();
+                let body = crate::metrics::render(p);
                 respond(&mut s, 200, "text/plain; version=0.0.4", body.as_bytes())
             }
             None => respond(

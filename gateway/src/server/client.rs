@@ -87,6 +87,18 @@ pub enum HandshakeError {
     Tls(rustls::Error),
 }
 
+/// Every `result` of `vncgate_tls_handshakes_total`: `ok`, `timeout`, and each
+/// [`HandshakeError::name`].
+pub const HANDSHAKE_RESULTS: [&str; 7] = [
+    "ok",
+    "timeout",
+    "client_gone",
+    "not_tls",
+    "incompatible",
+    "client_rejected_certificate",
+    "protocol_error",
+];
+
 impl HandshakeError {
     pub fn name(&self) -> &'static str {
         use rustls::{AlertDescription as A, Error as E};

@@ -32,7 +32,7 @@ pub fn run(settings: Settings, reloader: Reloader) -> Result<(), String> {
         Ok(n) => tracing::debug!(nofile = n, "descriptor limit raised"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
     }
-    let prom = crate::metrics::install()?;
+    let prom = crate::metrics::install(settings.workers)?;
     // Before anything is announced: a SIGHUP's default action would end the process.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;

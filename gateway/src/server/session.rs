@@ -71,7 +71,7 @@ pub async fn serve<S: RouteSource>(
             return refuse(stream, peer, None, Refusal::from_reject(r)).await;
         }
         Ok(Err(HeadError::Io(e))) => {
-            metrics::counter!(m::HANDSHAKE_REJECTED, "status" => "none", "reason" => "client_gone", "blame" => Blame::Browser.as_str())
+            metrics::counter!(m::HANDSHAKE_REJECTED, "status" => "none", "reason" => admission::CLIENT_GONE, "blame" => Blame::Browser.as_str())
                 .increment(1);
             tracing::debug!(%peer, error = %e, "client left during the handshake");
             return;
@@ -154,10 +154,14 @@ pub async fn serve<S: RouteSource>(
     drop(viewer);
     let (code, cause, blame) = match end {
         End::Cause(c) => (c.code, c.name, c.blame),
-        End::ClientClose(code) => (code.unwrap_or(1005), "browser_close", Blame::Browser),
-        End::ClientGone(_) => (1006, "browser_gone", Blame::Browser),
+        End::ClientClose(code) => (code.unwrap_or(1005), close::BROWSER_CLOSE, Blame::Browser),
+        End::ClientGone(_) => (1006, close::BROWSER_GONE, Blame::Browser),
     };
-    metrics::counter!(m::SESSIONS_CLOSED, "code" => code.to_string(), "cause" => cause, "blame" => blame.as_str())
+    let code_label = match end {
+        End::ClientClose(c) => close::browser_code_label(c),
+        _ => code.to_string(),
+    };
+    metrics::counter!(m::SESSIONS_CLOSED, "code" => code_label, "cause" => cause, "blame" => blame.as_str())
         .increment(1);
     let detail = match end {
         End::Cause(c) => c.reason,
@@ -280,7 +284,7 @@ async fn read_head(
 /// Answers a refused upgrade with its HTTP error, counted and logged (with the session id
 /// once the path named a valid one), then closes without resetting the response away.
 async fn refuse(stream: &Client<'_>, peer: SocketAddr, session: Option<&str>, r: Refusal) {
-    metrics::counter!(m::HANDSHAKE_REJECTED, "status" => r.status.to_string(), "reason" => r.reason, "blame" => r.blame.as_str())
+    metrics::counter!(m::HANDSHAKE_REJECTED, "status" => r.status.to_string(), "reason" => r.name, "blame" => r.blame.as_str())
         .increment(1);
     tracing::info!(session = session.unwrap_or("-"), %peer, status = r.status, reason = r.reason, blame = r.blame.as_str(), "upgrade refused");
     if stream.write_all(&r.response()).await.is_ok() {
