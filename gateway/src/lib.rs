@@ -23,6 +23,7 @@
 //! - [`server`]: the runtime adapter: workers (one monoio runtime each, io_uring or epoll),
 //!   listeners, sessions, the splice relay, the admin endpoint, drain.
 //! - [`metrics`]: metric names and the Prometheus recorder.
+//! - [`fault`]: the test-only hook that makes a supervised task panic on purpose.
 
 #![deny(unsafe_code)]
 
@@ -30,6 +31,7 @@ pub mod admission;
 pub mod close;
 pub mod config;
 pub mod deadlines;
+pub mod fault;
 pub mod metrics;
 pub mod policy;
 pub mod route;

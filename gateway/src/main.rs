@@ -11,7 +11,9 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve(args) => {
             init_logging(args.log_format);
-            args.settings().and_then(vncgate::server::run)
+            vncgate::fault::arm_from_env()
+                .and_then(|()| args.settings())
+                .and_then(vncgate::server::run)
         }
         Command::Route(r) => match vncgate::route_admin::run(&r) {
             Ok(vncgate::route_admin::Outcome::Done) => Ok(()),

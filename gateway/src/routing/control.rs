@@ -1,16 +1,20 @@
 //! The control-plane thread: one tokio runtime on one thread, holding the Redis connection,
 //! the event subscription and the health flag. Workers talk to it through channels only.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
 use vncgate_schema::store::{self, Conn};
 use vncgate_schema::{EVENTS_CHANNEL, EventOp, RemovalReason, RouteEvent, Timeouts};
 
 use super::{Answer, RedisSettings, ToWorker};
+use crate::fault;
 use crate::metrics as m;
 use crate::route::{Route, RouteChange, SourceHealth, StaticRoutes, Unavailable};
 use crate::server::mailbox::Mailbox;
@@ -155,21 +159,16 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("vncgate-redis".into())
         .spawn(move || {
-            let run = std::panic::AssertUnwindSafe(|| {
-                rt.block_on(async move {
-                    tokio::spawn(keep_connected(state.clone()));
-                    tokio::spawn(follow_events(state.clone()));
-                    tokio::spawn(recheck_live_sessions(state.clone()));
-                    serve_lookups(state, rx).await;
-                })
-            });
+            let run = std::panic::AssertUnwindSafe(|| rt.block_on(supervise(state, rx)));
             // Without this thread no revocation arrives and no route is found: a gateway
             // that would go on half-working exits instead, loudly, for its supervisor to
             // restart.
-            if std::panic::catch_unwind(run).is_err() {
-                tracing::error!("the redis control thread panicked; exiting");
-                std::process::exit(70);
-            }
+            let why = match std::panic::catch_unwind(run) {
+                Ok(()) => "the redis control thread stopped".to_owned(),
+                Err(p) => fault::panic_message(&*p).to_owned(),
+            };
+            tracing::error!(panic = %why, "the redis control thread failed; exiting");
+            std::process::exit(crate::server::EXIT_TASK_DIED);
         })
         .map_err(|e| format!("cannot start the redis control thread: {e}"))?;
     Ok(Arc::new(Control {
@@ -179,6 +178,54 @@ pub fn spawn(
         mailboxes,
         settings,
     }))
+}
+
+/// Runs the control thread's long-running tasks and waits for the first to end. Each is
+/// meant to run for the life of the process, so any ending, a panic or a return, is a
+/// fault: logged with the task's name and the panic's message, then the process exits
+/// non-zero so that systemd restarts it (a dead `follow_events` would stop revocation
+/// silently, a dead `serve_lookups` every new session).
+async fn supervise(state: Arc<State>, rx: mpsc::UnboundedReceiver<Request>) {
+    let mut tasks = JoinSet::new();
+    let mut names = HashMap::new();
+    let [connect, events, recheck, lookups] = fault::CONTROL_TASKS;
+    let mut add = |name: &'static str, task: BoxFuture<'static, ()>| {
+        names.insert(tasks.spawn(injectable(name, task)).id(), name);
+    };
+    add(connect, Box::pin(keep_connected(state.clone())));
+    add(events, Box::pin(follow_events(state.clone())));
+    add(recheck, Box::pin(recheck_live_sessions(state.clone())));
+    add(lookups, Box::pin(serve_lookups(state, rx)));
+    let (id, panic) = match tasks.join_next_with_id().await {
+        Some(Ok((id, ()))) => (id, None),
+        Some(Err(e)) => (
+            e.id(),
+            Some(match e.try_into_panic() {
+                Ok(p) => fault::panic_message(&*p).to_owned(),
+                Err(e) => e.to_string(),
+            }),
+        ),
+        None => unreachable!("the set holds four tasks"),
+    };
+    let task = names.get(&id).copied().unwrap_or("unknown");
+    match panic {
+        Some(p) => tracing::error!(task, panic = %p, "redis control task panicked; exiting"),
+        None => tracing::error!(task, "redis control task ended; exiting"),
+    }
+    std::process::exit(crate::server::EXIT_TASK_DIED);
+}
+
+/// `task`, made to panic when the test-only hook names it (see [`crate::fault`]).
+async fn injectable(name: &'static str, task: BoxFuture<'static, ()>) {
+    match fault::panic_after(name) {
+        None => task.await,
+        Some(after) => {
+            tokio::select! {
+                () = task => {}
+                () = tokio::time::sleep(after) => panic!("{}", fault::message(name)),
+            }
+        }
+    }
 }
 
 fn backoff_next(d: Duration) -> Duration {
