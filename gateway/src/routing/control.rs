@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use vncgate_schema::store::{self, Conn};
 use vncgate_schema::{EVENTS_CHANNEL, EventOp, RemovalReason, RouteEvent, Timeouts};
 
+use super::last_known::{self, LastKnown};
 use super::{Answer, RedisSettings, ToWorker};
 use crate::fault;
 use crate::metrics as m;
@@ -32,6 +33,7 @@ pub struct Control {
     health: Arc<SourceHealth>,
     subscribed: Arc<AtomicBool>,
     mailboxes: Vec<Arc<Mailbox<ToWorker>>>,
+    last_known: Arc<LastKnown>,
     pub(super) settings: RedisSettings,
 }
 
@@ -69,6 +71,12 @@ impl Control {
             .is_ok()
     }
 
+    /// The last route found for `session` by any worker's lookup, for a miss while Redis
+    /// cannot answer.
+    pub(super) fn last_known(&self, session: &str) -> Option<Arc<Route>> {
+        self.last_known.get(session)
+    }
+
     /// Worker `index`'s mailbox.
     pub(super) fn mailbox(&self, index: usize) -> Arc<Mailbox<ToWorker>> {
         self.mailboxes[index].clone()
@@ -89,6 +97,9 @@ struct State {
     subscribed: Arc<AtomicBool>,
     viewers: Arc<Viewers>,
     fixed: StaticRoutes,
+    /// Every route found, for workers whose own cache lacks it during an outage; `None`
+    /// where worker caches are off (`--route-cache-ttl 0`), as it serves what they would.
+    last_known: Option<Arc<LastKnown>>,
 }
 
 impl State {
@@ -100,7 +111,18 @@ impl State {
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = c;
     }
 
+    /// Passes `msg` to every worker, and applies it to the last-known routes first (a
+    /// worker that learns of a change never finds the old route there afterwards).
     fn broadcast(&self, msg: ToWorker) {
+        if let Some(k) = &self.last_known {
+            match &msg {
+                ToWorker::Answer { .. } => {}
+                ToWorker::Flush => k.clear(),
+                ToWorker::Change(
+                    RouteChange::Changed { session } | RouteChange::Removed { session, .. },
+                ) => k.forget(session),
+            }
+        }
         for mb in &self.to_workers {
             mb.post(msg.clone());
         }
@@ -136,6 +158,7 @@ pub fn spawn(
         .map_err(|e| format!("cannot create worker mailboxes: {e}"))?;
     let health = Arc::new(SourceHealth::new("redis"));
     let subscribed = Arc::new(AtomicBool::new(false));
+    let last_known = Arc::new(LastKnown::new(last_known::MAX_ENTRIES));
     metrics::gauge!(m::REDIS_UP).set(0.0);
     let state = Arc::new(State {
         timeouts: Timeouts {
@@ -151,6 +174,7 @@ pub fn spawn(
         subscribed: subscribed.clone(),
         viewers,
         fixed,
+        last_known: (!settings.cache_ttl.is_zero()).then(|| last_known.clone()),
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -176,6 +200,7 @@ pub fn spawn(
         health,
         subscribed,
         mailboxes,
+        last_known,
         settings,
     }))
 }
@@ -305,14 +330,25 @@ async fn answer(s: Arc<State>, req: Request) {
         reply(Err(Unavailable("redis unavailable")));
         return;
     };
+    let epoch = s.last_known.as_ref().map(|k| k.epoch());
     let started = Instant::now();
     let got =
         tokio::time::timeout(s.settings.timeout, store::get_route(&mut c, &req.session)).await;
     metrics::histogram!(m::ROUTE_LOOKUP_SECONDS).record(started.elapsed().as_secs_f64());
     let answer = match got {
-        Ok(Ok(None)) => Ok(None),
-        Ok(Ok(Some(Ok(rec)))) => Ok(Some(Arc::new(Route::from(rec)))),
+        Ok(Ok(None)) => {
+            forget(&s, &req.session);
+            Ok(None)
+        }
+        Ok(Ok(Some(Ok(rec)))) => {
+            let route = Arc::new(Route::from(rec));
+            if let (Some(k), Some(epoch)) = (&s.last_known, epoch) {
+                k.remember(&req.session, route.clone(), epoch);
+            }
+            Ok(Some(route))
+        }
         Ok(Ok(Some(Err(e)))) => {
+            forget(&s, &req.session);
             metrics::counter!(m::ROUTE_RECORDS_INVALID, "error" => e.label()).increment(1);
             tracing::error!(session = %req.session, error = %e, "route record in redis is unusable");
             Err(Unavailable("route record invalid"))
@@ -334,6 +370,13 @@ async fn answer(s: Arc<State>, req: Request) {
     };
     // The worker may have given up waiting; then it drops the answer.
     reply(answer);
+}
+
+/// Drops a route that Redis no longer holds (or holds unusable) from the last-known ones.
+fn forget(s: &State, session: &str) {
+    if let Some(k) = &s.last_known {
+        k.forget(session);
+    }
 }
 
 /// Subscribes to route events and passes them to every worker. Each (re)subscription
