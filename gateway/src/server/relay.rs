@@ -34,6 +34,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -110,6 +111,9 @@ pub struct Relay<'a, S: RouteSource> {
     session: &'a str,
     client: &'a TcpStream,
     upstream: &'a TcpStream,
+    /// The VM's address, for the log lines that name an upstream failure (never a close
+    /// reason: the browser is not told where VMs live).
+    vm: SocketAddr,
     cfd: RawFd,
     ufd: RawFd,
     gate: WriteGate,
@@ -166,12 +170,14 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         session: &'a str,
         client: &'a TcpStream,
         upstream: &'a TcpStream,
+        vm: SocketAddr,
     ) -> Self {
         Self {
             w,
             session,
             client,
             upstream,
+            vm,
             cfd: client.as_raw_fd(),
             ufd: upstream.as_raw_fd(),
             gate: WriteGate::default(),
@@ -257,7 +263,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             r = Err(match side {
                 Side::Browser => client_write_error(&e),
                 Side::Vm => {
-                    tracing::debug!(session = self.session, error = %e, "upstream write failed");
+                    tracing::debug!(session = self.session, upstream = %self.vm, error = %e, "upstream write failed");
                     End::Cause(close::UPSTREAM_ERROR)
                 }
             });
@@ -388,6 +394,15 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         }
     }
 
+    /// A failed read from the VM: an empty socket, or the end of the session.
+    fn vm_read_failed(&self, e: io::Error) -> Result<FromVm, End> {
+        if is_would_block(&e) {
+            return Ok(FromVm::WouldBlock);
+        }
+        tracing::debug!(session = self.session, upstream = %self.vm, error = %e, "upstream read failed");
+        Err(End::Cause(close::UPSTREAM_ERROR))
+    }
+
     /// Reads into a pooled buffer behind room for the header, and frames it in place.
     fn copy_from_vm(&self) -> Result<FromVm, End> {
         let mut buf = self.w.bufs.lend();
@@ -410,7 +425,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             }
             Err(e) => {
                 self.w.bufs.give(buf);
-                vm_read_failed(e)
+                self.vm_read_failed(e)
             }
         }
     }
@@ -440,7 +455,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             Err(e) => {
                 // Also when the VM just went quiet: give the pipe back before waiting.
                 self.w.pipes.give(pipe);
-                vm_read_failed(e)
+                self.vm_read_failed(e)
             }
         }
     }
@@ -671,15 +686,6 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             }
         }
     }
-}
-
-/// A failed read from the VM: an empty socket, or the end of the session.
-fn vm_read_failed(e: io::Error) -> Result<FromVm, End> {
-    if is_would_block(&e) {
-        return Ok(FromVm::WouldBlock);
-    }
-    tracing::debug!(error = %e, "upstream read failed");
-    Err(End::Cause(close::UPSTREAM_ERROR))
 }
 
 fn client_write_error(e: &io::Error) -> End {

@@ -18,7 +18,14 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let prom = crate::metrics::install()?;
     let prefix = settings.handshake.path_prefix.clone();
     let running = match settings.redis.clone() {
-        None => crate::server::start(settings, Some(prom))?,
+        None => {
+            if settings.routes.is_empty() {
+                tracing::warn!(
+                    "no routes and no --redis: every upgrade will get 404 (give --route, --routes-file or --redis)"
+                );
+            }
+            crate::server::start(settings, Some(prom))?
+        }
         Some(redis) => {
             let viewers = std::sync::Arc::new(crate::server::viewers::Viewers::default());
             let fixed = settings.routes.clone();
