@@ -102,11 +102,16 @@ fn a_panic_in_a_worker_exits_the_gateway() {
     assert_died_loudly(code, &log, "worker=1", line, "worker1");
 }
 
-/// A worker that ends in a drain is no failure: SIGTERM still exits 0.
-#[test]
-fn workers_that_end_in_a_drain_exit_zero() {
+/// Workers that end in a drain are no failure, and neither is the control thread losing
+/// its last worker handle as they go: SIGTERM still exits 0.
+fn drain_exits_zero(redis: Option<&RedisServer>) {
     let echo = echo_server();
-    let mut gw = Gw::with_route("auto", "s", echo.addr, &["--drain-timeout", "1"]);
+    let url = redis.map(|r| r.url());
+    let mut args = vec!["--drain-timeout", "1"];
+    if let Some(u) = &url {
+        args.extend(["--redis", u.as_str()]);
+    }
+    let mut gw = Gw::with_route("auto", "s", echo.addr, &args);
     let mut ws = RawWs::connect(gw.addr, "/vnc/s", "");
     ws.send(&frame(0x82, b"up"));
     assert_eq!(ws.read_data(2), b"up");
@@ -121,7 +126,19 @@ fn workers_that_end_in_a_drain_exit_zero() {
     );
     let log = gw.log();
     assert!(log.contains("all workers drained; exiting"), "{log}");
-    assert!(!log.contains("worker stopped without a drain"), "{log}");
+    assert!(!log.contains("without a drain"), "{log}");
+    assert!(!log.contains("task ended"), "{log}");
+}
+
+#[test]
+fn workers_that_end_in_a_drain_exit_zero() {
+    drain_exits_zero(None);
+}
+
+#[test]
+fn a_gateway_on_redis_that_drains_exits_zero() {
+    let r = RedisServer::start();
+    drain_exits_zero(Some(&r));
 }
 
 #[test]

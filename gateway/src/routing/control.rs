@@ -180,10 +180,14 @@ pub fn spawn(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot build the redis control runtime: {e}"))?;
+    // Held by the control thread, so that the lookups channel never closes: every worker's
+    // handle drops as a drain ends, and `serve_lookups` must not take that for a failure.
+    let keep_open = requests.clone();
     std::thread::Builder::new()
         .name("vncgate-redis".into())
         .spawn(move || {
             let run = std::panic::AssertUnwindSafe(|| rt.block_on(supervise(state, rx)));
+            let _keep_open = keep_open;
             // Without this thread no revocation arrives and no route is found: a gateway
             // that would go on half-working exits instead, loudly, for its supervisor to
             // restart.
