@@ -1,6 +1,7 @@
 //! Test-only fault injection: `VNCGATE_TEST_PANIC=<task>[:<after-ms>]` makes one
-//! long-running task panic, so that tests can check that the gateway notices a dead task
-//! and exits rather than going on half-working (see [`crate::routing`] and
+//! long-running task panic `after-ms` after the gateway has started (every worker accepts:
+//! the "gateway started" line), so that tests can check that the gateway notices a dead
+//! task and exits rather than going on half-working (see [`crate::routing`] and
 //! [`crate::server`] for the supervision itself).
 //!
 //! The variable is read once, at startup, and a gateway that has it set says so loudly in
@@ -10,6 +11,7 @@
 //! (a task on worker `N`'s runtime).
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 pub const VAR: &str = "VNCGATE_TEST_PANIC";
@@ -29,6 +31,7 @@ struct Armed {
 }
 
 static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+static STARTED: AtomicBool = AtomicBool::new(false);
 
 /// Reads [`VAR`] once; an unknown task name or a bad delay is an error (a test that
 /// misspells a task must not pass because nothing panicked).
@@ -75,7 +78,21 @@ fn parse(v: &str) -> Result<Armed, String> {
     })
 }
 
-/// When `task` must panic, counted from its start: `None` unless the test hook names it.
+/// Marks the gateway started: armed delays count from here.
+pub fn gateway_started() {
+    STARTED.store(true, Ordering::Release);
+}
+
+/// Whether [`gateway_started`] was called; an armed task polls it (tests only).
+pub fn has_started() -> bool {
+    STARTED.load(Ordering::Acquire)
+}
+
+/// How often an armed task looks whether the gateway has started.
+pub const START_POLL: Duration = Duration::from_millis(10);
+
+/// How long after the gateway's start `task` must panic: `None` unless the test hook
+/// names it.
 pub fn panic_after(task: &str) -> Option<Duration> {
     ARMED
         .get()?

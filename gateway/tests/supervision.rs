@@ -6,7 +6,8 @@
 
 mod common;
 
-use std::process::Command;
+use std::io::Read as _;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -15,30 +16,45 @@ use vncgate_schema::testing::RedisServer;
 /// The status of a gateway whose task died (`EX_SOFTWARE`).
 const EXIT_TASK_DIED: i32 = 70;
 
-/// Long enough for the gateway to be up and serving first (the hook counts from the task's
-/// start), short enough to keep the tests quick.
-const AFTER_MS: u64 = 1500;
+/// The hook's delay, counted from the gateway's start: the task dies while it serves.
+const AFTER_MS: u64 = 200;
 
-/// Starts `vncgate serve` with the hook set to `task`, waits for it to be up, then for it
-/// to exit and for its log to hold `line`: (exit status, log).
-fn serve_until_death(task: &str, args: &[&str], line: &str) -> (Option<i32>, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--allow-upstream",
-        "127.0.0.1",
-    ])
-    .args(args)
-    .env("VNCGATE_TEST_PANIC", format!("{task}:{AFTER_MS}"));
-    let mut gw = Gw::spawn(&mut cmd).unwrap_or_else(|log| panic!("died before it was up:\n{log}"));
-    let code = gw.wait_exit(Duration::from_secs(30));
-    // The log reader may still hold the last lines.
-    gw.wait_log(line, Duration::from_secs(5));
-    (code, gw.log())
+/// Runs `vncgate serve` with the hook set to `task` until it exits: (exit status, log).
+fn serve_until_death(task: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--allow-upstream",
+            "127.0.0.1",
+        ])
+        .args(args)
+        .env("VNCGATE_TEST_PANIC", format!("{task}:{AFTER_MS}"))
+        .env("VNCGATE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    // Read to the end: the pipe closes when the process exits.
+    let log = std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = stderr.read_to_string(&mut log);
+        log
+    });
+    let exited = eventually(Duration::from_secs(30), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let code = child.wait().unwrap().code();
+    let log = log.join().unwrap();
+    assert!(exited, "the gateway did not exit:\n{log}");
+    (code, log)
 }
 
 fn assert_died_loudly(code: Option<i32>, log: &str, who: &str, line: &str, task: &str) {
@@ -57,17 +73,15 @@ fn assert_died_loudly(code: Option<i32>, log: &str, who: &str, line: &str, task:
         died.contains(&format!("injected panic in {task}")),
         "the line lacks the panic's message: {died}"
     );
+    // The hook fires only once the gateway is up.
     let started = log.find("gateway started").expect("a start line");
-    assert!(
-        started < log.find(died).unwrap(),
-        "the task died before the gateway was up:\n{log}"
-    );
+    assert!(started < log.find(died).unwrap(), "{log}");
 }
 
 fn control_task_death(task: &str) {
     let r = RedisServer::start();
     let line = "redis control task panicked; exiting";
-    let (code, log) = serve_until_death(task, &["--redis", &r.url(), "--workers", "2"], line);
+    let (code, log) = serve_until_death(task, &["--redis", &r.url(), "--workers", "2"]);
     assert_died_loudly(code, &log, &format!("task=\"{task}\""), line, task);
 }
 
@@ -98,8 +112,18 @@ fn a_panic_in_a_worker_exits_the_gateway() {
     let route = format!("s={}", echo.addr);
     let line = "worker panicked; exiting";
     let args = ["--workers", "2", "--route", &route];
-    let (code, log) = serve_until_death("worker1", &args, line);
+    let (code, log) = serve_until_death("worker1", &args);
     assert_died_loudly(code, &log, "worker=1", line, "worker1");
+}
+
+/// Whether process `pid` has a handler for signal `sig` (`SigCgt` in its status).
+fn catches(pid: u32, sig: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
 }
 
 /// Workers that end in a drain are no failure, and neither is the control thread losing
@@ -115,6 +139,8 @@ fn drain_exits_zero(redis: Option<&RedisServer>) {
     let mut ws = RawWs::connect(gw.addr, "/vnc/s", "");
     ws.send(&frame(0x82, b"up"));
     assert_eq!(ws.read_data(2), b"up");
+    // The gateway prints its listening lines before it installs its signal handlers.
+    assert!(eventually(Duration::from_secs(5), || catches(gw.pid(), 15)));
     gw.signal(15);
     let (_, close) = ws.until_close();
     assert_eq!(close.and_then(|c| c.close_code()), Some(1001));

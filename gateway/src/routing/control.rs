@@ -249,9 +249,15 @@ async fn injectable(name: &'static str, task: BoxFuture<'static, ()>) {
     match fault::panic_after(name) {
         None => task.await,
         Some(after) => {
+            let due = async {
+                while !fault::has_started() {
+                    tokio::time::sleep(fault::START_POLL).await;
+                }
+                tokio::time::sleep(after).await;
+            };
             tokio::select! {
                 () = task => {}
-                () = tokio::time::sleep(after) => panic!("{}", fault::message(name)),
+                () = due => panic!("{}", fault::message(name)),
             }
         }
     }

@@ -286,6 +286,7 @@ where
         routes = settings.routes.len(),
         "gateway started"
     );
+    fault::gateway_started();
     Ok(Running {
         local_addr,
         admin_addr,
@@ -368,6 +369,9 @@ async fn worker_main<S: RouteSource>(
     let name = format!("worker{}", w.index);
     if let Some(after) = fault::panic_after(&name) {
         monoio::spawn(async move {
+            while !fault::has_started() {
+                monoio::time::sleep(fault::START_POLL).await;
+            }
             monoio::time::sleep(after).await;
             panic!("{}", fault::message(&name));
         });
