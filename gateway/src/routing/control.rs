@@ -385,7 +385,7 @@ async fn answer(s: Arc<State>, req: Request) {
 /// Drops a route that Redis no longer holds (or holds unusable) from the last-known ones.
 fn forget(s: &State, session: &str) {
     if let Some(k) = &s.last_known {
-        k.forget(session);
+        k.drop_missing(session);
     }
 }
 

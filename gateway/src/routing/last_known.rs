@@ -83,7 +83,14 @@ impl LastKnown {
         self.lock().routes.get(session).map(|k| k.route.clone())
     }
 
-    /// Drops `session`'s route: it changed, or is gone.
+    /// Drops `session`'s route because a lookup found it gone (or unusable). Not an
+    /// invalidation: lookups of other sessions in flight stay good, so a flood of unknown
+    /// ids cannot keep real routes from being remembered.
+    pub(super) fn drop_missing(&self, session: &str) {
+        self.lock().routes.remove(session);
+    }
+
+    /// Drops `session`'s route on an event: it changed, or is gone.
     pub(super) fn forget(&self, session: &str) {
         let mut g = self.lock();
         g.epoch += 1;
@@ -160,6 +167,18 @@ mod tests {
         k.remember("a", route(1, None), before);
         assert!(k.get("a").is_none());
         k.remember("a", route(2, None), k.epoch());
+        assert_eq!(k.get("a").unwrap().upstream.port(), 2);
+    }
+
+    #[test]
+    fn lookups_that_find_nothing_do_not_hold_back_other_answers() {
+        let k = LastKnown::new(10);
+        k.remember("gone", route(1, None), k.epoch());
+        let before = k.epoch();
+        k.drop_missing("gone");
+        k.drop_missing("never-was");
+        k.remember("a", route(2, None), before);
+        assert!(k.get("gone").is_none());
         assert_eq!(k.get("a").unwrap().upstream.port(), 2);
     }
 
