@@ -181,12 +181,13 @@ async fn relay<S: RouteSource>(
     w: &Rc<Worker<S>>,
     stream: &TcpStream,
     ctl: &SessionCtl,
-    addr: SocketAddr,
+    upstream: SocketAddr,
     id: &str,
     early: &[u8],
 ) -> (End, u64, u64, bool) {
+    let addr = upstream;
     let dial = monoio::select! {
-        r = connect_upstream(w, addr, id) => r,
+        r = connect_upstream(w, upstream, id) => r,
         c = ctl.kill.wait() => Err(c),
     };
     match dial {
