@@ -121,7 +121,7 @@ impl Running {
     }
 
     /// Waits for every worker to finish (after a drain). A worker that dies exits the
-    /// process from its own thread (see [`supervised`]), so this returns only after a
+    /// process from its own thread (see `supervised`), so this returns only after a
     /// drain; a thread that still ended in a panic is treated the same way.
     pub fn join(self) {
         for (index, t) in self.threads.into_iter().enumerate() {
