@@ -27,6 +27,7 @@
 //! - [`tls`]: `wss://`: the certificate store (reloaded on SIGHUP and on change) and the
 //!   rustls configuration; [`server::client`] drives rustls over a worker's socket.
 //! - [`metrics`]: metric names and the Prometheus recorder.
+//! - [`fault`]: the test-only hook that makes a supervised task panic on purpose.
 
 #![deny(unsafe_code)]
 
@@ -34,6 +35,7 @@ pub mod admission;
 pub mod close;
 pub mod config;
 pub mod deadlines;
+pub mod fault;
 pub mod live;
 pub mod metrics;
 pub mod policy;

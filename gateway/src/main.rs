@@ -29,6 +29,7 @@ fn main() -> ExitCode {
 fn serve(args: ServeArgs) -> Result<(), String> {
     let settings = args.settings()?;
     let log_filter = init_logging(args.log_format, &settings.log_level);
+    vncgate::fault::arm_from_env()?;
     let reloader = vncgate::server::Reloader {
         settings: Box::new(move || args.settings()),
         log_filter,

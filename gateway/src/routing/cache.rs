@@ -16,7 +16,7 @@ use crate::server::mailbox::Mailbox;
 
 /// Entries past this count are evicted (expired ones first, then all): a bound on what
 /// a flood of distinct unknown ids can make a worker hold.
-const MAX_ENTRIES: usize = 100_000;
+pub(super) const MAX_ENTRIES: usize = 100_000;
 
 struct Cached {
     route: Option<Arc<Route>>,
@@ -147,9 +147,13 @@ impl RedisRoutes {
         );
     }
 
-    /// A cached route past its TTL, for when Redis cannot answer.
+    /// A route past its TTL, for when Redis cannot answer: this worker's cached one, or
+    /// else the one another worker looked up (see [`super::last_known`]).
     fn stale(&self, session: &str) -> Option<Arc<Route>> {
-        self.cache.borrow().get(session)?.route.clone()
+        if let Some(c) = self.cache.borrow().get(session) {
+            return c.route.clone();
+        }
+        self.control.last_known(session)
     }
 
     fn unavailable(

@@ -1,16 +1,21 @@
 //! The control-plane thread: one tokio runtime on one thread, holding the Redis connection,
 //! the event subscription and the health flag. Workers talk to it through channels only.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
 use vncgate_schema::store::{self, Conn};
 use vncgate_schema::{EVENTS_CHANNEL, EventOp, RemovalReason, RouteEvent, Timeouts};
 
+use super::last_known::{self, LastKnown};
 use super::{Answer, RedisSettings, ToWorker};
+use crate::fault;
 use crate::live::Live;
 use crate::metrics as m;
 use crate::route::{Route, RouteChange, SourceHealth, Unavailable};
@@ -43,6 +48,7 @@ pub struct Control {
     health: Arc<SourceHealth>,
     subscribed: Arc<AtomicBool>,
     mailboxes: Vec<Arc<Mailbox<ToWorker>>>,
+    last_known: Arc<LastKnown>,
     pub(super) settings: RedisSettings,
 }
 
@@ -80,6 +86,12 @@ impl Control {
             .is_ok()
     }
 
+    /// The last route found for `session` by any worker's lookup, for a miss while Redis
+    /// cannot answer.
+    pub(super) fn last_known(&self, session: &str) -> Option<Arc<Route>> {
+        self.last_known.get(session)
+    }
+
     /// Worker `index`'s mailbox.
     pub(super) fn mailbox(&self, index: usize) -> Arc<Mailbox<ToWorker>> {
         self.mailboxes[index].clone()
@@ -101,6 +113,9 @@ struct State {
     viewers: Arc<Viewers>,
     /// The static routes served alongside Redis (reloadable), never rechecked against it.
     fixed: Arc<Live>,
+    /// Every route found, for workers whose own cache lacks it during an outage; `None`
+    /// where worker caches are off (`--route-cache-ttl 0`), as it serves what they would.
+    last_known: Option<Arc<LastKnown>>,
 }
 
 impl State {
@@ -112,7 +127,18 @@ impl State {
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = c;
     }
 
+    /// Passes `msg` to every worker, and applies it to the last-known routes first (a
+    /// worker that learns of a change never finds the old route there afterwards).
     fn broadcast(&self, msg: ToWorker) {
+        if let Some(k) = &self.last_known {
+            match &msg {
+                ToWorker::Answer { .. } => {}
+                ToWorker::Flush => k.clear(),
+                ToWorker::Change(
+                    RouteChange::Changed { session } | RouteChange::Removed { session, .. },
+                ) => k.forget(session),
+            }
+        }
         for mb in &self.to_workers {
             mb.post(msg.clone());
         }
@@ -148,6 +174,7 @@ pub fn spawn(
         .map_err(|e| format!("cannot create worker mailboxes: {e}"))?;
     let health = Arc::new(SourceHealth::new("redis"));
     let subscribed = Arc::new(AtomicBool::new(false));
+    let last_known = Arc::new(LastKnown::new(last_known::MAX_ENTRIES));
     metrics::gauge!(m::REDIS_UP).set(0.0);
     let state = Arc::new(State {
         timeouts: Timeouts {
@@ -163,29 +190,29 @@ pub fn spawn(
         subscribed: subscribed.clone(),
         viewers,
         fixed,
+        last_known: (!settings.cache_ttl.is_zero()).then(|| last_known.clone()),
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot build the redis control runtime: {e}"))?;
+    // Held by the control thread, so that the lookups channel never closes: every worker's
+    // handle drops as a drain ends, and `serve_lookups` must not take that for a failure.
+    let keep_open = requests.clone();
     std::thread::Builder::new()
         .name("vncgate-redis".into())
         .spawn(move || {
-            let run = std::panic::AssertUnwindSafe(|| {
-                rt.block_on(async move {
-                    tokio::spawn(keep_connected(state.clone()));
-                    tokio::spawn(follow_events(state.clone()));
-                    tokio::spawn(recheck_live_sessions(state.clone()));
-                    serve_lookups(state, rx).await;
-                })
-            });
+            let run = std::panic::AssertUnwindSafe(|| rt.block_on(supervise(state, rx)));
+            let _keep_open = keep_open;
             // Without this thread no revocation arrives and no route is found: a gateway
             // that would go on half-working exits instead, loudly, for its supervisor to
             // restart.
-            if std::panic::catch_unwind(run).is_err() {
-                tracing::error!("the redis control thread panicked; exiting");
-                std::process::exit(70);
-            }
+            let why = match std::panic::catch_unwind(run) {
+                Ok(()) => "the redis control thread stopped".to_owned(),
+                Err(p) => fault::panic_message(&*p).to_owned(),
+            };
+            tracing::error!(panic = %why, "the redis control thread failed; exiting");
+            std::process::exit(crate::server::EXIT_TASK_DIED);
         })
         .map_err(|e| format!("cannot start the redis control thread: {e}"))?;
     Ok(Arc::new(Control {
@@ -193,8 +220,63 @@ pub fn spawn(
         health,
         subscribed,
         mailboxes,
+        last_known,
         settings,
     }))
+}
+
+/// Runs the control thread's long-running tasks and waits for the first to end. Each is
+/// meant to run for the life of the process, so any ending, a panic or a return, is a
+/// fault: logged with the task's name and the panic's message, then the process exits
+/// non-zero so that systemd restarts it (a dead `follow_events` would stop revocation
+/// silently, a dead `serve_lookups` every new session).
+async fn supervise(state: Arc<State>, rx: mpsc::UnboundedReceiver<Request>) {
+    let mut tasks = JoinSet::new();
+    let mut names = HashMap::new();
+    let [connect, events, recheck, lookups] = fault::CONTROL_TASKS;
+    let mut add = |name: &'static str, task: BoxFuture<'static, ()>| {
+        names.insert(tasks.spawn(injectable(name, task)).id(), name);
+    };
+    add(connect, Box::pin(keep_connected(state.clone())));
+    add(events, Box::pin(follow_events(state.clone())));
+    add(recheck, Box::pin(recheck_live_sessions(state.clone())));
+    add(lookups, Box::pin(serve_lookups(state, rx)));
+    let (id, panic) = match tasks.join_next_with_id().await {
+        Some(Ok((id, ()))) => (id, None),
+        Some(Err(e)) => (
+            e.id(),
+            Some(match e.try_into_panic() {
+                Ok(p) => fault::panic_message(&*p).to_owned(),
+                Err(e) => e.to_string(),
+            }),
+        ),
+        None => unreachable!("the set holds four tasks"),
+    };
+    let task = names.get(&id).copied().unwrap_or("unknown");
+    match panic {
+        Some(p) => tracing::error!(task, panic = %p, "redis control task panicked; exiting"),
+        None => tracing::error!(task, "redis control task ended; exiting"),
+    }
+    std::process::exit(crate::server::EXIT_TASK_DIED);
+}
+
+/// `task`, made to panic when the test-only hook names it (see [`crate::fault`]).
+async fn injectable(name: &'static str, task: BoxFuture<'static, ()>) {
+    match fault::panic_after(name) {
+        None => task.await,
+        Some(after) => {
+            let due = async {
+                while !fault::has_started() {
+                    tokio::time::sleep(fault::START_POLL).await;
+                }
+                tokio::time::sleep(after).await;
+            };
+            tokio::select! {
+                () = task => {}
+                () = due => panic!("{}", fault::message(name)),
+            }
+        }
+    }
 }
 
 fn backoff_next(d: Duration) -> Duration {
@@ -274,14 +356,25 @@ async fn answer(s: Arc<State>, req: Request) {
         reply(Err(Unavailable("redis unavailable")));
         return;
     };
+    let epoch = s.last_known.as_ref().map(|k| k.epoch());
     let started = Instant::now();
     let got =
         tokio::time::timeout(s.settings.timeout, store::get_route(&mut c, &req.session)).await;
     metrics::histogram!(m::ROUTE_LOOKUP_SECONDS).record(started.elapsed().as_secs_f64());
     let answer = match got {
-        Ok(Ok(None)) => Ok(None),
-        Ok(Ok(Some(Ok(rec)))) => Ok(Some(Arc::new(Route::from(rec)))),
+        Ok(Ok(None)) => {
+            forget(&s, &req.session);
+            Ok(None)
+        }
+        Ok(Ok(Some(Ok(rec)))) => {
+            let route = Arc::new(Route::from(rec));
+            if let (Some(k), Some(epoch)) = (&s.last_known, epoch) {
+                k.remember(&req.session, route.clone(), epoch);
+            }
+            Ok(Some(route))
+        }
         Ok(Ok(Some(Err(e)))) => {
+            forget(&s, &req.session);
             metrics::counter!(m::ROUTE_RECORDS_INVALID, "error" => e.label()).increment(1);
             tracing::error!(session = %req.session, error = %e, "route record in redis is unusable");
             Err(Unavailable("route record invalid"))
@@ -303,6 +396,13 @@ async fn answer(s: Arc<State>, req: Request) {
     };
     // The worker may have given up waiting; then it drops the answer.
     reply(answer);
+}
+
+/// Drops a route that Redis no longer holds (or holds unusable) from the last-known ones.
+fn forget(s: &State, session: &str) {
+    if let Some(k) = &s.last_known {
+        k.drop_missing(session);
+    }
 }
 
 /// Subscribes to route events and passes them to every worker. Each (re)subscription

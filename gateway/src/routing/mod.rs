@@ -23,11 +23,15 @@
 //!   revoked", or 4005 "session expired" for `"reason":"expired"`. Expiry itself needs no
 //!   event: each session carries its route's `expires_at` and closes with 4005 then.
 //! - **Redis down:** cached routes keep working (stale entries too: a route is not wrong
-//!   because Redis is unreachable), uncached lookups fail at once with 503 while the health
-//!   flag is down, and the control thread reconnects with backoff by itself.
+//!   because Redis is unreachable), and so do routes another worker looked up (the control
+//!   thread keeps a last-known copy of every route it found: `last_known.rs`), so a reconnect
+//!   that lands on any worker is admitted; routes the gateway never saw fail at once with
+//!   503 while the health flag is down, and the control thread reconnects with backoff by
+//!   itself.
 
 mod cache;
 mod control;
+mod last_known;
 
 use std::time::Duration;
 

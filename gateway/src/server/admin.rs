@@ -63,17 +63,7 @@ fn handle(
             _ => return respond(&mut s, 400, "text/plain", b"bad request\n"),
         }
     };
-    let not_ready = if shared.draining.load(Ordering::Relaxed) {
-        Some("draining".to_owned())
-    } else if shared.ready_workers.load(Ordering::Acquire) < shared.workers {
-        Some("workers starting".to_owned())
-    } else {
-        shared
-            .route_health
-            .as_ref()
-            .filter(|h| !h.is_up())
-            .map(|h| format!("{} unavailable: {}", h.name(), h.why()))
-    };
+    let not_ready = not_ready(shared);
     match path.split('?').next().unwrap_or("") {
         "/healthz" | "/live" => respond(&mut s, 200, "text/plain", b"ok\n"),
         "/readyz" | "/ready" => match not_ready {
@@ -93,6 +83,23 @@ fn handle(
             ),
         },
         _ => respond(&mut s, 404, "text/plain", b"not found\n"),
+    }
+}
+
+/// Why `/readyz` says 503, if it does. Workers count while they accept (see
+/// `server::Accepting`): one still starting or one that died makes the gateway not ready.
+pub(super) fn not_ready(shared: &Shared) -> Option<String> {
+    let live = shared.ready_workers.load(Ordering::Acquire);
+    if shared.draining.load(Ordering::Relaxed) {
+        Some("draining".to_owned())
+    } else if live < shared.workers {
+        Some(format!("{live} of {} workers accepting", shared.workers))
+    } else {
+        shared
+            .route_health
+            .as_ref()
+            .filter(|h| !h.is_up())
+            .map(|h| format!("{} unavailable: {}", h.name(), h.why()))
     }
 }
 

@@ -27,6 +27,7 @@ use std::thread::JoinHandle;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::{IoDriver, Settings};
+use crate::fault;
 use crate::metrics as m;
 use crate::route::{RouteSource, SourceHealth};
 use worker::Worker;
@@ -108,6 +109,9 @@ pub fn select_driver(choice: IoDriver) -> Result<DriverKind, String> {
     }
 }
 
+/// The exit status of a gateway whose worker or control task died (`EX_SOFTWARE`).
+pub const EXIT_TASK_DIED: i32 = 70;
+
 /// A started gateway.
 pub struct Running {
     pub local_addr: SocketAddr,
@@ -126,11 +130,57 @@ impl Running {
         self.shared.clone()
     }
 
-    /// Waits for every worker to finish (after a drain).
+    /// Waits for every worker to finish (after a drain). A worker that dies exits the
+    /// process from its own thread (see `supervised`), so this returns only after a
+    /// drain; a thread that still ended in a panic is treated the same way.
     pub fn join(self) {
-        for t in self.threads {
-            let _ = t.join();
+        for (index, t) in self.threads.into_iter().enumerate() {
+            if let Err(p) = t.join() {
+                worker_died(index, Some(fault::panic_message(&*p)));
+            }
         }
+    }
+}
+
+/// Runs worker `index`'s runtime (`body`) and makes its death loud. monoio does not catch
+/// a task's panic: it unwinds out of `block_on`, so a panic in any of the worker's tasks
+/// (a session, the housekeeping, the accept loop) ends up here. Its sessions are gone and
+/// its listener with them, while the kernel would keep handing it connections through
+/// `SO_REUSEPORT`: the process exits non-zero for systemd to restart it. A worker ends
+/// normally only after its drain.
+fn supervised(index: usize, shared: &Shared, body: impl FnOnce()) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(()) if shared.draining.load(Ordering::Relaxed) => {}
+        Ok(()) => worker_died(index, None),
+        // The runtime is left undropped: it was unwound through mid-poll.
+        Err(p) => worker_died(index, Some(fault::panic_message(&*p))),
+    }
+}
+
+fn worker_died(index: usize, panic: Option<&str>) -> ! {
+    match panic {
+        Some(p) => tracing::error!(worker = index, panic = p, "worker panicked; exiting"),
+        None => tracing::error!(worker = index, "worker stopped without a drain; exiting"),
+    }
+    std::process::exit(EXIT_TASK_DIED)
+}
+
+/// Counts a worker in [`Shared::ready_workers`] while it accepts: from its listener's
+/// registration until the listener closes in a drain, or until the worker dies (the guard
+/// drops as the panic unwinds the worker's main future), so `/readyz` counts live workers,
+/// not started ones.
+struct Accepting<'a>(&'a AtomicUsize);
+
+impl<'a> Accepting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Release);
+        Self(count)
+    }
+}
+
+impl Drop for Accepting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -207,6 +257,7 @@ where
     for (index, l) in listeners.into_iter().enumerate() {
         let settings = settings.clone();
         let shared2 = shared.clone();
+        let shared3 = shared.clone();
         let make_routes = make_routes.clone();
         let congestion = congestion.clone();
         let tls = tls.clone();
@@ -225,11 +276,12 @@ where
                     worker_main(w, l, shared2)
                 };
                 let r = match driver {
-                    DriverKind::IoUring => uring_runtime().map(|mut rt| rt.block_on(run())),
+                    DriverKind::IoUring => uring_runtime()
+                        .map(|mut rt| supervised(index, &shared3, || rt.block_on(run()))),
                     DriverKind::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                         .enable_timer()
                         .build()
-                        .map(|mut rt| rt.block_on(run())),
+                        .map(|mut rt| supervised(index, &shared3, || rt.block_on(run()))),
                 };
                 if let Err(e) = r {
                     tracing::error!(worker = index, error = %e, "worker runtime failed to start");
@@ -260,6 +312,7 @@ where
         routes = settings.routes.len(),
         "gateway started"
     );
+    fault::gateway_started();
     Ok(Running {
         local_addr,
         admin_addr,
@@ -341,7 +394,17 @@ async fn worker_main<S: RouteSource>(
     if let Some(bell) = w.routes.bell() {
         monoio::spawn(worker::route_news(w.clone(), bell));
     }
-    shared.ready_workers.fetch_add(1, Ordering::Release);
+    let name = format!("worker{}", w.index);
+    if let Some(after) = fault::panic_after(&name) {
+        monoio::spawn(async move {
+            while !fault::has_started() {
+                monoio::time::sleep(fault::START_POLL).await;
+            }
+            monoio::time::sleep(after).await;
+            panic!("{}", fault::message(&name));
+        });
+    }
+    let accepting = Accepting::new(&shared.ready_workers);
     let fd = listener.as_raw_fd();
     loop {
         // Readiness, then accept4(2) directly: a cancelled wait holds no connection, so
@@ -368,7 +431,7 @@ async fn worker_main<S: RouteSource>(
     }
     drop(listener);
     tracing::info!(worker = w.index, "listener closed");
-    shared.ready_workers.fetch_sub(1, Ordering::Release);
+    drop(accepting);
     housekeeping.await;
 }
 
@@ -447,5 +510,58 @@ async fn inbox<S: RouteSource>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(workers: usize) -> Shared {
+        Shared {
+            draining: AtomicBool::new(false),
+            ready_workers: AtomicUsize::new(0),
+            workers,
+            lanes: Vec::new(),
+            viewers: Arc::default(),
+            route_health: None,
+            live: Arc::new(crate::live::Live::new(crate::live::Dynamic {
+                handshake: Default::default(),
+                policy: crate::policy::UpstreamPolicy::new(Vec::new()),
+                routes: Default::default(),
+            })),
+        }
+    }
+
+    /// What [`supervised`] relies on: a panic in any task of a monoio runtime unwinds out
+    /// of `block_on`, dropping the main future (and the worker's [`Accepting`]) on the way.
+    #[test]
+    fn a_worker_whose_task_panics_stops_counting_as_ready() {
+        let s = Arc::new(shared(2));
+        let _other = Accepting::new(&s.ready_workers);
+        let s2 = s.clone();
+        let died = std::thread::spawn(move || {
+            let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+                .unwrap();
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rt.block_on(async {
+                    let _accepting = Accepting::new(&s2.ready_workers);
+                    assert_eq!(admin::not_ready(&s2), None);
+                    monoio::spawn(async { panic!("a session's bug") });
+                    std::future::pending::<()>().await;
+                })
+            }))
+            .map_err(|p| fault::panic_message(&*p).to_owned())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(died, Err("a session's bug".to_owned()));
+        assert_eq!(s.ready_workers.load(Ordering::Acquire), 1);
+        assert_eq!(
+            admin::not_ready(&s).as_deref(),
+            Some("1 of 2 workers accepting")
+        );
     }
 }

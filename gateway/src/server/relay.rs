@@ -34,6 +34,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -114,6 +115,9 @@ pub struct Relay<'a, S: RouteSource> {
     /// Its TCP socket.
     client: &'a TcpStream,
     upstream: &'a TcpStream,
+    /// The VM's address, for the log lines that name an upstream failure (never a close
+    /// reason: the browser is not told where VMs live).
+    vm: SocketAddr,
     cfd: RawFd,
     ufd: RawFd,
     gate: WriteGate,
@@ -170,6 +174,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         session: &'a str,
         wire: &'a Client<'a>,
         upstream: &'a TcpStream,
+        vm: SocketAddr,
     ) -> Self {
         let client = wire.stream();
         Self {
@@ -178,6 +183,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             wire,
             client,
             upstream,
+            vm,
             cfd: client.as_raw_fd(),
             ufd: upstream.as_raw_fd(),
             gate: WriteGate::default(),
@@ -263,7 +269,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             r = Err(match side {
                 Side::Browser => client_write_error(&e),
                 Side::Vm => {
-                    tracing::debug!(session = self.session, error = %e, "upstream write failed");
+                    tracing::debug!(session = self.session, upstream = %self.vm, error = %e, "upstream write failed");
                     End::Cause(close::UPSTREAM_ERROR)
                 }
             });
@@ -395,6 +401,15 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         }
     }
 
+    /// A failed read from the VM: an empty socket, or the end of the session.
+    fn vm_read_failed(&self, e: io::Error) -> Result<FromVm, End> {
+        if is_would_block(&e) {
+            return Ok(FromVm::WouldBlock);
+        }
+        tracing::debug!(session = self.session, upstream = %self.vm, error = %e, "upstream read failed");
+        Err(End::Cause(close::UPSTREAM_ERROR))
+    }
+
     /// Reads into a pooled buffer behind room for the header, and frames it in place.
     fn copy_from_vm(&self) -> Result<FromVm, End> {
         let mut buf = self.w.bufs.lend();
@@ -417,7 +432,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             }
             Err(e) => {
                 self.w.bufs.give(buf);
-                vm_read_failed(e)
+                self.vm_read_failed(e)
             }
         }
     }
@@ -447,7 +462,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             Err(e) => {
                 // Also when the VM just went quiet: give the pipe back before waiting.
                 self.w.pipes.give(pipe);
-                vm_read_failed(e)
+                self.vm_read_failed(e)
             }
         }
     }
@@ -707,15 +722,6 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             }
         }
     }
-}
-
-/// A failed read from the VM: an empty socket, or the end of the session.
-fn vm_read_failed(e: io::Error) -> Result<FromVm, End> {
-    if is_would_block(&e) {
-        return Ok(FromVm::WouldBlock);
-    }
-    tracing::debug!(error = %e, "upstream read failed");
-    Err(End::Cause(close::UPSTREAM_ERROR))
 }
 
 fn client_write_error(e: &io::Error) -> End {

@@ -40,16 +40,23 @@ pub fn run(settings: Settings, reloader: Reloader) -> Result<(), String> {
     let live = Arc::new(Live::new(Dynamic::of(&settings)));
     let current = settings.clone();
     let running = match settings.redis.clone() {
-        None => crate::server::start_with(
-            settings,
-            Some(prom),
-            crate::server::Hooks {
-                live: Some(live.clone()),
-                ..Default::default()
-            },
-            // The static routes are the workers' own (see `crate::live`).
-            |_| crate::route::StaticRoutes::default(),
-        )?,
+        None => {
+            if settings.routes.is_empty() {
+                tracing::warn!(
+                    "no routes and no --redis: every upgrade will get 404 (give --route, --routes-file or --redis)"
+                );
+            }
+            crate::server::start_with(
+                settings,
+                Some(prom),
+                crate::server::Hooks {
+                    live: Some(live.clone()),
+                    ..Default::default()
+                },
+                // The static routes are the workers' own (see `crate::live`).
+                |_| crate::route::StaticRoutes::default(),
+            )?
+        }
         Some(redis) => {
             let viewers = Arc::new(crate::server::viewers::Viewers::default());
             tracing::info!(redis = %redis.url, cache_ttl = ?redis.cache_ttl, "routes from redis");

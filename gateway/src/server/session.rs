@@ -123,6 +123,11 @@ pub async fn serve<S: RouteSource>(
     let started = Instant::now();
     // Held until the session is unregistered: the slot counts against the viewer limit.
     let mut viewer = None;
+    // For the log only, never the close reason: operators need to know which VM.
+    let upstream = match &decision {
+        Decision::Admit(a) => Some(a.upstream),
+        _ => None,
+    };
     let (end, to_browser, to_vm, close_sent) = match decision {
         Decision::Refuse(_) => unreachable!("refused above"),
         Decision::Close(cause) => {
@@ -173,6 +178,7 @@ pub async fn serve<S: RouteSource>(
         %peer,
         worker = w.index,
         handed_off,
+        upstream = upstream.map(tracing::field::display),
         code,
         cause,
         blame = blame.as_str(),
@@ -194,6 +200,7 @@ async fn relay<S: RouteSource>(
     id: &str,
     early: &[u8],
 ) -> (End, u64, u64, bool) {
+    let addr = upstream;
     let dial = monoio::select! {
         r = connect_upstream(w, upstream, id) => r,
         c = ctl.kill.wait() => Err(c),
@@ -201,7 +208,7 @@ async fn relay<S: RouteSource>(
     match dial {
         Err(cause) => close_before_relay(stream, cause).await,
         Ok(upstream) => {
-            let relay = Relay::new(w, id, stream, &upstream);
+            let relay = Relay::new(w, id, stream, &upstream, addr);
             let (end, deadline) = relay.run(&ctl.kill, &ctl.expires, early).await;
             let close_sent = relay.finish(end, deadline).await;
             (end, relay.to_browser.get(), relay.to_vm.get(), close_sent)
@@ -320,7 +327,7 @@ async fn connect_upstream<S: RouteSource>(
                 metrics::histogram!(m::UPSTREAM_CONNECT_SECONDS)
                     .record(start.elapsed().as_secs_f64());
                 if let Err(e) = sys::set_nonblocking(s.as_raw_fd()) {
-                    tracing::error!(session, error = %e, "cannot make upstream socket non-blocking");
+                    tracing::error!(session, upstream = %addr, error = %e, "cannot make upstream socket non-blocking");
                     return Err(close::INTERNAL);
                 }
                 let _ = s.set_nodelay(true);
@@ -339,11 +346,11 @@ async fn connect_upstream<S: RouteSource>(
         };
         let cause = close::connect_failure(&err);
         if start.elapsed() + backoff > l.connect_retry_window {
-            tracing::warn!(session, error = %err, cause = cause.name, "upstream connect failed");
+            tracing::warn!(session, upstream = %addr, error = %err, cause = cause.name, "upstream connect failed");
             return Err(cause);
         }
         metrics::counter!(m::UPSTREAM_RETRIES, "cause" => cause.name).increment(1);
-        tracing::debug!(session, error = %err, "upstream not ready; retrying");
+        tracing::debug!(session, upstream = %addr, error = %err, "upstream not ready; retrying");
         monoio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }

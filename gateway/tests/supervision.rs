@@ -1,0 +1,180 @@
+//! Supervision, against the real binary: a long-running task of the Redis control thread or
+//! a worker that dies takes the process down with a non-zero status and a log line naming
+//! it, rather than leaving a gateway that half works (no revocation, no lookups, a port
+//! whose share of connections nobody serves). The deaths are injected with the test-only
+//! `VNCGATE_TEST_PANIC=<task>:<after-ms>` hook.
+
+mod common;
+
+use std::io::Read as _;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use vncgate_schema::testing::RedisServer;
+
+/// The status of a gateway whose task died (`EX_SOFTWARE`).
+const EXIT_TASK_DIED: i32 = 70;
+
+/// The hook's delay, counted from the gateway's start: the task dies while it serves.
+const AFTER_MS: u64 = 200;
+
+/// Runs `vncgate serve` with the hook set to `task` until it exits: (exit status, log).
+fn serve_until_death(task: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--allow-upstream",
+            "127.0.0.1",
+        ])
+        .args(args)
+        .env("VNCGATE_TEST_PANIC", format!("{task}:{AFTER_MS}"))
+        .env("VNCGATE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    // Read to the end: the pipe closes when the process exits.
+    let log = std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = stderr.read_to_string(&mut log);
+        log
+    });
+    let exited = eventually(Duration::from_secs(30), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let code = child.wait().unwrap().code();
+    let log = log.join().unwrap();
+    assert!(exited, "the gateway did not exit:\n{log}");
+    (code, log)
+}
+
+fn assert_died_loudly(code: Option<i32>, log: &str, who: &str, line: &str, task: &str) {
+    assert_eq!(code, Some(EXIT_TASK_DIED), "{log}");
+    assert!(
+        log.contains("TEST-ONLY fault injection"),
+        "the armed hook was not announced:\n{log}"
+    );
+    let died = log
+        .lines()
+        .find(|l| l.contains(line))
+        .unwrap_or_else(|| panic!("no {line:?} line:\n{log}"));
+    assert!(died.contains("ERROR"), "{died}");
+    assert!(died.contains(who), "the line does not name {who}: {died}");
+    assert!(
+        died.contains(&format!("injected panic in {task}")),
+        "the line lacks the panic's message: {died}"
+    );
+    // The hook fires only once the gateway is up.
+    let started = log.find("gateway started").expect("a start line");
+    assert!(started < log.find(died).unwrap(), "{log}");
+}
+
+fn control_task_death(task: &str) {
+    let r = RedisServer::start();
+    let line = "redis control task panicked; exiting";
+    let (code, log) = serve_until_death(task, &["--redis", &r.url(), "--workers", "2"]);
+    assert_died_loudly(code, &log, &format!("task=\"{task}\""), line, task);
+}
+
+#[test]
+fn a_panic_in_keep_connected_exits_the_gateway() {
+    control_task_death("keep_connected");
+}
+
+#[test]
+fn a_panic_in_follow_events_exits_the_gateway() {
+    control_task_death("follow_events");
+}
+
+#[test]
+fn a_panic_in_recheck_live_sessions_exits_the_gateway() {
+    control_task_death("recheck_live_sessions");
+}
+
+#[test]
+fn a_panic_in_serve_lookups_exits_the_gateway() {
+    control_task_death("serve_lookups");
+}
+
+/// A worker that panics: the process exits 70 naming it.
+#[test]
+fn a_panic_in_a_worker_exits_the_gateway() {
+    let echo = echo_server();
+    let route = format!("s={}", echo.addr);
+    let line = "worker panicked; exiting";
+    let args = ["--workers", "2", "--route", &route];
+    let (code, log) = serve_until_death("worker1", &args);
+    assert_died_loudly(code, &log, "worker=1", line, "worker1");
+}
+
+/// Whether process `pid` has a handler for signal `sig` (`SigCgt` in its status).
+fn catches(pid: u32, sig: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
+}
+
+/// Workers that end in a drain are no failure, and neither is the control thread losing
+/// its last worker handle as they go: SIGTERM still exits 0.
+fn drain_exits_zero(redis: Option<&RedisServer>) {
+    let echo = echo_server();
+    let url = redis.map(|r| r.url());
+    let mut args = vec!["--drain-timeout", "1"];
+    if let Some(u) = &url {
+        args.extend(["--redis", u.as_str()]);
+    }
+    let mut gw = Gw::with_route("auto", "s", echo.addr, &args);
+    let mut ws = RawWs::connect(gw.addr, "/vnc/s", "");
+    ws.send(&frame(0x82, b"up"));
+    assert_eq!(ws.read_data(2), b"up");
+    // The gateway prints its listening lines before it installs its signal handlers.
+    assert!(eventually(Duration::from_secs(5), || catches(gw.pid(), 15)));
+    gw.signal(15);
+    let (_, close) = ws.until_close();
+    assert_eq!(close.and_then(|c| c.close_code()), Some(1001));
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+    let log = gw.log();
+    assert!(log.contains("all workers drained; exiting"), "{log}");
+    assert!(!log.contains("without a drain"), "{log}");
+    assert!(!log.contains("task ended"), "{log}");
+}
+
+#[test]
+fn workers_that_end_in_a_drain_exit_zero() {
+    drain_exits_zero(None);
+}
+
+#[test]
+fn a_gateway_on_redis_that_drains_exits_zero() {
+    let r = RedisServer::start();
+    drain_exits_zero(Some(&r));
+}
+
+#[test]
+fn a_misspelt_hook_refuses_to_start() {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("VNCGATE_TEST_PANIC", "follow_event:10")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("unknown task"), "{err}");
+}
