@@ -121,6 +121,18 @@ impl Capacity {
         self.lock().line.iter().position(|x| x == id).map(|p| p + 1)
     }
 
+    /// Whether a slot is free for a session nobody waits ahead of (placement by pull: a
+    /// host reads a request only when it can take it).
+    pub fn has_free(&self) -> bool {
+        let s = self.lock();
+        self.max.is_none_or(|m| s.held.len() < m) && s.line.is_empty()
+    }
+
+    /// Waits until a slot is given back (or `within` passes).
+    pub async fn freed(&self, within: Duration) {
+        let _ = tokio::time::timeout(within, self.freed.notified()).await;
+    }
+
     pub fn in_use(&self) -> usize {
         self.lock().held.len()
     }

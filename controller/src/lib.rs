@@ -7,6 +7,8 @@
 //! | [`api`] | the session API over HTTP (axum): thin handlers, one error-to-status map |
 //! | [`backend`] | the VM backend trait (start from golden, push per-VM data, alive, stop, adopt); the `process`, `qemu` and `firecracker` backends, their golden snapshots |
 //! | [`capacity`] | VM slots on this host (`--max-vms`): a line of pending sessions with positions, `capacity` failures after the placement timeout |
+//! | [`cluster`] | this host's lease when controllers share a Redis: epoch, renewal, the fence of owner writes |
+//! | [`placement`] | many controllers, no scheduler: placement by pull from a Redis stream, takeover of a lost host's sessions, per-host commands |
 //! | [`credentials`] | credentials at rest: envelope encryption (AES-256-GCM data keys wrapped by named KEKs), rewrap |
 //! | [`lifecycle`] | a session's state machine, pure: event in, new record and effects (route, VM) out |
 //! | [`metrics`] | metric names, help texts, the Prometheus recorder (every series at zero from the start) |
@@ -24,9 +26,11 @@
 pub mod api;
 pub mod backend;
 pub mod capacity;
+pub mod cluster;
 pub mod credentials;
 pub mod lifecycle;
 pub mod metrics;
+pub mod placement;
 pub mod probe;
 pub mod publish;
 pub mod readiness;

@@ -160,6 +160,7 @@ mod tests {
             agent_token_sha256: [0; 32],
             backend: "process".into(),
             host: None,
+            lease: None,
             vm: None,
             history: Vec::new(),
             probes: None,

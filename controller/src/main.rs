@@ -68,6 +68,11 @@ struct ServeArgs {
     /// Seconds a session waits for a VM slot before it fails with reason `capacity`.
     #[arg(long, default_value_t = 60.0, value_name = "SECS")]
     placement_timeout: f64,
+    /// With --redis: seconds this host's lease lives unless renewed (every third of it).
+    /// When it lapses (the host died, or lost Redis), other controllers mark its sessions
+    /// `vm_stopped`/`failed` with reason `host lost` and withdraw their routes.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    lease_ttl: f64,
     /// Viewers per session written into routes [default: the gateway's --max-viewers].
     #[arg(long)]
     max_viewers: Option<u32>,
@@ -398,6 +403,15 @@ fn serve(a: ServeArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
+    let lease_ttl = match secs("--lease-ttl", a.lease_ttl) {
+        Ok(d) if d >= Duration::from_millis(300) => d,
+        Ok(_) => {
+            return fail(
+                "--lease-ttl must be at least 0.3 s (renewals go every third of it)".into(),
+            );
+        }
+        Err(e) => return fail(e),
+    };
     let host_id = match a.host_id.clone().map_or_else(server::default_host_id, Ok) {
         Ok(h) => h,
         Err(e) => return fail(e),
@@ -428,6 +442,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         qemu: a.qemu,
         max_vms: a.max_vms,
         placement_timeout,
+        lease_ttl,
         host_id,
         firecracker: a.firecracker.settings(),
     };

@@ -25,6 +25,24 @@ pub const VM_SLOTS: &str = "vncgate_controller_vm_slots";
 /// Sessions that failed with reason `capacity`: no slot within the placement timeout.
 pub const CAPACITY_FAILURES: &str = "vncgate_controller_capacity_failures_total";
 
+/// This host's lease epoch (controllers sharing a Redis).
+pub const LEASE_EPOCH: &str = "vncgate_controller_lease_epoch";
+/// Times this host found its lease gone (expired, or replaced) and took a new epoch.
+pub const LEASE_LOST: &str = "vncgate_controller_lease_lost_total";
+/// Lease renewals Redis did not answer.
+pub const LEASE_RENEWAL_FAILURES: &str = "vncgate_controller_lease_renewal_failures_total";
+/// Writes as a session's owner refused because this host no longer holds its lease, by
+/// `write` (`record`, `route`).
+pub const FENCED_WRITES: &str = "vncgate_controller_fenced_writes_total";
+/// Sessions of another host whose lease was gone, marked `host lost` by this controller.
+pub const HOSTS_LOST_SESSIONS: &str = "vncgate_controller_host_lost_sessions_total";
+/// Placement requests this host read from the stream, by `result`: `placed` (claimed, VM
+/// booting here), `obsolete` (the session was deleted, failed or placed meanwhile),
+/// `requeued` (a dead host's unclaimed request, put back), `unreadable`.
+pub const PLACEMENTS: &str = "vncgate_controller_placements_total";
+pub const PLACEMENT_RESULTS: [&str; 4] = ["placed", "obsolete", "requeued", "unreadable"];
+pub const FENCED_KINDS: [&str; 2] = ["record", "route"];
+
 pub const CHECKS: [&str; 7] = [
     "agent",
     "vnc_refused",
@@ -102,6 +120,39 @@ pub fn install() -> Result<PrometheusHandle, String> {
         metrics::gauge!(VM_SLOTS, "state" => st).set(0.0);
     }
     metrics::counter!(CAPACITY_FAILURES).absolute(0);
+    metrics::describe_gauge!(
+        LEASE_EPOCH,
+        "This host's lease epoch, when controllers share a Redis."
+    );
+    metrics::describe_counter!(
+        LEASE_LOST,
+        "Times this host found its lease gone and took a new epoch (its sessions of the old epoch are lost)."
+    );
+    metrics::describe_counter!(
+        LEASE_RENEWAL_FAILURES,
+        "Lease renewals Redis did not answer."
+    );
+    metrics::describe_counter!(
+        FENCED_WRITES,
+        "Writes as a session's owner refused because this host no longer holds the session's lease, by write."
+    );
+    metrics::describe_counter!(
+        HOSTS_LOST_SESSIONS,
+        "Sessions of hosts whose lease was gone, marked host lost by this controller."
+    );
+    metrics::describe_counter!(
+        PLACEMENTS,
+        "Placement requests this host read from the stream, by result."
+    );
+    metrics::counter!(LEASE_LOST).absolute(0);
+    metrics::counter!(LEASE_RENEWAL_FAILURES).absolute(0);
+    metrics::counter!(HOSTS_LOST_SESSIONS).absolute(0);
+    for w in FENCED_KINDS {
+        metrics::counter!(FENCED_WRITES, "write" => w).absolute(0);
+    }
+    for r in PLACEMENT_RESULTS {
+        metrics::counter!(PLACEMENTS, "result" => r).absolute(0);
+    }
     let upkeep = handle.clone();
     tokio::spawn(async move {
         loop {

@@ -50,6 +50,8 @@ pub struct Settings {
     /// VMs at most on this host, and how long a session waits for a slot.
     pub max_vms: Option<usize>,
     pub placement_timeout: Duration,
+    /// With Redis: this host's lease TTL (`--lease-ttl`).
+    pub lease_ttl: Duration,
     /// This host's name in the sessions it places.
     pub host_id: String,
     /// `--backend firecracker`.
@@ -293,6 +295,15 @@ async fn serve_with<B: Backend>(
     backend: B,
 ) -> Result<(), String> {
     let backend_name = backend.name();
+    // Before anything counts: series set earlier would be lost.
+    let prom = crate::metrics::install()?;
+    let (lease, previous) = match store.redis_conn() {
+        Some(conn) => {
+            let (l, prev) = crate::cluster::Lease::acquire(conn, &s.host_id, s.lease_ttl).await?;
+            (Some(std::sync::Arc::new(l)), prev)
+        }
+        None => (None, None),
+    };
     let cfg = Config {
         boot_timeout: s.boot_timeout,
         controller_url: format!("http://{addr}"),
@@ -304,12 +315,16 @@ async fn serve_with<B: Backend>(
     };
     let keys = key_ring(&s.credentials_keys, s.redis.is_some())?;
     let admin_sha256 = admin_token(&s.admin_token_file)?;
-    let svc = Service::new(store.clone(), backend, cfg, keys, admin_sha256);
+    let clustered = lease.is_some();
+    let svc = Service::new(store.clone(), backend, cfg, keys, admin_sha256, lease);
+    if clustered {
+        svc.carry_over(previous).await?;
+    }
     svc.adopt_all()
         .await
         .map_err(|e| format!("adopting VMs: {e}"))?;
+    svc.start_placement().await;
     tokio::spawn(svc.clone().reconcile_forever());
-    let prom = crate::metrics::install()?;
     // The admin line first: a script that waits for "listening on" has both then.
     if let Some(a) = &s.admin {
         let l = tokio::net::TcpListener::bind(a)

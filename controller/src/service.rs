@@ -16,6 +16,7 @@ use vncgate_schema::{RouteRecord, SCHEMA_VERSION};
 
 use crate::backend::{Backend, Vm, VmData};
 use crate::capacity::Capacity;
+use crate::cluster::Lease;
 use crate::credentials::{KeyRing, Sealed};
 use crate::lifecycle::{self, Effects, Event};
 use crate::metrics as m;
@@ -95,6 +96,9 @@ impl From<StoreError> for ServiceError {
         match e {
             StoreError::Unavailable(e) | StoreError::Invalid(e) => ServiceError::Unavailable(e),
             StoreError::Conflict => ServiceError::Unavailable("too many concurrent writes".into()),
+            StoreError::Fenced => ServiceError::Conflict(
+                "this controller no longer owns the session (its host lease was lost)".into(),
+            ),
         }
     }
 }
@@ -132,6 +136,9 @@ pub struct Service<B: Backend> {
     admin_token_sha256: Option<[u8; 32]>,
     /// VM slots (`--max-vms`).
     capacity: Capacity,
+    /// This host's lease when controllers share a Redis: sessions are placed by pull
+    /// ([`crate::placement`]) and owner writes are fenced. `None` on the in-memory store.
+    lease: Option<Arc<Lease>>,
 }
 
 /// Why a credentials call was refused: each with its status.
@@ -187,6 +194,11 @@ pub struct Opened {
     pub kid: String,
 }
 
+/// A fresh 256-bit token, hex.
+pub(crate) fn random_token() -> String {
+    random_hex(32)
+}
+
 fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut b);
@@ -209,8 +221,10 @@ impl<B: Backend> Service<B> {
         cfg: Config,
         keys: KeyRing,
         admin_token_sha256: Option<[u8; 32]>,
+        lease: Option<Arc<Lease>>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            lease,
             store,
             backend,
             http: reqwest::Client::new(),
@@ -407,7 +421,9 @@ impl<B: Backend> Service<B> {
             token_sha256: vncgate_schema::record::token_digest(token.as_bytes()),
             agent_token_sha256: vncgate_schema::record::token_digest(agent_token.as_bytes()),
             backend: self.backend.name().into(),
-            host: Some(self.cfg.host_id.clone()),
+            // Sharing a Redis, the host that claims the placement request names itself.
+            host: self.lease.is_none().then(|| self.cfg.host_id.clone()),
+            lease: None,
             vm: None,
             history: vec![Transition {
                 at: now,
@@ -427,9 +443,13 @@ impl<B: Backend> Service<B> {
                 tracing::info!(session = %rec.id, user = %rec.user_id, backend = self.backend.name(), "session created");
                 metrics::counter!(m::SESSIONS_CREATED).increment(1);
                 self.changed.notify_waiters();
-                let svc = self.clone();
-                let (id, provider) = (rec.id.clone(), rec.provider.clone());
-                tokio::spawn(async move { svc.boot(&id, provider, agent_token).await });
+                if self.lease.is_some() {
+                    self.request_placement(&rec.id).await;
+                } else {
+                    let svc = self.clone();
+                    let (id, provider) = (rec.id.clone(), rec.provider.clone());
+                    tokio::spawn(async move { svc.boot(&id, provider, agent_token).await });
+                }
                 Ok(CreatedSession {
                     record: rec,
                     token: Some(token),
@@ -513,7 +533,12 @@ impl<B: Backend> Service<B> {
             })
             .await?;
         if written.state == SessionState::Ready {
-            self.publish_route(&written).await;
+            if self.owns(&written) {
+                self.publish_route(&written).await;
+            } else if let Some(host) = &written.host {
+                // The route's upstream is known to the VM's host: it rewrites the route.
+                self.tell_host(host, "refresh", &written.id).await;
+            }
         }
         Ok(written)
     }
@@ -524,17 +549,33 @@ impl<B: Backend> Service<B> {
     async fn modify(
         &self,
         id: &str,
+        f: impl FnMut(&mut SessionRecord) -> Result<(), ServiceError>,
+    ) -> Result<SessionRecord, ServiceError> {
+        self.modify_as(id, false, f).await
+    }
+
+    /// [`Self::modify`]; `as_owner`: a write about this host's VM, fenced by its lease.
+    async fn modify_as(
+        &self,
+        id: &str,
+        as_owner: bool,
         mut f: impl FnMut(&mut SessionRecord) -> Result<(), ServiceError>,
     ) -> Result<SessionRecord, ServiceError> {
         loop {
             let mut rec = self.get(id).await?;
             f(&mut rec)?;
-            match self.store.update(&rec).await {
+            let fence = self.fence_for(&rec, as_owner)?;
+            match self.store.update_as(&rec, fence.as_ref()).await {
                 Ok(written) => {
                     self.changed.notify_waiters();
                     return Ok(written);
                 }
                 Err(StoreError::Conflict) => continue,
+                Err(StoreError::Fenced) => {
+                    metrics::counter!(m::FENCED_WRITES, "write" => "record").increment(1);
+                    tracing::error!(session = %id, host = %self.cfg.host_id, "write refused: the record no longer names this host's lease");
+                    return Err(StoreError::Fenced.into());
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -559,6 +600,12 @@ impl<B: Backend> Service<B> {
         event: Event,
         probes: Option<serde_json::Value>,
     ) -> Result<SessionRecord, TransitionError> {
+        // What this host's VM did is the owner's to write; what the API or the clock
+        // decides (delete, expiry, credentials) anyone may.
+        let as_owner = matches!(
+            event,
+            Event::BootStarted | Event::Ready | Event::BootFailed(_) | Event::VmLost(_)
+        );
         loop {
             let rec = self.get(id).await.map_err(TransitionError::Service)?;
             let applied =
@@ -570,7 +617,10 @@ impl<B: Backend> Service<B> {
             if probes.is_some() {
                 next.probes = probes.clone();
             }
-            match self.store.update(&next).await {
+            let fence = self
+                .fence_for(&rec, as_owner)
+                .map_err(TransitionError::Service)?;
+            match self.store.update_as(&next, fence.as_ref()).await {
                 Ok(written) => {
                     tracing::info!(session = %id, from = %rec.state, to = %written.state, reason = written.reason.as_deref().unwrap_or(""), "session transition");
                     self.effects(&written, applied.effects).await;
@@ -578,6 +628,11 @@ impl<B: Backend> Service<B> {
                     return Ok(written);
                 }
                 Err(StoreError::Conflict) => continue,
+                Err(StoreError::Fenced) => {
+                    metrics::counter!(m::FENCED_WRITES, "write" => "record").increment(1);
+                    tracing::error!(session = %id, event = event.name(), host = %self.cfg.host_id, "transition refused: the record no longer names this host's lease");
+                    return Err(TransitionError::Service(StoreError::Fenced.into()));
+                }
                 Err(e) => return Err(TransitionError::Service(e.into())),
             }
         }
@@ -587,7 +642,7 @@ impl<B: Backend> Service<B> {
     /// stays current while the session boots).
     async fn record_probes(&self, id: &str, probes: serde_json::Value) {
         let written = self
-            .modify(id, |rec| {
+            .modify_as(id, true, |rec| {
                 rec.probes = Some(probes.clone());
                 Ok(())
             })
@@ -598,6 +653,14 @@ impl<B: Backend> Service<B> {
     }
 
     async fn effects(self: &Arc<Self>, rec: &SessionRecord, fx: Effects) {
+        if fx.stop_vm && !self.owns(rec) {
+            // Another host runs the VM: the route goes from here, the VM there.
+            self.withdraw(&rec.id, fx.withdraw_route).await;
+            if let Some(host) = &rec.host {
+                self.tell_host(host, "stop", &rec.id).await;
+            }
+            return;
+        }
         if fx.stop_vm && fx.withdraw_route.is_some() {
             // Live viewers hear the withdrawal from their gateway (4006, 4005) before the
             // VM goes: stopping it at once would close them with 4003 "upstream closed".
@@ -635,8 +698,8 @@ impl<B: Backend> Service<B> {
         let vm = match self.vm(&rec.id) {
             Some(vm) => Some(vm),
             None => match &rec.vm {
-                Some(h) => self.backend.adopt(h).await,
-                None => None,
+                Some(h) if self.owns(rec) => self.backend.adopt(h).await,
+                _ => None,
             },
         };
         if let Some(vm) = vm {
@@ -662,9 +725,24 @@ impl<B: Backend> Service<B> {
             created_at: vncgate_schema::unix_now(),
             writer: Some("vncgate-controller".into()),
         };
-        match self.store.put_route(&rec.id, &route).await {
+        let fence = match self.fence_for(rec, true) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(session = %rec.id, error = %e, "route not published");
+                return;
+            }
+        };
+        match self
+            .store
+            .put_route_as(&rec.id, &route, fence.as_ref())
+            .await
+        {
             Ok(()) => {
                 tracing::info!(session = %rec.id, upstream = %route.upstream, "route published")
+            }
+            Err(StoreError::Fenced) => {
+                metrics::counter!(m::FENCED_WRITES, "write" => "route").increment(1);
+                tracing::error!(session = %rec.id, host = %self.cfg.host_id, "route write refused: this host no longer owns the session");
             }
             Err(e) => tracing::error!(session = %rec.id, error = %e, "cannot publish the route"),
         }
@@ -685,6 +763,11 @@ impl<B: Backend> Service<B> {
                 return;
             }
         }
+        self.boot_vm(id, provider, agent_token).await;
+    }
+
+    /// Boots the VM of a session holding a slot here.
+    pub(crate) async fn boot_vm(self: &Arc<Self>, id: &str, provider: String, agent_token: String) {
         if let Err(e) = self.transition(id, Event::BootStarted, None).await {
             tracing::warn!(session = %id, error = ?e, "boot not started");
             self.capacity.release(id);
@@ -730,7 +813,7 @@ impl<B: Backend> Service<B> {
     }
 
     async fn save_vm_handle(&self, id: &str, vm: &Vm) -> Result<(), ServiceError> {
-        self.modify(id, |rec| {
+        self.modify_as(id, true, |rec| {
             rec.vm = Some(vm.handle.clone());
             Ok(())
         })
@@ -849,8 +932,14 @@ impl<B: Backend> Service<B> {
 
     /// After a restart: adopt the VMs of live sessions that still run; mark the others.
     pub async fn adopt_all(self: &Arc<Self>) -> Result<(), ServiceError> {
-        let all = self.store.list().await?;
-        // Orphans: VMs running on this host that no live session names.
+        let all: Vec<SessionRecord> = self
+            .store
+            .list()
+            .await?
+            .into_iter()
+            .filter(|r| self.owns(r))
+            .collect();
+        // Orphans: VMs running on this host that no live session of this host names.
         let owned: Vec<&serde_json::Value> = all
             .iter()
             .filter(|r| !r.state.is_terminal() && r.backend == self.backend.name())
@@ -925,6 +1014,122 @@ impl<B: Backend> Service<B> {
             }
             tokio::time::sleep(self.cfg.reconcile_interval).await;
         }
+    }
+}
+
+impl<B: Backend> Service<B> {
+    /// Whether this host runs the session's VM (its record names this host, and, sharing a
+    /// Redis, this host's current lease epoch).
+    pub(crate) fn owns(&self, rec: &SessionRecord) -> bool {
+        rec.host.as_deref() == Some(self.cfg.host_id.as_str())
+            && self
+                .lease
+                .as_ref()
+                .is_none_or(|l| rec.lease == Some(l.epoch()))
+    }
+
+    /// The fence of a write: `None` for a write anyone may make, or on the in-memory
+    /// store; the lease's for a write as owner, refused here already when this host's
+    /// lease may have lapsed.
+    fn fence_for(
+        &self,
+        rec: &SessionRecord,
+        as_owner: bool,
+    ) -> Result<Option<vncgate_schema::store::Fence>, ServiceError> {
+        let Some(lease) = &self.lease else {
+            return Ok(None);
+        };
+        if !as_owner || rec.host.is_none() {
+            // Anyone's write, or one about a session no host has placed yet (its request
+            // failed, or nobody took it).
+            return Ok(None);
+        }
+        if rec.host.as_deref() != Some(self.cfg.host_id.as_str()) {
+            metrics::counter!(m::FENCED_WRITES, "write" => "record").increment(1);
+            tracing::error!(session = %rec.id, owner = rec.host.as_deref().unwrap_or(""), "write refused: another host owns the session now");
+            return Err(StoreError::Fenced.into());
+        }
+        match lease.fence() {
+            Some(f) => Ok(Some(f)),
+            None => {
+                metrics::counter!(m::FENCED_WRITES, "write" => "record").increment(1);
+                tracing::error!(session = %rec.id, host = %self.cfg.host_id, "write refused: this host's lease may have lapsed");
+                Err(StoreError::Fenced.into())
+            }
+        }
+    }
+
+    pub(crate) fn lease(&self) -> Option<&Arc<Lease>> {
+        self.lease.as_ref()
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub(crate) fn capacity(&self) -> &Capacity {
+        &self.capacity
+    }
+
+    pub(crate) fn notify_changed(&self) {
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn held_vms(&self) -> Vec<(String, Vm)> {
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub(crate) fn forget_vm(&self, id: &str) {
+        self.set_vm(id, None);
+        self.capacity.release(id);
+    }
+
+    pub(crate) async fn stop_vm_of(&self, rec: &SessionRecord) {
+        self.stop_vm(rec).await;
+    }
+
+    pub(crate) async fn republish(&self, rec: &SessionRecord) {
+        self.publish_route(rec).await;
+    }
+
+    /// Applies `event` to `rec` as read (no re-read) and writes it by compare-and-set,
+    /// with its effects. `Ok(false)`: someone wrote in between (read and decide again).
+    pub(crate) async fn apply_as_taker(
+        self: &Arc<Self>,
+        rec: &SessionRecord,
+        event: Event,
+    ) -> Result<bool, ServiceError> {
+        let applied = lifecycle::apply(rec, &event, unix_now_ms())
+            .map_err(|r| ServiceError::Conflict(r.to_string()))?;
+        if applied.unchanged {
+            return Ok(true);
+        }
+        match self.store.update(&applied.record).await {
+            Ok(written) => {
+                tracing::info!(session = %rec.id, from = %rec.state, to = %written.state, reason = written.reason.as_deref().unwrap_or(""), "session transition");
+                self.effects(&written, applied.effects).await;
+                self.changed.notify_waiters();
+                Ok(true)
+            }
+            Err(StoreError::Conflict) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(crate) async fn transition_pub(
+        self: &Arc<Self>,
+        id: &str,
+        event: Event,
+    ) -> Result<SessionRecord, ServiceError> {
+        self.transition(id, event, None).await.map_err(|e| match e {
+            TransitionError::Refused(r) => ServiceError::Conflict(r.to_string()),
+            TransitionError::Service(e) => e,
+        })
     }
 }
 

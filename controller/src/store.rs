@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use vncgate_schema::session::{SessionRecord, idempotency_key};
-use vncgate_schema::store::{self as schema_store, Created, SessionWriteError};
+use vncgate_schema::store::{self as schema_store, Created, Fence, SessionWriteError};
 use vncgate_schema::{Conn, RemovalReason, RouteRecord};
 
 /// A store operation that failed.
@@ -18,6 +18,9 @@ pub enum StoreError {
     Conflict,
     /// The key holds something that is not a usable record (written by a newer version?).
     Invalid(String),
+    /// A write as the session's owner was refused: the record no longer names this host's
+    /// lease (the session was taken over, or this host lost its lease).
+    Fenced,
 }
 
 impl std::fmt::Display for StoreError {
@@ -26,6 +29,9 @@ impl std::fmt::Display for StoreError {
             StoreError::Unavailable(e) => write!(f, "store unavailable: {e}"),
             StoreError::Conflict => f.write_str("written by someone else in between"),
             StoreError::Invalid(e) => write!(f, "unusable record: {e}"),
+            StoreError::Fenced => {
+                f.write_str("refused: this host no longer holds the session's lease")
+            }
         }
     }
 }
@@ -38,6 +44,7 @@ impl From<SessionWriteError> for StoreError {
             SessionWriteError::Redis(e) => StoreError::Unavailable(e.to_string()),
             SessionWriteError::Conflict(_) => StoreError::Conflict,
             SessionWriteError::Record { error, .. } => StoreError::Invalid(error.to_string()),
+            SessionWriteError::Fenced(_) => StoreError::Fenced,
         }
     }
 }
@@ -161,10 +168,24 @@ impl Store {
     /// Replaces `rec` if its revision is still the stored one; returns the record as
     /// written (revision incremented).
     pub async fn update(&self, rec: &SessionRecord) -> Result<SessionRecord, StoreError> {
+        self.update_as(rec, None).await
+    }
+
+    /// [`Store::update`], as the session's owner when `fence` is given: refused
+    /// ([`StoreError::Fenced`]) unless the stored record still names that host and epoch.
+    pub async fn update_as(
+        &self,
+        rec: &SessionRecord,
+        fence: Option<&Fence>,
+    ) -> Result<SessionRecord, StoreError> {
         let mut next = rec.clone();
         match &self.inner {
             Backing::Redis(c) => {
-                next.rev = schema_store::update_session(&mut c.clone(), rec).await?;
+                let mut c = c.clone();
+                next.rev = match fence {
+                    Some(f) => schema_store::update_session_fenced(&mut c, rec, f).await?,
+                    None => schema_store::update_session(&mut c, rec).await?,
+                };
             }
             Backing::Memory(m) => {
                 let mut m = Self::mem(m);
@@ -203,6 +224,50 @@ impl Store {
                     .iter()
                     .filter_map(|id| m.sessions.get(id).cloned())
                     .collect())
+            }
+        }
+    }
+
+    /// Publishes a session's route as its owner: with `fence`, only while the stored
+    /// session is `ready` and names that host and epoch, in one atomic step.
+    pub async fn put_route_as(
+        &self,
+        id: &str,
+        route: &RouteRecord,
+        fence: Option<&Fence>,
+    ) -> Result<(), StoreError> {
+        match (&self.inner, fence) {
+            (Backing::Redis(c), Some(f)) => {
+                match schema_store::put_route_fenced(&mut c.clone(), id, route, f).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(StoreError::Fenced),
+                    Err(e) => Err(unavailable(e)),
+                }
+            }
+            _ => self.put_route(id, route).await,
+        }
+    }
+
+    /// The Redis connection, for the coordination of controllers sharing it.
+    pub fn redis_conn(&self) -> Option<Conn> {
+        match &self.inner {
+            Backing::Redis(c) => Some(c.clone()),
+            Backing::Memory(_) => None,
+        }
+    }
+
+    /// Indexes the agent token of a record whose token was issued after its creation (a
+    /// session placed by another controller than the one that created it).
+    pub async fn put_agent_token(&self, rec: &SessionRecord) -> Result<(), StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => schema_store::put_agent_token(&mut c.clone(), rec)
+                .await
+                .map_err(unavailable),
+            Backing::Memory(m) => {
+                Self::mem(m)
+                    .agent_tokens
+                    .insert(rec.agent_token_sha256, rec.id.clone());
+                Ok(())
             }
         }
     }

@@ -125,7 +125,9 @@ fn create_ready_view_through_the_gateway_delete_closes_4006() {
     assert_eq!(ready["identity"]["errors"], serde_json::json!([]));
 
     // Redis holds the token's digest only, never the token.
-    let dump = s.redis.cli(&["GET", &format!("vncgate:session:{id}")]);
+    let dump = s
+        .redis
+        .cli(&["GET", &format!("vncgate:session:{{vncgate:route:{id}}}")]);
     assert!(!dump.contains(&token), "the token is in the session record");
     let route = s.redis.cli(&["HGETALL", &format!("vncgate:route:{id}")]);
     assert!(
@@ -160,24 +162,35 @@ fn create_ready_view_through_the_gateway_delete_closes_4006() {
     assert!(!s.route_exists(&id), "the route is still there");
 }
 
+/// The in-memory store (one host): sessions beyond `--max-vms` wait in a line, with their
+/// positions in the API, and take freed slots in order.
 #[test]
 fn beyond_max_vms_sessions_wait_in_line_then_take_a_freed_slot_or_fail_with_capacity() {
-    let s = Setup::new(&[
+    let (work, _) = scratch("line");
+    let mut c = Command::new(CONTROLLER);
+    c.args([
+        "--listen",
+        "127.0.0.1:0",
         "--max-vms",
         "1",
         "--placement-timeout",
         "6",
         "--host-id",
         "host-a",
-    ]);
-    let a = create(s.api());
+        "--work-dir",
+    ])
+    .arg(&work);
+    let log = std::fs::File::create(work.join("controller.log")).unwrap();
+    let ctl = Proc::start_logging(c, "vncgate-controller: listening on ", Stdio::from(log));
+    let api = ctl.found.as_str();
+    let a = create(api);
     let a_id = a["id"].as_str().unwrap().to_owned();
-    assert_eq!(wait_for(s.api(), &a_id, "ready")["state"], "ready");
-    let b = create(s.api());
-    let c = create(s.api());
+    assert_eq!(wait_for(api, &a_id, "ready")["state"], "ready");
+    let b = create(api);
+    let c = create(api);
     let (b_id, c_id) = (b["id"].as_str().unwrap(), c["id"].as_str().unwrap());
     // Both wait in pending, in the order they came, with their places in line.
-    let get = |id: &str| http(s.api(), "GET", &format!("/api/sessions/{id}"), None).1;
+    let get = |id: &str| http(api, "GET", &format!("/api/sessions/{id}"), None).1;
     let until = Instant::now() + Duration::from_secs(5);
     while get(c_id)["queue_position"] != 2 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(20));
@@ -199,15 +212,64 @@ fn beyond_max_vms_sessions_wait_in_line_then_take_a_freed_slot_or_fail_with_capa
         (Some("host-a"), Some("host-a"))
     );
     // A's end frees its slot: B boots in it, C moves up and then fails by name.
-    let (st, _) = http(s.api(), "DELETE", &format!("/api/sessions/{a_id}"), None);
+    let (st, _) = http(api, "DELETE", &format!("/api/sessions/{a_id}"), None);
     assert_eq!(st, 202);
-    assert_eq!(wait_for(s.api(), b_id, "ready")["state"], "ready");
-    let end = wait_for(s.api(), c_id, "ready");
+    assert_eq!(wait_for(api, b_id, "ready")["state"], "ready");
+    let end = wait_for(api, c_id, "ready");
     assert_eq!(end["state"], "failed", "{end}");
     let reason = end["reason"].as_str().unwrap();
     assert!(reason.starts_with("capacity: no VM slot"), "{reason}");
     assert!(reason.contains("--max-vms 1"), "{reason}");
     assert!(end.get("queue_position").is_none(), "{end}");
+}
+
+/// On Redis, placement is by pull: a full host reads no request, so sessions beyond its
+/// `--max-vms` stay `pending` with no host; a freed slot takes the next request, and one
+/// nobody takes fails with reason `capacity` after the placement timeout.
+#[test]
+fn on_redis_a_full_host_takes_no_request_and_unplaced_sessions_fail_with_capacity() {
+    let s = Setup::new(&[
+        "--max-vms",
+        "1",
+        "--placement-timeout",
+        "6",
+        "--host-id",
+        "host-a",
+    ]);
+    let a = create(s.api());
+    let a_id = a["id"].as_str().unwrap().to_owned();
+    let ready = wait_for(s.api(), &a_id, "ready");
+    assert_eq!(
+        (ready["state"].as_str(), ready["host"].as_str()),
+        (Some("ready"), Some("host-a"))
+    );
+    let b = create(s.api());
+    let b_id = b["id"].as_str().unwrap().to_owned();
+    let get = |id: &str| http(s.api(), "GET", &format!("/api/sessions/{id}"), None).1;
+    // Not taken while the host is full (well past a poll of the stream).
+    std::thread::sleep(Duration::from_millis(800));
+    let bv = get(&b_id);
+    assert_eq!(bv["state"], "pending", "{bv}");
+    assert!(bv.get("host").is_none(), "not placed yet: {bv}");
+    // A's end frees the slot: B is placed here and boots.
+    let (st, _) = http(s.api(), "DELETE", &format!("/api/sessions/{a_id}"), None);
+    assert_eq!(st, 202);
+    let bv = wait_for(s.api(), &b_id, "ready");
+    assert_eq!(
+        (bv["state"].as_str(), bv["host"].as_str()),
+        (Some("ready"), Some("host-a")),
+        "{bv}"
+    );
+    // C finds the host full for good: it fails by name.
+    let c = create(s.api());
+    let c_id = c["id"].as_str().unwrap();
+    let end = wait_for(s.api(), c_id, "ready");
+    assert_eq!(end["state"], "failed", "{end}");
+    let reason = end["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("capacity: no host had a free VM slot within 6 s"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -493,7 +555,7 @@ fn the_agent_stores_credentials_sealed_and_the_session_completes() {
 
     // The plaintext is nowhere in Redis, nor in the controller's log; the sealed record is.
     let everything = redis_everything(&s.redis);
-    assert!(everything.contains(&format!("vncgate:credentials:{id}")));
+    assert!(everything.contains(&format!("vncgate:credentials:{{vncgate:route:{id}}}")));
     assert!(!everything.contains(&secret), "plaintext in Redis");
     assert!(!everything.contains("hunter2"), "plaintext in Redis");
     assert!(!s.log().contains(&secret), "plaintext in the log");
@@ -586,10 +648,10 @@ impl Creds {
             None,
         );
         assert_eq!(r["state"], "ready", "{r}");
-        let stored = self
-            .s
-            .redis
-            .cli(&["EXISTS", &format!("vncgate:credentials:{}", self.a_id)]);
+        let stored = self.s.redis.cli(&[
+            "EXISTS",
+            &format!("vncgate:credentials:{{vncgate:route:{}}}", self.a_id),
+        ]);
         assert_eq!(stored.trim(), "0");
     }
 }
@@ -717,7 +779,10 @@ fn keys_rewrap_moves_records_to_the_newest_key() {
             b"",
         )
     };
-    let sealed_before = s.redis.cli(&["GET", &format!("vncgate:credentials:{id}")]);
+    let sealed_before = s.redis.cli(&[
+        "GET",
+        &format!("vncgate:credentials:{{vncgate:route:{id}}}"),
+    ]);
 
     // Rewrap with both keys loaded, k2 newest.
     let out = Command::new(CONTROLLER)
@@ -739,7 +804,10 @@ fn keys_rewrap_moves_records_to_the_newest_key() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("rewrapped 1 records"));
-    let sealed_after = s.redis.cli(&["GET", &format!("vncgate:credentials:{id}")]);
+    let sealed_after = s.redis.cli(&[
+        "GET",
+        &format!("vncgate:credentials:{{vncgate:route:{id}}}"),
+    ]);
     let (b, a): (Value, Value) = (
         serde_json::from_str(&sealed_before).unwrap(),
         serde_json::from_str(&sealed_after).unwrap(),
@@ -956,7 +1024,8 @@ fn a_restarted_controller_stops_orphaned_vms() {
     assert_eq!(vm.len(), 2, "the VNC server and the agent");
     let _ = s.controller.child.kill();
     let _ = s.controller.child.wait();
-    s.redis.cli(&["DEL", &format!("vncgate:session:{id}")]);
+    s.redis
+        .cli(&["DEL", &format!("vncgate:session:{{vncgate:route:{id}}}")]);
     s.controller = start_controller(&s.redis, &s.work, &[]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while s.work.join(&id).exists()

@@ -7,6 +7,8 @@
 //! - [`event`]: route events on one pub/sub channel, JSON with a version field.
 //! - [`url`]: the Redis URLs accepted (standalone, Sentinel, Cluster), with redaction.
 //! - [`store`]: connections and the operations on the schema (put, get, delete, list).
+//! - [`hosts`]: controllers sharing one Redis: host leases, the placement stream, per-host
+//!   commands.
 //!
 //! # Keys
 //!
@@ -15,11 +17,11 @@
 //! | `vncgate:route:<session>` | hash | the route record ([`record::RouteRecord`]); the key expires [`EXPIRY_GRACE_SECS`] after `expires_at` |
 //! | `vncgate:routes` | sorted set | index for listing: member = session id, score = `expires_at` (`+inf` without expiry) |
 //! | `vncgate:route-events` | pub/sub channel | [`event::RouteEvent`] JSON, published after every put and delete |
-//! | `vncgate:session:<id>` | string | the session record ([`session::SessionRecord`], JSON); kept a day past `expires_at` |
+//! | `vncgate:session:{vncgate:route:<id>}` | string | the session record ([`session::SessionRecord`], JSON); kept a day past `expires_at` |
 //! | `vncgate:sessions` | sorted set | index for listing: member = session id, score = `created_at` (ms) |
 //! | `vncgate:idempotency:<sha256>` | string | the session id an `Idempotency-Key` created; 24 h |
 //! | `vncgate:agent-token:<sha256>` | string | the session whose VM agent holds that token; as long as the session |
-//! | `vncgate:credentials:<id>` | string | the session's credentials, sealed (envelope encryption, JSON); as long as the session |
+//! | `vncgate:credentials:{vncgate:route:<id>}` | string | the session's credentials, sealed (envelope encryption, JSON); as long as the session |
 //!
 //! The record's `expires_at` is the truth about expiry: gateways close live sessions with
 //! 4005 at that instant. The key outlives it by a grace period so that a browser arriving
@@ -28,6 +30,7 @@
 #![forbid(unsafe_code)]
 
 pub mod event;
+pub mod hosts;
 pub mod record;
 pub mod session;
 pub mod store;

@@ -1,4 +1,5 @@
-//! The session record: one JSON string per browser-VM session at `vncgate:session:<id>`,
+//! The session record: one JSON string per browser-VM session at
+//! `vncgate:session:{vncgate:route:<id>}` (the route key as the Cluster hash tag),
 //! written by the controller, read by the controller's API (of any host) and by operators.
 //!
 //! The route (`vncgate:route:<id>`) is what gateways read; the session is the whole story:
@@ -17,6 +18,7 @@
 //! | `token_sha256` | SHA-256 of the viewer token, hex (the token itself is returned once, never stored) |
 //! | `agent_token_sha256` | SHA-256 of the VM agent's token, hex |
 //! | `backend`, `vm` | the backend's name and its handle of the VM (JSON, backend-defined) |
+//! | `host`, `lease` | the owning controller's `--host-id` and its lease epoch, once placed |
 //! | `history` | `[{"at": ms, "state": ..., "reason": ...}]`, oldest first |
 //! | `probes` | the last probe results (JSON, the controller's shape) |
 //! | `rev` | revision, incremented by every write |
@@ -42,8 +44,16 @@ pub const CREDENTIALS_KEY_PREFIX: &str = "vncgate:credentials:";
 /// Prefix of the agent-token index: `vncgate:agent-token:<sha256 hex>` -> session id.
 pub const AGENT_TOKEN_KEY_PREFIX: &str = "vncgate:agent-token:";
 
+/// A session's keys carry the session's route key as their Redis Cluster hash tag, so the
+/// session record, its credentials and its route (`vncgate:route:<id>`, whose format gateways
+/// and platforms rely on) land in one slot: a script can check the record's owner and write
+/// the route atomically (see [`crate::store::put_route_fenced`]).
+fn tag(id: &str) -> String {
+    format!("{{{}}}", crate::route_key(id))
+}
+
 pub fn credentials_key(id: &str) -> String {
-    format!("{CREDENTIALS_KEY_PREFIX}{id}")
+    format!("{CREDENTIALS_KEY_PREFIX}{}", tag(id))
 }
 
 pub fn agent_token_key(digest: &[u8; 32]) -> String {
@@ -51,7 +61,7 @@ pub fn agent_token_key(digest: &[u8; 32]) -> String {
 }
 
 pub fn session_key(id: &str) -> String {
-    format!("{SESSION_KEY_PREFIX}{id}")
+    format!("{SESSION_KEY_PREFIX}{}", tag(id))
 }
 
 pub fn idempotency_key(key: &str) -> String {
@@ -160,6 +170,10 @@ pub struct SessionRecord {
     /// The host (controller `--host-id`) that owns the session's VM, once placed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The owner's lease epoch when it placed the session (controllers sharing a Redis):
+    /// the owner's writes are refused unless its epoch is still this one (fencing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<serde_json::Value>,
     #[serde(default)]
@@ -230,6 +244,7 @@ mod tests {
             agent_token_sha256: crate::record::token_digest(b"agent"),
             backend: "process".into(),
             host: None,
+            lease: None,
             vm: Some(serde_json::json!({"pid": 42})),
             history: vec![
                 Transition {

@@ -324,6 +324,18 @@ pub enum SessionWriteError {
         id: String,
         error: SessionRecordError,
     },
+    /// A write as the session's owner whose lease epoch is no longer the record's (the
+    /// session was taken over, or the writer's lease was renewed under a new epoch).
+    #[error("session {0}: the writer no longer owns it (its lease epoch is not the record's)")]
+    Fenced(String),
+}
+
+/// Who writes as a session's owner: its host and lease epoch. A fenced write succeeds only
+/// while the stored record names this host with this epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub host: String,
+    pub epoch: u64,
 }
 
 /// Creates a session record (never overwrites one), indexes it, and with an idempotency key
@@ -399,12 +411,34 @@ pub async fn get_session(
 /// Replaces a session whose stored revision is `rec.rev`, writing it with `rev + 1`
 /// (returned). One key, one script: atomic in a Cluster too.
 pub async fn update_session(c: &mut Conn, rec: &SessionRecord) -> Result<u64, SessionWriteError> {
-    // cjson decodes the stored record's rev; a missing key or another rev is a conflict.
+    cas_session(c, rec, None).await
+}
+
+/// [`update_session`] as the session's owner: refused ([`SessionWriteError::Fenced`])
+/// unless the stored record names `fence`'s host and epoch.
+pub async fn update_session_fenced(
+    c: &mut Conn,
+    rec: &SessionRecord,
+    fence: &Fence,
+) -> Result<u64, SessionWriteError> {
+    cas_session(c, rec, Some(fence)).await
+}
+
+async fn cas_session(
+    c: &mut Conn,
+    rec: &SessionRecord,
+    fence: Option<&Fence>,
+) -> Result<u64, SessionWriteError> {
+    // cjson decodes the stored record; a missing key or another rev is a conflict (0), a
+    // fence that does not match the stored owner is refused (-1).
     const CAS: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
 local ok, doc = pcall(cjson.decode, cur)
 if not ok or tonumber(doc['rev'] or 0) ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[4] ~= '' then
+  if doc['host'] ~= ARGV[4] or tonumber(doc['lease'] or -1) ~= tonumber(ARGV[5]) then return -1 end
+end
 redis.call('SET', KEYS[1], ARGV[2], 'EXAT', ARGV[3])
 return 1
 "#;
@@ -417,13 +451,82 @@ return 1
         .arg(rec.rev)
         .arg(next.encode())
         .arg(next.retain_until_secs())
+        .arg(fence.map_or("", |f| f.host.as_str()))
+        .arg(fence.map_or(0, |f| f.epoch))
         .query_async(c)
         .await?;
-    if done == 1 {
-        Ok(next.rev)
-    } else {
-        Err(SessionWriteError::Conflict(rec.id.clone()))
+    match done {
+        1 => Ok(next.rev),
+        -1 => Err(SessionWriteError::Fenced(rec.id.clone())),
+        _ => Err(SessionWriteError::Conflict(rec.id.clone())),
     }
+}
+
+/// Writes a session's route as its owner: in one script with the check that the stored
+/// session is `ready` and names `fence`'s host and epoch (the session and route keys share
+/// a Cluster slot), so a host that lost the session cannot bring its route back. Then
+/// indexes and announces it like [`put_route`]. `Ok(false)`: refused by the fence.
+pub async fn put_route_fenced(
+    c: &mut Conn,
+    session: &str,
+    rec: &RouteRecord,
+    fence: &Fence,
+) -> RedisResult<bool> {
+    const PUT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local ok, doc = pcall(cjson.decode, cur)
+if not ok or doc['state'] ~= 'ready' or doc['host'] ~= ARGV[1] or tonumber(doc['lease'] or -1) ~= tonumber(ARGV[2]) then return 0 end
+local n = tonumber(ARGV[3])
+local i = 4
+for _ = 1, n do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+local m = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, m do
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  i = i + 1
+end
+if ARGV[i] == '' then redis.call('PERSIST', KEYS[2]) else redis.call('EXPIREAT', KEYS[2], ARGV[i]) end
+return 1
+"#;
+    let (set, absent) = rec.to_fields();
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(PUT)
+        .arg(2)
+        .arg(session_key(session))
+        .arg(route_key(session))
+        .arg(&fence.host)
+        .arg(fence.epoch)
+        .arg(set.len());
+    for (k, v) in &set {
+        cmd.arg(k).arg(v);
+    }
+    cmd.arg(absent.len());
+    for k in &absent {
+        cmd.arg(k);
+    }
+    cmd.arg(
+        rec.expires_at
+            .map_or_else(String::new, |at| (at + EXPIRY_GRACE_SECS).to_string()),
+    );
+    let done: i64 = cmd.query_async(c).await?;
+    if done != 1 {
+        return Ok(false);
+    }
+    let score = rec
+        .expires_at
+        .map_or_else(|| "+inf".to_owned(), |t| t.to_string());
+    redis::cmd("ZADD")
+        .arg(ROUTE_INDEX_KEY)
+        .arg(score)
+        .arg(session)
+        .query_async::<()>(c)
+        .await?;
+    publish(c, &RouteEvent::put(session)).await?;
+    Ok(true)
 }
 
 /// Every session still kept, oldest first (records that expired away are dropped from the
@@ -662,6 +765,7 @@ mod tests {
             agent_token_sha256: crate::record::token_digest(b"agent"),
             backend: "process".into(),
             host: None,
+            lease: None,
             vm: None,
             history: vec![Transition {
                 at: now,
@@ -726,6 +830,59 @@ mod tests {
             })
             .collect();
         assert_eq!(listed, ["sa", "sb"]);
+        fenced_on(&mut c).await;
+    }
+
+    /// The owner's writes: accepted while the record names its host and epoch, refused
+    /// (the record and the route untouched) once it does not.
+    async fn fenced_on(c: &mut Conn) {
+        use crate::session::SessionState;
+        let mut rec = session("sf");
+        create_session(c, &rec, None).await.unwrap();
+        rec.host = Some("h1".into());
+        rec.lease = Some(7);
+        rec.rev = update_session(c, &rec).await.unwrap();
+        let me = Fence {
+            host: "h1".into(),
+            epoch: 7,
+        };
+        let route = RouteRecord {
+            upstream: "127.0.0.1:5901".parse().unwrap(),
+            token_sha256: None,
+            expires_at: Some(crate::unix_now() + 60),
+            max_viewers: None,
+            created_at: 1,
+            writer: None,
+        };
+        // Not ready yet: no route, even from the owner.
+        assert!(!put_route_fenced(c, "sf", &route, &me).await.unwrap());
+        rec.state = SessionState::Ready;
+        rec.rev = update_session_fenced(c, &rec, &me).await.unwrap();
+        assert!(put_route_fenced(c, "sf", &route, &me).await.unwrap());
+        assert_eq!(get_route(c, "sf").await.unwrap(), Some(Ok(route.clone())));
+        // Another host takes the session over (a plain compare-and-set): the old owner's
+        // writes are refused from now on, and its route cannot come back.
+        let mut taken = rec.clone();
+        taken.host = Some("h2".into());
+        taken.lease = Some(1);
+        taken.rev = update_session(c, &taken).await.unwrap();
+        delete_route(c, "sf", RemovalReason::Revoked).await.unwrap();
+        let mut late = taken.clone();
+        late.reason = Some("from the old owner".into());
+        assert!(matches!(
+            update_session_fenced(c, &late, &me).await,
+            Err(SessionWriteError::Fenced(_))
+        ));
+        assert!(!put_route_fenced(c, "sf", &route, &me).await.unwrap());
+        assert_eq!(get_route(c, "sf").await.unwrap(), None);
+        // A newer epoch of the same host is another owner too.
+        let h1_again = Fence {
+            host: "h1".into(),
+            epoch: 8,
+        };
+        assert!(!put_route_fenced(c, "sf", &route, &h1_again).await.unwrap());
+        let now = get_session(c, "sf").await.unwrap().unwrap().unwrap();
+        assert_eq!((now.host.as_deref(), now.reason), (Some("h2"), None));
     }
 
     #[tokio::test]

@@ -209,7 +209,10 @@ pub fn route_writes(watched: &vncgate_schema::testing::Monitor, key: &str) -> Ve
     watched
         .seen()
         .iter()
-        .filter(|(_, l)| l.contains(key) && !l.contains("\"DEL\"") && !l.contains("\"ZREM\""))
+        // The key as an argument of its own: session keys carry it inside their hash tag.
+        .filter(|(_, l)| {
+            l.contains(&format!("\"{key}\"")) && !l.contains("\"DEL\"") && !l.contains("\"ZREM\"")
+        })
         .map(|(_, l)| l.clone())
         .collect()
 }
