@@ -31,6 +31,15 @@ pub const PIPES_LENT: &str = "vncgate_pipes_lent";
 pub const PIPES_POOLED: &str = "vncgate_pipes_pooled";
 /// Pipes that got less than the asked capacity (the per-user pipe quota refused).
 pub const PIPE_SIZE_FALLBACK: &str = "vncgate_pipe_size_fallback_total";
+/// Connections on a `--proxy-protocol` listener by what their PROXY header did, by
+/// `result`: `proxied` (the header named the client), `local` (v2 LOCAL or v1 UNKNOWN: the
+/// connection's own address stands), and the refusals `untrusted` (the peer is not a
+/// `--trusted-proxy`), `missing`, `invalid`, `too_long`, `timeout`, `client_gone`.
+pub const PROXY_HEADERS: &str = "vncgate_proxy_headers_total";
+/// Restart handovers, by `side` (`gave`: this gateway's sockets went to a successor;
+/// `took`: this gateway started on a predecessor's) and `result` (`ok`, `refused`,
+/// `abandoned`).
+pub const HANDOVERS: &str = "vncgate_handovers_total";
 /// 1 while draining after SIGTERM.
 pub const DRAINING: &str = "vncgate_draining";
 /// 1 while the Redis route source answers (`--redis`), else 0.

@@ -48,9 +48,21 @@ pub async fn serve<S: RouteSource>(
         return;
     }
     let _ = stream.set_nodelay(true);
+    // The handshake timeout covers a PROXY header and the request together.
+    let arrived = Instant::now();
+    let peer = match &w.proxy {
+        None => peer,
+        Some(trusted) => {
+            let within = w.limits.handshake_timeout;
+            match super::proxy_header::read(&stream, peer, trusted, within).await {
+                Some(client) => client,
+                None => return,
+            }
+        }
+    };
     let mut head = Vec::new();
     let read = monoio::time::timeout(
-        w.limits.handshake_timeout,
+        w.limits.handshake_timeout.saturating_sub(arrived.elapsed()),
         read_head(&stream, &mut head, &w.handshake),
     )
     .await;
