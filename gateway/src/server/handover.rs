@@ -285,9 +285,8 @@ fn read_line(conn: &UnixStream) -> io::Result<String> {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     loop {
-        if (&*conn).read(&mut b)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
+        // read_exact retries what a signal interrupts.
+        (&*conn).read_exact(&mut b)?;
         if b[0] == b'\n' {
             return String::from_utf8(line).map_err(|_| io::ErrorKind::InvalidData.into());
         }

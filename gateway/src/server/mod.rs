@@ -96,7 +96,7 @@ impl Shared {
 
     fn start_drain(&self, l: &mut Lifecycle, mode: DrainMode) {
         *l = Lifecycle::Draining(mode);
-        self.draining.store(true, Ordering::Release);
+        self.draining.store(true, Ordering::SeqCst);
         metrics::gauge!(m::DRAINING).set(1.0);
     }
 
@@ -469,6 +469,8 @@ async fn worker_main<S: RouteSource>(
         drop(listeners);
         tracing::info!(worker = w.index, "listener closed");
     }
+    // Connections accepted up to here are counted: the drain ends when they are served.
+    w.accept_ended.set(true);
     shared.ready_workers.fetch_sub(1, Ordering::Release);
     housekeeping.await;
 }
@@ -493,12 +495,21 @@ async fn accept_queued<S: RouteSource>(w: &Rc<Worker<S>>, fd: RawFd, shared: &Ar
             }
         };
         metrics::counter!(m::CONNECTIONS_ACCEPTED, "worker" => w.index.to_string()).increment(1);
-        let to = if w.draining.get() {
+        let mut to = if w.draining.get() {
             w.index
         } else {
             balance::pick(&shared.lanes, w.index).unwrap_or(w.index)
         };
-        shared.lanes[to].conns.fetch_add(1, Ordering::Relaxed);
+        shared.lanes[to].conns.fetch_add(1, Ordering::SeqCst);
+        // A worker that has seen the drain returns once its lane counts nothing, and
+        // serves no inbox after that: count first, then look at the flag (both SeqCst,
+        // as its side sets the flag, then reads the count), so that either it sees this
+        // connection or this worker sees the drain and keeps the connection.
+        if to != w.index && shared.draining.load(Ordering::SeqCst) {
+            shared.lanes[to].conns.fetch_sub(1, Ordering::SeqCst);
+            to = w.index;
+            shared.lanes[to].conns.fetch_add(1, Ordering::SeqCst);
+        }
         if to != w.index {
             shared.lanes[to].inbox.post((stream, peer));
             metrics::counter!(m::CONNECTIONS_HANDED_OFF).increment(1);

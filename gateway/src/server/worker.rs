@@ -65,6 +65,9 @@ pub struct Worker<S> {
     pub draining: Cell<bool>,
     /// Fired to stop the accept loop.
     pub stop_accepting: Signal<()>,
+    /// Set once the accept loop has ended: until then a connection may still be accepted
+    /// (a wake-up that came with the stop), and the drain is not over.
+    pub accept_ended: Cell<bool>,
     /// `--proxy-protocol`: the peers whose PROXY header names the client.
     pub proxy: Option<crate::proxy::TrustedProxies>,
     sessions: RefCell<HashMap<u64, Rc<SessionCtl>>>,
@@ -94,6 +97,7 @@ impl<S: RouteSource> Worker<S> {
             stats: Stats::default(),
             draining: Cell::new(false),
             stop_accepting: Signal::new(),
+            accept_ended: Cell::new(false),
             proxy: None,
             sessions: RefCell::new(HashMap::new()),
             next_key: Cell::new(0),
@@ -325,7 +329,11 @@ pub async fn housekeeping<S: RouteSource>(w: Rc<Worker<S>>) {
                 }
                 w.close_for_drain(due, now);
             }
-            if w.session_count() == 0 && w.shared.lanes[w.index].conns.load(Ordering::Relaxed) == 0
+            // SeqCst: see `accept_queued`, which counts a hand-off before it looks at
+            // the drain flag.
+            if w.accept_ended.get()
+                && w.session_count() == 0
+                && w.shared.lanes[w.index].conns.load(Ordering::SeqCst) == 0
             {
                 w.flush_stats();
                 return;
