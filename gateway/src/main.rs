@@ -11,7 +11,11 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve(args) => {
             init_logging(args.log_format);
-            args.settings().and_then(vncgate::server::run)
+            match args.settings() {
+                Ok(s) if args.detach => vncgate::server::handover::detach(&s),
+                Ok(s) => vncgate::server::run(s),
+                Err(e) => Err(e),
+            }
         }
         Command::Route(r) => match vncgate::route_admin::run(&r) {
             Ok(vncgate::route_admin::Outcome::Done) => Ok(()),

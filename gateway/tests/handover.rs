@@ -332,3 +332,81 @@ fn drain_closes_are_spread_over_the_window() {
     );
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+/// What `systemctl reload` runs (config/systemd/vncgate.service): `serve --detach` starts
+/// the successor, returns 0 once it has taken over, and the successor tells systemd (here
+/// a datagram socket standing in for `$NOTIFY_SOCKET`) that it is the main process now.
+#[test]
+fn a_detached_successor_takes_over_and_reports_its_pid_to_systemd() {
+    use std::io::BufRead as _;
+    let echo = echo_server();
+    let path = socket_path("detach");
+    let p = path.to_str().unwrap();
+    let notify_path = path.with_file_name("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let next_notice = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let route = format!("s={}", echo.addr);
+    let serve = |listen: &str| {
+        let mut c = std::process::Command::new(BIN);
+        c.args([
+            "serve",
+            "--listen",
+            listen,
+            "--admin",
+            "127.0.0.1:0",
+            "--route",
+            &route,
+            "--allow-upstream",
+            "127.0.0.1",
+            "--handover-socket",
+            p,
+            "--drain-timeout",
+            "0.5",
+        ])
+        .env("NOTIFY_SOCKET", &notify_path);
+        c
+    };
+    let mut old = Gw::spawn(&mut serve("127.0.0.1:0")).unwrap();
+    assert_eq!(
+        next_notice(),
+        format!("READY=1\nMAINPID={}\n", old.pid()),
+        "the first gateway reports ready"
+    );
+    let addr = old.addr.to_string();
+    let mut reload = serve(&addr)
+        .arg("--detach")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(reload.stdout.take().unwrap());
+    let mut detached = None;
+    for line in lines.lines().map_while(Result::ok) {
+        if let Some(pid) = line.strip_prefix("vncgate: detached gateway pid ") {
+            detached = Some(pid.parse::<u32>().unwrap());
+            break;
+        }
+    }
+    let pid = detached.expect("the reload names the new gateway");
+    assert!(reload.wait().unwrap().success(), "the reload succeeds");
+    assert_eq!(next_notice(), format!("READY=1\nMAINPID={pid}\n"));
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        old.log()
+    );
+    assert_eq!(attempt(old.addr), "101", "the detached gateway serves");
+    // The detached gateway is not this test's child: end it by its pid.
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+}

@@ -187,6 +187,12 @@ pub struct ServeArgs {
     /// With no gateway there, it binds as usual.
     #[arg(long, value_name = "PATH")]
     pub handover_socket: Option<PathBuf>,
+    /// Start the gateway as a child process and return once it serves (after taking the
+    /// sockets over from the gateway at --handover-socket, which it requires): what
+    /// `ExecReload` runs, so `systemctl reload` returns when the handover is done, and fails
+    /// if the new gateway does.
+    #[arg(long)]
+    pub detach: bool,
     /// Read a PROXY protocol header (v1 or v2) before each request on the public
     /// listener, from --trusted-proxy peers only; other peers are refused.
     #[arg(long)]

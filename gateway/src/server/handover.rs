@@ -424,6 +424,58 @@ fn give(
     Ok(true)
 }
 
+/// `serve --detach`: starts this same command line without `--detach` as a child, and
+/// returns once the child serves handovers at `--handover-socket` (a socket file that was
+/// not there before: it has taken over, or bound where no gateway ran), or fails with the
+/// child's exit. The child stays, in the same service cgroup under systemd, and tells
+/// systemd it is the main process (see [`super::notify`]).
+pub fn detach(settings: &Settings) -> Result<(), String> {
+    let path = settings
+        .handover_socket
+        .as_ref()
+        .ok_or("--detach needs --handover-socket (it waits for the new gateway to serve there)")?;
+    // With the change time: a freed inode number can come back at once.
+    let id = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+    };
+    let before = id(path);
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--detach")
+        .collect();
+    let mut child = std::process::Command::new(exe)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the new gateway: {e}"))?;
+    // Its workers start within 10 s, and the old gateway answers within PATIENCE.
+    let deadline = std::time::Instant::now() + PATIENCE * 2;
+    loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            return Err(format!(
+                "the new gateway exited ({st}) before it served; its log says why"
+            ));
+        }
+        let now = id(path);
+        if now.is_some() && now != before {
+            println!("vncgate: detached gateway pid {}", child.id());
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(format!(
+                "the new gateway did not serve at {} within {} s; stopped it",
+                path.display(),
+                (PATIENCE * 2).as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ pub mod balance;
 pub mod handover;
 pub mod listener;
 pub mod mailbox;
+pub mod notify;
 pub mod pool;
 pub mod proxy_header;
 pub mod relay;

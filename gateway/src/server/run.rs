@@ -44,6 +44,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     if let Some(a) = running.admin_addr {
         println!("vncgate: admin on http://{a}");
     }
+    crate::server::notify::ready();
     let shared = running.shared();
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
