@@ -20,7 +20,8 @@
 //! - [`proxy`]: the PROXY protocol (v1, v2) header from trusted balancers, sans IO.
 //! - [`close`]: every way a session ends: close code, reason, who is to blame, metric label.
 //! - [`config`]: flags and the config file, merged and validated.
-//! - [`sys`]: the one module with `unsafe`: splice, pipes, non-blocking send/recv.
+//! - [`sys`]: the one module with `unsafe`: splice, pipes, non-blocking send/recv, and
+//!   descriptor passing (`SCM_RIGHTS`) for the restart handover.
 //! - [`server`]: the runtime adapter: workers (one monoio runtime each, io_uring or epoll),
 //!   listeners, sessions, the splice relay, the admin endpoint, drain, and the restart
 //!   handover of the listening sockets to a successor process.
