@@ -412,3 +412,47 @@ fn a_detached_successor_takes_over_and_reports_its_pid_to_systemd() {
         .status()
         .unwrap();
 }
+
+/// Each successor serves handovers in its turn: three gateways one after another on the
+/// same address and socket path, each old one exiting 0.
+#[test]
+fn successors_hand_over_in_their_turn() {
+    let echo = echo_server();
+    let path = socket_path("chain");
+    let p = path.to_str().unwrap();
+    let route = format!("s={}", echo.addr);
+    let next = |listen: &str| {
+        Gw::spawn(std::process::Command::new(BIN).args([
+            "serve",
+            "--listen",
+            listen,
+            "--admin",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--route",
+            &route,
+            "--allow-upstream",
+            "127.0.0.1",
+            "--handover-socket",
+            p,
+            "--drain-timeout",
+            "0.2",
+        ]))
+        .unwrap()
+    };
+    let mut gw = next("127.0.0.1:0");
+    let addr = gw.addr.to_string();
+    for _ in 0..2 {
+        let mut successor = next(&addr);
+        assert_eq!(successor.addr, gw.addr);
+        assert_eq!(
+            gw.wait_exit(Duration::from_secs(20)),
+            Some(0),
+            "{}",
+            gw.log()
+        );
+        assert_eq!(attempt(successor.addr), "101");
+        std::mem::swap(&mut gw, &mut successor);
+    }
+}

@@ -480,6 +480,51 @@ pub fn detach(settings: &Settings) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    fn shared() -> Shared {
+        Shared {
+            draining: std::sync::atomic::AtomicBool::new(false),
+            lifecycle: std::sync::Mutex::new(super::super::Lifecycle::Serving),
+            ready_workers: std::sync::atomic::AtomicUsize::new(0),
+            workers: 1,
+            lanes: Vec::new(),
+            viewers: Default::default(),
+            route_health: None,
+        }
+    }
+
+    /// A signal during an offer never shuts down sockets a successor may hold: it waits
+    /// for the offer's outcome; after a handover nothing turns the drain into a close.
+    #[test]
+    fn offers_and_signals_decide_the_drain_mode_together() {
+        use super::super::DrainMode;
+        let draining = |s: &Shared| s.draining.load(std::sync::atomic::Ordering::SeqCst);
+        let s = shared();
+        assert!(s.offer_handover());
+        assert!(!s.offer_handover(), "one offer at a time");
+        s.drain();
+        assert_eq!((s.drain_mode(), draining(&s)), (None, false));
+        s.end_offer(false);
+        assert_eq!(
+            s.drain_mode(),
+            Some(DrainMode::Close),
+            "the signal's drain, after"
+        );
+        assert!(draining(&s));
+        let s = shared();
+        assert!(s.offer_handover());
+        s.end_offer(true);
+        s.drain();
+        assert_eq!(s.drain_mode(), Some(DrainMode::Handover));
+        assert!(!s.offer_handover());
+        let s = shared();
+        assert!(s.offer_handover());
+        s.end_offer(false);
+        assert_eq!((s.drain_mode(), draining(&s)), (None, false), "serving on");
+        s.drain();
+        assert_eq!(s.drain_mode(), Some(DrainMode::Close));
+        assert!(!s.offer_handover(), "a draining gateway offers nothing");
+    }
+
     #[test]
     fn every_listener_is_kept_whatever_the_worker_count() {
         let group = listener::bind_group("127.0.0.1:0".parse().unwrap(), 5, false, None).unwrap();
