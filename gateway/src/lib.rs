@@ -19,11 +19,14 @@
 //! - [`route_admin`]: `vncgate route add|del|list`, route management in Redis.
 //! - [`routing`]: routes from Redis: the control-plane thread and the per-worker cache.
 //! - [`policy`]: the upstream CIDR allowlist that keeps the gateway from being an open proxy.
+//! - [`proxy`]: the PROXY protocol (v1, v2) header from trusted balancers, sans IO.
 //! - [`close`]: every way a session ends: close code, reason, who is to blame, metric label.
 //! - [`config`]: flags and the config file, merged and validated.
-//! - [`sys`]: the one module with `unsafe`: splice, pipes, non-blocking send/recv.
+//! - [`sys`]: the one module with `unsafe`: splice, pipes, non-blocking send/recv, and
+//!   descriptor passing (`SCM_RIGHTS`) for the restart handover.
 //! - [`server`]: the runtime adapter: workers (one monoio runtime each, io_uring or epoll),
-//!   listeners, sessions, the splice relay, the admin endpoint, drain.
+//!   listeners, sessions, the splice relay, the admin endpoint, drain, and the restart
+//!   handover of the listening sockets to a successor process.
 //! - [`tls`]: `wss://`: the certificate store (reloaded on SIGHUP and on change) and the
 //!   rustls configuration; [`server::client`] drives rustls over a worker's socket.
 //! - [`metrics`]: metric names and the Prometheus recorder.
@@ -39,6 +42,7 @@ pub mod fault;
 pub mod live;
 pub mod metrics;
 pub mod policy;
+pub mod proxy;
 pub mod route;
 pub mod route_admin;
 pub mod route_table;

@@ -30,6 +30,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let settings = args.settings()?;
     let log_filter = init_logging(args.log_format, &settings.log_level);
     vncgate::fault::arm_from_env()?;
+    if args.detach {
+        return vncgate::server::handover::detach(&settings);
+    }
     let reloader = vncgate::server::Reloader {
         settings: Box::new(move || args.settings()),
         log_filter,

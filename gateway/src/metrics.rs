@@ -43,6 +43,34 @@ pub const PIPES_LENT: &str = "vncgate_pipes_lent";
 pub const PIPES_POOLED: &str = "vncgate_pipes_pooled";
 /// Pipes that got less than the asked capacity (the per-user pipe quota refused).
 pub const PIPE_SIZE_FALLBACK: &str = "vncgate_pipe_size_fallback_total";
+/// Connections on a `--proxy-protocol` listener by what their PROXY header did, by
+/// `result`: `proxied` (the header named the client), `local` (v2 LOCAL or v1 UNKNOWN: the
+/// connection's own address stands), and the refusals `untrusted` (the peer is not a
+/// `--trusted-proxy`), `missing`, `invalid`, `too_long`, `timeout`, `client_gone`.
+pub const PROXY_HEADERS: &str = "vncgate_proxy_headers_total";
+/// Restart handovers, by `side` (`gave`: this gateway's sockets went to a successor;
+/// `took`: this gateway started on a predecessor's) and `result` (`ok`, `refused`,
+/// `abandoned`).
+pub const HANDOVERS: &str = "vncgate_handovers_total";
+/// The `result` values of [`PROXY_HEADERS`].
+pub const PROXY_RESULTS: [&str; 8] = [
+    "proxied",
+    "local",
+    "untrusted",
+    "missing",
+    "invalid",
+    "too_long",
+    "timeout",
+    "client_gone",
+];
+/// The (`side`, `result`) pairs of [`HANDOVERS`].
+pub const HANDOVER_LABELS: [(&str, &str); 5] = [
+    ("took", "ok"),
+    ("took", "refused"),
+    ("gave", "ok"),
+    ("gave", "refused"),
+    ("gave", "abandoned"),
+];
 /// 1 while draining after SIGTERM.
 pub const DRAINING: &str = "vncgate_draining";
 /// 1 while the Redis route source answers (`--redis`), else 0.
@@ -78,6 +106,18 @@ pub enum Kind {
 
 /// Every metric the gateway exposes: its kind, unit and HELP text.
 pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
+    (
+        PROXY_HEADERS,
+        Kind::Counter,
+        None,
+        "Connections on a --proxy-protocol listener by what their PROXY header did: proxied, local, or the refusal.",
+    ),
+    (
+        HANDOVERS,
+        Kind::Counter,
+        None,
+        "Restart handovers of the listening sockets, by side (gave, took) and result.",
+    ),
     (
         CONFIG_RELOADS,
         Kind::Counter,
@@ -321,6 +361,12 @@ pub fn zero_series(workers: usize) -> Vec<Series> {
     for op in crate::routing::ROUTE_EVENT_OPS {
         all.push(series(ROUTE_EVENTS, &[("op", op)]));
     }
+    for r in PROXY_RESULTS {
+        all.push(series(PROXY_HEADERS, &[("result", r)]));
+    }
+    for (side, result) in HANDOVER_LABELS {
+        all.push(series(HANDOVERS, &[("side", side), ("result", result)]));
+    }
     for r in RELOAD_RESULTS {
         all.push(series(CONFIG_RELOADS, &[("result", r)]));
     }
@@ -433,6 +479,7 @@ mod tests {
     /// coming from a fixed set: (metric, label, expression) and where the set is.
     const DERIVED: &[(&str, &str, &str, &str)] = &[
         (CONFIG_RELOADS, "result", "result", "RELOAD_RESULTS"),
+        (PROXY_HEADERS, "result", "result", "PROXY_RESULTS"),
         (
             TLS_HANDSHAKES,
             "result",

@@ -1,5 +1,6 @@
-//! The gateway's only `unsafe` (the crate denies it everywhere else): thin wrappers over splice(2), pipe2(2), fcntl(2) and
-//! non-blocking send/recv on raw socket descriptors.
+//! The gateway's only `unsafe` (the crate denies it everywhere else): thin wrappers over splice(2), pipe2(2), fcntl(2),
+//! non-blocking send/recv on raw socket descriptors, and descriptor passing (`SCM_RIGHTS`,
+//! through `nix`) for the restart handover.
 //!
 //! Invariant upheld here: every function takes descriptors that the caller keeps open for
 //! the duration of the call (they are borrowed from live `monoio` streams or from an owned
@@ -45,7 +46,7 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// recv(2) with `MSG_PEEK | MSG_DONTWAIT`: looks at what is queued without taking it.
+/// recv(2) with `MSG_DONTWAIT | MSG_PEEK`: the bytes stay queued for the next read.
 pub fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         // SAFETY: the pointer and length come from a live mutable slice.
@@ -54,7 +55,7 @@ pub fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
                 fd,
                 buf.as_mut_ptr().cast(),
                 buf.len(),
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                libc::MSG_DONTWAIT | libc::MSG_PEEK,
             )
         };
         match cvt(r) {
@@ -223,11 +224,94 @@ pub fn set_congestion(fd: RawFd, name: &str) -> io::Result<()> {
     socket2::SockRef::from(&sock).set_tcp_congestion(name.as_bytes())
 }
 
+/// Most descriptors one `SCM_RIGHTS` message carries (the kernel's `SCM_MAX_FD`).
+pub const MAX_FDS_PER_MESSAGE: usize = 253;
+
+/// Sends `data` with `fds` attached (`SCM_RIGHTS`) on a unix stream socket. The receiver
+/// gets its own descriptors for the same open sockets; ours stay open.
+pub fn send_fds(
+    sock: &std::os::unix::net::UnixStream,
+    data: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let iov = [io::IoSlice::new(data)];
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &iov,
+        if raw.is_empty() { &[] } else { &cmsg },
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Receives into `buf` on a blocking unix stream socket, with the descriptors attached to
+/// those bytes (close-on-exec), owned by the caller from here on. Reading exactly the bytes
+/// the sender attached descriptors to (one message) gets exactly those descriptors.
+pub fn recv_fds(
+    sock: &std::os::unix::net::UnixStream,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    let mut truncated = false;
+    match msg.cmsgs() {
+        Ok(cmsgs) => {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmRights(raw) = c {
+                    // SAFETY: the kernel just installed these descriptors in this process
+                    // for this message; nothing else refers to them yet.
+                    fds.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+        }
+        Err(_) => truncated = true,
+    }
+    if truncated {
+        return Err(io::Error::other(
+            "descriptors truncated (more than one message's worth sent at once)",
+        ));
+    }
+    Ok((msg.bytes, fds))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Read as _, Write as _};
     use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn listening_sockets_pass_over_a_unix_socket() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        use std::os::fd::AsFd as _;
+        assert_eq!(send_fds(&a, b"x", &[l.as_fd(), l.as_fd()]).unwrap(), 1);
+        drop(l);
+        let mut one = [0u8; 1];
+        let (n, fds) = recv_fds(&b, &mut one).unwrap();
+        assert_eq!((n, one[0], fds.len()), (1, b'x', 2));
+        let got: TcpListener = fds.into_iter().next().unwrap().into();
+        assert_eq!(got.local_addr().unwrap(), addr);
+        let _c = TcpStream::connect(addr).unwrap();
+        assert!(got.accept().is_ok(), "the passed socket still listens");
+    }
 
     #[test]
     fn splice_socket_to_socket_through_a_pipe() {

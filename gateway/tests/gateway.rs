@@ -573,7 +573,13 @@ fn attempt_during_drain(addr: std::net::SocketAddr) -> String {
 /// sessions, which close with 1001 at the deadline.
 fn drain_stops_listening_and_frees_the_port(driver: &str) {
     let (vm, _) = silent_server();
-    let mut gw = Gw::with_route(driver, "s", vm, &["--drain-timeout", "3"]);
+    // The session's close comes within the raw client's 10 s read timeout.
+    let mut gw = Gw::with_route(
+        driver,
+        "s",
+        vm,
+        &["--drain-timeout", "3", "--drain-spread", "1"],
+    );
     let addr = gw.addr;
     let mut live = RawWs::connect(addr, "/vnc/s", "");
     // Clients keep arriving, one after another, across the signal.

@@ -177,6 +177,29 @@ pub struct ServeArgs {
     /// Seconds a SIGTERM drain waits for sessions before closing them with 1001 [default: 30].
     #[arg(long, value_parser = parse_secs)]
     pub drain_timeout: Option<Duration>,
+    /// Seconds after the drain deadline over which sessions close with 1001, each at a
+    /// random point, so that reconnecting browsers arrive spread out [default: 5].
+    #[arg(long, value_parser = parse_secs)]
+    pub drain_spread: Option<Duration>,
+    /// Unix socket for restarts that refuse nothing: a gateway started with it first asks
+    /// a gateway serving there for its listening sockets (and tells it to drain once its
+    /// own workers accept on them), then serves the same to its own successor (mode 0600).
+    /// With no gateway there, it binds as usual.
+    #[arg(long, value_name = "PATH")]
+    pub handover_socket: Option<PathBuf>,
+    /// Start the gateway as a child process and return once it serves (after taking the
+    /// sockets over from the gateway at --handover-socket, which it requires): what
+    /// `ExecReload` runs, so `systemctl reload` returns when the handover is done, and fails
+    /// if the new gateway does.
+    #[arg(long)]
+    pub detach: bool,
+    /// Read a PROXY protocol header (v1 or v2) before each request on the public
+    /// listener, from --trusted-proxy peers only; other peers are refused.
+    #[arg(long)]
+    pub proxy_protocol: bool,
+    /// CIDR (or address) allowed to send PROXY headers (repeatable).
+    #[arg(long = "trusted-proxy", value_name = "CIDR")]
+    pub trusted_proxies: Vec<String>,
     /// Capacity of each relay pipe in bytes [default: 1 MiB].
     #[arg(long)]
     pub pipe_size: Option<usize>,

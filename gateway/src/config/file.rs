@@ -35,6 +35,11 @@ pub struct FileConfig {
     pub keepalive_interval: Option<f64>,
     pub keepalive_timeout: Option<f64>,
     pub drain_timeout: Option<f64>,
+    pub drain_spread: Option<f64>,
+    pub handover_socket: Option<PathBuf>,
+    pub proxy_protocol: Option<bool>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     pub pipe_size: Option<usize>,
     pub tcp_congestion: Option<String>,
     pub max_header_bytes: Option<usize>,
@@ -74,6 +79,8 @@ impl FileConfig {
             max_sessions_per_worker: self.max_sessions_per_worker,
             max_message: self.max_message,
             pipe_size: self.pipe_size,
+            handover_socket: self.handover_socket,
+            proxy_protocol: self.proxy_protocol,
             tcp_congestion: self.tcp_congestion,
             max_header_bytes: self.max_header_bytes,
             redis: self.redis,
@@ -89,12 +96,14 @@ impl FileConfig {
             keepalive_interval: secs("keepalive_interval", self.keepalive_interval)?,
             keepalive_timeout: secs("keepalive_timeout", self.keepalive_timeout)?,
             drain_timeout: secs("drain_timeout", self.drain_timeout)?,
+            drain_spread: secs("drain_spread", self.drain_spread)?,
             route_cache_ttl: secs("route_cache_ttl", self.route_cache_ttl)?,
             route_negative_ttl: secs("route_negative_ttl", self.route_negative_ttl)?,
             redis_timeout: secs("redis_timeout", self.redis_timeout)?,
             routes: self.routes,
             allow_upstream: self.allow_upstream,
             allow_origins: self.allow_origins,
+            trusted_proxies: self.trusted_proxies,
         })
     }
 }

@@ -20,6 +20,7 @@ use vncgate_ws::handshake::HandshakeConfig;
 use super::cli::ServeArgs;
 use super::file;
 use crate::policy::{UpstreamPolicy, parse_cidr};
+use crate::proxy::TrustedProxies;
 use crate::route::{self, Route, StaticRoutes};
 use crate::routing::RedisSettings;
 
@@ -75,6 +76,7 @@ macro_rules! layer {
             pub routes: Vec<String>,
             pub allow_upstream: Vec<String>,
             pub allow_origins: Vec<String>,
+            pub trusted_proxies: Vec<String>,
         }
 
         impl Layer {
@@ -86,6 +88,7 @@ macro_rules! layer {
                 self.routes.extend(top.routes);
                 self.allow_upstream.extend(top.allow_upstream);
                 self.allow_origins.extend(top.allow_origins);
+                self.trusted_proxies.extend(top.trusted_proxies);
                 self
             }
 
@@ -104,6 +107,7 @@ macro_rules! layer {
                         "routes" => l.routes.extend(list()),
                         "allow_upstream" => l.allow_upstream.extend(list()),
                         "allow_origins" => l.allow_origins.extend(list()),
+                        "trusted_proxies" => l.trusted_proxies.extend(list()),
                         _ => {}
                     }
                 }
@@ -131,6 +135,9 @@ layer! {
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
     drain_timeout: Duration,
+    drain_spread: Duration,
+    handover_socket: PathBuf,
+    proxy_protocol: bool,
     pipe_size: usize,
     tcp_congestion: String,
     max_header_bytes: usize,
@@ -171,6 +178,8 @@ impl Layer {
             keepalive_interval: Some(l.keepalive_interval.unwrap_or_default()),
             keepalive_timeout: Some(l.keepalive_timeout),
             drain_timeout: Some(l.drain_timeout),
+            drain_spread: Some(l.drain_spread),
+            proxy_protocol: Some(false),
             pipe_size: Some(l.pipe_size),
             max_header_bytes: Some(h.max_header_bytes),
             route_cache_ttl: Some(r.cache_ttl),
@@ -197,6 +206,9 @@ pub struct Limits {
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Duration,
     pub drain_timeout: Duration,
+    /// The window after the drain deadline over which sessions close with 1001, each at a
+    /// random point, so reconnects do not return as one storm.
+    pub drain_spread: Duration,
     /// Pipe capacity asked for each relay pipe. One splice moves at most this much, so it
     /// is also the largest frame sent to the browser (noVNC accepts up to 40 MiB).
     pub pipe_size: usize,
@@ -221,6 +233,7 @@ impl Default for Limits {
             keepalive_interval: Some(Duration::from_secs(20)),
             keepalive_timeout: Duration::from_secs(20),
             drain_timeout: Duration::from_secs(30),
+            drain_spread: Duration::from_secs(5),
             pipe_size: 1 << 20,
             max_idle_pipes: 32,
             read_buffer: 32 << 10,
@@ -294,6 +307,10 @@ pub struct Settings {
     /// The log filter (`--log-level`: a level, or `tracing` directives such as
     /// `info,vncgate::routing=debug`); `VNCGATE_LOG`, when set, overrides it.
     pub log_level: String,
+    /// Where this gateway serves (and first asks for) the listening sockets of a restart.
+    pub handover_socket: Option<PathBuf>,
+    /// PROXY protocol on the public listener, from these addresses only.
+    pub proxy_protocol: Option<TrustedProxies>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -340,6 +357,9 @@ impl ServeArgs {
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,
             drain_timeout: self.drain_timeout,
+            drain_spread: self.drain_spread,
+            handover_socket: self.handover_socket.clone(),
+            proxy_protocol: self.proxy_protocol.then_some(true),
             pipe_size: self.pipe_size,
             tcp_congestion: self.tcp_congestion.clone(),
             max_header_bytes: None,
@@ -354,6 +374,7 @@ impl ServeArgs {
             routes: self.routes.clone(),
             allow_upstream: self.allow_upstream.clone(),
             allow_origins: self.allow_origins.clone(),
+            trusted_proxies: self.trusted_proxies.clone(),
         }
     }
 
@@ -458,6 +479,7 @@ impl Settings {
             keepalive_interval: timer(need(l.keepalive_interval, "keepalive_interval")?),
             keepalive_timeout: need(l.keepalive_timeout, "keepalive_timeout")?,
             drain_timeout: need(l.drain_timeout, "drain_timeout")?,
+            drain_spread: need(l.drain_spread, "drain_spread")?,
             pipe_size: need(l.pipe_size, "pipe_size")?,
             max_viewers: need(l.max_viewers, "max_viewers")?,
             // Not configurable: sizes of the worker's pools.
@@ -506,6 +528,24 @@ impl Settings {
                 );
             }
         };
+        let trusted = l
+            .trusted_proxies
+            .iter()
+            .map(|c| parse_cidr(c).map_err(|e| format!("--trusted-proxy: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let proxy_protocol = match (
+            need(l.proxy_protocol, "proxy_protocol")?,
+            trusted.is_empty(),
+        ) {
+            (true, false) => Some(TrustedProxies::new(trusted)),
+            (true, true) => {
+                return Err("--proxy-protocol needs at least one --trusted-proxy CIDR (the balancers allowed to name the client address)".into());
+            }
+            (false, false) => {
+                return Err("--trusted-proxy is given but --proxy-protocol is not: turn it on, or drop the trusted proxies".into());
+            }
+            (false, true) => None,
+        };
         Ok(Settings {
             listen,
             workers,
@@ -524,6 +564,8 @@ impl Settings {
             redis,
             tls,
             log_level,
+            handover_socket: l.handover_socket,
+            proxy_protocol,
         })
     }
 }
@@ -718,6 +760,81 @@ mod tests {
             err.contains("VNCGATE_IO_DRIVER") && err.contains("epoll"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn proxy_protocol_and_handover_from_every_layer() {
+        let env = |kv: &[(&str, &str)]| -> Vec<(String, String)> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let s = args(&[
+            "--proxy-protocol",
+            "--trusted-proxy",
+            "10.0.0.0/8",
+            "--trusted-proxy",
+            "::1",
+            "--handover-socket",
+            "/run/vncgate/handover.sock",
+            "--drain-spread",
+            "4",
+        ])
+        .settings_with_env(no_env())
+        .unwrap();
+        let p = s.proxy_protocol.expect("on");
+        assert!(p.trusts("10.1.2.3".parse().unwrap()));
+        assert!(p.trusts("::1".parse().unwrap()));
+        assert!(!p.trusts("192.168.0.1".parse().unwrap()));
+        assert_eq!(
+            s.handover_socket.as_deref(),
+            Some(std::path::Path::new("/run/vncgate/handover.sock"))
+        );
+        assert_eq!(s.limits.drain_spread, Duration::from_secs(4));
+        let s = args(&[])
+            .settings_with_env(env(&[
+                ("VNCGATE_PROXY_PROTOCOL", "true"),
+                ("VNCGATE_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8"),
+                ("VNCGATE_HANDOVER_SOCKET", "/tmp/h.sock"),
+                ("VNCGATE_DRAIN_SPREAD", "0"),
+            ]))
+            .unwrap();
+        assert!(
+            s.proxy_protocol
+                .unwrap()
+                .trusts("127.0.0.1".parse().unwrap())
+        );
+        assert_eq!(s.limits.drain_spread, Duration::ZERO);
+        assert!(s.handover_socket.is_some());
+        let dir = std::env::temp_dir().join(format!("vncgate-cfg-proxy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("gw.toml");
+        std::fs::write(
+            &f,
+            "proxy_protocol = true\ntrusted_proxies = [\"192.0.2.0/24\"]\nhandover_socket = \"/tmp/x.sock\"\ndrain_spread = 2.5\n",
+        )
+        .unwrap();
+        let s = args(&["--config", f.to_str().unwrap()])
+            .settings_with_env(no_env())
+            .unwrap();
+        assert!(
+            s.proxy_protocol
+                .unwrap()
+                .trusts("192.0.2.9".parse().unwrap())
+        );
+        assert_eq!(s.limits.drain_spread, Duration::from_millis(2500));
+        let e = args(&["--proxy-protocol"])
+            .settings_with_env(no_env())
+            .unwrap_err();
+        assert!(e.contains("--trusted-proxy"), "{e}");
+        let e = args(&["--trusted-proxy", "10.0.0.0/8"])
+            .settings_with_env(no_env())
+            .unwrap_err();
+        assert!(e.contains("--proxy-protocol"), "{e}");
+        let e = args(&["--proxy-protocol", "--trusted-proxy", "nonsense"])
+            .settings_with_env(no_env())
+            .unwrap_err();
+        assert!(e.starts_with("--trusted-proxy:"), "{e}");
     }
 
     #[test]

@@ -6,11 +6,13 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::Shared;
 use vncgate_ws::handshake::status_text;
@@ -23,12 +25,20 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("vncgate-admin".into())
         .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(s) => {
+            // After a restart handover the successor serves the same socket: stop
+            // accepting (its queue is the successor's), looking at least every 200 ms.
+            let _ = listener.set_nonblocking(true);
+            while shared.drain_mode() != Some(super::DrainMode::Handover) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
                         if let Err(e) = handle(s, &shared, prom.as_ref()) {
                             tracing::debug!(error = %e, "admin request failed");
                         }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                        let _ = poll(&mut fds, PollTimeout::from(200u8));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "admin accept failed");

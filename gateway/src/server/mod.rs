@@ -6,9 +6,12 @@
 pub mod admin;
 pub mod balance;
 pub mod client;
+pub mod handover;
 pub mod listener;
 pub mod mailbox;
+pub mod notify;
 pub mod pool;
+pub mod proxy_header;
 pub mod relay;
 mod run;
 pub mod session;
@@ -20,8 +23,8 @@ pub mod worker;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd as _, RawFd};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -34,10 +37,37 @@ use worker::Worker;
 
 pub use run::{Reloader, SetLogFilter, run};
 
+/// How a drain treats the listening sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainMode {
+    /// SIGTERM: answer what is queued (503), then take the sockets out of LISTEN, so the
+    /// kernel queues nothing more to a process that will not accept it.
+    Close,
+    /// A successor holds the same sockets: stop accepting and close our descriptors only.
+    /// Shutting the sockets down would end the successor's listeners and reset what is
+    /// queued on them, and the successor accepts what is queued.
+    Handover,
+}
+
+/// Where the process stands between serving and draining; a handover offer in flight
+/// decides the drain's mode, so a SIGTERM meanwhile never shuts down sockets that a
+/// successor may already hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    Serving,
+    /// Listening sockets sent to a successor that has not confirmed yet; `drain_asked`: a
+    /// signal came meanwhile.
+    Offering {
+        drain_asked: bool,
+    },
+    Draining(DrainMode),
+}
+
 /// State shared by all workers: only flags, read or written rarely.
 #[derive(Debug)]
 pub struct Shared {
     pub draining: AtomicBool,
+    lifecycle: Mutex<Lifecycle>,
     pub ready_workers: AtomicUsize,
     pub workers: usize,
     /// Each worker's load and inbox, for evening out connections (see [`balance`]).
@@ -48,6 +78,27 @@ pub struct Shared {
     pub route_health: Option<Arc<SourceHealth>>,
     /// The settings a SIGHUP reloads (see [`crate::live`]).
     pub live: Arc<crate::live::Live>,
+}
+
+#[cfg(test)]
+impl Shared {
+    /// A `Shared` for unit tests: no lanes, nothing live.
+    pub(crate) fn for_tests(workers: usize) -> Shared {
+        Shared {
+            draining: AtomicBool::new(false),
+            lifecycle: Mutex::new(Lifecycle::Serving),
+            ready_workers: AtomicUsize::new(0),
+            workers,
+            lanes: Vec::new(),
+            viewers: Arc::default(),
+            route_health: None,
+            live: Arc::new(crate::live::Live::new(crate::live::Dynamic {
+                handshake: Default::default(),
+                policy: crate::policy::UpstreamPolicy::new(Vec::new()),
+                routes: Default::default(),
+            })),
+        }
+    }
 }
 
 /// What the route source shares with the rest of the process.
@@ -61,10 +112,57 @@ pub struct Hooks {
 }
 
 impl Shared {
-    /// Starts a drain: stop accepting, close sessions with 1001 after the drain timeout.
+    /// Starts a drain (SIGTERM): stop accepting, close sessions with 1001 after the drain
+    /// timeout. During a handover offer it waits for the offer's outcome.
     pub fn drain(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+        let mut l = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        match *l {
+            Lifecycle::Serving => self.start_drain(&mut l, DrainMode::Close),
+            Lifecycle::Offering { .. } => *l = Lifecycle::Offering { drain_asked: true },
+            Lifecycle::Draining(_) => {}
+        }
+    }
+
+    fn start_drain(&self, l: &mut Lifecycle, mode: DrainMode) {
+        *l = Lifecycle::Draining(mode);
+        self.draining.store(true, Ordering::SeqCst);
         metrics::gauge!(m::DRAINING).set(1.0);
+    }
+
+    /// The drain's mode, once one started.
+    pub fn drain_mode(&self) -> Option<DrainMode> {
+        match *self.lifecycle.lock().unwrap_or_else(|p| p.into_inner()) {
+            Lifecycle::Draining(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Reserves the listening sockets for a successor; false once a drain started (the
+    /// sockets are, or are about to be, out of LISTEN) or another offer is in flight.
+    pub fn offer_handover(&self) -> bool {
+        let mut l = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        if *l == Lifecycle::Serving {
+            *l = Lifecycle::Offering { drain_asked: false };
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The offer's outcome: taken over (drain, keeping the sockets open for the successor)
+    /// or not (serve on, or drain as a signal asked meanwhile).
+    pub fn end_offer(&self, taken: bool) {
+        let mut l = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        let Lifecycle::Offering { drain_asked } = *l else {
+            return;
+        };
+        if taken {
+            self.start_drain(&mut l, DrainMode::Handover);
+        } else if drain_asked {
+            self.start_drain(&mut l, DrainMode::Close);
+        } else {
+            *l = Lifecycle::Serving;
+        }
     }
 }
 
@@ -206,18 +304,26 @@ where
 {
     let driver = select_driver(settings.io_driver)?;
     let congestion = resolve_congestion(&settings.tcp_congestion)?;
-    let listeners = listener::bind_group(
-        settings.listen,
-        settings.workers,
-        settings.share_port,
-        congestion.as_deref(),
-    )
-    .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
-    let local_addr = listeners[0]
+    let acquired = handover::acquire(&settings, congestion.as_deref())?;
+    let local_addr = acquired.listeners[0]
         .local_addr()
         .map_err(|e| format!("listener address: {e}"))?;
+    // Copies of every listening descriptor for the handover server, taken before the
+    // workers own them: a successor must get all of them (see [`handover`]).
+    let offered = match &settings.handover_socket {
+        Some(_) => Some(
+            acquired
+                .listeners
+                .iter()
+                .map(std::net::TcpListener::try_clone)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("cannot copy a listening descriptor: {e}"))?,
+        ),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         draining: AtomicBool::new(false),
+        lifecycle: Mutex::new(Lifecycle::Serving),
         ready_workers: AtomicUsize::new(0),
         workers: settings.workers,
         lanes: (0..settings.workers)
@@ -230,11 +336,18 @@ where
             Arc::new(crate::live::Live::new(crate::live::Dynamic::of(&settings)))
         }),
     });
+    let mut offered_admin = None;
     let admin_addr = match settings.admin {
         Some(a) => {
-            let l = std::net::TcpListener::bind(a)
-                .map_err(|e| format!("cannot bind admin {a}: {e}"))?;
+            let l = match acquired.admin {
+                Some(l) => l,
+                None => std::net::TcpListener::bind(a)
+                    .map_err(|e| format!("cannot bind admin {a}: {e}"))?,
+            };
             let addr = l.local_addr().map_err(|e| e.to_string())?;
+            if offered.is_some() {
+                offered_admin = Some(l.try_clone().map_err(|e| e.to_string())?);
+            }
             admin::spawn(l, shared.clone(), prom).map_err(|e| e.to_string())?;
             Some(addr)
         }
@@ -251,6 +364,7 @@ where
         None => None,
     };
     let tls = certs.as_ref().map(|c| c.server_config()).transpose()?;
+    let listeners = handover::spread(acquired.listeners, settings.workers);
     let settings = Arc::new(settings);
     let make_routes = Arc::new(make_routes);
     let mut threads = Vec::new();
@@ -265,14 +379,17 @@ where
             .name(format!("vncgate-w{index}"))
             .spawn(move || {
                 let run = move || {
-                    let w = Rc::new(Worker::new(
-                        index,
-                        make_routes(index),
-                        &settings,
-                        congestion.clone(),
-                        tls.clone(),
-                        shared2.clone(),
-                    ));
+                    let w = Rc::new(
+                        Worker::new(
+                            index,
+                            make_routes(index),
+                            &settings,
+                            congestion.clone(),
+                            tls.clone(),
+                            shared2.clone(),
+                        )
+                        .with_proxy(settings.proxy_protocol.clone()),
+                    );
                     worker_main(w, l, shared2)
                 };
                 let r = match driver {
@@ -299,6 +416,21 @@ where
             return Err("workers did not start within 10 s".into());
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // Only now, with every worker accepting on the inherited sockets, may the old
+    // gateway stop accepting: the queues never go unread.
+    if let Some(p) = acquired.predecessor {
+        p.release();
+    }
+    if let (Some(path), Some(listeners)) = (&settings.handover_socket, offered) {
+        let offer = handover::Offer {
+            listen: local_addr,
+            listeners,
+            admin: offered_admin,
+        };
+        if let Err(e) = handover::serve(path, offer, shared.clone()) {
+            tracing::error!(error = %e, "cannot serve handovers: a restart will not take these sockets over");
+        }
     }
     for i in 0..settings.workers {
         metrics::gauge!(m::IO_DRIVER, "driver" => driver.as_str(), "worker" => i.to_string())
@@ -377,10 +509,14 @@ fn uring_runtime()
 
 async fn worker_main<S: RouteSource>(
     w: Rc<Worker<S>>,
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     shared: Arc<Shared>,
 ) {
-    let listener = match monoio::net::TcpListener::from_std(listener) {
+    let listeners = match listeners
+        .into_iter()
+        .map(monoio::net::TcpListener::from_std)
+        .collect::<Result<Vec<_>, _>>()
+    {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(worker = w.index, error = %e, "cannot register listener");
@@ -405,32 +541,49 @@ async fn worker_main<S: RouteSource>(
         });
     }
     let accepting = Accepting::new(&shared.ready_workers);
-    let fd = listener.as_raw_fd();
+    let fds: Vec<RawFd> = listeners.iter().map(|l| l.as_raw_fd()).collect();
     loop {
         // Readiness, then accept4(2) directly: a cancelled wait holds no connection, so
-        // stopping can never lose one inside a cancelled accept op.
+        // stopping can never lose one inside a cancelled accept op. A worker holds more
+        // than one listener after a handover from a gateway with more workers; each
+        // wake-up looks at all of them, so a busy one cannot starve the others.
         let ready = monoio::select! {
-            r = listener.readable(false) => Some(r),
+            r = futures_util::future::select_all(listeners.iter().map(|l| Box::pin(l.readable(false)))) => Some(r.0),
             _ = w.stop_accepting.wait() => None,
         };
         match ready {
             None => break,
-            Some(Ok(())) => accept_queued(&w, fd, &shared).await,
+            Some(Ok(())) => {
+                for &fd in &fds {
+                    accept_queued(&w, fd, &shared).await;
+                }
+            }
             Some(Err(e)) => {
                 tracing::warn!(worker = w.index, error = %e, "listener wait failed");
                 monoio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }
-    // Draining: answer what the kernel already queued (503 "gateway draining", with
-    // Retry-After), then leave LISTEN, so nothing more is queued to a process that will
-    // not serve it and a replacement can bind the port.
-    accept_queued(&w, fd, &shared).await;
-    if let Err(e) = crate::sys::stop_listening(fd) {
-        tracing::warn!(worker = w.index, error = %e, "cannot stop listening");
+    if shared.drain_mode() == Some(DrainMode::Handover) {
+        // The successor holds the same sockets and accepts what they queue: close only
+        // our descriptors.
+        drop(listeners);
+        tracing::info!(worker = w.index, "listeners left to the successor");
+    } else {
+        // Draining: answer what the kernel already queued (503 "gateway draining", with
+        // Retry-After), then leave LISTEN, so nothing more is queued to a process that
+        // will not serve it and a replacement can bind the port.
+        for &fd in &fds {
+            accept_queued(&w, fd, &shared).await;
+            if let Err(e) = crate::sys::stop_listening(fd) {
+                tracing::warn!(worker = w.index, error = %e, "cannot stop listening");
+            }
+        }
+        drop(listeners);
+        tracing::info!(worker = w.index, "listener closed");
     }
-    drop(listener);
-    tracing::info!(worker = w.index, "listener closed");
+    // Connections accepted up to here are counted: the drain ends when they are served.
+    w.accept_ended.set(true);
     drop(accepting);
     housekeeping.await;
 }
@@ -455,12 +608,21 @@ async fn accept_queued<S: RouteSource>(w: &Rc<Worker<S>>, fd: RawFd, shared: &Ar
             }
         };
         metrics::counter!(m::CONNECTIONS_ACCEPTED, "worker" => w.index.to_string()).increment(1);
-        let to = if w.draining.get() {
+        let mut to = if w.draining.get() {
             w.index
         } else {
             balance::pick(&shared.lanes, w.index).unwrap_or(w.index)
         };
-        shared.lanes[to].conns.fetch_add(1, Ordering::Relaxed);
+        shared.lanes[to].conns.fetch_add(1, Ordering::SeqCst);
+        // A worker that has seen the drain returns once its lane counts nothing, and
+        // serves no inbox after that: count first, then look at the flag (both SeqCst,
+        // as its side sets the flag, then reads the count), so that either it sees this
+        // connection or this worker sees the drain and keeps the connection.
+        if to != w.index && shared.draining.load(Ordering::SeqCst) {
+            shared.lanes[to].conns.fetch_sub(1, Ordering::SeqCst);
+            to = w.index;
+            shared.lanes[to].conns.fetch_add(1, Ordering::SeqCst);
+        }
         if to != w.index {
             shared.lanes[to].inbox.post((stream, peer));
             metrics::counter!(m::CONNECTIONS_HANDED_OFF).increment(1);
@@ -518,19 +680,7 @@ mod tests {
     use super::*;
 
     fn shared(workers: usize) -> Shared {
-        Shared {
-            draining: AtomicBool::new(false),
-            ready_workers: AtomicUsize::new(0),
-            workers,
-            lanes: Vec::new(),
-            viewers: Arc::default(),
-            route_health: None,
-            live: Arc::new(crate::live::Live::new(crate::live::Dynamic {
-                handshake: Default::default(),
-                policy: crate::policy::UpstreamPolicy::new(Vec::new()),
-                routes: Default::default(),
-            })),
-        }
+        Shared::for_tests(workers)
     }
 
     /// What [`supervised`] relies on: a panic in any task of a monoio runtime unwinds out

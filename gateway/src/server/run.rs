@@ -90,6 +90,7 @@ pub fn run(settings: Settings, reloader: Reloader) -> Result<(), String> {
     if let Some(a) = running.admin_addr {
         println!("vncgate: admin on http://{a}");
     }
+    crate::server::notify::ready();
     let shared = running.shared();
     let certs = running.certs.clone();
     std::thread::Builder::new()

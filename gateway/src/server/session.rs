@@ -48,8 +48,18 @@ pub async fn serve<S: RouteSource>(
         return;
     }
     let _ = stream.set_nodelay(true);
-    // One deadline for the TLS handshake and the upgrade request together.
+    // One deadline for a PROXY header, the TLS handshake and the upgrade request together.
     let deadline = Instant::now() + w.limits.handshake_timeout;
+    let peer = match &w.proxy {
+        None => peer,
+        Some(trusted) => {
+            let within = w.limits.handshake_timeout;
+            match super::proxy_header::read(&stream, peer, trusted, within).await {
+                Some(client) => client,
+                None => return,
+            }
+        }
+    };
     let client = match &w.tls {
         None => Client::Plain(&stream),
         Some(cfg) => match start_tls(&stream, peer, cfg.clone(), deadline).await {

@@ -28,6 +28,8 @@ pub struct SessionCtl {
     pub kill: Signal<CloseCause>,
     /// When the route expires; the relay re-reads it whenever its timer fires.
     pub expires: Cell<Option<Instant>>,
+    /// When a drain closes it with 1001 (its point in the `--drain-spread` window).
+    close_at: Cell<Option<Instant>>,
     key: u64,
 }
 
@@ -65,6 +67,11 @@ pub struct Worker<S> {
     pub draining: Cell<bool>,
     /// Fired to stop the accept loop.
     pub stop_accepting: Signal<()>,
+    /// Set once the accept loop has ended: until then a connection may still be accepted
+    /// (a wake-up that came with the stop), and the drain is not over.
+    pub accept_ended: Cell<bool>,
+    /// `--proxy-protocol`: the peers whose PROXY header names the client.
+    pub proxy: Option<crate::proxy::TrustedProxies>,
     sessions: RefCell<HashMap<u64, Rc<SessionCtl>>>,
     next_key: Cell<u64>,
     shared: Arc<Shared>,
@@ -92,10 +99,18 @@ impl<S: RouteSource> Worker<S> {
             stats: Stats::default(),
             draining: Cell::new(false),
             stop_accepting: Signal::new(),
+            accept_ended: Cell::new(false),
+            proxy: None,
             sessions: RefCell::new(HashMap::new()),
             next_key: Cell::new(0),
             shared,
         }
+    }
+
+    /// Reads a PROXY header from `trusted` peers before each request.
+    pub fn with_proxy(mut self, trusted: Option<crate::proxy::TrustedProxies>) -> Self {
+        self.proxy = trusted;
+        self
     }
 
     /// Takes over the count of a connection in this worker's lane (counted by whoever
@@ -115,6 +130,7 @@ impl<S: RouteSource> Worker<S> {
             session_id: session_id.to_owned(),
             kill: Signal::new(),
             expires: Cell::new(None),
+            close_at: Cell::new(None),
             key,
         });
         self.sessions.borrow_mut().insert(key, ctl.clone());
@@ -129,10 +145,21 @@ impl<S: RouteSource> Worker<S> {
         }
     }
 
-    /// Ends every live session with `cause`.
-    pub fn kill_all(&self, cause: CloseCause) {
+    /// The drain's closes, past the drain deadline `due`: each session is given a random
+    /// point in the spread window (once), and closed with 1001 when it comes.
+    fn close_for_drain(&self, due: Instant, now: Instant) {
         for s in self.sessions.borrow().values() {
-            s.kill.fire(cause);
+            let at = match s.close_at.get() {
+                Some(at) => at,
+                None => {
+                    let at = drain_close_at(due, self.limits.drain_spread, now, fastrand::f64());
+                    s.close_at.set(Some(at));
+                    at
+                }
+            };
+            if at <= now {
+                s.kill.fire(close::GOING_AWAY);
+            }
         }
     }
 
@@ -277,14 +304,29 @@ async fn follow_rewrite<S: RouteSource>(w: Rc<Worker<S>>, session: String) {
     }
 }
 
+/// When a drain closes a session: at a uniformly random point (`r` in `[0, 1)`) of the
+/// spread window that opens at the drain deadline `due`, so that the browsers' reconnects
+/// (noVNC retries at once) arrive spread over the window rather than as one storm. A
+/// session first seen inside the window (accepted just before a handover) gets a point in
+/// what is left of it; past the window, now.
+pub fn drain_close_at(due: Instant, spread: Duration, now: Instant, r: f64) -> Instant {
+    let start = due.max(now);
+    let end = due + spread;
+    if start >= end {
+        return start;
+    }
+    start + (end - start).mul_f64(r.clamp(0.0, 1.0))
+}
+
 /// The worker's housekeeping: flushes counters once a second, and runs the drain: stop
 /// accepting at once, let sessions finish until the drain deadline, then close the rest
-/// with 1001. Returns when draining and no session is left.
+/// with 1001, spread over `--drain-spread`. Returns when draining and no connection is
+/// left (sessions, and connections still in their handshake, which are answered).
 pub async fn housekeeping<S: RouteSource>(w: Rc<Worker<S>>) {
     let tick = Duration::from_millis(100);
     let mut last_flush = Instant::now();
     let mut drain_started: Option<Instant> = None;
-    let mut killed = false;
+    let mut announced = false;
     loop {
         monoio::time::sleep(tick).await;
         w.follow_route_changes();
@@ -294,26 +336,72 @@ pub async fn housekeeping<S: RouteSource>(w: Rc<Worker<S>>) {
             w.flush_stats();
             last_flush = Instant::now();
         }
-        if drain_started.is_none() && w.shared.draining.load(Ordering::Relaxed) {
+        if drain_started.is_none() && w.shared.draining.load(Ordering::Acquire) {
             drain_started = Some(Instant::now());
-            w.draining.set(true);
+            let mode = w.shared.drain_mode();
+            // After a handover the successor takes new connections; the few this worker
+            // accepted before it stopped are still served, not refused.
+            w.draining.set(mode != Some(super::DrainMode::Handover));
             w.stop_accepting.fire(());
-            tracing::info!(worker = w.index, sessions = w.session_count(), "draining");
+            tracing::info!(worker = w.index, sessions = w.session_count(), mode = ?mode, "draining");
         }
         if let Some(t) = drain_started {
-            if !killed && t.elapsed() >= w.limits.drain_timeout {
-                tracing::info!(
-                    worker = w.index,
-                    sessions = w.session_count(),
-                    "drain deadline: closing sessions with 1001"
-                );
-                w.kill_all(close::GOING_AWAY);
-                killed = true;
+            let due = t + w.limits.drain_timeout;
+            let now = Instant::now();
+            if now >= due {
+                if !announced {
+                    tracing::info!(
+                        worker = w.index,
+                        sessions = w.session_count(),
+                        spread_secs = w.limits.drain_spread.as_secs_f64(),
+                        "drain deadline: closing sessions with 1001"
+                    );
+                    announced = true;
+                }
+                w.close_for_drain(due, now);
             }
-            if w.session_count() == 0 {
+            // SeqCst: see `accept_queued`, which counts a hand-off before it looks at
+            // the drain flag.
+            if w.accept_ended.get()
+                && w.session_count() == 0
+                && w.shared.lanes[w.index].conns.load(Ordering::SeqCst) == 0
+            {
                 w.flush_stats();
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_closes_fall_inside_the_spread_window() {
+        let due = Instant::now();
+        let spread = Duration::from_secs(10);
+        assert_eq!(drain_close_at(due, spread, due, 0.0), due);
+        assert_eq!(
+            drain_close_at(due, spread, due, 0.5),
+            due + Duration::from_secs(5)
+        );
+        assert_eq!(drain_close_at(due, Duration::ZERO, due, 0.7), due);
+        // Seen late in the window: what is left of it.
+        let late = due + Duration::from_secs(8);
+        assert_eq!(
+            drain_close_at(due, spread, late, 0.5),
+            due + Duration::from_secs(9)
+        );
+        // Past the window: now.
+        let after = due + Duration::from_secs(11);
+        assert_eq!(drain_close_at(due, spread, after, 0.5), after);
+        // Jitter spreads them: 1000 draws fill every tenth of the window.
+        let mut tenths = [0u32; 10];
+        for _ in 0..1000 {
+            let at = drain_close_at(due, spread, due, fastrand::f64());
+            tenths[((at - due).as_secs_f64()) as usize] += 1;
+        }
+        assert!(tenths.iter().all(|&n| n > 0), "{tenths:?}");
     }
 }
