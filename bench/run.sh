@@ -24,4 +24,12 @@ if ! command -v websockify >/dev/null 2>&1; then
 fi
 
 "$target/release/vncgate-bench" --vncgate "$target/release/vncgate" "$@"
-echo "run.sh: table in bench/out/results.md, raw figures in bench/out/results.json, proxy logs in bench/out/logs/" >&2
+# Where the bench wrote (its last --out, as the bench takes the last value of a flag).
+out=bench/out
+prev=
+for a in "$@"; do
+    case "$prev" in --out) out="$a" ;; esac
+    case "$a" in --out=*) out="${a#--out=}" ;; esac
+    prev="$a"
+done
+echo "run.sh: table in $out/results.md, raw figures in $out/results.json, proxy logs in $out/logs/" >&2

@@ -1,8 +1,11 @@
-//! vncgate-bench: a side-by-side benchmark of WebSocket-to-TCP relays (vncgate, websocat,
-//! websockify) against direct TCP, all in one run on loopback.
+//! vncgate-bench: a side-by-side benchmark of WebSocket-to-TCP relays (vncgate, vncgate over
+//! TLS, websocat, websockify) against direct TCP, all in one run on loopback.
 //!
 //! - `ws`: RFC 6455 client role without I/O (upgrade, masked frames, frame decoder).
-//! - `conn`: one client connection over a blocking socket, raw TCP or WebSocket.
+//! - `conn`: one client connection over a blocking socket, raw TCP or WebSocket, over TCP
+//!   or TLS.
+//! - `tls`: the `vncgate-tls` proxy's certificate, made per run, and the client's rustls
+//!   configuration that trusts only it.
 //! - `controller`: a `vncgate-controller` child process and its session API, for the
 //!   session benches (`vncgate-bench-sessions`, `vncgate-bench-restores`).
 //! - `targets`: the in-process upstreams (bulk source, echo server), and the idle point's
@@ -30,4 +33,5 @@ pub mod report;
 pub mod routing;
 pub mod runner;
 pub mod targets;
+pub mod tls;
 pub mod ws;

@@ -29,11 +29,12 @@ struct Args {
     /// Connections for the many-connection throughput and round-trip points.
     #[arg(long, default_value_t = 50)]
     conns: usize,
-    /// Comma-separated subset of direct,vncgate,websocat,websockify.
+    /// Comma-separated subset of direct,vncgate,vncgate-tls,websocat,websockify
+    /// (vncgate-tls: vncgate serving wss:// with a certificate made for the run).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,vncgate,websocat,websockify"
+        default_value = "direct,vncgate,vncgate-tls,websocat,websockify"
     )]
     only: Vec<String>,
     /// Comma-separated measurement points to take: idle (memory per idle session), tput
@@ -118,16 +119,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let mut only = Vec::new();
-    for name in &a.only {
-        match Kind::parse(name.trim()) {
-            Some(k) => only.push(k),
-            None => {
-                eprintln!("--only: unknown proxy {name:?} (direct, vncgate, websocat, websockify)");
-                return ExitCode::from(2);
-            }
+    let only = match Kind::parse_list(&a.only) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("--only: {e}");
+            return ExitCode::from(2);
         }
-    }
+    };
     if !a.run.in_range() || a.conns == 0 {
         eprintln!("--reps, --conns and --connectors must be at least 1, --secs within 0.1..600");
         return ExitCode::from(2);
@@ -194,6 +192,18 @@ mod tests {
             .unwrap();
         assert!(a.serve_fakevm);
         assert!(Args::try_parse_from(["vncgate-bench", "--idle", "1k"]).is_err());
+    }
+
+    #[test]
+    fn only_takes_vncgate_tls_and_defaults_to_every_proxy() {
+        let a = Args::try_parse_from(["vncgate-bench", "--only", "vncgate-tls,direct,vncgate"])
+            .unwrap();
+        assert_eq!(
+            Kind::parse_list(&a.only).unwrap(),
+            [Kind::Direct, Kind::Vncgate, Kind::VncgateTls]
+        );
+        let a = Args::try_parse_from(["vncgate-bench"]).unwrap();
+        assert_eq!(Kind::parse_list(&a.only).unwrap(), Kind::ALL);
     }
 
     #[test]

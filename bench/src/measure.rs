@@ -440,11 +440,16 @@ pub fn idle_memory(t: &Target, n: usize, proxy_pids: &[u32]) -> Result<IdleMemor
     if proxy_pids.is_empty() {
         return Err("no proxy process".into());
     }
-    let Some(path) = &t.ws_path else {
+    let Some(url) = t.url() else {
         return Err("idle sessions need a WebSocket route".into());
     };
     let cfg = idle::Config {
-        url: format!("ws://{}{path}", t.addr),
+        url,
+        // `wss://`: the load tool's own rustls client, trusting the run's certificate only.
+        tls: t
+            .tls
+            .as_ref()
+            .map_or_else(dial::Tls::default, |c| dial::Tls::CaFile(c.ca_pem.clone())),
         sessions: n,
         sources: dial::parse_sources(IDLE_SOURCES)?,
         concurrency: IDLE_CONCURRENCY,

@@ -1,16 +1,20 @@
 //! The relays under test, each started as a child process on a free loopback port in front
 //! of the in-process targets, with stdout/stderr captured under the output folder, and
 //! killed by pid when its turn is over. `Direct` starts nothing: it is the ceiling.
+//! `VncgateTls` is the same vncgate binary serving `wss://` (`--tls-cert`, `--tls-key`) with
+//! the run's generated certificate; its targets carry the client's TLS configuration.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::conn::Target;
 use crate::targets::Targets;
+use crate::tls::BenchCert;
 
 /// How long a proxy gets to start listening (websockify is a Python start-up).
 const START_DEADLINE: Duration = Duration::from_secs(10);
@@ -19,14 +23,20 @@ const START_DEADLINE: Duration = Duration::from_secs(10);
 pub enum Kind {
     Direct,
     Vncgate,
+    /// vncgate serving `wss://`: the same binary and flags as `Vncgate`, plus the
+    /// certificate; the client speaks TLS to it.
+    VncgateTls,
     Websocat,
     Websockify,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    /// In the order a repetition runs them and the table shows them: `VncgateTls` next to
+    /// `Vncgate`, so the two compare at a glance.
+    pub const ALL: [Kind; 5] = [
         Kind::Direct,
         Kind::Vncgate,
+        Kind::VncgateTls,
         Kind::Websocat,
         Kind::Websockify,
     ];
@@ -35,6 +45,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Vncgate => "vncgate",
+            Kind::VncgateTls => "vncgate-tls",
             Kind::Websocat => "websocat",
             Kind::Websockify => "websockify",
         }
@@ -42,6 +53,32 @@ impl Kind {
 
     pub fn parse(s: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// Parses the items of `--only` (already split at commas): proxy names, trimmed, empty
+    /// items ignored. The result is in [`Kind::ALL`] order without duplicates; an unknown
+    /// name or an empty selection is an error that names the valid ones.
+    pub fn parse_list<S: AsRef<str>>(items: &[S]) -> Result<Vec<Kind>, String> {
+        let names = || Kind::ALL.map(Kind::name).join(", ");
+        let mut chosen = Vec::new();
+        for item in items {
+            let item = item.as_ref().trim();
+            if item.is_empty() {
+                continue;
+            }
+            match Kind::parse(item) {
+                Some(k) => chosen.push(k),
+                None => return Err(format!("unknown proxy {item:?} ({})", names())),
+            }
+        }
+        let kinds: Vec<Kind> = Kind::ALL
+            .into_iter()
+            .filter(|k| chosen.contains(k))
+            .collect();
+        if kinds.is_empty() {
+            return Err(format!("no proxy selected ({})", names()));
+        }
+        Ok(kinds)
     }
 }
 
@@ -53,12 +90,20 @@ pub struct Settings {
     /// Extra arguments appended to `vncgate serve` (e.g. `--io-driver=epoll`).
     pub vncgate_args: Vec<String>,
     pub out: PathBuf,
+    /// The run's certificate for `VncgateTls` (`Err`: why none could be made; `None`: not
+    /// asked for).
+    pub tls: Option<Result<Arc<BenchCert>, String>>,
 }
 
 /// Finds the executable for `kind`, or says why the proxy is skipped.
 pub fn locate(kind: Kind, s: &Settings) -> Result<Option<PathBuf>, String> {
     match kind {
         Kind::Direct => Ok(None),
+        Kind::VncgateTls => match &s.tls {
+            Some(Ok(_)) => locate(Kind::Vncgate, s),
+            Some(Err(why)) => Err(format!("no certificate: {why}")),
+            None => Err("no certificate was generated for this run".to_owned()),
+        },
         Kind::Vncgate => {
             if s.vncgate.is_file() {
                 Ok(Some(s.vncgate.clone()))
@@ -160,14 +205,8 @@ pub fn start(
     t: Targets,
     rep: usize,
 ) -> Result<Running, String> {
-    let direct = |addr| Target {
-        addr,
-        ws_path: None,
-    };
-    let ws = |addr, path: &str| Target {
-        addr,
-        ws_path: Some(path.to_owned()),
-    };
+    let direct = |addr| Target::plain(addr, None);
+    let ws = |addr, path: &str| Target::plain(addr, Some(path));
     let mut r = Running {
         kind,
         bulk: direct(t.bulk),
@@ -180,7 +219,7 @@ pub fn start(
     };
     match kind {
         Kind::Direct => {}
-        Kind::Vncgate => {
+        Kind::Vncgate | Kind::VncgateTls => {
             let mut routes = vec![
                 "--route".to_owned(),
                 format!("bulk={}", t.bulk),
@@ -192,11 +231,30 @@ pub fn start(
             if let Some(idle) = t.idle {
                 routes.extend(["--route".to_owned(), format!("idle={idle}")]);
             }
-            let mut r = start_vncgate(exe, s, &routes, "vncgate", rep)?;
-            r.idle = t.idle.map(|_| Target {
-                addr: r.echo.addr,
-                ws_path: Some("/vnc/idle".to_owned()),
-            });
+            let tls = match (kind, &s.tls) {
+                (Kind::VncgateTls, Some(Ok(cert))) => {
+                    routes.extend([
+                        "--tls-cert".to_owned(),
+                        cert.cert_pem.display().to_string(),
+                        "--tls-key".to_owned(),
+                        cert.key_pem.display().to_string(),
+                    ]);
+                    Some(Arc::new(cert.client.clone()))
+                }
+                (Kind::VncgateTls, _) => return Err("no certificate for vncgate-tls".into()),
+                _ => None,
+            };
+            let mut r = start_vncgate(exe, s, &routes, kind.name(), rep)?;
+            r.kind = kind;
+            r.idle = t
+                .idle
+                .map(|_| Target::plain(r.echo.addr, Some("/vnc/idle")));
+            for t in [&mut r.bulk, &mut r.echo]
+                .into_iter()
+                .chain(r.idle.as_mut())
+            {
+                t.tls.clone_from(&tls);
+            }
             return Ok(r);
         }
         Kind::Websocat | Kind::Websockify => {
@@ -250,10 +308,7 @@ pub fn start_vncgate(
     args.extend(["--workers".to_owned(), s.workers.to_string()]);
     args.extend(s.vncgate_args.iter().cloned());
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let ws = |path: &str| Target {
-        addr,
-        ws_path: Some(path.to_owned()),
-    };
+    let ws = |path: &str| Target::plain(addr, Some(path));
     let mut r = Running {
         kind: Kind::Vncgate,
         bulk: ws("/vnc/bulk"),
@@ -321,4 +376,53 @@ fn wait_listening(r: &mut Running, addrs: &[SocketAddr]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_lists_are_in_run_order_without_duplicates() {
+        assert_eq!(
+            Kind::parse_list(&["vncgate-tls", " direct", "vncgate-tls", ""]).unwrap(),
+            [Kind::Direct, Kind::VncgateTls]
+        );
+        for k in Kind::ALL {
+            assert_eq!(Kind::parse(k.name()), Some(k));
+        }
+        assert_eq!(Kind::VncgateTls.name(), "vncgate-tls");
+    }
+
+    #[test]
+    fn unknown_and_empty_only_lists_are_errors() {
+        let e = Kind::parse_list(&["direct", "vncgate-ssl"]).unwrap_err();
+        assert!(
+            e.contains("\"vncgate-ssl\"") && e.contains("vncgate-tls"),
+            "{e}"
+        );
+        assert!(Kind::parse_list::<&str>(&[]).is_err());
+        assert!(Kind::parse_list(&[" "]).is_err());
+    }
+
+    #[test]
+    fn vncgate_tls_is_skipped_with_the_reason_when_it_has_no_certificate() {
+        let s = |tls| Settings {
+            vncgate: std::env::current_exe().unwrap(),
+            workers: 1,
+            vncgate_args: Vec::new(),
+            out: std::env::temp_dir(),
+            tls,
+        };
+        let e = locate(Kind::VncgateTls, &s(Some(Err("rcgen: boom".into())))).unwrap_err();
+        assert_eq!(e, "no certificate: rcgen: boom");
+        assert!(locate(Kind::VncgateTls, &s(None)).is_err());
+        let d = std::env::temp_dir().join(format!("vncgate-bench-locate-{}", std::process::id()));
+        let cert = crate::tls::generate(&d).unwrap();
+        assert_eq!(
+            locate(Kind::VncgateTls, &s(Some(Ok(Arc::new(cert))))).unwrap(),
+            Some(std::env::current_exe().unwrap())
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }

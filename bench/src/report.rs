@@ -1,5 +1,7 @@
 //! Turns per-repetition figures into the markdown table and the JSON record: medians per
-//! proxy, and each median's ratio to the direct-TCP median of the same run.
+//! proxy, and each median's ratio to the direct-TCP median of the same run; with both
+//! vncgate and vncgate-tls in the run, also vncgate-tls's ratio to vncgate (what `wss://`
+//! costs over `ws://`).
 
 use std::collections::BTreeMap;
 
@@ -215,8 +217,32 @@ pub struct Header {
     pub settings_line: String,
 }
 
+/// vncgate-tls's median over vncgate's for metric `id` (every metric, costs included: CPU
+/// per GB and memory per session compare as well as rates); `None` unless both ran and have
+/// a figure.
+pub fn tls_over_plain(results: &[ProxyResult], id: &str) -> Option<f64> {
+    let median = |k| {
+        results
+            .iter()
+            .find(|r| r.kind == k && r.skipped.is_none())
+            .and_then(|r| r.median(id))
+    };
+    match (median(Kind::VncgateTls)?, median(Kind::Vncgate)?) {
+        (_, 0.0) => None,
+        (tls, plain) => Some(tls / plain),
+    }
+}
+
+/// Whether the table gets the "TLS / plain" column: both vncgate and vncgate-tls ran.
+fn has_tls_pair(results: &[ProxyResult]) -> bool {
+    [Kind::Vncgate, Kind::VncgateTls]
+        .iter()
+        .all(|&k| results.iter().any(|r| r.kind == k && r.skipped.is_none()))
+}
+
 pub fn markdown(h: &Header, metrics: &[Metric], results: &[ProxyResult]) -> String {
     let direct = results.iter().find(|r| r.kind == Kind::Direct);
+    let tls_pair = has_tls_pair(results);
     let mut s = String::new();
     s.push_str("# vncgate-bench results\n\n");
     s.push_str(&format!(
@@ -232,6 +258,10 @@ pub fn markdown(h: &Header, metrics: &[Metric], results: &[ProxyResult]) -> Stri
         } else {
             s.push_str(&format!(" {} | ratio |", r.kind.name()));
             rule.push_str("---:|---:|");
+        }
+        if r.kind == Kind::VncgateTls && tls_pair {
+            s.push_str(" TLS / plain |");
+            rule.push_str("---:|");
         }
     }
     s.push('\n');
@@ -249,6 +279,13 @@ pub fn markdown(h: &Header, metrics: &[Metric], results: &[ProxyResult]) -> Stri
                     _ => "—".to_owned(),
                 };
                 s.push_str(&format!(" {ratio} |"));
+            }
+            if r.kind == Kind::VncgateTls && tls_pair {
+                let x = tls_over_plain(results, m.id);
+                s.push_str(&format!(
+                    " {} |",
+                    x.map_or("—".to_owned(), |x| format!("{x:.2}x"))
+                ));
             }
         }
         s.push('\n');
@@ -288,16 +325,21 @@ pub fn json(h: &Header, metrics: &[Metric], results: &[ProxyResult]) -> Value {
                 }
             }
         }
-        proxies.insert(
-            r.kind.name().into(),
-            json!({
-                "skipped": r.skipped,
-                "errors": r.errors,
-                "runs": r.runs,
-                "median": median,
-                "ratio_to_direct": ratio,
-            }),
-        );
+        let mut p = json!({
+            "skipped": r.skipped,
+            "errors": r.errors,
+            "runs": r.runs,
+            "median": median,
+            "ratio_to_direct": ratio,
+        });
+        if r.kind == Kind::VncgateTls && has_tls_pair(results) {
+            let to_plain: serde_json::Map<String, Value> = metrics
+                .iter()
+                .filter_map(|m| Some((m.id.to_owned(), json!(tls_over_plain(results, m.id)?))))
+                .collect();
+            p["ratio_to_plaintext"] = Value::Object(to_plain);
+        }
+        proxies.insert(r.kind.name().into(), p);
     }
     json!({
         "date": h.date,
@@ -370,5 +412,94 @@ mod tests {
             ("idle_rss_kib_10000", "idle_pss_kib_10000")
         );
         assert!(std::ptr::eq(idle_ids(1000).0, idle_ids(1000).0));
+    }
+
+    fn result(kind: Kind, figures: &[(&'static str, f64)]) -> ProxyResult {
+        ProxyResult {
+            kind,
+            skipped: None,
+            runs: vec![figures.iter().copied().collect()],
+            errors: Vec::new(),
+        }
+    }
+
+    fn header() -> Header {
+        Header {
+            date: "2026-12-01T00:00:00Z".into(),
+            nproc: 2,
+            kernel: "6.1".into(),
+            cpu: "test CPU".into(),
+            load: ("1.00".into(), "2.00".into()),
+            settings: json!({}),
+            settings_line: "settings".into(),
+        }
+    }
+
+    #[test]
+    fn vncgate_tls_gets_a_tls_over_plaintext_column_for_every_metric() {
+        let ms = metrics(50, 4, &[]);
+        let rs = vec![
+            result(Kind::Direct, &[("tput_1_mbs", 1000.0)]),
+            result(
+                Kind::Vncgate,
+                &[("tput_1_mbs", 800.0), ("cpu_s_per_gb", 2.0)],
+            ),
+            result(
+                Kind::VncgateTls,
+                &[("tput_1_mbs", 400.0), ("cpu_s_per_gb", 3.0)],
+            ),
+        ];
+        let md = markdown(&header(), &ms, &rs);
+        let lines: Vec<&str> = md.lines().collect();
+        assert!(
+            lines.contains(
+                &"| metric | direct | vncgate | ratio | vncgate-tls | ratio | TLS / plain |"
+            ),
+            "{md}"
+        );
+        assert!(
+            lines.contains(&"|---|---:|---:|---:|---:|---:|---:|"),
+            "{md}"
+        );
+        assert!(
+            lines.contains(
+                &"| VM→browser throughput, 1 conn (MB/s) | 1000.0 | 800.0 | 0.80x | 400.0 | 0.40x | 0.50x |"
+            ),
+            "{md}"
+        );
+        // A cost has no ratio to direct, but TLS / plaintext still compares.
+        assert!(
+            lines.contains(
+                &"| Proxy CPU-seconds per GB relayed | — | 2.00 | — | 3.00 | — | 1.50x |"
+            ),
+            "{md}"
+        );
+        let js = json(&header(), &ms, &rs);
+        let tls = &js["proxies"]["vncgate-tls"];
+        assert_eq!(tls["ratio_to_plaintext"]["tput_1_mbs"], json!(0.5));
+        assert_eq!(tls["ratio_to_plaintext"]["cpu_s_per_gb"], json!(1.5));
+        assert_eq!(tls["ratio_to_direct"]["tput_1_mbs"], json!(0.4));
+        assert!(js["proxies"]["vncgate"].get("ratio_to_plaintext").is_none());
+    }
+
+    #[test]
+    fn no_tls_over_plaintext_without_both_vncgates() {
+        let ms = metrics(50, 4, &[]);
+        let mut plain = result(Kind::Vncgate, &[("tput_1_mbs", 800.0)]);
+        plain.skipped = Some("binary not found".into());
+        let rs = vec![
+            result(Kind::Direct, &[("tput_1_mbs", 1000.0)]),
+            plain,
+            result(Kind::VncgateTls, &[("tput_1_mbs", 400.0)]),
+        ];
+        let md = markdown(&header(), &ms, &rs);
+        assert!(!md.contains("TLS / plain"), "{md}");
+        assert_eq!(tls_over_plain(&rs, "tput_1_mbs"), None);
+        let js = json(&header(), &ms, &rs);
+        assert!(
+            js["proxies"]["vncgate-tls"]
+                .get("ratio_to_plaintext")
+                .is_none()
+        );
     }
 }

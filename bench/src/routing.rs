@@ -165,6 +165,7 @@ pub fn run(cfg: &Config) -> Result<(), String> {
         workers: cfg.workers,
         vncgate_args: cfg.vncgate_args.clone(),
         out: cfg.out.clone(),
+        tls: None,
     };
     let exe = proxy::locate(Kind::Vncgate, &settings)?.unwrap_or_else(|| cfg.vncgate.clone());
     let tg = targets::start().map_err(|e| format!("targets: {e}"))?;
@@ -302,10 +303,7 @@ fn measure_point(
     let addr = p.echo.addr;
     let targets: Vec<Target> = ids
         .iter()
-        .map(|id| Target {
-            addr,
-            ws_path: Some(format!("/vnc/{id}")),
-        })
+        .map(|id| Target::plain(addr, Some(&format!("/vnc/{id}"))))
         .collect();
     let times = touches_per_id(cfg.workers, ids.len());
     let pass = |seed| measure::touch_all(&targets, times, cfg.connectors, WARMUP_DEADLINE, seed);

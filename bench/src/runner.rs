@@ -1,12 +1,14 @@
 //! The run: start the targets, find the proxies, then for each repetition start each proxy
-//! in turn (direct, vncgate, websocat, websockify, direct, ...) on a fresh process, take every
-//! measurement (those of `--points`), and kill it. The idle point gets a fresh process of its
-//! own per session count (`--idle 1000,10000`: two more starts), so that each count is
-//! "what do N idle sessions cost a new process", not what is left of the previous count.
+//! in turn (direct, vncgate, vncgate-tls, websocat, websockify, direct, ...) on a fresh
+//! process, take every measurement (those of `--points`), and kill it. The idle point gets a
+//! fresh process of its own per session count (`--idle 1000,10000`: two more starts), so
+//! that each count is "what do N idle sessions cost a new process", not what is left of the
+//! previous count.
 //! The table, the JSON and the charts are written at the end. Interleaving spreads the noise
 //! of a shared machine over all proxies instead of charging one of them with a bad minute.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -16,7 +18,7 @@ use crate::plot;
 use crate::point::Point;
 use crate::proxy::{self, Kind, Running};
 use crate::report::{self, Header, ProxyResult, Run};
-use crate::{conn, targets};
+use crate::{conn, targets, tls};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -80,12 +82,29 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     };
     let other_points = cfg.points.iter().any(|&p| p != Point::Idle);
 
+    // One certificate for the whole run, made before any proxy starts (so no repetition
+    // pays for it): OUT/tls/cert.pem and key.pem.
+    let tls_cert = cfg.only.contains(&Kind::VncgateTls).then(|| {
+        let dir = cfg.out.join("tls");
+        let cert = tls::generate(&dir).map(Arc::new);
+        if let Ok(c) = &cert {
+            eprintln!(
+                "tls: certificate {} and key {}",
+                c.cert_pem.display(),
+                c.key_pem.display()
+            );
+        }
+        cert
+    });
     let settings = proxy::Settings {
         vncgate: cfg.vncgate.clone(),
         workers: cfg.workers,
         vncgate_args: cfg.vncgate_args.clone(),
         out: cfg.out.clone(),
+        tls: tls_cert,
     };
+    // What vncgate-tls negotiated, from a probe connection to each fresh process.
+    let mut tls_seen: Option<String> = None;
     let mut results: Vec<ProxyResult> = Vec::new();
     let mut exes = Vec::new();
     for &kind in &Kind::ALL {
@@ -137,6 +156,18 @@ pub fn run(cfg: &Config) -> Result<(), String> {
                 eprintln!("rep {rep}/{} {}", cfg.reps, r.kind.name());
                 match proxy::start(r.kind, exe.as_deref(), &settings, tg, rep) {
                     Ok(running) => {
+                        if let Some(info) = probe_tls(&running, seed) {
+                            match &tls_seen {
+                                Some(seen) if *seen != info => {
+                                    errors.push(format!("negotiated {info}, before: {seen}"));
+                                }
+                                Some(_) => {}
+                                None => {
+                                    eprintln!("  tls: {info}");
+                                    tls_seen = Some(info);
+                                }
+                            }
+                        }
                         let (more, errs) = measure_one(cfg, running, seed);
                         run.extend(more);
                         errors.extend(errs);
@@ -154,7 +185,7 @@ pub fn run(cfg: &Config) -> Result<(), String> {
 
     let mut metrics = report::metrics(cfg.conns, cfg.connectors, &cfg.idle);
     metrics.retain(|m| cfg.points.contains(&m.point));
-    let header = header(cfg, (load_start, loadavg()));
+    let header = header(cfg, (load_start, loadavg()), tls_seen.as_deref());
     let md = report::markdown(&header, &metrics, &results);
     let js = report::json(&header, &metrics, &results);
     let md_path = cfg.out.join("results.md");
@@ -175,6 +206,24 @@ pub fn run(cfg: &Config) -> Result<(), String> {
         Err(e) => eprintln!("charts: {e}"),
     }
     Ok(())
+}
+
+/// For a `wss://` proxy, what one connection to its echo route negotiates (TLS version,
+/// cipher suite, key exchange, handshake kind); `None` for the others or when the probe
+/// fails (the measurements that follow will say why).
+fn probe_tls(p: &Running, seed: u64) -> Option<String> {
+    p.echo.tls.as_ref()?;
+    match conn::Conn::open(&p.echo, seed ^ 0x7e57) {
+        Ok(c) => {
+            let info = c.tls_info().map(|i| i.to_string());
+            c.close();
+            info
+        }
+        Err(e) => {
+            eprintln!("  tls probe: {e}");
+            None
+        }
+    }
 }
 
 /// The idle point at `n` sessions against a proxy started for it, which is stopped after.
@@ -391,7 +440,7 @@ pub fn machine() -> (usize, String, String) {
     (nproc, kernel, cpu)
 }
 
-fn header(cfg: &Config, load: (String, String)) -> Header {
+fn header(cfg: &Config, load: (String, String), tls: Option<&str>) -> Header {
     let (nproc, kernel, cpu) = machine();
     let only: Vec<&str> = cfg.only.iter().map(|k| k.name()).collect();
     let points: Vec<&str> = cfg.points.iter().map(|p| p.name()).collect();
@@ -399,6 +448,14 @@ fn header(cfg: &Config, load: (String, String)) -> Header {
         String::new()
     } else {
         format!(" Points taken: {}.", points.join(", "))
+    };
+    let tls_note = match tls {
+        Some(t) => format!(
+            " vncgate-tls: the same vncgate with --tls-cert/--tls-key (self-signed ECDSA P-256), \
+             the client on rustls with ring: {t}, no session resumption (every upgrade is a \
+             full TLS handshake); TLS / plaintext = vncgate-tls / vncgate."
+        ),
+        None => String::new(),
     };
     Header {
         date: report::utc_now(),
@@ -418,12 +475,17 @@ fn header(cfg: &Config, load: (String, String)) -> Header {
             "vncgate": cfg.vncgate,
             "only": only,
             "points": points,
+            "tls": tls.map(|t| json!({
+                "negotiated": t,
+                "certificate": "self-signed ECDSA P-256 (rcgen), made at the start of the run",
+                "resumption": false,
+            })),
         }),
         settings_line: format!(
             "Medians of {} interleaved repetitions, {} s per timed point; vncgate --workers {}. \
              Ratio = proxy / direct TCP from this run (higher is better for rates, lower for \
-             latency). CPU and memory are the proxy's own (process tree), so they have no ratio.{}",
-            cfg.reps, cfg.secs, cfg.workers, points_note
+             latency). CPU and memory are the proxy's own (process tree), so they have no ratio.{}{}",
+            cfg.reps, cfg.secs, cfg.workers, points_note, tls_note
         ),
     }
 }
