@@ -248,7 +248,10 @@ pub async fn run(s: Settings) -> Result<(), String> {
         }
         Some(url) => {
             let url: vncgate_schema::RedisUrl = url.parse().map_err(|e| format!("--redis: {e}"))?;
-            Store::redis(url.connect_for_command().await?)
+            Store::redis(
+                url.connect_lasting(vncgate_schema::Timeouts::default())
+                    .await?,
+            )
         }
     };
     match s.backend {

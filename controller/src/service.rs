@@ -561,6 +561,9 @@ impl<B: Backend> Service<B> {
         as_owner: bool,
         mut f: impl FnMut(&mut SessionRecord) -> Result<(), ServiceError>,
     ) -> Result<SessionRecord, ServiceError> {
+        if as_owner {
+            self.check_own_lease(id)?;
+        }
         loop {
             let mut rec = self.get(id).await?;
             f(&mut rec)?;
@@ -606,6 +609,9 @@ impl<B: Backend> Service<B> {
             event,
             Event::BootStarted | Event::Ready | Event::BootFailed(_) | Event::VmLost(_)
         );
+        if as_owner {
+            self.check_own_lease(id).map_err(TransitionError::Service)?;
+        }
         loop {
             let rec = self.get(id).await.map_err(TransitionError::Service)?;
             let applied =
@@ -620,10 +626,28 @@ impl<B: Backend> Service<B> {
             let fence = self
                 .fence_for(&rec, as_owner)
                 .map_err(TransitionError::Service)?;
-            match self.store.update_as(&next, fence.as_ref()).await {
+            // `ready` and its route in one write: nobody reads the session ready while the
+            // gateways would still answer 404.
+            let route = applied
+                .effects
+                .publish_route
+                .then(|| self.route_for(&next))
+                .flatten();
+            let write = match &route {
+                Some(r) => self.store.update_with_route(&next, fence.as_ref(), r).await,
+                None => self.store.update_as(&next, fence.as_ref()).await,
+            };
+            let mut effects = applied.effects;
+            if route.is_some() {
+                effects.publish_route = false;
+            }
+            match write {
                 Ok(written) => {
                     tracing::info!(session = %id, from = %rec.state, to = %written.state, reason = written.reason.as_deref().unwrap_or(""), "session transition");
-                    self.effects(&written, applied.effects).await;
+                    if let Some(r) = &route {
+                        tracing::info!(session = %id, upstream = %r.upstream, "route published");
+                    }
+                    self.effects(&written, effects).await;
                     self.changed.notify_waiters();
                     return Ok(written);
                 }
@@ -712,18 +736,23 @@ impl<B: Backend> Service<B> {
         self.capacity.release(&rec.id);
     }
 
-    async fn publish_route(&self, rec: &SessionRecord) {
-        let Some(vm) = self.vm(&rec.id) else {
-            tracing::error!(session = %rec.id, "ready without a VM: no route written");
-            return;
-        };
-        let route = RouteRecord {
+    /// The route of a session whose VM runs here.
+    fn route_for(&self, rec: &SessionRecord) -> Option<RouteRecord> {
+        let vm = self.vm(&rec.id)?;
+        Some(RouteRecord {
             upstream: vm.addrs.vnc,
             token_sha256: Some(rec.token_sha256),
             expires_at: Some(rec.expires_at.div_ceil(1000)),
             max_viewers: self.cfg.max_viewers,
             created_at: vncgate_schema::unix_now(),
             writer: Some("vncgate-controller".into()),
+        })
+    }
+
+    async fn publish_route(&self, rec: &SessionRecord) {
+        let Some(route) = self.route_for(rec) else {
+            tracing::error!(session = %rec.id, "ready without a VM: no route written");
+            return;
         };
         let fence = match self.fence_for(rec, true) {
             Ok(f) => f,
@@ -861,9 +890,13 @@ impl<B: Backend> Service<B> {
                 return;
             }
             self.record_probes(id, probes).await;
-            // The session may have been deleted or expired meanwhile.
+            // The session may have been deleted or expired meanwhile. A store that does
+            // not answer is no answer: the boot goes on, and the timeout still applies.
             match self.get(id).await {
                 Ok(r) if r.state == SessionState::Booting => {}
+                Err(ServiceError::Unavailable(e)) => {
+                    tracing::warn!(session = %id, error = %e, "cannot read the booting session; probing on");
+                }
                 _ => return,
             }
             tokio::time::sleep(backoff.min(self.cfg.boot_timeout.saturating_sub(waited))).await;
@@ -1056,6 +1089,19 @@ impl<B: Backend> Service<B> {
                 tracing::error!(session = %rec.id, host = %self.cfg.host_id, "write refused: this host's lease may have lapsed");
                 Err(StoreError::Fenced.into())
             }
+        }
+    }
+
+    /// Before a write about this host's VM: refused at once, without asking Redis, when
+    /// this host's lease may have lapsed (its sessions may be another's by now).
+    fn check_own_lease(&self, id: &str) -> Result<(), ServiceError> {
+        match &self.lease {
+            Some(l) if l.fence().is_none() => {
+                metrics::counter!(m::FENCED_WRITES, "write" => "record").increment(1);
+                tracing::error!(session = %id, host = %self.cfg.host_id, "write refused: this host's lease may have lapsed");
+                Err(StoreError::Fenced.into())
+            }
+            _ => Ok(()),
         }
     }
 

@@ -228,6 +228,40 @@ impl Store {
         }
     }
 
+    /// [`Store::update_as`] and the session's route in one atomic write: a reader never
+    /// sees the session `ready` before its route exists.
+    pub async fn update_with_route(
+        &self,
+        rec: &SessionRecord,
+        fence: Option<&Fence>,
+        route: &RouteRecord,
+    ) -> Result<SessionRecord, StoreError> {
+        match &self.inner {
+            Backing::Redis(c) => {
+                let mut next = rec.clone();
+                next.rev =
+                    schema_store::update_session_with_route(&mut c.clone(), rec, fence, route)
+                        .await?;
+                Ok(next)
+            }
+            Backing::Memory(m) => {
+                let mut guard = Self::mem(m);
+                match guard.sessions.get(&rec.id) {
+                    Some(cur) if cur.rev == rec.rev => {}
+                    _ => return Err(StoreError::Conflict),
+                }
+                let mut next = rec.clone();
+                next.rev = rec.rev + 1;
+                guard.sessions.insert(rec.id.clone(), next.clone());
+                if let Some(g) = &guard.gateway {
+                    g.put(&rec.id, vncgate::route::Route::from(route.clone()));
+                }
+                guard.routes.insert(rec.id.clone(), route.clone());
+                Ok(next)
+            }
+        }
+    }
+
     /// Publishes a session's route as its owner: with `fence`, only while the stored
     /// session is `ready` and names that host and epoch, in one atomic step.
     pub async fn put_route_as(

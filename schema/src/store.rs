@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, MultiplexedConnection, PubSub};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection, PubSub,
+};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture};
@@ -45,6 +47,9 @@ impl Default for Timeouts {
 pub enum Conn {
     Single(MultiplexedConnection),
     Cluster(ClusterConnection),
+    /// A standalone server's connection that reconnects by itself after a failure (a
+    /// long-lived process: the controller); each command fails while it is down.
+    Managed(ConnectionManager),
 }
 
 impl ConnectionLike for Conn {
@@ -52,6 +57,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Managed(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -64,6 +70,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Managed(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -71,6 +78,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Managed(c) => c.get_db(),
         }
     }
 }
@@ -149,6 +157,31 @@ impl RedisUrl {
                 .await
                 .map(Conn::Single)
             }
+        }
+    }
+
+    /// A connection for a long-lived process that must outlive Redis restarts and network
+    /// cuts: on a standalone server it reconnects by itself (with backoff) after a failure;
+    /// a Cluster connection follows the nodes already. Behind Sentinel the master is
+    /// resolved when connecting (a failover needs a reconnect through [`Self::connect`]).
+    pub async fn connect_lasting(&self, t: Timeouts) -> Result<Conn, String> {
+        let named = |e: RedisError| format!("cannot reach Redis at {self}: {e}");
+        match &self.target {
+            Target::Standalone(_) => {
+                let client = self.master_client(t).await.map_err(named)?;
+                let cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(t.connect))
+                    .set_response_timeout(Some(t.response))
+                    .set_number_of_retries(3)
+                    .set_max_delay(Duration::from_secs(1));
+                within(t.connect * 4, "redis did not answer in time", async {
+                    ConnectionManager::new_with_config(client, cfg).await
+                })
+                .await
+                .map(Conn::Managed)
+                .map_err(named)
+            }
+            _ => self.connect(t).await.map_err(named),
         }
     }
 
@@ -460,6 +493,86 @@ return 1
         -1 => Err(SessionWriteError::Fenced(rec.id.clone())),
         _ => Err(SessionWriteError::Conflict(rec.id.clone())),
     }
+}
+
+/// Replaces a session (compare-and-set on `rec.rev`, fenced like
+/// [`update_session_fenced`] when `fence` is given) and writes its route in the same
+/// script, so that nobody ever reads the session `ready` while gateways would still answer
+/// 404 for it (the session and route keys share a Cluster slot). Then indexes and announces
+/// the route like [`put_route`]. Returns the new revision.
+pub async fn update_session_with_route(
+    c: &mut Conn,
+    rec: &SessionRecord,
+    fence: Option<&Fence>,
+    route: &RouteRecord,
+) -> Result<u64, SessionWriteError> {
+    const CAS_ROUTE: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local ok, doc = pcall(cjson.decode, cur)
+if not ok or tonumber(doc['rev'] or 0) ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[4] ~= '' then
+  if doc['host'] ~= ARGV[4] or tonumber(doc['lease'] or -1) ~= tonumber(ARGV[5]) then return -1 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EXAT', ARGV[3])
+local n = tonumber(ARGV[6])
+local i = 7
+for _ = 1, n do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+local m = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, m do
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  i = i + 1
+end
+if ARGV[i] == '' then redis.call('PERSIST', KEYS[2]) else redis.call('EXPIREAT', KEYS[2], ARGV[i]) end
+return 1
+"#;
+    let mut next = rec.clone();
+    next.rev = rec.rev + 1;
+    let (set, absent) = route.to_fields();
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(CAS_ROUTE)
+        .arg(2)
+        .arg(session_key(&rec.id))
+        .arg(route_key(&rec.id))
+        .arg(rec.rev)
+        .arg(next.encode())
+        .arg(next.retain_until_secs())
+        .arg(fence.map_or("", |f| f.host.as_str()))
+        .arg(fence.map_or(0, |f| f.epoch))
+        .arg(set.len());
+    for (k, v) in &set {
+        cmd.arg(k).arg(v);
+    }
+    cmd.arg(absent.len());
+    for k in &absent {
+        cmd.arg(k);
+    }
+    cmd.arg(
+        route
+            .expires_at
+            .map_or_else(String::new, |at| (at + EXPIRY_GRACE_SECS).to_string()),
+    );
+    let done: i64 = cmd.query_async(c).await?;
+    match done {
+        1 => {}
+        -1 => return Err(SessionWriteError::Fenced(rec.id.clone())),
+        _ => return Err(SessionWriteError::Conflict(rec.id.clone())),
+    }
+    let score = route
+        .expires_at
+        .map_or_else(|| "+inf".to_owned(), |t| t.to_string());
+    redis::cmd("ZADD")
+        .arg(ROUTE_INDEX_KEY)
+        .arg(score)
+        .arg(&rec.id)
+        .query_async::<()>(c)
+        .await?;
+    publish(c, &RouteEvent::put(&rec.id)).await?;
+    Ok(next.rev)
 }
 
 /// Writes a session's route as its owner: in one script with the check that the stored
@@ -856,8 +969,20 @@ mod tests {
         };
         // Not ready yet: no route, even from the owner.
         assert!(!put_route_fenced(c, "sf", &route, &me).await.unwrap());
+        // Ready and routed in one write: a stale revision writes neither.
+        let mut stale = rec.clone();
+        stale.rev += 7;
+        stale.state = SessionState::Ready;
+        assert!(matches!(
+            update_session_with_route(c, &stale, Some(&me), &route).await,
+            Err(SessionWriteError::Conflict(_))
+        ));
+        assert_eq!(get_route(c, "sf").await.unwrap(), None);
         rec.state = SessionState::Ready;
-        rec.rev = update_session_fenced(c, &rec, &me).await.unwrap();
+        rec.rev = update_session_with_route(c, &rec, Some(&me), &route)
+            .await
+            .unwrap();
+        assert_eq!(get_route(c, "sf").await.unwrap(), Some(Ok(route.clone())));
         assert!(put_route_fenced(c, "sf", &route, &me).await.unwrap());
         assert_eq!(get_route(c, "sf").await.unwrap(), Some(Ok(route.clone())));
         // Another host takes the session over (a plain compare-and-set): the old owner's
