@@ -95,7 +95,8 @@ lines = [f"{sessions} sessions, {conc} in flight, process backend, one machine (
 for n, r, hosts in rows:
     def pc(key):
         v = r.get(key) or {}
-        return f"{v.get('p50', '—')} / {v.get('p99', '—')}"
+        f = lambda x: f"{x:.0f}" if isinstance(x, (int, float)) else "—"
+        return f"{f(v.get('p50'))} / {f(v.get('p99'))}"
     lines.append(f"| {n} | {r.get('ready')} | {r.get('failed')} | {round(r.get('sessions_per_s', 0), 2)} | {pc('create_to_ready_ms')} | {pc('create_to_first_framebuffer_ms')} | {hosts} |")
 text = "\n".join(lines)
 print(text)
