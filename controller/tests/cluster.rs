@@ -13,50 +13,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{CONTROLLER, Proc, close_of, create, http, scratch, sibling, view, wait_for};
+use common::{
+    CONTROLLER, Proc, close_of, create, http, scratch, start_controller_on, start_gateway_on, view,
+    wait_for,
+};
 use serde_json::Value;
 
 const MAX_VMS: usize = 16;
 const LEASE_TTL: &str = "2";
 
 fn controller(redis: &str, host: &str, work: &std::path::Path) -> Proc {
-    let mut c = Command::new(CONTROLLER);
-    c.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--redis",
+    let max = MAX_VMS.to_string();
+    start_controller_on(
         redis,
-        "--host-id",
-        host,
-        "--max-vms",
-        &MAX_VMS.to_string(),
-        "--lease-ttl",
-        LEASE_TTL,
-        "--work-dir",
-    ])
-    .arg(work);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(work.join("controller.log"))
-        .unwrap();
-    Proc::start_logging(c, "vncgate-controller: listening on ", Stdio::from(log))
+        work,
+        &[
+            "--host-id",
+            host,
+            "--max-vms",
+            &max,
+            "--lease-ttl",
+            LEASE_TTL,
+        ],
+    )
 }
 
 fn gateway(redis: &str) -> Proc {
-    let mut g = Command::new(sibling("vncgate"));
-    g.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--redis",
-        redis,
-        "--allow-upstream",
-        "127.0.0.0/8",
-        "--workers",
-        "1",
-    ]);
-    Proc::start(g, "vncgate: listening on ws://")
+    start_gateway_on(redis)
 }
 
 fn addr_of(gw: &Proc) -> String {

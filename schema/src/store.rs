@@ -239,17 +239,7 @@ pub async fn put_route(c: &mut Conn, session: &str, rec: &RouteRecord) -> RedisR
         None => p.cmd("PERSIST").arg(&key).ignore(),
     };
     p.query_async::<()>(c).await?;
-    let score = rec
-        .expires_at
-        .map_or_else(|| "+inf".to_owned(), |t| t.to_string());
-    redis::cmd("ZADD")
-        .arg(ROUTE_INDEX_KEY)
-        .arg(score)
-        .arg(session)
-        .query_async::<()>(c)
-        .await?;
-    publish(c, &RouteEvent::put(session)).await?;
-    Ok(())
+    index_and_announce(c, session, rec).await
 }
 
 /// Reads a route: `None` when there is none, `Some(Err)` when the hash is not a record.
@@ -495,28 +485,13 @@ return 1
     }
 }
 
-/// Replaces a session (compare-and-set on `rec.rev`, fenced like
-/// [`update_session_fenced`] when `fence` is given) and writes its route in the same
-/// script, so that nobody ever reads the session `ready` while gateways would still answer
-/// 404 for it (the session and route keys share a Cluster slot). Then indexes and announces
-/// the route like [`put_route`]. Returns the new revision.
-pub async fn update_session_with_route(
-    c: &mut Conn,
-    rec: &SessionRecord,
-    fence: Option<&Fence>,
-    route: &RouteRecord,
-) -> Result<u64, SessionWriteError> {
-    const CAS_ROUTE: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if not cur then return 0 end
-local ok, doc = pcall(cjson.decode, cur)
-if not ok or tonumber(doc['rev'] or 0) ~= tonumber(ARGV[1]) then return 0 end
-if ARGV[4] ~= '' then
-  if doc['host'] ~= ARGV[4] or tonumber(doc['lease'] or -1) ~= tonumber(ARGV[5]) then return -1 end
-end
-redis.call('SET', KEYS[1], ARGV[2], 'EXAT', ARGV[3])
-local n = tonumber(ARGV[6])
-local i = 7
+/// The end of a script that writes a route record into `KEYS[2]` from the arguments
+/// [`route_write_args`] appended, starting at `ARGV[i]` (the script sets `i`): the fields to
+/// set (count, then name and value pairs), the fields to delete (count, then names), and the
+/// expiry (Unix seconds, empty for none).
+const ROUTE_WRITE: &str = r#"
+local n = tonumber(ARGV[i])
+i = i + 1
 for _ = 1, n do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   i = i + 2
@@ -530,20 +505,10 @@ end
 if ARGV[i] == '' then redis.call('PERSIST', KEYS[2]) else redis.call('EXPIREAT', KEYS[2], ARGV[i]) end
 return 1
 "#;
-    let mut next = rec.clone();
-    next.rev = rec.rev + 1;
+
+fn route_write_args(cmd: &mut Cmd, route: &RouteRecord) {
     let (set, absent) = route.to_fields();
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(CAS_ROUTE)
-        .arg(2)
-        .arg(session_key(&rec.id))
-        .arg(route_key(&rec.id))
-        .arg(rec.rev)
-        .arg(next.encode())
-        .arg(next.retain_until_secs())
-        .arg(fence.map_or("", |f| f.host.as_str()))
-        .arg(fence.map_or(0, |f| f.epoch))
-        .arg(set.len());
+    cmd.arg(set.len());
     for (k, v) in &set {
         cmd.arg(k).arg(v);
     }
@@ -556,22 +521,70 @@ return 1
             .expires_at
             .map_or_else(String::new, |at| (at + EXPIRY_GRACE_SECS).to_string()),
     );
-    let done: i64 = cmd.query_async(c).await?;
-    match done {
-        1 => {}
-        -1 => return Err(SessionWriteError::Fenced(rec.id.clone())),
-        _ => return Err(SessionWriteError::Conflict(rec.id.clone())),
-    }
+}
+
+/// Indexes a route written by a script and announces it.
+async fn index_and_announce(c: &mut Conn, session: &str, route: &RouteRecord) -> RedisResult<()> {
     let score = route
         .expires_at
         .map_or_else(|| "+inf".to_owned(), |t| t.to_string());
     redis::cmd("ZADD")
         .arg(ROUTE_INDEX_KEY)
         .arg(score)
-        .arg(&rec.id)
+        .arg(session)
         .query_async::<()>(c)
         .await?;
-    publish(c, &RouteEvent::put(&rec.id)).await?;
+    publish(c, &RouteEvent::put(session)).await?;
+    Ok(())
+}
+
+/// Replaces a session (compare-and-set on `rec.rev`, fenced like
+/// [`update_session_fenced`] when `fence` is given) and writes its route in the same
+/// script, so that nobody ever reads the session `ready` while gateways would still answer
+/// 404 for it (the session and route keys share a Cluster slot). Then indexes and announces
+/// the route like [`put_route`]. Returns the new revision.
+pub async fn update_session_with_route(
+    c: &mut Conn,
+    rec: &SessionRecord,
+    fence: Option<&Fence>,
+    route: &RouteRecord,
+) -> Result<u64, SessionWriteError> {
+    static CAS_ROUTE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{}{ROUTE_WRITE}",
+            r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local ok, doc = pcall(cjson.decode, cur)
+if not ok or tonumber(doc['rev'] or 0) ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[4] ~= '' then
+  if doc['host'] ~= ARGV[4] or tonumber(doc['lease'] or -1) ~= tonumber(ARGV[5]) then return -1 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EXAT', ARGV[3])
+local i = 6
+"#
+        )
+    });
+    let mut next = rec.clone();
+    next.rev = rec.rev + 1;
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(CAS_ROUTE.as_str())
+        .arg(2)
+        .arg(session_key(&rec.id))
+        .arg(route_key(&rec.id))
+        .arg(rec.rev)
+        .arg(next.encode())
+        .arg(next.retain_until_secs())
+        .arg(fence.map_or("", |f| f.host.as_str()))
+        .arg(fence.map_or(0, |f| f.epoch));
+    route_write_args(&mut cmd, route);
+    let done: i64 = cmd.query_async(c).await?;
+    match done {
+        1 => {}
+        -1 => return Err(SessionWriteError::Fenced(rec.id.clone())),
+        _ => return Err(SessionWriteError::Conflict(rec.id.clone())),
+    }
+    index_and_announce(c, &rec.id, route).await?;
     Ok(next.rev)
 }
 
@@ -585,60 +598,31 @@ pub async fn put_route_fenced(
     rec: &RouteRecord,
     fence: &Fence,
 ) -> RedisResult<bool> {
-    const PUT: &str = r#"
+    static PUT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{}{ROUTE_WRITE}",
+            r#"
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
 local ok, doc = pcall(cjson.decode, cur)
 if not ok or doc['state'] ~= 'ready' or doc['host'] ~= ARGV[1] or tonumber(doc['lease'] or -1) ~= tonumber(ARGV[2]) then return 0 end
-local n = tonumber(ARGV[3])
-local i = 4
-for _ = 1, n do
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-local m = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, m do
-  redis.call('HDEL', KEYS[2], ARGV[i])
-  i = i + 1
-end
-if ARGV[i] == '' then redis.call('PERSIST', KEYS[2]) else redis.call('EXPIREAT', KEYS[2], ARGV[i]) end
-return 1
-"#;
-    let (set, absent) = rec.to_fields();
+local i = 3
+"#
+        )
+    });
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(PUT)
+    cmd.arg(PUT.as_str())
         .arg(2)
         .arg(session_key(session))
         .arg(route_key(session))
         .arg(&fence.host)
-        .arg(fence.epoch)
-        .arg(set.len());
-    for (k, v) in &set {
-        cmd.arg(k).arg(v);
-    }
-    cmd.arg(absent.len());
-    for k in &absent {
-        cmd.arg(k);
-    }
-    cmd.arg(
-        rec.expires_at
-            .map_or_else(String::new, |at| (at + EXPIRY_GRACE_SECS).to_string()),
-    );
+        .arg(fence.epoch);
+    route_write_args(&mut cmd, rec);
     let done: i64 = cmd.query_async(c).await?;
     if done != 1 {
         return Ok(false);
     }
-    let score = rec
-        .expires_at
-        .map_or_else(|| "+inf".to_owned(), |t| t.to_string());
-    redis::cmd("ZADD")
-        .arg(ROUTE_INDEX_KEY)
-        .arg(score)
-        .arg(session)
-        .query_async::<()>(c)
-        .await?;
-    publish(c, &RouteEvent::put(session)).await?;
+    index_and_announce(c, session, rec).await?;
     Ok(true)
 }
 

@@ -95,16 +95,15 @@ pub fn scratch(tag: &str) -> (PathBuf, u32) {
 
 /// A controller on `redis` with VMs under `work`, logging to `work/controller.log`.
 pub fn start_controller(redis: &RedisServer, work: &std::path::Path, extra: &[&str]) -> Proc {
+    start_controller_on(&redis.url(), work, extra)
+}
+
+/// [`start_controller`] on a Redis URL (standalone, Sentinel or Cluster).
+pub fn start_controller_on(url: &str, work: &std::path::Path, extra: &[&str]) -> Proc {
     let mut c = Command::new(CONTROLLER);
-    c.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--redis",
-        &redis.url(),
-        "--work-dir",
-    ])
-    .arg(work)
-    .args(extra);
+    c.args(["--listen", "127.0.0.1:0", "--redis", url, "--work-dir"])
+        .arg(work)
+        .args(extra);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -189,13 +188,18 @@ pub fn close_of(ws: &mut tungstenite::WebSocket<TcpStream>) -> (u16, String) {
 
 /// `vncgate serve` on `redis`, one worker, loopback upstreams allowed.
 pub fn start_gateway(redis: &RedisServer) -> Proc {
+    start_gateway_on(&redis.url())
+}
+
+/// [`start_gateway`] on a Redis URL.
+pub fn start_gateway_on(url: &str) -> Proc {
     let mut g = Command::new(sibling("vncgate"));
     g.args([
         "serve",
         "--listen",
         "127.0.0.1:0",
         "--redis",
-        &redis.url(),
+        url,
         "--allow-upstream",
         "127.0.0.0/8",
         "--workers",
