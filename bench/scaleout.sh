@@ -29,9 +29,19 @@ out=bench/out
 mkdir -p "$out"
 work=$(mktemp -d)
 pids=()
+# The VMs outlive their controllers by design: end this run's, found by the session ids
+# of their directories and by the work directory in their command lines.
+kill_vms() {
+  for d in "$work"/c*/s-*; do
+    [ -d "$d" ] || continue
+    for p in $(pgrep -f "vncgate session $(basename "$d")"); do kill "$p" 2>/dev/null || true; done
+  done
+  for p in $(pgrep -f "$work/c"); do kill "$p" 2>/dev/null || true; done
+}
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  kill_vms
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -69,6 +79,12 @@ run() {
   done
   "$target/release/vncgate-loadtest" sessions --controller "$api" --gateway "${gw%/vnc/}" \
     --sessions "$sessions" --concurrency "$concurrency" --json | tail -1 >"$out/scaleout-$n.json"
+  # The owners stop the VMs of the deleted sessions (a command each, after the withdrawal's
+  # grace): wait for them before the next run shares the machine.
+  for _ in $(seq 1 100); do
+    ls -d "$work"/c"$n"-*/s-* >/dev/null 2>&1 || break
+    sleep 0.1
+  done
   # Where the sessions ran: the placement by pull, per host.
   redis-cli -p "$port" --scan --pattern 'vncgate:session:*' | while read -r k; do
     redis-cli -p "$port" GET "$k" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("host","-"))'

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    CONTROLLER, Proc, close_of, create, http, scratch, start_controller_on, start_gateway_on, view,
-    wait_for,
+    CONTROLLER, Proc, VmsOf, close_of, create, http, scratch, start_controller_on,
+    start_gateway_on, view, wait_for,
 };
 use serde_json::Value;
 
@@ -67,6 +67,9 @@ fn scale_out(redis: &str, route_exists: impl Fn(&str) -> bool) {
         .iter()
         .map(|h| scratch(&format!("cluster-{h}")).0)
         .collect();
+    // Declared before the controllers: dropped after them, so no controller starts a VM
+    // after the sweep.
+    let _vms = VmsOf(works.clone());
     let mut ctls: Vec<Proc> = hosts
         .iter()
         .zip(&works)
@@ -293,6 +296,7 @@ fn a_controller_cut_off_from_redis_loses_its_lease_and_its_writes_are_refused() 
     let proxy = Cuttable::to(direct);
     let (wa, _) = scratch("cut-a");
     let (wb, _) = scratch("cut-b");
+    let _vms = VmsOf(vec![wa.clone(), wb.clone()]);
     // A's VNC server never starts: its session boots on, probing (and writing its probes).
     let mut c = Command::new(CONTROLLER);
     c.args([

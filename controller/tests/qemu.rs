@@ -203,8 +203,11 @@ fn two_sessions_restored_at_once_are_desktops_with_their_own_identities() {
     assert_ne!(a["machine_id"], b["machine_id"]);
     assert_ne!(a["rng_sample"], b["rng_sample"]);
     let digest = |id: &str| {
-        let rec: Value =
-            serde_json::from_str(&s.redis.cli(&["GET", &format!("vncgate:session:{id}")])).unwrap();
+        let rec: Value = serde_json::from_str(
+            &s.redis
+                .cli(&["GET", &format!("vncgate:session:{{vncgate:route:{id}}}")]),
+        )
+        .unwrap();
         rec["agent_token_sha256"].clone()
     };
     assert_ne!(digest(&ids[0]), digest(&ids[1]));

@@ -167,6 +167,7 @@ fn create_ready_view_through_the_gateway_delete_closes_4006() {
 #[test]
 fn beyond_max_vms_sessions_wait_in_line_then_take_a_freed_slot_or_fail_with_capacity() {
     let (work, _) = scratch("line");
+    let _vms = common::VmsOf(vec![work.clone()]);
     let mut c = Command::new(CONTROLLER);
     c.args([
         "--listen",

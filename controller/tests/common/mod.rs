@@ -220,3 +220,43 @@ pub fn route_writes(watched: &vncgate_schema::testing::Monitor, key: &str) -> Ve
         .map(|(_, l)| l.clone())
         .collect()
 }
+
+/// Ends the VM processes of the process backend under `work` (they outlive a stopped
+/// controller by design): every process whose command line names `work` or one of the
+/// session directories in it (`s-...`). Only this test's own processes match: the paths are
+/// its scratch directories, the ids random.
+pub fn kill_vms_in(work: &std::path::Path) {
+    let ids: Vec<String> = std::fs::read_dir(work)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("s-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let work = work.display().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains(&work) || ids.iter().any(|id| cmdline.contains(id.as_str())) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// Runs [`kill_vms_in`] on its directories when dropped (also when a test fails).
+pub struct VmsOf(pub Vec<PathBuf>);
+
+impl Drop for VmsOf {
+    fn drop(&mut self) {
+        for w in &self.0 {
+            kill_vms_in(w);
+        }
+    }
+}
