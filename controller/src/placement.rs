@@ -212,6 +212,11 @@ impl<B: Backend> Service<B> {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read placement requests");
+                    if e.code() == Some("NOGROUP") {
+                        // A Redis that lost its data (restarted without persistence): the
+                        // stream and its group come back empty.
+                        let _ = hosts::ensure_placement_group(&mut c).await;
+                    }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }

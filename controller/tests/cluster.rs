@@ -394,3 +394,48 @@ fn a_controller_cut_off_from_redis_loses_its_lease_and_its_writes_are_refused() 
     }
     assert_eq!(vm_dirs(&wa), 0, "the cut host's VM still runs");
 }
+
+/// Behind Sentinel, as for the gateway: a controller on a `redis+sentinel://` URL places
+/// sessions, and finds the master again after it restarted (its connection dropped, the next
+/// command asks the Sentinel), data lost and all: placement goes on.
+#[test]
+fn a_controller_behind_sentinel_finds_the_master_again() {
+    let mut master = vncgate_schema::testing::RedisServer::start();
+    let sentinel = vncgate_schema::testing::Sentinel::start(&master);
+    let (work, _) = scratch("sentinel");
+    let _vms = VmsOf(vec![work.clone()]);
+    let c = start_controller_on(
+        &sentinel.url(),
+        &work,
+        &["--host-id", "s1", "--lease-ttl", LEASE_TTL],
+    );
+    let first = create(&c.found);
+    let r = wait_for(&c.found, first["id"].as_str().unwrap(), "ready");
+    assert_eq!(
+        (r["state"].as_str(), r["host"].as_str()),
+        (Some("ready"), Some("s1")),
+        "{r}"
+    );
+    master.restart();
+    // The first calls after the restart may fail while the connection is found dead; then
+    // a session is placed and ready again.
+    let until = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let (st, v) = http(
+            &c.found,
+            "POST",
+            "/api/sessions",
+            Some(r#"{"user_id":"u1","provider":"github"}"#),
+        );
+        if st == 201 {
+            break v["id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < until,
+            "no session created after the restart: {st} {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let r = wait_for(&c.found, &id, "ready");
+    assert_eq!(r["state"], "ready", "{r}");
+}

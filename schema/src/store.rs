@@ -50,6 +50,47 @@ pub enum Conn {
     /// A standalone server's connection that reconnects by itself after a failure (a
     /// long-lived process: the controller); each command fails while it is down.
     Managed(ConnectionManager),
+    /// Behind Sentinel, for a long-lived process: a command that fails for the connection
+    /// (dropped, refused, or `READONLY` from a master demoted by a failover) drops it, and
+    /// the next command asks the Sentinels for the master again.
+    Resolving(std::sync::Arc<Resolving>),
+}
+
+/// See [`Conn::Resolving`].
+pub struct Resolving {
+    url: RedisUrl,
+    timeouts: Timeouts,
+    current: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+}
+
+impl Resolving {
+    async fn conn(&self) -> RedisResult<MultiplexedConnection> {
+        let mut cur = self.current.lock().await;
+        if let Some(c) = cur.as_ref() {
+            return Ok(c.clone());
+        }
+        let Conn::Single(c) = self.url.connect(self.timeouts).await? else {
+            return Err(RedisError::from((
+                ErrorKind::Client,
+                "not a single-master target",
+            )));
+        };
+        *cur = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Forgets the connection after an error that says it is no longer the master's.
+    async fn check<T>(&self, r: RedisResult<T>) -> RedisResult<T> {
+        if let Err(e) = &r
+            && (e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_timeout()
+                || e.code() == Some("READONLY"))
+        {
+            *self.current.lock().await = None;
+        }
+        r
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -58,6 +99,12 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
             Conn::Managed(c) => c.req_packed_command(cmd),
+            Conn::Resolving(r) => Box::pin(async move {
+                let r = r.clone();
+                let mut c = r.conn().await?;
+                let out = c.req_packed_command(cmd).await;
+                r.check(out).await
+            }),
         }
     }
 
@@ -71,6 +118,12 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Managed(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Resolving(r) => Box::pin(async move {
+                let r = r.clone();
+                let mut c = r.conn().await?;
+                let out = c.req_packed_commands(cmd, offset, count).await;
+                r.check(out).await
+            }),
         }
     }
 
@@ -79,6 +132,7 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
             Conn::Managed(c) => c.get_db(),
+            Conn::Resolving(_) => 0,
         }
     }
 }
@@ -160,10 +214,10 @@ impl RedisUrl {
         }
     }
 
-    /// A connection for a long-lived process that must outlive Redis restarts and network
-    /// cuts: on a standalone server it reconnects by itself (with backoff) after a failure;
-    /// a Cluster connection follows the nodes already. Behind Sentinel the master is
-    /// resolved when connecting (a failover needs a reconnect through [`Self::connect`]).
+    /// A connection for a long-lived process that must outlive Redis restarts, network
+    /// cuts and failovers: on a standalone server it reconnects by itself (with backoff)
+    /// after a failure; behind Sentinel a failed connection is dropped and the next command
+    /// asks the Sentinels for the master again; a Cluster connection follows the nodes.
     pub async fn connect_lasting(&self, t: Timeouts) -> Result<Conn, String> {
         let named = |e: RedisError| format!("cannot reach Redis at {self}: {e}");
         match &self.target {
@@ -181,7 +235,16 @@ impl RedisUrl {
                 .map(Conn::Managed)
                 .map_err(named)
             }
-            _ => self.connect(t).await.map_err(named),
+            Target::Sentinel { .. } => {
+                let r = Resolving {
+                    url: self.clone(),
+                    timeouts: t,
+                    current: tokio::sync::Mutex::new(None),
+                };
+                r.conn().await.map_err(named)?;
+                Ok(Conn::Resolving(std::sync::Arc::new(r)))
+            }
+            Target::Cluster(_) => self.connect(t).await.map_err(named),
         }
     }
 
