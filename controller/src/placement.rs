@@ -417,10 +417,10 @@ impl<B: Backend> Service<B> {
                         tracing::info!(session = %id, "stopping the VM of a session ended elsewhere");
                         // Viewers hear the withdrawal first (see `Service::effects`).
                         tokio::time::sleep(self.config().withdraw_grace).await;
-                        self.stop_vm_of(&rec).await;
+                        self.stop_vm(&rec).await;
                     }
                     "refresh" if rec.state == SessionState::Ready && self.owns(&rec) => {
-                        self.republish(&rec).await;
+                        self.publish_route(&rec).await;
                     }
                     _ => {}
                 }

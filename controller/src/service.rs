@@ -589,10 +589,7 @@ impl<B: Backend> Service<B> {
         self.get(id).await?;
         self.transition(id, Event::Deleted, None)
             .await
-            .map_err(|e| match e {
-                TransitionError::Refused(r) => ServiceError::Conflict(r.to_string()),
-                TransitionError::Service(e) => e,
-            })
+            .map_err(Into::into)
     }
 
     /// Applies `event` to the stored session (re-reading on a conflict), writes it, and
@@ -718,7 +715,7 @@ impl<B: Backend> Service<B> {
         }
     }
 
-    async fn stop_vm(&self, rec: &SessionRecord) {
+    pub(crate) async fn stop_vm(&self, rec: &SessionRecord) {
         let vm = match self.vm(&rec.id) {
             Some(vm) => Some(vm),
             None => match &rec.vm {
@@ -749,7 +746,7 @@ impl<B: Backend> Service<B> {
         })
     }
 
-    async fn publish_route(&self, rec: &SessionRecord) {
+    pub(crate) async fn publish_route(&self, rec: &SessionRecord) {
         let Some(route) = self.route_for(rec) else {
             tracing::error!(session = %rec.id, "ready without a VM: no route written");
             return;
@@ -1082,27 +1079,26 @@ impl<B: Backend> Service<B> {
             tracing::error!(session = %rec.id, owner = rec.host.as_deref().unwrap_or(""), "write refused: another host owns the session now");
             return Err(StoreError::Fenced.into());
         }
-        match lease.fence() {
-            Some(f) => Ok(Some(f)),
-            None => {
-                metrics::counter!(m::FENCED_WRITES, "write" => "record").increment(1);
-                tracing::error!(session = %rec.id, host = %self.cfg.host_id, "write refused: this host's lease may have lapsed");
-                Err(StoreError::Fenced.into())
-            }
-        }
+        lease
+            .fence()
+            .map(Some)
+            .ok_or_else(|| self.lease_lapsed(&rec.id))
     }
 
     /// Before a write about this host's VM: refused at once, without asking Redis, when
     /// this host's lease may have lapsed (its sessions may be another's by now).
     fn check_own_lease(&self, id: &str) -> Result<(), ServiceError> {
         match &self.lease {
-            Some(l) if l.fence().is_none() => {
-                metrics::counter!(m::FENCED_WRITES, "write" => "record").increment(1);
-                tracing::error!(session = %id, host = %self.cfg.host_id, "write refused: this host's lease may have lapsed");
-                Err(StoreError::Fenced.into())
-            }
+            Some(l) if l.fence().is_none() => Err(self.lease_lapsed(id)),
             _ => Ok(()),
         }
+    }
+
+    /// An owner write refused because this host's lease may have lapsed: counted, logged.
+    fn lease_lapsed(&self, id: &str) -> ServiceError {
+        metrics::counter!(m::FENCED_WRITES, "write" => "record").increment(1);
+        tracing::error!(session = %id, host = %self.cfg.host_id, "write refused: this host's lease may have lapsed");
+        StoreError::Fenced.into()
     }
 
     pub(crate) fn lease(&self) -> Option<&Arc<Lease>> {
@@ -1135,14 +1131,6 @@ impl<B: Backend> Service<B> {
         self.capacity.release(id);
     }
 
-    pub(crate) async fn stop_vm_of(&self, rec: &SessionRecord) {
-        self.stop_vm(rec).await;
-    }
-
-    pub(crate) async fn republish(&self, rec: &SessionRecord) {
-        self.publish_route(rec).await;
-    }
-
     /// Applies `event` to `rec` as read (no re-read) and writes it by compare-and-set,
     /// with its effects. `Ok(false)`: someone wrote in between (read and decide again).
     pub(crate) async fn apply_as_taker(
@@ -1172,10 +1160,7 @@ impl<B: Backend> Service<B> {
         id: &str,
         event: Event,
     ) -> Result<SessionRecord, ServiceError> {
-        self.transition(id, event, None).await.map_err(|e| match e {
-            TransitionError::Refused(r) => ServiceError::Conflict(r.to_string()),
-            TransitionError::Service(e) => e,
-        })
+        self.transition(id, event, None).await.map_err(Into::into)
     }
 }
 
@@ -1183,4 +1168,13 @@ impl<B: Backend> Service<B> {
 enum TransitionError {
     Refused(lifecycle::Refused),
     Service(ServiceError),
+}
+
+impl From<TransitionError> for ServiceError {
+    fn from(e: TransitionError) -> Self {
+        match e {
+            TransitionError::Refused(r) => ServiceError::Conflict(r.to_string()),
+            TransitionError::Service(e) => e,
+        }
+    }
 }
