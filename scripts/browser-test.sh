@@ -29,6 +29,8 @@ if [ ! -f "$dir/node_modules/playwright-core/package.json" ] || [ ! -f "$dir/nod
   (cd "$dir" && npm install --no-audit --no-fund --silent @novnc/novnc@1.7.0 playwright-core@1.65.1)
 fi
 cp config/demo/viewer.html "$dir/index.html"
-cp gateway/tests/browser/novnc.test.mjs "$dir/"
+# Every browser test file, each a node --test file of its own (one at a time: they share
+# the two cores and start their own gateways).
+cp gateway/tests/browser/*.test.mjs "$dir/"
 cargo build -q -p vncgate -p vncgate-loadtest -p vncgate-controller
-VNCGATE_BIN="$target/debug/vncgate" DEMO_BIN="$target/debug/vncgate-loadtest" CONTROLLER_BIN="$target/debug/vncgate-controller" VIEWER_DIR="$dir" node --test --test-concurrency=1 "$dir/novnc.test.mjs"
+VNCGATE_BIN="$target/debug/vncgate" DEMO_BIN="$target/debug/vncgate-loadtest" CONTROLLER_BIN="$target/debug/vncgate-controller" VIEWER_DIR="$dir" node --test --test-concurrency=1 "$dir"/*.test.mjs
