@@ -524,6 +524,17 @@ async fn worker_main<S: RouteSource>(
         }
     };
     let housekeeping = monoio::spawn(worker::housekeeping(w.clone()));
+    if let Some(bell) = w.turns.take_bell() {
+        match mailbox::Bell::new(bell) {
+            Ok(bell) => {
+                let w = w.clone();
+                monoio::spawn(async move { signal::hand_out_turns(&w.turns, bell).await });
+            }
+            Err(e) => {
+                tracing::warn!(worker = w.index, error = %e, "cannot register the turn bell; yields wake themselves");
+            }
+        }
+    }
     if let Some(bell) = shared.lanes[w.index].inbox.take_bell() {
         monoio::spawn(inbox(w.clone(), bell, shared.clone()));
     }
@@ -641,7 +652,7 @@ async fn accept_queued<S: RouteSource>(w: &Rc<Worker<S>>, fd: RawFd, shared: &Ar
         }
     }
     // More may be queued: let the sessions run, then look again.
-    signal::yield_now().await;
+    w.turns.yield_now().await;
 }
 
 /// Serves connections other workers handed to this one (see [`balance`]).

@@ -44,7 +44,7 @@ use monoio::io::AsyncWriteRent;
 use monoio::net::TcpStream;
 
 use super::client::Client;
-use super::signal::{Nudge, Signal, WriteGate, yield_now};
+use super::signal::{Nudge, Signal, WriteGate};
 use super::worker::Worker;
 use crate::close::{self, CloseCause};
 use crate::deadlines::{Deadlines, Next};
@@ -146,6 +146,15 @@ pub struct Relay<'a, S: RouteSource> {
 /// Bytes a session may move in one direction before it yields to the worker's other
 /// sessions; this bounds how long one busy session can delay the rest (fairness).
 const RELAY_BUDGET: usize = 512 << 10;
+
+/// The same under TLS, VM to browser: one read buffer, so a session yields after each
+/// frame it encrypts. Encrypting costs about a millisecond per 512 KiB here, against
+/// microseconds for a splice, so the byte budget of the plain path let a session that
+/// always had data keep the worker for as long as ten sessions that drained their
+/// socket (window-limited, they read ~95 KiB a turn): at 50 streams on one worker
+/// slowest/mean measured 0.54-0.65 with it, 0.98-1.0 with one buffer per turn, at the
+/// same aggregate (see the README, "TLS").
+const TLS_RELAY_BUDGET: usize = 32 << 10;
 
 /// A copied message up to this size goes to its send op in a buffer of its own size, and
 /// the pooled read buffer goes straight back: while ops are in flight (until the worker's
@@ -358,7 +367,12 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         // syscall learning EAGAIN (the interactive case: small updates, echoes). While
         // streaming, reading optimistically wins, since data usually arrived meanwhile.
         let mut drained = false;
-        let mut budget = RELAY_BUDGET;
+        let full_budget = if self.wire.tls().is_some() {
+            TLS_RELAY_BUDGET
+        } else {
+            RELAY_BUDGET
+        };
+        let mut budget = full_budget;
         loop {
             if let Err(end) = self.flush_inflight().await {
                 return Some(end);
@@ -391,8 +405,8 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                     streaming = full && self.wire.tls().is_none();
                     budget = budget.saturating_sub(len);
                     if budget == 0 {
-                        budget = RELAY_BUDGET;
-                        yield_now().await;
+                        budget = full_budget;
+                        self.w.turns.yield_now().await;
                     }
                 }
                 Ok(FromVm::WouldBlock) => drained = true,
@@ -601,7 +615,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             budget = budget.saturating_sub(n);
             if budget == 0 {
                 budget = RELAY_BUDGET;
-                yield_now().await;
+                self.w.turns.yield_now().await;
             }
         }
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::Shared;
 use super::mailbox::Bell;
 use super::pool::{BufPool, PipePool};
-use super::signal::Signal;
+use super::signal::{Signal, Turns};
 use super::viewers::Viewers;
 use crate::close::{self, CloseCause};
 use crate::config::{Limits, Settings};
@@ -63,6 +63,8 @@ pub struct Worker<S> {
     pub pipes: PipePool,
     pub bufs: BufPool,
     pub stats: Stats,
+    /// How tasks that could go on give the others a turn (see [`Turns`]).
+    pub turns: Turns,
     /// Set once this worker has seen the drain flag: no new upgrades.
     pub draining: Cell<bool>,
     /// Fired to stop the accept loop.
@@ -97,6 +99,7 @@ impl<S: RouteSource> Worker<S> {
             congestion,
             tls,
             stats: Stats::default(),
+            turns: Turns::new(),
             draining: Cell::new(false),
             stop_accepting: Signal::new(),
             accept_ended: Cell::new(false),
