@@ -335,6 +335,49 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// The clean close, waited for: for WebSocket a close frame (status 1000), then reads
+    /// (payload still in flight is dropped) until the server's close frame, then (for TLS
+    /// close_notify and) FIN; for direct TCP, FIN and then the server's FIN. An error when the
+    /// peer ends the connection without its close frame. Unlike [`Conn::close`], the peer
+    /// has seen a complete close handshake when this returns, so a proxy counts a browser
+    /// that closed, not one that vanished.
+    pub fn close_handshake(mut self, buf: &mut [u8]) -> io::Result<()> {
+        let Some(ws) = &mut self.ws else {
+            self.stream.tcp().shutdown(std::net::Shutdown::Write)?;
+            while self.stream.read(buf)? > 0 {}
+            return Ok(());
+        };
+        ws.out.clear();
+        let mask = ws.rng.next_u64().to_le_bytes();
+        ws::encode_masked(
+            ws::OP_CLOSE,
+            &1000u16.to_be_bytes(),
+            mask[..4].try_into().unwrap(),
+            &mut ws.out,
+        );
+        self.stream.write_all(&ws.out)?;
+        loop {
+            let n = self.stream.read(buf)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the proxy ended the connection without a close frame",
+                ));
+            }
+            if ws.dec.feed(&buf[..n]).map_err(proto)?.closed {
+                break;
+            }
+        }
+        if let Stream::Tls(s) = &mut self.stream {
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        }
+        let _ = self.stream.tcp().shutdown(std::net::Shutdown::Write);
+        Ok(())
+    }
+}
+
 /// The TLS handshake over a connected socket, driven to its end here, so that its cost
 /// falls in [`Conn::open`] (timed by the upgrades point, outside the window elsewhere) and
 /// a failure says it was the handshake.

@@ -39,7 +39,8 @@ struct Args {
     only: Vec<String>,
     /// Comma-separated measurement points to take: idle (memory per idle session), tput
     /// (throughput 1 and N conns, Jain, CPU per GB), rt (16 B round trips), upgrades
-    /// (upgrades and upgrade+echo per second), or all.
+    /// (upgrades and upgrade+echo per second), upgrades50 (50 connectors: upgrade to the
+    /// first VM byte and a clean close, rate and latency), or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     points: Vec<String>,
     /// Draw the charts from an existing results JSON and exit, running nothing: X.json

@@ -1,4 +1,4 @@
-//! The five measurements. Each one is bounded in time (a fixed window plus socket timeouts)
+//! The six measurements. Each one is bounded in time (a fixed window plus socket timeouts)
 //! and in connection count, and returns `Err(reason)` rather than a figure it cannot trust.
 //! The idle one uses the load tool's idle mode (`vncgate_loadtest::idle`) rather than the
 //! blocking client of the others: thousands of sessions, from several source addresses.
@@ -301,6 +301,148 @@ pub fn upgrades_over(
         ok,
         failures,
     })
+}
+
+pub struct UpgradeLatency {
+    /// Completed cycles (connect, upgrade, first VM byte, close handshake) per second.
+    pub rate: f64,
+    /// Connect to the `101` (TLS handshake included for `wss://`), µs; `None` for direct,
+    /// which has no upgrade.
+    pub handshake_p50_us: Option<f64>,
+    pub handshake_p99_us: Option<f64>,
+    /// Connect to the first payload byte from the VM (direct: from the VM itself), µs.
+    pub first_byte_p50_us: f64,
+    pub first_byte_p99_us: f64,
+    pub ok: u64,
+    pub failures: u64,
+}
+
+/// `connectors` threads at once, each in a loop: connect, WebSocket upgrade (direct: none),
+/// read until the first payload byte from the upstream (the banner server's RFB version,
+/// sent on accept), close handshake (close frame, the proxy's close frame, FIN; direct: FIN,
+/// the server's FIN). Cycles that start after the warm-up and end inside the window are
+/// counted and timed: the rate, and percentiles of connect to `101` and of connect to the
+/// first VM byte (which includes the proxy's dial to the VM). A cycle that fails anywhere,
+/// the close included, counts as a failure and not in the figures.
+pub fn upgrades_first_byte(
+    t: &Target,
+    connectors: usize,
+    secs: f64,
+    seed: u64,
+) -> Result<UpgradeLatency, String> {
+    let w = Arc::new(Window::new(secs));
+    let tally = Arc::new(Tally::default());
+    let workers: Vec<_> = (0..connectors)
+        .map(|i| {
+            let (t, w, tally) = (t.clone(), w.clone(), tally.clone());
+            thread::spawn(move || {
+                let mut seed = seed.wrapping_add(i as u64 * 0x9e37_79b9) | 1;
+                let mut buf = vec![0u8; 4096];
+                // Nanoseconds, as in the round trips (u32: up to 4.2 s).
+                let (mut hs, mut fb) = (Vec::new(), Vec::new());
+                Window::sleep_until(w.t0 - warmup(secs));
+                loop {
+                    let start = Instant::now();
+                    if start >= w.end {
+                        return (hs, fb);
+                    }
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    let r = first_byte_cycle(&t, seed, &mut buf);
+                    let done = Instant::now();
+                    let counted = start >= w.t0 && done <= w.end;
+                    match r {
+                        Ok((h, f)) if counted => {
+                            let ns = |d: Duration| d.as_nanos().min(u32::MAX as u128) as u32;
+                            hs.extend(h.map(ns));
+                            fb.push(ns(f));
+                            tally.record(Ok(()));
+                        }
+                        Ok(_) => {}
+                        Err(e) if counted => tally.record(Err(e)),
+                        Err(_) => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut hs = Vec::new();
+    let mut fb = Vec::new();
+    let mut panicked = 0;
+    for h in workers {
+        match h.join() {
+            Ok((h, f)) => {
+                hs.extend(h);
+                fb.extend(f);
+            }
+            Err(_) => panicked += 1,
+        }
+    }
+    if panicked > 0 {
+        return Err(format!(
+            "{panicked} of {connectors} connector threads panicked"
+        ));
+    }
+    let (ok, failures) = tally.counts();
+    if ok == 0 {
+        return Err(format!(
+            "no upgrade reached the first VM byte and closed cleanly ({failures} failed; last: {})",
+            tally.last_err()
+        ));
+    }
+    if failures > 0 {
+        eprintln!(
+            "    upgrades x{connectors}: {failures} failed (last: {})",
+            tally.last_err()
+        );
+    }
+    let (hs50, hs99) = percentiles_us(&mut hs);
+    let (fb50, fb99) = percentiles_us(&mut fb);
+    Ok(UpgradeLatency {
+        rate: ok as f64 / secs,
+        handshake_p50_us: hs50,
+        handshake_p99_us: hs99,
+        first_byte_p50_us: fb50.unwrap_or(0.0),
+        first_byte_p99_us: fb99.unwrap_or(0.0),
+        ok,
+        failures,
+    })
+}
+
+/// p50 and p99 of nanosecond samples, in µs (nearest rank); `None` without samples.
+fn percentiles_us(v: &mut [u32]) -> (Option<f64>, Option<f64>) {
+    if v.is_empty() {
+        return (None, None);
+    }
+    v.sort_unstable();
+    let pct = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize] as f64 / 1e3;
+    (Some(pct(0.50)), Some(pct(0.99)))
+}
+
+/// One cycle of [`upgrades_first_byte`]: (connect to 101, `None` for direct; connect to the
+/// first VM byte).
+fn first_byte_cycle(
+    t: &Target,
+    seed: u64,
+    buf: &mut [u8],
+) -> std::io::Result<(Option<Duration>, Duration)> {
+    let start = Instant::now();
+    let mut c = Conn::open(t, seed)?;
+    let upgraded = t.ws_path.as_ref().map(|_| start.elapsed());
+    loop {
+        match c.read_payload(buf)? {
+            Read1::Payload(0) => {}
+            Read1::Payload(_) => break,
+            Read1::Closed => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed before the first VM byte",
+                ));
+            }
+        }
+    }
+    let first = start.elapsed();
+    c.close_handshake(buf)?;
+    Ok((upgraded, first))
 }
 
 /// Upgrades (open, close) to every one of `targets` `times_each` times, spread over

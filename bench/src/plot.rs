@@ -33,7 +33,7 @@ const SERIES: [(&str, RGBColor); 4] = [
 
 /// The groups of the ratio chart, top to bottom: metric id and short label, where `{n}`
 /// stands for `--conns`.
-const RATIO_ROWS: [(&str, &str); 8] = [
+const RATIO_ROWS: [(&str, &str); 9] = [
     ("tput_1_mbs", "Throughput, 1 conn"),
     ("tput_n_mbs", "Throughput, {n} conns"),
     ("tput_n_min_mbs", "Slowest of {n} conns"),
@@ -42,6 +42,15 @@ const RATIO_ROWS: [(&str, &str); 8] = [
     ("rt_n_rate", "16 B round trips/s, {n} conns"),
     ("upgrades_s", "Upgrades/s"),
     ("sessions_s", "Upgrade + 16 B echo/s"),
+    ("up50_rate", "Upgrade + first VM byte/s, 50 connectors"),
+];
+
+/// The latency panel of the cost chart: the `upgrades50` point's percentiles.
+const UPGRADE_LATENCY_ROWS: [(&str, &str); 4] = [
+    ("up50_handshake_p50_us", "Connect to 101, p50"),
+    ("up50_handshake_p99_us", "Connect to 101, p99"),
+    ("up50_first_byte_p50_us", "Connect to first VM byte, p50"),
+    ("up50_first_byte_p99_us", "Connect to first VM byte, p99"),
 ];
 
 const FONT: &str = "sans-serif";
@@ -223,12 +232,28 @@ pub fn cost_figure(js: &Value) -> Option<Figure> {
             "median",
             &[("cpu_s_per_gb", "CPU-seconds per GB".into())],
         ),
-        series,
+        series: series.clone(),
         scale: Scale::Linear,
         reference: None,
         value_fmt: |v| format!("{v:.2} s/GB"),
     };
-    let panels: Vec<Panel> = [memory, cpu]
+    let rows: Vec<(&str, String)> = UPGRADE_LATENCY_ROWS
+        .iter()
+        .map(|&(id, label)| (id, label.to_owned()))
+        .collect();
+    let connectors = js["settings"]["upgrades50_connectors"]
+        .as_u64()
+        .unwrap_or(50);
+    let latency = Panel {
+        title: format!("Upgrades with {connectors} concurrent connectors: latency"),
+        x_desc: "µs from connect (log scale; direct TCP's first byte is in the table)".into(),
+        groups: groups_of(js, &series, "median", &rows),
+        series,
+        scale: Scale::Log,
+        reference: None,
+        value_fmt: |v| format!("{v:.0} µs"),
+    };
+    let panels: Vec<Panel> = [memory, cpu, latency]
         .into_iter()
         .filter(|p| !p.groups.is_empty())
         .collect();
@@ -236,7 +261,7 @@ pub fn cost_figure(js: &Value) -> Option<Figure> {
         return None;
     }
     Some(Figure {
-        title: "vncgate-bench: the relays' own costs (lower is better)".into(),
+        title: "vncgate-bench: the relays' own costs and upgrade latency (lower is better)".into(),
         context: context_lines(js),
         panels,
     })
@@ -787,6 +812,49 @@ mod tests {
         );
         assert_eq!(p.groups[1].values, vec![Some(4.9), Some(3500.0)]);
         assert_eq!(p.groups[2].values, vec![Some(4.5), None]);
+    }
+
+    #[test]
+    fn upgrades50_has_a_ratio_bar_and_a_latency_panel() {
+        let mut js = record();
+        js["settings"]["upgrades50_connectors"] = json!(50);
+        js["proxies"]["vncgate"]["ratio_to_direct"]["up50_rate"] = json!(0.6);
+        js["proxies"]["websockify"]["ratio_to_direct"]["up50_rate"] = json!(0.02);
+        js["proxies"]["vncgate"]["median"]["up50_handshake_p50_us"] = json!(800.0);
+        js["proxies"]["vncgate"]["median"]["up50_first_byte_p99_us"] = json!(4000.0);
+        js["proxies"]["websockify"]["median"]["up50_first_byte_p99_us"] = json!(90000.0);
+        let f = ratio_figure(&js).unwrap();
+        let up = f.panels[0]
+            .groups
+            .iter()
+            .find(|g| g.label == "Upgrade + first VM byte/s, 50 connectors")
+            .unwrap();
+        assert_eq!(up.values, vec![Some(0.6), Some(0.02)]);
+
+        let f = cost_figure(&js).unwrap();
+        let lat = f
+            .panels
+            .iter()
+            .find(|p| p.title == "Upgrades with 50 concurrent connectors: latency")
+            .unwrap();
+        assert_eq!(lat.scale, Scale::Log);
+        // Rows without a figure for any proxy are left out.
+        assert_eq!(
+            lat.groups,
+            vec![
+                Group {
+                    label: "Connect to 101, p50".into(),
+                    values: vec![Some(800.0), None]
+                },
+                Group {
+                    label: "Connect to first VM byte, p99".into(),
+                    values: vec![Some(4000.0), Some(90000.0)]
+                },
+            ]
+        );
+        let svg = render(&f).unwrap();
+        assert!(svg.contains("Connect to first VM byte, p99"), "{svg}");
+        assert!(svg.contains("90000 µs"));
     }
 
     #[test]

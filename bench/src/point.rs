@@ -14,10 +14,25 @@ pub enum Point {
     Rt,
     /// Upgrades per second, and upgrade + one echo per second.
     Upgrades,
+    /// [`UPGRADES50_CONNECTORS`] connectors in a loop: connect, upgrade, first byte from the
+    /// VM (its RFB banner), close handshake; rate, and p50/p99 of connect to 101 and of
+    /// connect to the first VM byte.
+    Upgrades50,
 }
 
+/// Concurrent connectors of the `upgrades50` point: many browsers opening at once (a class
+/// starting, a dashboard of thumbnails), where the 4-connector `upgrades` point measures the
+/// rate a few can drive.
+pub const UPGRADES50_CONNECTORS: usize = 50;
+
 impl Point {
-    pub const ALL: [Point; 4] = [Point::Idle, Point::Tput, Point::Rt, Point::Upgrades];
+    pub const ALL: [Point; 5] = [
+        Point::Idle,
+        Point::Tput,
+        Point::Rt,
+        Point::Upgrades,
+        Point::Upgrades50,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -25,6 +40,7 @@ impl Point {
             Point::Tput => "tput",
             Point::Rt => "rt",
             Point::Upgrades => "upgrades",
+            Point::Upgrades50 => "upgrades50",
         }
     }
 
@@ -96,6 +112,18 @@ mod tests {
         assert_eq!(
             Point::parse_list(&["rt", "idle"]).unwrap(),
             vec![Point::Idle, Point::Rt]
+        );
+    }
+
+    #[test]
+    fn upgrades50_is_its_own_point_beside_upgrades() {
+        assert_eq!(
+            Point::parse_list(&["upgrades50"]).unwrap(),
+            vec![Point::Upgrades50]
+        );
+        assert_eq!(
+            Point::parse_list(&["upgrades50", "upgrades"]).unwrap(),
+            vec![Point::Upgrades, Point::Upgrades50]
         );
     }
 

@@ -145,6 +145,8 @@ pub struct Running {
     pub echo: Target,
     /// The route to the idle point's fake VM, when [`Targets::idle`] was given.
     pub idle: Option<Target>,
+    /// The route to the banner server (`upgrades50`), when [`Targets::banner`] was given.
+    pub banner: Option<Target>,
     children: Vec<Child>,
 }
 
@@ -212,6 +214,7 @@ pub fn start(
         bulk: direct(t.bulk),
         echo: direct(t.echo),
         idle: t.idle.map(direct),
+        banner: t.banner.map(direct),
         children: Vec::new(),
     };
     let Some(exe) = exe else {
@@ -231,6 +234,9 @@ pub fn start(
             if let Some(idle) = t.idle {
                 routes.extend(["--route".to_owned(), format!("idle={idle}")]);
             }
+            if let Some(banner) = t.banner {
+                routes.extend(["--route".to_owned(), format!("banner={banner}")]);
+            }
             let tls = match (kind, &s.tls) {
                 (Kind::VncgateTls, Some(Ok(cert))) => {
                     routes.extend([
@@ -249,9 +255,13 @@ pub fn start(
             r.idle = t
                 .idle
                 .map(|_| Target::plain(r.echo.addr, Some("/vnc/idle")));
+            r.banner = t
+                .banner
+                .map(|_| Target::plain(r.echo.addr, Some("/vnc/banner")));
             for t in [&mut r.bulk, &mut r.echo]
                 .into_iter()
                 .chain(r.idle.as_mut())
+                .chain(r.banner.as_mut())
             {
                 t.tls.clone_from(&tls);
             }
@@ -262,6 +272,8 @@ pub fn start(
             let mut addrs = Vec::new();
             let mut upstreams = vec![("bulk", t.bulk), ("echo", t.echo)];
             upstreams.extend(t.idle.map(|a| ("idle", a)));
+            upstreams.extend(t.banner.map(|a| ("banner", a)));
+            let labels: Vec<&str> = upstreams.iter().map(|u| u.0).collect();
             for (label, upstream) in upstreams {
                 let port = free_port()?;
                 let args: Vec<String> = if kind == Kind::Websocat {
@@ -277,9 +289,16 @@ pub fn start(
                 r.children.push(spawn(exe, &args, &s.out, &name, rep)?);
                 addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
             }
+            let of = |label| {
+                labels
+                    .iter()
+                    .position(|l| *l == label)
+                    .map(|i| ws(addrs[i], "/"))
+            };
             r.bulk = ws(addrs[0], "/");
             r.echo = ws(addrs[1], "/");
-            r.idle = addrs.get(2).map(|&a| ws(a, "/"));
+            r.idle = of("idle");
+            r.banner = of("banner");
             wait_listening(&mut r, &addrs)?;
         }
     }
@@ -314,6 +333,7 @@ pub fn start_vncgate(
         bulk: ws("/vnc/bulk"),
         echo: ws("/vnc/echo"),
         idle: None,
+        banner: None,
         children: vec![spawn(exe, &args, &s.out, log_name, rep)?],
     };
     wait_listening(&mut r, &[addr])?;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::point::Point;
+use crate::point::{Point, UPGRADES50_CONNECTORS};
 use crate::proxy::Kind;
 
 /// One row of the table.
@@ -131,6 +131,38 @@ pub fn metrics(conns: usize, connectors: usize, idle: &[usize]) -> Vec<Metric> {
             0,
             true,
         ),
+        m(
+            "up50_rate",
+            format!(
+                "Upgrade + first VM byte + close handshake per second, {UPGRADES50_CONNECTORS} connectors"
+            ),
+            0,
+            true,
+        ),
+        m(
+            "up50_handshake_p50_us",
+            format!("Connect to 101 p50, {UPGRADES50_CONNECTORS} connectors (µs)"),
+            0,
+            true,
+        ),
+        m(
+            "up50_handshake_p99_us",
+            format!("Connect to 101 p99, {UPGRADES50_CONNECTORS} connectors (µs)"),
+            0,
+            true,
+        ),
+        m(
+            "up50_first_byte_p50_us",
+            format!("Connect to first VM byte p50, {UPGRADES50_CONNECTORS} connectors (µs)"),
+            0,
+            true,
+        ),
+        m(
+            "up50_first_byte_p99_us",
+            format!("Connect to first VM byte p99, {UPGRADES50_CONNECTORS} connectors (µs)"),
+            0,
+            true,
+        ),
     ]
     .into_iter()
     .chain(idle.iter().flat_map(|&n| {
@@ -161,6 +193,8 @@ fn point_of(id: &str) -> Point {
         Point::Rt
     } else if id == "upgrades_s" || id == "sessions_s" {
         Point::Upgrades
+    } else if id.starts_with("up50_") {
+        Point::Upgrades50
     } else {
         // tput_*, jain_n, cpu_s_per_gb
         Point::Tput
@@ -391,6 +425,8 @@ mod tests {
         assert_eq!(point("cpu_s_per_gb"), Point::Tput);
         assert_eq!(point("rt_n_p99_us"), Point::Rt);
         assert_eq!(point("sessions_s"), Point::Upgrades);
+        assert_eq!(point("up50_rate"), Point::Upgrades50);
+        assert_eq!(point("up50_first_byte_p99_us"), Point::Upgrades50);
         assert_eq!(point("idle_pss_kib_1000"), Point::Idle);
         assert_eq!(point("idle_rss_kib_10000"), Point::Idle);
         let labels: Vec<&str> = ms
@@ -480,6 +516,84 @@ mod tests {
         assert_eq!(tls["ratio_to_plaintext"]["cpu_s_per_gb"], json!(1.5));
         assert_eq!(tls["ratio_to_direct"]["tput_1_mbs"], json!(0.4));
         assert!(js["proxies"]["vncgate"].get("ratio_to_plaintext").is_none());
+    }
+
+    #[test]
+    fn upgrades50_rows_side_by_side_and_direct_has_no_handshake() {
+        let mut ms = metrics(50, 4, &[]);
+        ms.retain(|m| m.point == Point::Upgrades50);
+        let ids: Vec<&str> = ms.iter().map(|m| m.id).collect();
+        assert_eq!(
+            ids,
+            [
+                "up50_rate",
+                "up50_handshake_p50_us",
+                "up50_handshake_p99_us",
+                "up50_first_byte_p50_us",
+                "up50_first_byte_p99_us",
+            ]
+        );
+        let rs = vec![
+            result(
+                Kind::Direct,
+                &[
+                    ("up50_rate", 20000.0),
+                    ("up50_first_byte_p50_us", 500.0),
+                    ("up50_first_byte_p99_us", 2000.0),
+                ],
+            ),
+            result(
+                Kind::Vncgate,
+                &[
+                    ("up50_rate", 10000.0),
+                    ("up50_handshake_p50_us", 900.0),
+                    ("up50_handshake_p99_us", 3000.0),
+                    ("up50_first_byte_p50_us", 1000.0),
+                    ("up50_first_byte_p99_us", 5000.0),
+                ],
+            ),
+            result(Kind::Websocat, &[("up50_rate", 5000.0)]),
+        ];
+        let md = markdown(&header(), &ms, &rs);
+        let lines: Vec<&str> = md.lines().collect();
+        assert!(
+            lines.contains(
+                &"| Upgrade + first VM byte + close handshake per second, 50 connectors | 20000 | 10000 | 0.50x | 5000 | 0.25x |"
+            ),
+            "{md}"
+        );
+        // Direct has no upgrade: no handshake figure, so no ratio either.
+        assert!(
+            lines.contains(&"| Connect to 101 p50, 50 connectors (µs) | — | 900 | — | — | — |"),
+            "{md}"
+        );
+        assert!(
+            lines.contains(
+                &"| Connect to first VM byte p99, 50 connectors (µs) | 2000 | 5000 | 2.50x | — | — |"
+            ),
+            "{md}"
+        );
+        let js = json(&header(), &ms, &rs);
+        assert_eq!(
+            js["proxies"]["vncgate"]["median"]["up50_handshake_p99_us"],
+            json!(3000.0)
+        );
+        assert_eq!(
+            js["proxies"]["vncgate"]["ratio_to_direct"]["up50_rate"],
+            json!(0.5)
+        );
+        assert!(
+            js["proxies"]["direct"]["median"]
+                .get("up50_handshake_p50_us")
+                .is_none()
+        );
+        assert!(
+            js["metrics"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == "up50_first_byte_p50_us")
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::measure;
 use crate::plot;
-use crate::point::Point;
+use crate::point::{Point, UPGRADES50_CONNECTORS};
 use crate::proxy::{self, Kind, Running};
 use crate::report::{self, Header, ProxyResult, Run};
 use crate::{conn, targets, tls};
@@ -64,8 +64,16 @@ pub fn run(cfg: &Config) -> Result<(), String> {
         ));
     }
     let load_start = loadavg();
-    let tg = targets::start().map_err(|e| format!("targets: {e}"))?;
+    let mut tg = targets::start().map_err(|e| format!("targets: {e}"))?;
     eprintln!("targets: bulk source {}, echo {}", tg.bulk, tg.echo);
+    // The banner route only where its point runs (websocat and websockify pay a process
+    // per route).
+    if !cfg.points.contains(&Point::Upgrades50) {
+        tg.banner = None;
+    }
+    if let Some(b) = tg.banner {
+        eprintln!("targets: banner (RFB version on accept) {b}");
+    }
     let idle_wanted = cfg.points.contains(&Point::Idle)
         && !cfg.idle.is_empty()
         && cfg.only.iter().any(|&k| k != Kind::Direct);
@@ -78,6 +86,7 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     };
     let tg_idle = targets::Targets {
         idle: fakevm.as_ref().map(|vm| vm.addr),
+        banner: None,
         ..tg
     };
     let other_points = cfg.points.iter().any(|&p| p != Point::Idle);
@@ -403,11 +412,54 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
         }
         std::thread::sleep(SETTLE);
     }
+    if cfg.points.contains(&Point::Upgrades50) {
+        upgrades50(&mut p, seed, secs, &mut run, &mut errors);
+    }
     if let Err(e) = p.check_alive() {
         fail("proxy", e, &mut errors);
     }
     p.stop();
     (run, errors)
+}
+
+/// The `upgrades50` point against a started proxy: [`measure::upgrades_first_byte`] with
+/// [`UPGRADES50_CONNECTORS`] connectors to its banner route. Direct has no upgrade, so no
+/// handshake figures.
+fn upgrades50(p: &mut Running, seed: u64, secs: f64, run: &mut Run, errors: &mut Vec<String>) {
+    let n = UPGRADES50_CONNECTORS;
+    let fail = |e: String, errors: &mut Vec<String>| {
+        eprintln!("  upgrades x{n}: FAILED: {e}");
+        errors.push(format!("upgrades x{n}: {e}"));
+    };
+    if let Err(e) = p.check_alive() {
+        return fail(e, errors);
+    }
+    let Some(t) = &p.banner else {
+        return fail("the proxy has no banner route".into(), errors);
+    };
+    match measure::upgrades_first_byte(t, n, secs, seed ^ 0x5050) {
+        Ok(u) => {
+            let us = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("{v:.0} µs"));
+            eprintln!(
+                "  upgrades x{n}: {:.0}/s ({} failed), to 101 p50 {} p99 {}, to first VM byte p50 {:.0} µs p99 {:.0} µs",
+                u.rate,
+                u.failures,
+                us(u.handshake_p50_us),
+                us(u.handshake_p99_us),
+                u.first_byte_p50_us,
+                u.first_byte_p99_us
+            );
+            run.insert("up50_rate", u.rate);
+            if let (Some(p50), Some(p99)) = (u.handshake_p50_us, u.handshake_p99_us) {
+                run.insert("up50_handshake_p50_us", p50);
+                run.insert("up50_handshake_p99_us", p99);
+            }
+            run.insert("up50_first_byte_p50_us", u.first_byte_p50_us);
+            run.insert("up50_first_byte_p99_us", u.first_byte_p99_us);
+        }
+        Err(e) => fail(e, errors),
+    }
+    std::thread::sleep(SETTLE);
 }
 
 /// The 1, 5 and 15 minute load averages.
@@ -468,6 +520,7 @@ fn header(cfg: &Config, load: (String, String), tls: Option<&str>) -> Header {
             "secs": cfg.secs,
             "conns": cfg.conns,
             "connectors": cfg.connectors,
+            "upgrades50_connectors": UPGRADES50_CONNECTORS,
             "idle": cfg.idle,
             "idle_sources": measure::IDLE_SOURCES,
             "vncgate_workers": cfg.workers,

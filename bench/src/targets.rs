@@ -1,5 +1,7 @@
 //! The upstreams the proxies relay to. In-process on 127.0.0.1:0: a bulk source (stands in
-//! for a VM sending framebuffer updates) and an echo server (for round trips), blocking
+//! for a VM sending framebuffer updates), an echo server (for round trips) and a banner
+//! server (a VNC server's first move: its RFB version at once, for the time to the first VM
+//! byte), blocking
 //! thread per connection (from a pool): up to a few thousand connections, simple and
 //! predictable. In a child process: the fake VM of the idle point ([`FakeVm`]).
 
@@ -12,6 +14,10 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::Duration;
 
+/// What the banner server sends as soon as a connection is accepted: RFB 3.8's
+/// ProtocolVersion, as every VNC server does before anything else (RFC 6143 7.1.1).
+pub const BANNER: &[u8; 12] = b"RFB 003.008\n";
+
 /// The bulk source writes this many bytes per `write` call.
 const PATTERN: usize = 64 * 1024;
 /// Handler threads only need a small stack: one syscall loop over a heap buffer.
@@ -23,14 +29,18 @@ pub struct Targets {
     pub echo: SocketAddr,
     /// The fake VM of the idle point, when a proxy should get a route to it (`idle`).
     pub idle: Option<SocketAddr>,
+    /// The banner server, when a proxy should get a route to it (`banner`: the
+    /// `upgrades50` point).
+    pub banner: Option<SocketAddr>,
 }
 
-/// Starts both in-process servers; they run until the process exits.
+/// Starts the in-process servers; they run until the process exits.
 pub fn start() -> io::Result<Targets> {
     Ok(Targets {
         bulk: serve("bulk-source", bulk)?,
         echo: serve("echo", echo)?,
         idle: None,
+        banner: Some(serve("banner", banner)?),
     })
 }
 
@@ -170,6 +180,17 @@ impl Pool {
 fn bulk(mut s: TcpStream) {
     let pattern: Vec<u8> = (0..PATTERN).map(|i| (i * 31 % 251) as u8).collect();
     while s.write_all(&pattern).is_ok() {}
+}
+
+/// [`BANNER`] at once, then reads (and drops) what the client sends until it closes, as a
+/// VNC server waits for the client's version.
+fn banner(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    if s.write_all(BANNER).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 1024];
+    while matches!(s.read(&mut buf), Ok(1..)) {}
 }
 
 fn echo(mut s: TcpStream) {

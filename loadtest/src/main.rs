@@ -179,9 +179,13 @@ struct SwarmArgs {
     connect_timeout: f64,
     #[command(flatten)]
     tls: TlsArgs,
-    /// Print the report as one JSON object (the last line on stdout).
+    /// Print the report as one JSON object (the last line on stdout); no progress line and
+    /// no per-failure lines.
     #[arg(long)]
     json: bool,
+    /// Exit 1 when any session failed (the report is printed all the same).
+    #[arg(long)]
+    fail_on_error: bool,
 }
 
 #[derive(Args)]
@@ -260,6 +264,16 @@ fn print_report<R: std::fmt::Display, E: std::fmt::Display>(
     ExitCode::SUCCESS
 }
 
+/// `--fail-on-error`: a run that completed (status 0) but had failed sessions exits 1; a
+/// run that could not start keeps its 2.
+fn fail_on_error(code: ExitCode, failed: bool) -> ExitCode {
+    if code == ExitCode::SUCCESS && failed {
+        ExitCode::FAILURE
+    } else {
+        code
+    }
+}
+
 /// Parses several `--NAME SECS` flags; the first bad one is reported (exit status 2).
 fn all_secs<const N: usize>(flags: [(&str, f64); N]) -> Result<[Duration; N], ExitCode> {
     let mut out = [Duration::ZERO; N];
@@ -335,14 +349,13 @@ async fn main() -> ExitCode {
                 password: a.password,
                 subprotocol: a.subprotocol,
                 connect_timeout,
-                progress: std::io::stderr().is_terminal() && duration > Duration::from_secs(5),
+                progress: std::io::stderr().is_terminal() && !a.json,
+                print_failures: !a.json,
             };
-            print_report(
-                "swarm",
-                swarm::run(cfg).await,
-                a.json,
-                swarm::Report::to_json_line,
-            )
+            let result = swarm::run(cfg).await;
+            let failed = matches!(&result, Ok(r) if !r.errors.is_empty());
+            let code = print_report("swarm", result, a.json, swarm::Report::to_json_line);
+            fail_on_error(code, failed && a.fail_on_error)
         }
         Cmd::Sessions(a) => {
             init_tracing("warn");
@@ -371,11 +384,7 @@ async fn main() -> ExitCode {
                 a.json,
                 vncgate_loadtest::sessions::Report::to_json_line,
             );
-            if code == ExitCode::SUCCESS && failed && a.fail_on_error {
-                ExitCode::FAILURE
-            } else {
-                code
-            }
+            fail_on_error(code, failed && a.fail_on_error)
         }
         Cmd::Demo(a) => {
             init_tracing("info");

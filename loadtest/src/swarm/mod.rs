@@ -6,15 +6,26 @@
 //! [`Report`]. Works against any RFB-over-WebSocket endpoint: the vncgate gateway,
 //! websockify, or a test bridge.
 //!
-//! The protocol is in [`client`] (sans-IO); this file is the tokio/tungstenite edge.
+//! At the end of the run every session closes with the close handshake (RFC 6455 7.1.2):
+//! 1000, then it reads on until the server's close frame. Dropping the socket instead
+//! would reset it while frames are still in flight (a socket closed with unread data sends
+//! RST), and a gateway writing to it would see a vanished browser (1006) rather than a
+//! close.
+//!
+//! The protocol is in [`client`] (sans-IO); this file is the tokio/tungstenite edge, and
+//! [`progress`] the text a terminal shows while it runs.
 
 pub mod client;
+pub mod progress;
 pub mod report;
 
+use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
@@ -24,7 +35,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::debug;
 
 use crate::dial::{
-    ABNORMAL, Dialer, SetupError, Tls, closed_by_server, upgrade_request,
+    ABNORMAL, Dialer, SetupError, Tls, Ws, closed_by_server, upgrade_request,
     ws_stream_error_kind as stream_error_kind,
 };
 use client::{ClientConfig, SimClient};
@@ -51,9 +62,19 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How `wss://` servers are authenticated (unused for `ws://`).
     pub tls: Tls,
-    /// Draw a progress bar on stderr.
+    /// Redraw a progress line on stderr (`\r`) every [`PROGRESS_EVERY`]: for a terminal.
     pub progress: bool,
+    /// Print a line on stderr for each failed session (the first few of each kind, see
+    /// [`progress::failure_line`]), with its close code and reason.
+    pub print_failures: bool,
 }
+
+/// How often the progress line is redrawn.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// How long a session waits for the server's close frame after sending its own at the end
+/// of the run (or after a protocol error) before it gives up (`close_timeout`).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 impl Default for Config {
     fn default() -> Config {
@@ -69,6 +90,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             tls: Tls::default(),
             progress: false,
+            print_failures: false,
         }
     }
 }
@@ -78,12 +100,16 @@ pub fn is_idle(i: usize, fraction: f64) -> bool {
     ((i + 1) as f64 * fraction).floor() > (i as f64 * fraction).floor()
 }
 
-/// Live counters for the progress bar.
+/// Live counters for the progress line (failures are counted as sessions end, from their
+/// outcomes).
 #[derive(Debug, Default)]
 struct Counters {
+    /// Sessions with an open WebSocket.
     open: AtomicU64,
+    /// Sessions that received their first update.
     ok: AtomicU64,
-    failed: AtomicU64,
+    /// WebSocket payload bytes received so far, all sessions.
+    bytes: AtomicU64,
 }
 
 /// Runs the swarm to the end of `cfg.duration` and reports.
@@ -129,32 +155,57 @@ pub async fn run(cfg: Config) -> Result<Report, SetupError> {
         ));
     }
 
-    let bar = cfg.progress.then(|| progress_bar(&cfg));
     let mut outcomes = Vec::with_capacity(cfg.sessions);
-    // Sessions stop themselves at the deadline; this guard only catches a wedged one.
-    let guard = deadline + Duration::from_secs(5);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
+    let mut drawn = false;
+    let (mut last_bytes, mut last_at) = (0u64, start);
+    // Sessions stop themselves at the deadline (and close within CLOSE_GRACE); this guard
+    // only catches a wedged one.
+    let guard = deadline + CLOSE_GRACE + Duration::from_secs(3);
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
     loop {
         tokio::select! {
-            joined = tasks.join_next() => match joined {
-                Some(Ok(o)) => outcomes.push(o),
-                Some(Err(e)) => outcomes.push(SessionOutcome {
-                    error: Some("internal_panic".into()),
-                    error_detail: Some(e.to_string()),
-                    ..Default::default()
-                }),
-                None => break,
-            },
-            _ = tick.tick() => {
-                if let Some(bar) = &bar {
-                    bar.set_position(start.elapsed().as_secs().min(cfg.duration.as_secs()));
-                    bar.set_message(format!(
-                        "open {} ok {} failed {}",
-                        counters.open.load(Ordering::Relaxed),
-                        counters.ok.load(Ordering::Relaxed),
-                        counters.failed.load(Ordering::Relaxed),
-                    ));
+            joined = tasks.join_next() => {
+                let o = match joined {
+                    Some(Ok(o)) => o,
+                    Some(Err(e)) => SessionOutcome {
+                        error: Some("internal_panic".into()),
+                        error_detail: Some(e.to_string()),
+                        ..Default::default()
+                    },
+                    None => break,
+                };
+                if let Some(kind) = &o.error {
+                    let seen = failures.entry(kind.clone()).or_insert(0);
+                    *seen += 1;
+                    let detail = o.error_detail.as_deref().unwrap_or("");
+                    let text = progress::failure_line(o.index, o.lasted, kind, detail, *seen);
+                    if let (true, Some(text)) = (cfg.print_failures, text) {
+                        // Over the progress line, which the next tick redraws below it.
+                        let clear = if drawn { "\r\x1b[K" } else { "" };
+                        eprintln!("{clear}vncgate-loadtest: swarm: {text}");
+                    }
                 }
+                outcomes.push(o);
+            }
+            _ = tick.tick(), if cfg.progress => {
+                let now = Instant::now();
+                let bytes = counters.bytes.load(Ordering::Relaxed);
+                let dt = (now - last_at).as_secs_f64();
+                let snap = progress::Snapshot {
+                    elapsed: now - start,
+                    duration: cfg.duration,
+                    up: counters.open.load(Ordering::Relaxed),
+                    target: cfg.sessions,
+                    ok: counters.ok.load(Ordering::Relaxed),
+                    failures: failures.clone(),
+                    mb_s: if dt > 0.0 { (bytes - last_bytes) as f64 / dt / 1e6 } else { 0.0 },
+                };
+                (last_bytes, last_at) = (bytes, now);
+                let mut err = std::io::stderr().lock();
+                let _ = write!(err, "\r\x1b[K{}", progress::line(&snap));
+                let _ = err.flush();
+                drawn = true;
             }
             _ = sleep_until(guard) => {
                 let stuck = tasks.len();
@@ -168,21 +219,14 @@ pub async fn run(cfg: Config) -> Result<Report, SetupError> {
             }
         }
     }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
+    if drawn {
+        eprint!("\r\x1b[K");
     }
     Ok(Report::from_outcomes(&outcomes, cfg.duration))
 }
 
-fn progress_bar(cfg: &Config) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(cfg.duration.as_secs());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len}s {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    bar
-}
+type Sink = SplitSink<Ws, Message>;
+type Source = SplitStream<Ws>;
 
 async fn session(
     index: usize,
@@ -195,18 +239,19 @@ async fn session(
 ) -> SessionOutcome {
     let busy = !is_idle(index, cfg.idle_fraction);
     let mut outcome = SessionOutcome {
+        index,
         idle: !busy,
         ..Default::default()
     };
     sleep_until(start_at).await;
+    let t0 = Instant::now();
     let fail = |outcome: &mut SessionOutcome, kind: String, detail: String| {
         debug!(session = index, kind, detail, "session failed");
-        counters.failed.fetch_add(1, Ordering::Relaxed);
         outcome.error = Some(kind);
         outcome.error_detail = Some(detail);
+        outcome.lasted = t0.elapsed();
     };
 
-    let t0 = Instant::now();
     let limit = t0
         + cfg
             .connect_timeout
@@ -267,21 +312,24 @@ async fn session(
         match msg {
             Some(Ok(Message::Binary(b))) => {
                 outcome.bytes += b.len() as u64;
+                counters.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                 if let Err(e) = client.receive(&b, std::time::Instant::now()) {
                     // The server broke RFB: say so in the close frame (RFC 6455 7.4.1, 1002).
-                    let close = CloseFrame {
-                        code: CloseCode::Protocol,
-                        reason: "rfb error".into(),
-                    };
-                    let bye = sink.send(Message::Close(Some(close)));
-                    let _ = timeout(Duration::from_secs(1), bye).await;
+                    let _ =
+                        close_handshake(&mut sink, &mut stream, CloseCode::Protocol, "rfb error")
+                            .await;
                     break Err((e.kind().into(), e.to_string()));
                 }
             }
             Some(Ok(Message::Text(_))) => {
                 break Err(("ws_text_frame".into(), "server sent a text frame".into()));
             }
-            Some(Ok(Message::Close(frame))) => break Err(closed_by_server(frame, "")),
+            Some(Ok(Message::Close(frame))) => {
+                // tungstenite has queued the reply to the server's close; send it before the
+                // socket goes, so the server's side of the handshake completes too.
+                let _ = timeout(CLOSE_GRACE, sink.close()).await;
+                break Err(closed_by_server(frame, ""));
+            }
             // Ping/pong: tungstenite answers pings itself.
             Some(Ok(_)) => {}
             Some(Err(e)) => break Err((stream_error_kind(&e), e.to_string())),
@@ -290,21 +338,20 @@ async fn session(
             }
         }
     };
-    match result {
+    let result = match result {
+        // End of run: a clean close, the server's close frame awaited.
         Ok(()) => {
-            // End of run: close politely, but do not let a slow peer hold up the report.
-            let _ = timeout(
-                Duration::from_secs(1),
-                sink.send(Message::Close(Some(CloseFrame {
-                    code: CloseCode::Normal,
-                    reason: "load test over".into(),
-                }))),
-            )
-            .await;
+            close_handshake(&mut sink, &mut stream, CloseCode::Normal, "load test over").await
         }
-        Err((kind, detail)) => fail(&mut outcome, kind, detail),
+        Err(e) => Err(e),
+    };
+    if let Err((kind, detail)) = result {
+        fail(&mut outcome, kind, detail);
     }
     counters.open.fetch_sub(1, Ordering::Relaxed);
+    if outcome.error.is_none() {
+        outcome.lasted = t0.elapsed();
+    }
 
     let s = client.stats();
     outcome.handshake = s
@@ -317,15 +364,60 @@ async fn session(
     outcome
 }
 
+/// The client's side of the close handshake (RFC 6455 7.1.2): sends a close frame with
+/// `code` and `reason`, then reads, discarding data still in flight, until the server's
+/// close frame, within [`CLOSE_GRACE`]. Only then may the socket go: dropped earlier, with
+/// frames unread, it is reset, and the server counts a browser that vanished (1006) instead
+/// of one that closed. Errors: the close could not be sent, the connection ended without the
+/// server's close frame (`1006`), or none came in time (`close_timeout`).
+async fn close_handshake(
+    sink: &mut Sink,
+    stream: &mut Source,
+    code: CloseCode,
+    reason: &str,
+) -> Result<(), (String, String)> {
+    let end = Instant::now() + CLOSE_GRACE;
+    let frame = CloseFrame {
+        code,
+        reason: reason.to_owned().into(),
+    };
+    match timeout_at(end, sink.send(Message::Close(Some(frame)))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err((stream_error_kind(&e), format!("sending our close: {e}"))),
+        Err(_) => return Err(close_timeout("our close frame could not be sent within")),
+    }
+    loop {
+        match timeout_at(end, stream.next()).await {
+            Err(_) => return Err(close_timeout("no close frame from the server within")),
+            Ok(Some(Ok(Message::Close(_)))) => return Ok(()),
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => {
+                return Err((
+                    stream_error_kind(&e),
+                    format!("waiting for the server's close frame: {e}"),
+                ));
+            }
+            Ok(None) => {
+                return Err((
+                    ABNORMAL.into(),
+                    "stream ended before the server's close frame".into(),
+                ));
+            }
+        }
+    }
+}
+
+/// `what` ends in "within": the grace period follows.
+fn close_timeout(what: &str) -> (String, String) {
+    (
+        "close_timeout".into(),
+        format!("{what} {} s", CLOSE_GRACE.as_secs_f64()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn progress_bar_template_is_valid() {
-        let bar = progress_bar(&Config::default());
-        assert_eq!(bar.length(), Some(10));
-    }
 
     #[test]
     fn idle_sessions_are_spread() {

@@ -12,6 +12,10 @@ use crate::stats::Percentiles;
 /// How one simulated client's run went.
 #[derive(Debug, Default, Clone)]
 pub struct SessionOutcome {
+    /// The session's number in the run (0-based).
+    pub index: usize,
+    /// From its start (after the ramp-up offset) to its end: success, or the failure.
+    pub lasted: Duration,
     pub idle: bool,
     /// TCP connect + WebSocket upgrade.
     pub connect: Option<Duration>,

@@ -92,6 +92,7 @@ async fn serve(mode: BridgeMode, tls: Option<tokio_rustls::TlsAcceptor>) -> Brid
 /// A self-signed server certificate and its key, made fresh by rcgen.
 pub struct SelfSigned {
     pub cert_pem: String,
+    pub key_pem: String,
     cert_der: rustls::pki_types::CertificateDer<'static>,
     key_der: Vec<u8>,
 }
@@ -103,6 +104,7 @@ pub fn self_signed() -> SelfSigned {
             .unwrap();
     SelfSigned {
         cert_pem: cert.pem(),
+        key_pem: signing_key.serialize_pem(),
         cert_der: cert.der().clone(),
         key_der: signing_key.serialize_der(),
     }
@@ -116,6 +118,16 @@ impl SelfSigned {
             std::process::id()
         ));
         std::fs::write(&path, &self.cert_pem).unwrap();
+        path
+    }
+
+    /// Writes the private key as PEM (PKCS#8) to a fresh file (a server's `--tls-key`).
+    pub fn write_key_pem(&self, name: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "vncgate-loadtest-{}-{name}.pem",
+            std::process::id()
+        ));
+        std::fs::write(&path, &self.key_pem).unwrap();
         path
     }
 
@@ -193,7 +205,8 @@ where
         while let Some(Ok(msg)) = ws_rx.next().await {
             let data = match msg {
                 Message::Binary(b) => b,
-                Message::Close(_) => break,
+                // tungstenite queued the reply to the client's close; reading on sends it
+                // and then ends the stream: the close handshake a gateway completes.
                 _ => continue,
             };
             if up_wr.write_all(&data).await.is_err() {
