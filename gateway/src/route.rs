@@ -283,8 +283,7 @@ pub fn parse_routes_file(text: &str) -> Result<Vec<(String, Route)>, String> {
         .into_iter()
         .map(|r| {
             check_session_id(&r.session)?;
-            let digest = |hex: Option<String>, raw: Option<String>, what: &str| match (hex, raw)
-            {
+            let digest = |hex: Option<String>, raw: Option<String>, what: &str| match (hex, raw) {
                 (Some(_), Some(_)) => Err(format!(
                     "route '{}': give {what} or {what}_sha256, not both",
                     r.session
@@ -359,8 +358,8 @@ mod tests {
         assert_eq!(r[0].1.token_digest, Some(Token::digest_of(b"full")));
         assert_eq!(r[0].1.view_token_digest, Some(Token::digest_of(b"watch")));
         let hex = hex::encode(Token::digest_of(b"watch"));
-        let r = parse_routes_file(&format!("{head}token='full'\nview_token_sha256='{hex}'"))
-            .unwrap();
+        let r =
+            parse_routes_file(&format!("{head}token='full'\nview_token_sha256='{hex}'")).unwrap();
         assert_eq!(r[0].1.view_token_digest, Some(Token::digest_of(b"watch")));
         for (bad, why) in [
             ("view_token='watch'", "needs a (full) token"),
@@ -370,7 +369,10 @@ mod tests {
                 "give view_token or view_token_sha256",
             ),
             ("token='a'\nview_token_sha256='zz'", "view_token_sha256"),
-            ("token='a'\nview_token='b c'", "view_token: token has invalid characters"),
+            (
+                "token='a'\nview_token='b c'",
+                "view_token: token has invalid characters",
+            ),
         ] {
             let e = parse_routes_file(&format!("{head}{bad}")).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

@@ -84,10 +84,8 @@ impl Desktop {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "vncgate-view-only-{}-{stamp}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("vncgate-view-only-{}-{stamp}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let first = 400 + std::process::id() % 400;
         let mut found = None;
@@ -248,7 +246,9 @@ impl Viewer {
         let mut hs = ClientHandshake::new(None, shared);
         let mut pending = Vec::new();
         while !hs.is_done() {
-            let f = ws.next_frame().expect("stream ended during the RFB handshake");
+            let f = ws
+                .next_frame()
+                .expect("stream ended during the RFB handshake");
             assert_eq!(f.opcode, 2, "during the handshake: {}", f.close_reason());
             pending.extend_from_slice(&f.payload);
             let used = hs.receive(&pending).expect("RFB handshake");
@@ -377,10 +377,19 @@ fn keys_through_the_view_token_do_not_reach_the_shell_and_through_the_full_token
     // would have run.
     full.send(&typing("touch second"));
     assert!(eventually(WITHIN, || desk.has("second")), "{}", gw.log());
-    assert!(!desk.has("viewed"), "a key through the view token reached the shell");
-    assert!(!desk.has("viewed2"), "a key through the view token reached the shell");
+    assert!(
+        !desk.has("viewed"),
+        "a key through the view token reached the shell"
+    );
+    assert!(
+        !desk.has("viewed2"),
+        "a key through the view token reached the shell"
+    );
     let typed = |s: &str| (s.len() as f64 + 1.0) * 2.0;
-    assert_eq!(dropped(&gw, "key_event"), typed("touch viewed") + typed("touch viewed2"));
+    assert_eq!(
+        dropped(&gw, "key_event"),
+        typed("touch viewed") + typed("touch viewed2")
+    );
     assert_eq!(dropped(&gw, "pointer_event"), 1.0);
     assert_eq!(dropped(&gw, "client_cut_text"), 2.0);
     assert_eq!(dropped(&gw, "qemu"), 2.0);
@@ -475,9 +484,8 @@ fn what_the_gateway_cannot_follow_closes_a_view_only_viewer_by_name() {
         (4013, "view_only_security"),
         (4014, "view_only_version"),
     ] {
-        let series = format!(
-            "vncgate_sessions_closed_total{{code=\"{code}\",cause=\"{cause}\",blame=\""
-        );
+        let series =
+            format!("vncgate_sessions_closed_total{{code=\"{code}\",cause=\"{cause}\",blame=\"");
         assert!(
             eventually(WITHIN, || {
                 let (_, body) = gw.admin_get("/metrics");
@@ -487,7 +495,10 @@ fn what_the_gateway_cannot_follow_closes_a_view_only_viewer_by_name() {
             "{series}"
         );
     }
-    assert!(gw.log().contains("view-only viewer closed: its stream cannot be followed"));
+    assert!(
+        gw.log()
+            .contains("view-only viewer closed: its stream cannot be followed")
+    );
 }
 
 /// Runs `vncgate route ...`: (exit status, stdout, stderr).
@@ -537,7 +548,10 @@ fn a_view_token_written_with_route_add_reaches_the_gateway_through_redis() {
     assert!(out.contains("view-only token"), "{out}");
     let (_, out, _) = route(&["list", "--redis", &url, "--json"]);
     assert!(out.contains("\"view_token\":true"), "{out}");
-    assert!(!out.contains(&hex_digest(VIEW)), "list never shows the digest: {out}");
+    assert!(
+        !out.contains(&hex_digest(VIEW)),
+        "list never shows the digest: {out}"
+    );
     let (_, out, _) = route(&["list", "--redis", &url]);
     assert!(out.lines().next().unwrap().contains("VIEW"), "{out}");
 
@@ -557,9 +571,10 @@ fn a_view_token_written_with_route_add_reaches_the_gateway_through_redis() {
     let (code, out, err) = add(&["--token", FULL]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        eventually(WITHIN, || upgrade_status(&gw, &format!(
-            "/vnc/desk?token={VIEW}"
-        )) == 403),
+        eventually(WITHIN, || upgrade_status(
+            &gw,
+            &format!("/vnc/desk?token={VIEW}")
+        ) == 403),
         "{}",
         gw.log()
     );

@@ -134,7 +134,10 @@ pub fn message_len(head: &[u8]) -> Result<Option<(MsgKind, u64)>, RfbError> {
     if head.len() < need {
         // QEMU's sub-type is known from byte 2: an unknown one fails as early as it can.
         if kind == MsgKind::Qemu && head.len() >= 2 && head[1] > 1 {
-            return Err(RfbError::UnknownSubtype { kind: t, subtype: head[1] });
+            return Err(RfbError::UnknownSubtype {
+                kind: t,
+                subtype: head[1],
+            });
         }
         return Ok(None);
     }

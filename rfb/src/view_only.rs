@@ -41,7 +41,11 @@ impl std::fmt::Display for ViewOnlyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ViewOnlyError::Version(v) => {
-                write!(f, "client version \"{}\" is not 3.7 or 3.8", v.escape_ascii())
+                write!(
+                    f,
+                    "client version \"{}\" is not 3.7 or 3.8",
+                    v.escape_ascii()
+                )
             }
             ViewOnlyError::Security(t) => write!(f, "client chose security type {t}"),
             ViewOnlyError::Unsizable(e) => write!(f, "cannot size client message: {e}"),
@@ -88,7 +92,10 @@ impl Default for ViewOnlyFilter {
     }
 }
 
-const _: () = assert!(MAX_SIZING_BYTES <= 12, "the head buffer holds a message's sizing bytes");
+const _: () = assert!(
+    MAX_SIZING_BYTES <= 12,
+    "the head buffer holds a message's sizing bytes"
+);
 
 impl ViewOnlyFilter {
     pub fn new() -> ViewOnlyFilter {
@@ -214,10 +221,7 @@ impl ViewOnlyFilter {
     /// The messages dropped since the last call, by kind (kinds with none left out).
     pub fn take_dropped(&mut self) -> impl Iterator<Item = (MsgKind, u32)> + use<> {
         let counts = std::mem::take(&mut self.dropped);
-        MsgKind::ALL
-            .into_iter()
-            .zip(counts)
-            .filter(|&(_, n)| n > 0)
+        MsgKind::ALL.into_iter().zip(counts).filter(|&(_, n)| n > 0)
     }
 
     /// Whether the client's ClientInit asked for an exclusive session (it was made shared).
@@ -310,7 +314,11 @@ mod tests {
                 let n = rng.below(30) as u16;
                 let big = rng.below(2) == 0;
                 m.extend_from_slice(&[253, if big { 0x81 } else { 0x01 }]);
-                m.extend_from_slice(&if big { n.to_be_bytes() } else { n.to_le_bytes() });
+                m.extend_from_slice(&if big {
+                    n.to_be_bytes()
+                } else {
+                    n.to_le_bytes()
+                });
                 m.extend(rng.bytes(usize::from(n)));
             }
             MsgKind::Qemu => match rng.below(4) {
@@ -466,7 +474,10 @@ mod tests {
         ] {
             let mut b = v[..12].to_vec();
             assert!(
-                matches!(ViewOnlyFilter::new().filter(&mut b), Err(ViewOnlyError::Version(_))),
+                matches!(
+                    ViewOnlyFilter::new().filter(&mut b),
+                    Err(ViewOnlyError::Version(_))
+                ),
                 "{v:?}"
             );
         }
@@ -523,6 +534,9 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(f.filter(&mut chunk), Ok(0));
         }
-        assert_eq!(f.take_dropped().collect::<Vec<_>>(), [(MsgKind::ClientCutText, 1)]);
+        assert_eq!(
+            f.take_dropped().collect::<Vec<_>>(),
+            [(MsgKind::ClientCutText, 1)]
+        );
     }
 }

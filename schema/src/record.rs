@@ -93,7 +93,10 @@ pub fn checked_token_digest(raw: &[u8]) -> Result<[u8; 32], &'static str> {
 /// Checks a view-only token's digest against the full token's: a view token needs a full
 /// token (without one every client acts, and watching only would mean nothing), and must
 /// differ from it (the full token would win, and the view link would act).
-pub fn check_view_token(full: Option<&[u8; 32]>, view: Option<&[u8; 32]>) -> Result<(), &'static str> {
+pub fn check_view_token(
+    full: Option<&[u8; 32]>,
+    view: Option<&[u8; 32]>,
+) -> Result<(), &'static str> {
     match (full, view) {
         (None, Some(_)) => Err("a view-only token needs a (full) token on the route"),
         (Some(f), Some(v)) if f == v => Err("the view-only token equals the full token"),

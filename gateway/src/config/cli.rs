@@ -28,7 +28,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum RouteCommand {
     /// Write a route (create or replace) and announce it to the gateways.
-    Add(RouteAddArgs),
+    Add(Box<RouteAddArgs>),
     /// Delete a route; gateways close its live sessions with 4006 "session revoked".
     Del(RouteDelArgs),
     /// List the routes.
