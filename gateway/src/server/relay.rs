@@ -143,8 +143,8 @@ pub struct Relay<'a, S: RouteSource> {
     pub to_browser: Cell<u64>,
     pub to_vm: Cell<u64>,
     /// A view-only viewer's filter (`server::view_only`); `None` for full viewers, whose
-    /// bytes go to the VM untouched.
-    view_only: Option<RefCell<ViewOnly>>,
+    /// bytes go to the VM untouched. Boxed: a full viewer's relay grows by one pointer.
+    view_only: Option<Box<RefCell<ViewOnly>>>,
 }
 
 /// Bytes a session may move in one direction before it yields to the worker's other
@@ -209,7 +209,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
     /// Makes this a view-only viewer's relay: the browser's RFB stream is filtered before
     /// the VM sees it.
     pub fn view_only(mut self, on: bool) -> Self {
-        self.view_only = on.then(|| RefCell::new(ViewOnly::new()));
+        self.view_only = on.then(|| Box::new(RefCell::new(ViewOnly::new())));
         self
     }
 
