@@ -516,7 +516,8 @@ fn route(args: &[&str]) -> (i32, String, String) {
 }
 
 #[test]
-fn a_view_token_written_with_route_add_reaches_the_gateway_through_redis() {
+fn a_view_token_written_with_route_add_reaches_the_gateway_through_redis_and_withdrawn_revokes_its_viewers()
+ {
     let desk = Desktop::start();
     let r = RedisServer::start();
     let url = r.url();
@@ -567,9 +568,12 @@ fn a_view_token_written_with_route_add_reaches_the_gateway_through_redis() {
     assert!(!desk.has("viewed"));
     assert_eq!(dropped(&gw, "key_event"), 26.0);
 
-    // Rewritten without the view token: the view link is refused from then on.
+    // Rewritten without the view token: its live viewer is revoked, the full viewer stays,
+    // and the view link is refused from then on.
     let (code, out, err) = add(&["--token", FULL]);
     assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(view.close_of(), (4006, "session revoked".into()));
+    assert!(full.sync() > 0, "the full viewer is still connected");
     assert!(
         eventually(WITHIN, || upgrade_status(
             &gw,

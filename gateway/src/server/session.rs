@@ -128,7 +128,14 @@ pub async fn serve<S: RouteSource>(
         tracing::debug!(session = %id, %peer, error = %e, "client left before the 101");
         return;
     }
+    let view_only = matches!(&decision, Decision::Admit(a) if a.role == Role::ViewOnly);
+    if view_only {
+        metrics::counter!(m::VIEW_ONLY_SESSIONS).increment(1);
+    }
     let ctl = w.register(id);
+    if let (true, Ok(Some(r))) = (view_only, &lookup) {
+        ctl.view_token.set(r.view_token_digest);
+    }
     metrics::counter!(m::SESSIONS_OPENED).increment(1);
     let started = Instant::now();
     // Held until the session is unregistered: the slot counts against the viewer limit.
@@ -138,10 +145,7 @@ pub async fn serve<S: RouteSource>(
         Decision::Admit(a) => Some(a.upstream),
         _ => None,
     };
-    let view_only = matches!(&decision, Decision::Admit(a) if a.role == Role::ViewOnly);
-    if view_only {
-        metrics::counter!(m::VIEW_ONLY_SESSIONS).increment(1);
-    }
+
     let (end, to_browser, to_vm, close_sent) = match decision {
         Decision::Refuse(_) => unreachable!("refused above"),
         Decision::Close(cause) => {
