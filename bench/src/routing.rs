@@ -462,6 +462,7 @@ impl Redis {
                 let rec = RouteRecord {
                     upstream,
                     token_sha256: None,
+                    view_token_sha256: None,
                     expires_at: None,
                     max_viewers: None,
                     created_at: vncgate_schema::unix_now(),

@@ -74,6 +74,7 @@ pub fn publish_when_ready(url: &RedisUrl, p: &Publish) -> Result<Published, Stri
     let rec = RouteRecord {
         upstream,
         token_sha256,
+        view_token_sha256: None,
         expires_at: p
             .ttl
             .map(|d| record::expires_after(d.max(Duration::from_secs(1)))),

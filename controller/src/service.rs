@@ -739,6 +739,7 @@ impl<B: Backend> Service<B> {
         Some(RouteRecord {
             upstream: vm.addrs.vnc,
             token_sha256: Some(rec.token_sha256),
+            view_token_sha256: None,
             expires_at: Some(rec.expires_at.div_ceil(1000)),
             max_viewers: self.cfg.max_viewers,
             created_at: vncgate_schema::unix_now(),

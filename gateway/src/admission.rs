@@ -21,7 +21,7 @@ use vncgate_ws::handshake::{PresentedToken, Reject, error_response};
 
 use crate::close::{self, Blame, CloseCause};
 use crate::policy::UpstreamPolicy;
-use crate::route::{Denied, Route, Unavailable};
+use crate::route::{Denied, Role, Route, Unavailable};
 use crate::token::Token;
 
 /// An upgrade refused before the 101: an HTTP status, the reason in its body and its log
@@ -193,6 +193,8 @@ pub struct Admit {
     pub viewer_limit: u32,
     /// Time left before the route expires; `None` without expiry.
     pub expires_in: Option<Duration>,
+    /// Full, or view-only (the view token): the relay then filters the browser's input.
+    pub role: Role,
 }
 
 /// What happens to the connection.
@@ -213,11 +215,11 @@ pub fn decide(ask: &Ask, lookup: Result<Option<&Route>, Unavailable>, gate: &Gat
         Ok(None) => return Decision::Refuse(UNKNOWN_SESSION),
         Err(e) => return Decision::Refuse(source_unavailable(e)),
     };
-    match route.authorize(ask.token.as_ref()) {
-        Ok(()) => {}
+    let role = match route.authorize(ask.token.as_ref()) {
+        Ok(role) => role,
         Err(Denied::MissingToken) => return Decision::Refuse(TOKEN_REQUIRED),
         Err(Denied::BadToken) => return Decision::Refuse(INVALID_TOKEN),
-    }
+    };
     if gate.draining {
         return Decision::Refuse(DRAINING);
     }
@@ -235,6 +237,7 @@ pub fn decide(ask: &Ask, lookup: Result<Option<&Route>, Unavailable>, gate: &Gat
         upstream: route.upstream,
         viewer_limit: route.max_viewers.unwrap_or(gate.default_max_viewers),
         expires_in,
+        role,
     })
 }
 
@@ -254,6 +257,7 @@ mod tests {
         Route {
             upstream: "10.0.0.5:6080".parse().unwrap(),
             token_digest: Some(Token::digest_of(b"s3cr3t")),
+            view_token_digest: None,
             expires_at: Some(2_000),
             max_viewers: None,
         }
@@ -284,6 +288,7 @@ mod tests {
                 upstream: "10.0.0.5:6080".parse().unwrap(),
                 viewer_limit: 3,
                 expires_in: Some(Duration::from_secs(1_000)),
+                role: Role::Full,
             })
         );
         let mut r = route();
@@ -293,6 +298,33 @@ mod tests {
             panic!()
         };
         assert_eq!((a.viewer_limit, a.expires_in), (0, None));
+    }
+
+    #[test]
+    fn the_view_token_admits_a_view_only_viewer_with_the_same_checks() {
+        let p = policy();
+        let g = gate(&p);
+        let mut r = route();
+        r.view_token_digest = Some(Token::digest_of(b"watch"));
+        let role = |t: &[u8], g: &Gate| match decide(&with_token(t), Ok(Some(&r)), g) {
+            Decision::Admit(a) => Ok(a.role),
+            Decision::Refuse(f) => Err(f.status),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(role(b"watch", &g), Ok(Role::ViewOnly));
+        assert_eq!(role(b"s3cr3t", &g), Ok(Role::Full));
+        assert_eq!(role(b"wrong", &g), Err(403));
+        // The view token meets the same gateway state as the full one.
+        let draining = Gate {
+            draining: true,
+            ..g
+        };
+        assert_eq!(role(b"watch", &draining), Err(503));
+        r.expires_at = Some(1_000);
+        assert_eq!(
+            decide(&with_token(b"watch"), Ok(Some(&r)), &g),
+            Decision::Close(close::SESSION_EXPIRED)
+        );
     }
 
     #[test]

@@ -92,6 +92,31 @@ pub const MAX_DURATION: CloseCause = cause(
     "max_duration",
     Blame::Policy,
 );
+/// A view-only viewer sent a message the gateway cannot size (an unknown type or sub-type, a
+/// length its kind does not allow): nothing after it could be told from input, so the
+/// viewer is closed rather than anything passed (`server::view_only`).
+pub const VIEW_ONLY_UNSIZABLE: CloseCause = cause(
+    4012,
+    "view-only: message the gateway cannot size",
+    "view_only_unsizable",
+    Blame::Browser,
+);
+/// A view-only viewer chose a security type other than None and VNC Authentication, whose
+/// messages the gateway cannot follow.
+pub const VIEW_ONLY_SECURITY: CloseCause = cause(
+    4013,
+    "view-only: security type not followable (use None or VNC auth)",
+    "view_only_security",
+    Blame::Policy,
+);
+/// A view-only viewer speaks an RFB version other than 3.7 and 3.8 (3.3: the server picks
+/// the security type, which the gateway does not see from the browser's side).
+pub const VIEW_ONLY_VERSION: CloseCause = cause(
+    4014,
+    "view-only: RFB version not followable (need 3.7 or 3.8)",
+    "view_only_version",
+    Blame::Policy,
+);
 
 /// The published table (README, tests): every code the gateway itself may send.
 pub const TABLE: &[CloseCause] = &[
@@ -109,6 +134,9 @@ pub const TABLE: &[CloseCause] = &[
     TOO_MANY_VIEWERS,
     UPSTREAM_FORBIDDEN,
     MAX_DURATION,
+    VIEW_ONLY_UNSIZABLE,
+    VIEW_ONLY_SECURITY,
+    VIEW_ONLY_VERSION,
 ];
 
 /// The metric names of the browser's protocol violations, by the close code the frame parser

@@ -103,6 +103,7 @@ mod tests {
                         Route {
                             upstream: format!("127.0.0.1:{port}").parse().unwrap(),
                             token_digest: None,
+                            view_token_digest: None,
                             expires_at: None,
                             max_viewers: None,
                         },

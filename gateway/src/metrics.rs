@@ -88,6 +88,20 @@ pub const ROUTE_LOOKUP_SECONDS: &str = "vncgate_route_lookup_seconds";
 pub const ROUTE_RECORDS_INVALID: &str = "vncgate_route_records_invalid_total";
 /// Route events received, by `op`: `put`, `del`, `invalid`, `resubscribe`, `recheck_gone`.
 pub const ROUTE_EVENTS: &str = "vncgate_route_events_total";
+/// View-only viewers admitted (the route's view token).
+pub const VIEW_ONLY_SESSIONS: &str = "vncgate_view_only_sessions_total";
+/// Messages of view-only viewers dropped before the VM, by `kind` (the RFB message kinds
+/// that act: [`VIEW_ONLY_DROPPED_KINDS`]).
+pub const VIEW_ONLY_DROPPED: &str = "vncgate_view_only_dropped_total";
+
+/// The `kind` labels of [`VIEW_ONLY_DROPPED`]: every client message kind that acts.
+pub fn view_only_dropped_kinds() -> impl Iterator<Item = &'static str> {
+    vncgate_rfb::client_msg::MsgKind::ALL
+        .into_iter()
+        .filter(|k| k.acts())
+        .map(|k| k.name())
+}
+
 /// 1, labelled with the gateway's `version` and `commit` (`unknown` when built outside git).
 pub const BUILD_INFO: &str = "vncgate_build_info";
 
@@ -257,6 +271,18 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Route events received, by operation.",
     ),
     (
+        VIEW_ONLY_SESSIONS,
+        Kind::Counter,
+        None,
+        "View-only viewers admitted (the route's view token).",
+    ),
+    (
+        VIEW_ONLY_DROPPED,
+        Kind::Counter,
+        None,
+        "Messages of view-only viewers dropped before the VM (input, clipboard, desktop size, power), by RFB message kind.",
+    ),
+    (
         BUILD_INFO,
         Kind::Gauge,
         None,
@@ -309,7 +335,11 @@ pub fn zero_series(workers: usize) -> Vec<Series> {
         series(PIPE_SIZE_FALLBACK, &[]),
         series(DRAINING, &[]),
         series(ROUTE_LOOKUP_SECONDS, &[]),
+        series(VIEW_ONLY_SESSIONS, &[]),
     ];
+    for kind in view_only_dropped_kinds() {
+        all.push(series(VIEW_ONLY_DROPPED, &[("kind", kind)]));
+    }
     for w in 0..workers {
         let w = w.to_string();
         for name in [
@@ -549,6 +579,12 @@ mod tests {
             "RecordError::label",
         ),
         (IO_DRIVER, "driver", "driver.as_str()", "server::Driver"),
+        (
+            VIEW_ONLY_DROPPED,
+            "kind",
+            "kind.name()",
+            "view_only_dropped_kinds (MsgKind::acts)",
+        ),
         (IO_DRIVER, "worker", "i.to_string()", "0..workers"),
         (
             CONNECTIONS_ACCEPTED,

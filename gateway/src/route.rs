@@ -1,7 +1,8 @@
 //! Where sessions go: the route record, the [`RouteSource`] trait, and the static sources.
 //!
-//! A route maps a session id to the VM's RFB address, the digest of the session's token and
-//! an optional expiry. The Redis source (per-worker cache, pub/sub invalidation) plugs in
+//! A route maps a session id to the VM's RFB address, the digest of the session's token (and
+//! of a view-only token, whose viewers the gateway lets watch but not act) and an optional
+//! expiry. The Redis source (per-worker cache, pub/sub invalidation) plugs in
 //! behind the same trait. The static source here serves `--route ID=HOST:PORT` flags (no
 //! token: for development and benchmarks) and a routes file with tokens.
 
@@ -23,10 +24,22 @@ pub struct Route {
     pub upstream: SocketAddr,
     /// SHA-256 of the session token; `None` admits any client (development routes).
     pub token_digest: Option<TokenDigest>,
+    /// SHA-256 of the view-only token: its viewers get the desktop, and the relay drops their
+    /// input (`server::view_only`). Only with `token_digest`.
+    pub view_token_digest: Option<TokenDigest>,
     /// When the session ends, as seconds since the Unix epoch.
     pub expires_at: Option<u64>,
     /// Concurrent connections allowed; `None` takes `--max-viewers`, `Some(0)` is unlimited.
     pub max_viewers: Option<u32>,
+}
+
+/// What an admitted client may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything: the full token, or a route without one.
+    Full,
+    /// Watch only: the view-only token. The relay filters the client's RFB stream.
+    ViewOnly,
 }
 
 /// Why a client may not use a route, decided before the upgrade.
@@ -43,6 +56,7 @@ impl From<vncgate_schema::RouteRecord> for Route {
         Route {
             upstream: r.upstream,
             token_digest: r.token_sha256,
+            view_token_digest: r.view_token_sha256,
             expires_at: r.expires_at,
             max_viewers: r.max_viewers,
         }
@@ -50,11 +64,24 @@ impl From<vncgate_schema::RouteRecord> for Route {
 }
 
 impl Route {
-    pub fn authorize(&self, token: Option<&Token>) -> Result<(), Denied> {
+    /// The role the presented token gives. Both digests are compared, each in constant
+    /// time and both always, so the time taken says neither whether nor which one matched.
+    /// A view token on a route without a full token (which writers refuse) still gives only
+    /// a view; every other client of such a route acts, as on any route without a token.
+    pub fn authorize(&self, token: Option<&Token>) -> Result<Role, Denied> {
+        let view = match (&self.view_token_digest, token) {
+            (Some(d), Some(t)) => t.matches_digest(d),
+            _ => false,
+        };
+        let full = match (&self.token_digest, token) {
+            (Some(d), Some(t)) => t.matches_digest(d),
+            _ => false,
+        };
         match (&self.token_digest, token) {
-            (None, _) => Ok(()),
+            _ if full => Ok(Role::Full),
+            _ if view => Ok(Role::ViewOnly),
+            (None, _) => Ok(Role::Full),
             (Some(_), None) => Err(Denied::MissingToken),
-            (Some(d), Some(t)) if t.matches_digest(d) => Ok(()),
             (Some(_), Some(_)) => Err(Denied::BadToken),
         }
     }
@@ -200,6 +227,7 @@ pub fn parse_route_flag(s: &str) -> Result<(String, Route), String> {
         Route {
             upstream: resolve(addr)?,
             token_digest: None,
+            view_token_digest: None,
             expires_at: None,
             max_viewers: None,
         },
@@ -216,6 +244,10 @@ struct FileRoute {
     token_sha256: Option<String>,
     /// The token itself (development convenience; hashed on load).
     token: Option<String>,
+    /// Hex SHA-256 of the view-only token (its viewers watch; their input is dropped).
+    view_token_sha256: Option<String>,
+    /// The view-only token itself (hashed on load).
+    view_token: Option<String>,
     /// Unix seconds.
     expires_at: Option<u64>,
     /// Concurrent connections allowed (0: unlimited).
@@ -236,6 +268,7 @@ struct RoutesFile {
 /// session = "abc"
 /// upstream = "10.0.0.5:6080"
 /// token_sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+/// view_token_sha256 = "..." # optional: a second token for view-only viewers
 /// expires_at = 1767225600
 /// ```
 pub fn load_routes_file(path: &Path) -> Result<Vec<(String, Route)>, String> {
@@ -250,25 +283,32 @@ pub fn parse_routes_file(text: &str) -> Result<Vec<(String, Route)>, String> {
         .into_iter()
         .map(|r| {
             check_session_id(&r.session)?;
-            let token_digest = match (r.token_sha256, r.token) {
-                (Some(_), Some(_)) => {
-                    return Err(format!(
-                        "route '{}': give token or token_sha256, not both",
-                        r.session
-                    ));
-                }
-                (Some(h), None) => Some(parse_digest_hex(&h)?),
-                (None, Some(t)) => Some(
-                    vncgate_schema::record::checked_token_digest(t.as_bytes())
-                        .map_err(|e| format!("route '{}': {e}", r.session))?,
-                ),
-                (None, None) => None,
+            let digest = |hex: Option<String>, raw: Option<String>, what: &str| match (hex, raw) {
+                (Some(_), Some(_)) => Err(format!(
+                    "route '{}': give {what} or {what}_sha256, not both",
+                    r.session
+                )),
+                (Some(h), None) => parse_digest_hex(&h)
+                    .map(Some)
+                    .map_err(|e| format!("route '{}': {what}_sha256: {e}", r.session)),
+                (None, Some(t)) => vncgate_schema::record::checked_token_digest(t.as_bytes())
+                    .map(Some)
+                    .map_err(|e| format!("route '{}': {what}: {e}", r.session)),
+                (None, None) => Ok(None),
             };
+            let token_digest = digest(r.token_sha256, r.token, "token")?;
+            let view_token_digest = digest(r.view_token_sha256, r.view_token, "view_token")?;
+            vncgate_schema::record::check_view_token(
+                token_digest.as_ref(),
+                view_token_digest.as_ref(),
+            )
+            .map_err(|e| format!("route '{}': {e}", r.session))?;
             Ok((
                 r.session,
                 Route {
                     upstream: resolve(&r.upstream)?,
                     token_digest,
+                    view_token_digest,
                     expires_at: r.expires_at,
                     max_viewers: r.max_viewers,
                 },
@@ -308,22 +348,64 @@ mod tests {
         assert!(
             parse_routes_file("[[route]]\nsession='x'\nupstream='127.0.0.1:1'\nbogus=1").is_err()
         );
+        assert!(routes[0].1.view_token_digest.is_none());
+    }
+
+    #[test]
+    fn view_tokens_in_the_routes_file() {
+        let head = "[[route]]\nsession='v'\nupstream='127.0.0.1:1'\n";
+        let r = parse_routes_file(&format!("{head}token='full'\nview_token='watch'")).unwrap();
+        assert_eq!(r[0].1.token_digest, Some(Token::digest_of(b"full")));
+        assert_eq!(r[0].1.view_token_digest, Some(Token::digest_of(b"watch")));
+        let hex = hex::encode(Token::digest_of(b"watch"));
+        let r =
+            parse_routes_file(&format!("{head}token='full'\nview_token_sha256='{hex}'")).unwrap();
+        assert_eq!(r[0].1.view_token_digest, Some(Token::digest_of(b"watch")));
+        for (bad, why) in [
+            ("view_token='watch'", "needs a (full) token"),
+            ("token='same'\nview_token='same'", "equals the full token"),
+            (
+                &format!("token='a'\nview_token='b'\nview_token_sha256='{hex}'") as &str,
+                "give view_token or view_token_sha256",
+            ),
+            ("token='a'\nview_token_sha256='zz'", "view_token_sha256"),
+            (
+                "token='a'\nview_token='b c'",
+                "view_token: token has invalid characters",
+            ),
+        ] {
+            let e = parse_routes_file(&format!("{head}{bad}")).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
     fn authorization_and_expiry() {
-        let r = Route {
+        let mut r = Route {
             upstream: "127.0.0.1:1".parse().unwrap(),
             token_digest: Some(Token::digest_of(b"t")),
+            view_token_digest: None,
             expires_at: Some(1000),
             max_viewers: None,
         };
+        let tok = |t: &[u8]| Token::from_bytes(t).unwrap();
         assert_eq!(r.authorize(None), Err(Denied::MissingToken));
-        assert_eq!(
-            r.authorize(Some(&Token::from_bytes(b"x").unwrap())),
-            Err(Denied::BadToken)
-        );
-        assert_eq!(r.authorize(Some(&Token::from_bytes(b"t").unwrap())), Ok(()));
+        assert_eq!(r.authorize(Some(&tok(b"x"))), Err(Denied::BadToken));
+        assert_eq!(r.authorize(Some(&tok(b"t"))), Ok(Role::Full));
+        assert_eq!(r.authorize(Some(&tok(b"v"))), Err(Denied::BadToken));
+        r.view_token_digest = Some(Token::digest_of(b"v"));
+        assert_eq!(r.authorize(Some(&tok(b"v"))), Ok(Role::ViewOnly));
+        assert_eq!(r.authorize(Some(&tok(b"t"))), Ok(Role::Full));
+        assert_eq!(r.authorize(Some(&tok(b"x"))), Err(Denied::BadToken));
+        assert_eq!(r.authorize(None), Err(Denied::MissingToken));
+        // A view token on a route without a full token (writers refuse it) gives a view.
+        let open = Route {
+            token_digest: None,
+            ..r.clone()
+        };
+        assert_eq!(open.authorize(Some(&tok(b"v"))), Ok(Role::ViewOnly));
+        assert_eq!(open.authorize(Some(&tok(b"x"))), Ok(Role::Full));
+        assert_eq!(open.authorize(None), Ok(Role::Full));
         let at = |s| UNIX_EPOCH + Duration::from_secs(s);
         assert_eq!(r.time_left(at(400)), Some(Duration::from_secs(600)));
         assert_eq!(r.time_left(at(2000)), Some(Duration::ZERO));

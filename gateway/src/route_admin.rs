@@ -82,6 +82,17 @@ fn record_from_args(a: &RouteAddArgs) -> Result<RouteRecord, String> {
         (None, Some(h)) => Some(parse_digest_hex(h).map_err(|e| format!("--token-sha256: {e}"))?),
         (None, None) => None,
     };
+    let view_token_sha256 = match (&a.view_token, &a.view_token_sha256) {
+        (Some(t), _) => Some(
+            record::checked_token_digest(t.as_bytes()).map_err(|e| format!("--view-token: {e}"))?,
+        ),
+        (None, Some(h)) => {
+            Some(parse_digest_hex(h).map_err(|e| format!("--view-token-sha256: {e}"))?)
+        }
+        (None, None) => None,
+    };
+    record::check_view_token(token_sha256.as_ref(), view_token_sha256.as_ref())
+        .map_err(|e| format!("--view-token: {e}"))?;
     let expires_at = match a.ttl {
         None => None,
         Some(d) if d < Duration::from_secs(1) => {
@@ -93,6 +104,7 @@ fn record_from_args(a: &RouteAddArgs) -> Result<RouteRecord, String> {
     Ok(RouteRecord {
         upstream,
         token_sha256,
+        view_token_sha256,
         expires_at,
         max_viewers: a.max_viewers,
         created_at: now,
@@ -104,6 +116,9 @@ fn describe(r: &RouteRecord) -> String {
     let mut s = String::new();
     if r.token_sha256.is_some() {
         s.push_str(", token required");
+    }
+    if r.view_token_sha256.is_some() {
+        s.push_str(", view-only token");
     }
     if let Some(at) = r.expires_at {
         s.push_str(&format!(
@@ -117,6 +132,10 @@ fn describe(r: &RouteRecord) -> String {
         None => {}
     }
     s
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
 }
 
 fn del(rt: &tokio::runtime::Runtime, d: &RouteDelArgs) -> Result<Outcome, String> {
@@ -158,6 +177,7 @@ fn list(rt: &tokio::runtime::Runtime, l: &RouteListArgs) -> Result<Outcome, Stri
                     "session": id,
                     "upstream": r.upstream.to_string(),
                     "token": r.token_sha256.is_some(),
+                    "view_token": r.view_token_sha256.is_some(),
                     "expires_at": r.expires_at,
                     "expired": r.expires_at.is_some_and(|t| t <= now),
                     "max_viewers": r.max_viewers,
@@ -171,8 +191,8 @@ fn list(rt: &tokio::runtime::Runtime, l: &RouteListArgs) -> Result<Outcome, Stri
         return Ok(Outcome::Done);
     }
     println!(
-        "{:<24} {:<22} {:<6} {:<14} {:<11} WRITER",
-        "SESSION", "UPSTREAM", "TOKEN", "EXPIRES", "MAX_VIEWERS"
+        "{:<24} {:<22} {:<6} {:<5} {:<14} {:<11} WRITER",
+        "SESSION", "UPSTREAM", "TOKEN", "VIEW", "EXPIRES", "MAX_VIEWERS"
     );
     for (id, r) in &routes {
         match r {
@@ -188,14 +208,11 @@ fn list(rt: &tokio::runtime::Runtime, l: &RouteListArgs) -> Result<Outcome, Stri
                     Some(n) => n.to_string(),
                 };
                 println!(
-                    "{:<24} {:<22} {:<6} {:<14} {:<11} {}",
+                    "{:<24} {:<22} {:<6} {:<5} {:<14} {:<11} {}",
                     id,
                     r.upstream,
-                    if r.token_sha256.is_some() {
-                        "yes"
-                    } else {
-                        "no"
-                    },
+                    yes_no(r.token_sha256.is_some()),
+                    yes_no(r.view_token_sha256.is_some()),
                     expires,
                     viewers,
                     r.writer.as_deref().unwrap_or("-")

@@ -1,6 +1,194 @@
-//! Client-to-server messages (RFC 6143 section 7.5) and an incremental decoder for them.
+//! Client-to-server messages (RFC 6143 section 7.5) and an incremental decoder for them,
+//! and [`message_len`]: the length of any client message this crate can size, from as few of
+//! its first bytes as that takes, for a reader that follows the stream without buffering it
+//! (the gateway's view-only filter).
 
 use crate::{MAX_STRING, PixelFormat, RfbError, be16, be32};
+
+/// The client-to-server message types [`message_len`] can size: RFC 6143's own, and the
+/// extensions of the community protocol specification (rfbproto) that noVNC and TigerVNC
+/// send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MsgKind {
+    /// 0: the pixel format the client wants.
+    SetPixelFormat,
+    /// 2: the encodings the client accepts (and pseudo-encodings: the extensions it knows).
+    SetEncodings,
+    /// 3: asks for an update of a region.
+    FramebufferUpdateRequest,
+    /// 4: a key pressed or released.
+    KeyEvent,
+    /// 5: pointer movement and buttons.
+    PointerEvent,
+    /// 6: clipboard text, classic (Latin-1) or extended (negative length: caps, requests,
+    /// zlib-compressed formats).
+    ClientCutText,
+    /// 150: EnableContinuousUpdates (the server then sends updates unasked).
+    EnableContinuousUpdates,
+    /// 248: ClientFence (synchronisation with the server's stream).
+    ClientFence,
+    /// 250: xvp (shut down, reboot or reset the machine).
+    Xvp,
+    /// 251: SetDesktopSize (resizes the remote desktop).
+    SetDesktopSize,
+    /// 253: gii (General Input Interface: device creation and valuator events).
+    Gii,
+    /// 255: QEMU client messages (extended key events, audio).
+    Qemu,
+}
+
+impl MsgKind {
+    /// The kind of a message type byte; `None` for types no size is known of.
+    pub fn of(kind: u8) -> Option<MsgKind> {
+        Some(match kind {
+            0 => MsgKind::SetPixelFormat,
+            2 => MsgKind::SetEncodings,
+            3 => MsgKind::FramebufferUpdateRequest,
+            4 => MsgKind::KeyEvent,
+            5 => MsgKind::PointerEvent,
+            6 => MsgKind::ClientCutText,
+            150 => MsgKind::EnableContinuousUpdates,
+            248 => MsgKind::ClientFence,
+            250 => MsgKind::Xvp,
+            251 => MsgKind::SetDesktopSize,
+            253 => MsgKind::Gii,
+            255 => MsgKind::Qemu,
+            _ => return None,
+        })
+    }
+
+    /// A short stable name, for metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            MsgKind::SetPixelFormat => "set_pixel_format",
+            MsgKind::SetEncodings => "set_encodings",
+            MsgKind::FramebufferUpdateRequest => "framebuffer_update_request",
+            MsgKind::KeyEvent => "key_event",
+            MsgKind::PointerEvent => "pointer_event",
+            MsgKind::ClientCutText => "client_cut_text",
+            MsgKind::EnableContinuousUpdates => "enable_continuous_updates",
+            MsgKind::ClientFence => "client_fence",
+            MsgKind::Xvp => "xvp",
+            MsgKind::SetDesktopSize => "set_desktop_size",
+            MsgKind::Gii => "gii",
+            MsgKind::Qemu => "qemu",
+        }
+    }
+
+    /// Whether a message of this kind acts on the desktop or the machine (input, clipboard,
+    /// desktop size, power, QEMU's key events and audio), rather than only shaping what the
+    /// server sends back: what a view-only viewer may not send.
+    pub fn acts(self) -> bool {
+        !matches!(
+            self,
+            MsgKind::SetPixelFormat
+                | MsgKind::SetEncodings
+                | MsgKind::FramebufferUpdateRequest
+                | MsgKind::EnableContinuousUpdates
+                | MsgKind::ClientFence
+        )
+    }
+
+    /// Every kind, in type-byte order (and in declaration order: `kind as usize` indexes
+    /// this).
+    pub const ALL: [MsgKind; 12] = [
+        MsgKind::SetPixelFormat,
+        MsgKind::SetEncodings,
+        MsgKind::FramebufferUpdateRequest,
+        MsgKind::KeyEvent,
+        MsgKind::PointerEvent,
+        MsgKind::ClientCutText,
+        MsgKind::EnableContinuousUpdates,
+        MsgKind::ClientFence,
+        MsgKind::Xvp,
+        MsgKind::SetDesktopSize,
+        MsgKind::Gii,
+        MsgKind::Qemu,
+    ];
+}
+
+/// Most bytes [`message_len`] needs to see: ClientFence's length byte is its ninth.
+pub const MAX_SIZING_BYTES: usize = 9;
+
+/// Longest ClientFence payload (rfbproto: "length ... must be 64 or less").
+pub const MAX_FENCE_DATA: usize = 64;
+
+/// The whole length of the client message that `head` begins (type byte first), from as
+/// many of its first bytes as that takes (at most [`MAX_SIZING_BYTES`]): `Ok(None)` while
+/// more are needed. Lengths are not capped here: a reader that skips a message needs no
+/// memory for it. A type or sub-type without a known size is an error, since nothing after
+/// it could be framed.
+pub fn message_len(head: &[u8]) -> Result<Option<(MsgKind, u64)>, RfbError> {
+    let Some(&t) = head.first() else {
+        return Ok(None);
+    };
+    let kind = MsgKind::of(t).ok_or(RfbError::UnknownMessageType(t))?;
+    // Bytes of the header to see before the length is known.
+    let need = match kind {
+        MsgKind::SetEncodings | MsgKind::Gii | MsgKind::Qemu => 4,
+        MsgKind::ClientCutText => 8,
+        MsgKind::SetDesktopSize => 7,
+        MsgKind::ClientFence => 9,
+        _ => 1,
+    };
+    if head.len() < need {
+        // QEMU's sub-type is known from byte 2: an unknown one fails as early as it can.
+        if kind == MsgKind::Qemu && head.len() >= 2 && head[1] > 1 {
+            return Err(RfbError::UnknownSubtype {
+                kind: t,
+                subtype: head[1],
+            });
+        }
+        return Ok(None);
+    }
+    let len: u64 = match kind {
+        MsgKind::SetPixelFormat => 20,
+        MsgKind::SetEncodings => 4 + 4 * u64::from(be16(head, 2)),
+        MsgKind::FramebufferUpdateRequest => 10,
+        MsgKind::KeyEvent => 8,
+        MsgKind::PointerEvent => 6,
+        // A negative length is the extended clipboard's form: its magnitude is the length.
+        MsgKind::ClientCutText => 8 + u64::from((be32(head, 4) as i32).unsigned_abs()),
+        MsgKind::EnableContinuousUpdates => 10,
+        MsgKind::ClientFence => {
+            let n = usize::from(head[8]);
+            if n > MAX_FENCE_DATA {
+                return Err(RfbError::TooLarge {
+                    what: "client fence data",
+                    len: n,
+                });
+            }
+            9 + n as u64
+        }
+        MsgKind::Xvp => 4,
+        MsgKind::SetDesktopSize => 8 + 16 * u64::from(head[6]),
+        // The length field is in the byte order bit 7 of byte 1 names (big endian if set).
+        MsgKind::Gii => {
+            let n = if head[1] & 0x80 != 0 {
+                be16(head, 2)
+            } else {
+                u16::from_le_bytes([head[2], head[3]])
+            };
+            4 + u64::from(n)
+        }
+        MsgKind::Qemu => match (head[1], be16(head, 2)) {
+            // Extended key event: sub-type, down flag (u16), keysym, keycode.
+            (0, _) => 12,
+            // Audio: enable (0) and disable (1) are bare; set format (2) carries sample
+            // format, channels and frequency.
+            (1, 0 | 1) => 4,
+            (1, 2) => 10,
+            (1, _) => return Err(RfbError::Malformed("unknown QEMU audio operation")),
+            (sub, _) => {
+                return Err(RfbError::UnknownSubtype {
+                    kind: t,
+                    subtype: sub,
+                });
+            }
+        },
+    };
+    Ok(Some((kind, len)))
+}
 
 /// FramebufferUpdateRequest (RFC 6143 7.5.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,16 +263,12 @@ impl ClientMsg {
             return Ok(None);
         };
         let need = match kind {
-            0 => 20,
-            2 => {
-                if b.len() < 4 {
-                    return Ok(None);
-                }
-                4 + 4 * usize::from(be16(b, 2))
-            }
-            3 => 10,
-            4 => 8,
-            5 => 6,
+            // One sizing table for both readers: this decoder and the stream followers.
+            0 | 2..=5 => match message_len(b)? {
+                Some((_, len)) => len as usize,
+                None => return Ok(None),
+            },
+            // The classic form only, bounded: this decoder keeps the text.
             6 => {
                 if b.len() < 8 {
                     return Ok(None);

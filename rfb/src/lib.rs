@@ -5,7 +5,7 @@
 //! crate reads a clock, a socket or a random number generator (the VNC auth challenge is
 //! handed in), so every path is tested byte-for-byte and split at every byte boundary. The
 //! controller's readiness probe, the load tester's clients and its synthetic desktop are the
-//! I/O around it; the gateway's view-only filter and session recording will be too.
+//! I/O around it, and so is the gateway's view-only filter.
 //!
 //! | module | owns |
 //! |---|---|
@@ -13,26 +13,35 @@
 //! | [`pixel`] | the 16-byte `PIXEL_FORMAT` and pixel packing |
 //! | [`auth`] | VNC Authentication (security type 2): the DES challenge/response |
 //! | [`handshake`] | ProtocolVersion, security, ClientInit/ServerInit for both roles |
-//! | [`client_msg`] | client-to-server messages and their incremental decoder |
+//! | [`client_msg`] | client-to-server messages, their incremental decoder, and the sizer of every client message type known ([`client_msg::message_len`]) |
 //! | [`server_msg`] | server-to-client messages and their streaming decoder |
+//! | [`view_only`] | the client's stream followed without buffering, passing what does not act on the desktop (the gateway's view-only filter) |
 //!
-//! Dependencies: `des` (for VNC Authentication) and the standard library.
+//! Dependencies: `des` (for VNC Authentication, feature `vnc-auth`, on by default) and the
+//! standard library. Without `vnc-auth` the crate has no `auth` and no `handshake` (which
+//! compute and check the DES response): the gateway, which only follows a handshake, links
+//! no DES.
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "vnc-auth")]
 pub mod auth;
 pub mod banner;
 pub mod client_msg;
+#[cfg(feature = "vnc-auth")]
 pub mod handshake;
 pub mod pixel;
 pub mod server_msg;
+pub mod view_only;
 
 use std::fmt;
 
 pub use client_msg::{ClientMsg, ClientMsgDecoder, UpdateRequest};
+#[cfg(feature = "vnc-auth")]
 pub use handshake::{ClientHandshake, ServerHandshake, ServerInit, ServerSecurity};
 pub use pixel::PixelFormat;
 pub use server_msg::{Rect, ServerEvent, ServerMsgDecoder};
+pub use view_only::{ViewOnlyError, ViewOnlyFilter};
 
 /// The only ProtocolVersion either role here sends (RFC 6143 section 7.1.1).
 pub const VERSION_3_8: &[u8; 12] = b"RFB 003.008\n";
@@ -69,6 +78,10 @@ pub enum RfbError {
     AuthFailed(String),
     /// A message type this role does not know.
     UnknownMessageType(u8),
+    /// A known message type with a sub-type this role does not know (QEMU's 255).
+    UnknownSubtype { kind: u8, subtype: u8 },
+    /// A message whose fields make no sense (an unknown operation code).
+    Malformed(&'static str),
     /// A rectangle in an encoding we never asked for.
     UnsupportedEncoding(i32),
     /// A pixel format this implementation cannot produce or parse.
@@ -92,6 +105,10 @@ impl fmt::Display for RfbError {
             RfbError::BadSecurityChoice(t) => write!(f, "client chose unoffered security type {t}"),
             RfbError::AuthFailed(r) => write!(f, "authentication failed: {r}"),
             RfbError::UnknownMessageType(t) => write!(f, "unknown message type {t}"),
+            RfbError::UnknownSubtype { kind, subtype } => {
+                write!(f, "unknown sub-type {subtype} of message type {kind}")
+            }
+            RfbError::Malformed(why) => write!(f, "malformed message: {why}"),
             RfbError::UnsupportedEncoding(e) => write!(f, "unsupported encoding {e}"),
             RfbError::UnsupportedPixelFormat(pf) => write!(f, "unsupported pixel format {pf:?}"),
             RfbError::TooLarge { what, len } => write!(f, "{what} too large: {len} bytes"),
@@ -113,6 +130,8 @@ impl RfbError {
             RfbError::BadSecurityChoice(_) => "rfb_bad_security_choice",
             RfbError::AuthFailed(_) => "rfb_auth_failed",
             RfbError::UnknownMessageType(_) => "rfb_unknown_message",
+            RfbError::UnknownSubtype { .. } => "rfb_unknown_subtype",
+            RfbError::Malformed(_) => "rfb_malformed",
             RfbError::UnsupportedEncoding(_) => "rfb_unsupported_encoding",
             RfbError::UnsupportedPixelFormat(_) => "rfb_unsupported_pixel_format",
             RfbError::TooLarge { .. } => "rfb_too_large",
@@ -136,6 +155,7 @@ pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
 }
 
 /// Reads a `u32` length followed by that many bytes at `at`; `None` when incomplete.
+#[cfg_attr(not(feature = "vnc-auth"), allow(dead_code))]
 pub(crate) fn length_prefixed<'a>(
     b: &'a [u8],
     at: usize,

@@ -5,13 +5,16 @@
 //! | `v` | yes | schema version, `1` |
 //! | `upstream` | yes | the VM's RFB address, `IP:PORT` (an address, never a name: gateways do not resolve) |
 //! | `token_sha256` | no | 64 hex digits, SHA-256 of the session token; absent admits any client |
+//! | `view_token_sha256` | no | 64 hex digits, SHA-256 of a second token whose viewers may watch but not act (view-only); only with `token_sha256`, and never equal to it |
 //! | `expires_at` | no | Unix seconds; live sessions close with 4005 then |
 //! | `max_viewers` | no | concurrent connections allowed; `0` = unlimited; absent = the gateway's `--max-viewers` |
 //! | `created_at` | yes | Unix seconds of the write |
 //! | `writer` | no | who wrote it (`vncgate route add`, `vncgate-controller`), for operators |
 //!
 //! Readers ignore fields they do not know (a later version 1 writer may add some) and
-//! refuse a record whose `v` is newer than theirs.
+//! refuse a record whose `v` is newer than theirs. A field added that way must fail closed
+//! for the readers that ignore it: `view_token_sha256` does, since a gateway that predates it
+//! compares a view token against `token_sha256` alone and refuses it (403).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,6 +25,9 @@ use crate::SCHEMA_VERSION;
 pub struct RouteRecord {
     pub upstream: SocketAddr,
     pub token_sha256: Option<[u8; 32]>,
+    /// The view-only token's digest: its viewers see the desktop, the gateway drops their
+    /// input.
+    pub view_token_sha256: Option<[u8; 32]>,
     pub expires_at: Option<u64>,
     pub max_viewers: Option<u32>,
     pub created_at: u64,
@@ -84,6 +90,20 @@ pub fn checked_token_digest(raw: &[u8]) -> Result<[u8; 32], &'static str> {
     Ok(token_digest(raw))
 }
 
+/// Checks a view-only token's digest against the full token's: a view token needs a full
+/// token (without one every client acts, and watching only would mean nothing), and must
+/// differ from it (the full token would win, and the view link would act).
+pub fn check_view_token(
+    full: Option<&[u8; 32]>,
+    view: Option<&[u8; 32]>,
+) -> Result<(), &'static str> {
+    match (full, view) {
+        (None, Some(_)) => Err("a view-only token needs a (full) token on the route"),
+        (Some(f), Some(v)) if f == v => Err("the view-only token equals the full token"),
+        _ => Ok(()),
+    }
+}
+
 /// `expires_at` for a route that lives `ttl` from now, rounded up to the next second: a
 /// route never ends before the time asked for.
 pub fn expires_after(ttl: std::time::Duration) -> u64 {
@@ -125,6 +145,7 @@ impl RouteRecord {
             None => absent.push(name),
         };
         opt("token_sha256", self.token_sha256.map(hex::encode));
+        opt("view_token_sha256", self.view_token_sha256.map(hex::encode));
         opt("expires_at", self.expires_at.map(|t| t.to_string()));
         opt("max_viewers", self.max_viewers.map(|n| n.to_string()));
         opt("writer", self.writer.clone());
@@ -149,15 +170,20 @@ impl RouteRecord {
             .parse()
             .map_err(|_| invalid("upstream", "not an IP:PORT address"))?;
         check_upstream(&upstream).map_err(|e| invalid("upstream", e))?;
-        let token_sha256 = match get("token_sha256") {
-            None => None,
-            Some(h) => {
-                let mut d = [0u8; 32];
-                hex::decode_to_slice(h, &mut d)
-                    .map_err(|_| invalid("token_sha256", "not 64 hex digits"))?;
-                Some(d)
-            }
+        let digest = |name: &'static str| -> Result<Option<[u8; 32]>, RecordError> {
+            get(name)
+                .map(|h| {
+                    let mut d = [0u8; 32];
+                    hex::decode_to_slice(h, &mut d)
+                        .map_err(|_| invalid(name, "not 64 hex digits"))?;
+                    Ok(d)
+                })
+                .transpose()
         };
+        let token_sha256 = digest("token_sha256")?;
+        let view_token_sha256 = digest("view_token_sha256")?;
+        check_view_token(token_sha256.as_ref(), view_token_sha256.as_ref())
+            .map_err(|e| invalid("view_token_sha256", e))?;
         let num = |name: &'static str| -> Result<Option<u64>, RecordError> {
             get(name)
                 .map(|s| s.parse().map_err(|_| invalid(name, "not a number")))
@@ -169,6 +195,7 @@ impl RouteRecord {
         Ok(RouteRecord {
             upstream,
             token_sha256,
+            view_token_sha256,
             expires_at: num("expires_at")?,
             max_viewers,
             created_at: num("created_at")?.ok_or(RecordError::Missing("created_at"))?,
@@ -185,6 +212,7 @@ mod tests {
         RouteRecord {
             upstream: "10.0.0.5:6080".parse().unwrap(),
             token_sha256: Some([7; 32]),
+            view_token_sha256: Some([8; 32]),
             expires_at: Some(1_900_000_000),
             max_viewers: Some(2),
             created_at: 1_800_000_000,
@@ -207,6 +235,7 @@ mod tests {
 
         let bare = RouteRecord {
             token_sha256: None,
+            view_token_sha256: None,
             expires_at: None,
             max_viewers: None,
             writer: None,
@@ -215,7 +244,13 @@ mod tests {
         let (set, absent) = bare.to_fields();
         assert_eq!(
             absent,
-            ["token_sha256", "expires_at", "max_viewers", "writer"]
+            [
+                "token_sha256",
+                "view_token_sha256",
+                "expires_at",
+                "max_viewers",
+                "writer"
+            ]
         );
         assert_eq!(RouteRecord::from_fields(&as_map(&set)).unwrap(), bare);
     }
@@ -240,6 +275,25 @@ mod tests {
         assert!(with("upstream", "10.0.0.1:0").is_err());
         assert!(with("upstream", "255.255.255.255:1").is_err());
         assert!(with("token_sha256", "abc").is_err());
+        assert!(with("view_token_sha256", "abc").is_err());
+        assert!(with("view_token_sha256", &"07".repeat(32)).is_err());
+        // A record from before view tokens (no such field) reads as one without.
+        let mut old = as_map(&set);
+        old.remove("view_token_sha256");
+        assert_eq!(
+            RouteRecord::from_fields(&old).unwrap().view_token_sha256,
+            None
+        );
+        // A view token without a full token is refused by name.
+        let mut m = as_map(&set);
+        m.remove("token_sha256");
+        assert!(matches!(
+            RouteRecord::from_fields(&m),
+            Err(RecordError::Invalid {
+                field: "view_token_sha256",
+                ..
+            })
+        ));
         assert!(with("expires_at", "soon").is_err());
         assert!(with("max_viewers", "99999999999").is_err());
         // Unknown fields are a later writer's business.

@@ -827,6 +827,7 @@ mod tests {
         RouteRecord {
             upstream: format!("127.0.0.1:{port}").parse().unwrap(),
             token_sha256: Some(crate::record::token_digest(b"t")),
+            view_token_sha256: None,
             expires_at,
             max_viewers: Some(3),
             created_at: crate::unix_now(),
@@ -1009,6 +1010,7 @@ mod tests {
         let route = RouteRecord {
             upstream: "127.0.0.1:5901".parse().unwrap(),
             token_sha256: None,
+            view_token_sha256: None,
             expires_at: Some(crate::unix_now() + 60),
             max_viewers: None,
             created_at: 1,

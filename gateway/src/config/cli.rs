@@ -28,7 +28,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum RouteCommand {
     /// Write a route (create or replace) and announce it to the gateways.
-    Add(RouteAddArgs),
+    Add(Box<RouteAddArgs>),
     /// Delete a route; gateways close its live sessions with 4006 "session revoked".
     Del(RouteDelArgs),
     /// List the routes.
@@ -59,6 +59,14 @@ pub struct RouteAddArgs {
     /// The token's SHA-256 in hex, when the token itself should never reach this host.
     #[arg(long, value_name = "HEX")]
     pub token_sha256: Option<String>,
+    /// A second token whose viewers see the desktop but cannot act: the gateways drop their
+    /// key, pointer and clipboard messages (stored as its SHA-256 only; needs --token or
+    /// --token-sha256).
+    #[arg(long, conflicts_with = "view_token_sha256")]
+    pub view_token: Option<String>,
+    /// The view-only token's SHA-256 in hex.
+    #[arg(long, value_name = "HEX")]
+    pub view_token_sha256: Option<String>,
     /// Seconds until the route expires; live sessions then close with 4005.
     #[arg(long, value_parser = parse_secs)]
     pub ttl: Option<Duration>,

@@ -140,6 +140,7 @@ mod tests {
         Arc::new(Route {
             upstream: ([10, 0, 0, 1], port).into(),
             token_digest: None,
+            view_token_digest: None,
             expires_at,
             max_viewers: None,
         })

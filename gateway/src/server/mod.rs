@@ -17,6 +17,7 @@ mod run;
 pub mod session;
 pub mod signal;
 pub mod sock;
+pub mod view_only;
 pub mod viewers;
 pub mod worker;
 

@@ -45,6 +45,7 @@ use monoio::net::TcpStream;
 
 use super::client::Client;
 use super::signal::{Nudge, Signal, WriteGate};
+use super::view_only::ViewOnly;
 use super::worker::Worker;
 use crate::close::{self, CloseCause};
 use crate::deadlines::{Deadlines, Next};
@@ -141,6 +142,9 @@ pub struct Relay<'a, S: RouteSource> {
     deadlines: RefCell<Deadlines>,
     pub to_browser: Cell<u64>,
     pub to_vm: Cell<u64>,
+    /// A view-only viewer's filter (`server::view_only`); `None` for full viewers, whose
+    /// bytes go to the VM untouched. Boxed: a full viewer's relay grows by one pointer.
+    view_only: Option<Box<RefCell<ViewOnly>>>,
 }
 
 /// Bytes a session may move in one direction before it yields to the worker's other
@@ -207,7 +211,15 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             deadlines: RefCell::new(Deadlines::new(Instant::now(), &w.limits)),
             to_browser: Cell::new(0),
             to_vm: Cell::new(0),
+            view_only: None,
         }
+    }
+
+    /// Makes this a view-only viewer's relay: the browser's RFB stream is filtered before
+    /// the VM sees it.
+    pub fn view_only(mut self, on: bool) -> Self {
+        self.view_only = on.then(|| Box::new(RefCell::new(ViewOnly::new())));
+        self
     }
 
     /// Closes the send descriptors in their slots; one inside an op in flight stays open
@@ -630,6 +642,14 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         n: usize,
     ) -> (Result<(), End>, Box<[u8]>) {
         let (data_end, pongs, outcome) = self.parse_browser_bytes(&mut buf[..n]);
+        // A view-only viewer's payload loses what acts, in place, before anything is sent.
+        let data_end = match &self.view_only {
+            None => data_end,
+            Some(v) => match v.borrow_mut().filter(self.session, &mut buf[..data_end]) {
+                Ok(kept) => kept,
+                Err(cause) => return (Err(End::Cause(cause)), buf),
+            },
+        };
         if data_end > 0 {
             let (own, from, to) = self.for_send(buf, 0, data_end);
             let (r, b) = self.send_all(Side::Vm, own, from, to).await;

@@ -21,7 +21,7 @@ use super::worker::{SessionCtl, Worker};
 use crate::admission::{self, Decision, Refusal};
 use crate::close::{self, Blame, CloseCause};
 use crate::metrics as m;
-use crate::route::RouteSource;
+use crate::route::{Role, RouteSource};
 use crate::sys;
 use vncgate_ws::frame::ControlFrame;
 use vncgate_ws::handshake::{self, Parsed, Reject, UpgradeRequest};
@@ -128,7 +128,14 @@ pub async fn serve<S: RouteSource>(
         tracing::debug!(session = %id, %peer, error = %e, "client left before the 101");
         return;
     }
+    let view_only = matches!(&decision, Decision::Admit(a) if a.role == Role::ViewOnly);
+    if view_only {
+        metrics::counter!(m::VIEW_ONLY_SESSIONS).increment(1);
+    }
     let ctl = w.register(id);
+    if let (true, Ok(Some(r))) = (view_only, &lookup) {
+        ctl.view_token.set(r.view_token_digest);
+    }
     metrics::counter!(m::SESSIONS_OPENED).increment(1);
     let started = Instant::now();
     // Held until the session is unregistered: the slot counts against the viewer limit.
@@ -138,6 +145,7 @@ pub async fn serve<S: RouteSource>(
         Decision::Admit(a) => Some(a.upstream),
         _ => None,
     };
+
     let (end, to_browser, to_vm, close_sent) = match decision {
         Decision::Refuse(_) => unreachable!("refused above"),
         Decision::Close(cause) => {
@@ -160,7 +168,7 @@ pub async fn serve<S: RouteSource>(
                 }
                 Some(slot) => {
                     viewer = Some(slot);
-                    relay(&w, stream, &ctl, admit.upstream, id, &early).await
+                    relay(&w, stream, &ctl, admit.upstream, id, &early, view_only).await
                 }
             }
         }
@@ -189,6 +197,7 @@ pub async fn serve<S: RouteSource>(
         worker = w.index,
         handed_off,
         upstream = upstream.map(tracing::field::display),
+        view_only,
         code,
         cause,
         blame = blame.as_str(),
@@ -209,6 +218,7 @@ async fn relay<S: RouteSource>(
     upstream: SocketAddr,
     id: &str,
     early: &[u8],
+    view_only: bool,
 ) -> (End, u64, u64, bool) {
     let addr = upstream;
     let dial = monoio::select! {
@@ -218,7 +228,7 @@ async fn relay<S: RouteSource>(
     match dial {
         Err(cause) => close_before_relay(stream, cause).await,
         Ok(upstream) => {
-            let relay = Relay::new(w, id, stream, &upstream, addr);
+            let relay = Relay::new(w, id, stream, &upstream, addr).view_only(view_only);
             let (end, deadline) = relay.run(&ctl.kill, &ctl.expires, early).await;
             let close_sent = relay.finish(end, deadline).await;
             (end, relay.to_browser.get(), relay.to_vm.get(), close_sent)

@@ -28,6 +28,9 @@ pub struct SessionCtl {
     pub kill: Signal<CloseCause>,
     /// When the route expires; the relay re-reads it whenever its timer fires.
     pub expires: Cell<Option<Instant>>,
+    /// For a view-only viewer, the view token's digest it was admitted with: a rewrite of
+    /// the route that drops or changes the view token revokes it.
+    pub view_token: Cell<Option<crate::token::TokenDigest>>,
     /// When a drain closes it with 1001 (its point in the `--drain-spread` window).
     close_at: Cell<Option<Instant>>,
     key: u64,
@@ -133,6 +136,7 @@ impl<S: RouteSource> Worker<S> {
             session_id: session_id.to_owned(),
             kill: Signal::new(),
             expires: Cell::new(None),
+            view_token: Cell::new(None),
             close_at: Cell::new(None),
             key,
         });
@@ -287,6 +291,20 @@ async fn follow_rewrite<S: RouteSource>(w: Rc<Worker<S>>, session: String) {
         }
         return;
     };
+    // A view link withdrawn or replaced: its viewers go, the full viewers stay.
+    let mut revoked = 0;
+    for s in &live {
+        if s.view_token
+            .get()
+            .is_some_and(|d| route.view_token_digest != Some(d))
+        {
+            s.kill.fire(close::SESSION_REVOKED);
+            revoked += 1;
+        }
+    }
+    if revoked > 0 {
+        tracing::info!(worker = w.index, session = %session, connections = revoked, "view token withdrawn; closing its view-only viewers");
+    }
     let at = route
         .time_left(SystemTime::now())
         .map(|left| Instant::now() + left);
