@@ -452,3 +452,28 @@ fn cert_alone_holds_the_key_and_one_port_serves_plain_and_tls_unless_ssl_only() 
     assert_eq!(status_of(&r), 400, "{r}");
     assert!(r.contains("connect with wss://"), "{r}");
 }
+
+#[test]
+fn heartbeat_is_the_keepalive_ping() {
+    let (quiet, _) = silent_server();
+    let gw = websockify(&["--heartbeat", "0.2", "127.0.0.1:0", &quiet.to_string()]);
+    let mut ws = RawWs::connect(gw.addr, "/websockify", "");
+    let f = ws.next_frame().expect("a frame");
+    assert_eq!(f.opcode, 9, "a ping: {f:?}");
+}
+
+#[test]
+fn idle_timeout_exits_once_no_client_is_connected_and_timeout_after_the_start() {
+    let (quiet, _) = silent_server();
+    let target = quiet.to_string();
+    let mut gw = websockify(&["--idle-timeout", "1", "127.0.0.1:0", &target]);
+    // While a client is connected the server stays: the exit comes only after it left.
+    let ws = RawWs::connect(gw.addr, "/websockify", "");
+    assert_eq!(gw.wait_exit(Duration::from_millis(2500)), None, "{}", gw.log());
+    drop(ws);
+    assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0), "{}", gw.log());
+    assert!(gw.log().contains("option=\"--idle-timeout\""), "{}", gw.log());
+    let mut gw = websockify(&["--timeout", "0.5", "127.0.0.1:0", &target]);
+    assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0), "{}", gw.log());
+    assert!(gw.log().contains("option=\"--timeout\""), "{}", gw.log());
+}
