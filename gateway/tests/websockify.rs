@@ -469,11 +469,30 @@ fn idle_timeout_exits_once_no_client_is_connected_and_timeout_after_the_start() 
     let mut gw = websockify(&["--idle-timeout", "1", "127.0.0.1:0", &target]);
     // While a client is connected the server stays: the exit comes only after it left.
     let ws = RawWs::connect(gw.addr, "/websockify", "");
-    assert_eq!(gw.wait_exit(Duration::from_millis(2500)), None, "{}", gw.log());
+    assert_eq!(
+        gw.wait_exit(Duration::from_millis(2500)),
+        None,
+        "{}",
+        gw.log()
+    );
     drop(ws);
-    assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0), "{}", gw.log());
-    assert!(gw.log().contains("option=\"--idle-timeout\""), "{}", gw.log());
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+    assert!(
+        gw.log().contains("option=\"--idle-timeout\""),
+        "{}",
+        gw.log()
+    );
     let mut gw = websockify(&["--timeout", "0.5", "127.0.0.1:0", &target]);
-    assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0), "{}", gw.log());
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
     assert!(gw.log().contains("option=\"--timeout\""), "{}", gw.log());
 }
