@@ -56,12 +56,20 @@ fn before_clap() -> Result<(), String> {
     if OURS.contains(&first) {
         return Ok(());
     }
-    // Not a command: if the words parse as websockify's, say how to run them.
-    let as_websockify = std::iter::once("vncgate".into())
-        .chain(std::iter::once("websockify".into()))
+    // Not a command: if the words are websockify's, say how to run them (or, for an option
+    // vncgate lacks, what to use instead).
+    let address = |a: &std::ffi::OsString| {
+        a.to_str()
+            .is_some_and(vncgate::websockify::looks_like_address)
+    };
+    if !args.iter().any(address) {
+        return Ok(());
+    }
+    vncgate::websockify::check_refused(&args)?;
+    let as_websockify = ["vncgate".into(), "websockify".into()]
+        .into_iter()
         .chain(args.iter().cloned());
-    if vncgate::websockify::check_refused(&args).is_ok()
-        && matches!(Cli::try_parse_from(as_websockify).map(|c| c.command), Ok(Command::Websockify(w)) if w.source_addr.is_some())
+    if matches!(Cli::try_parse_from(as_websockify).map(|c| c.command), Ok(Command::Websockify(w)) if w.source_addr.as_deref().is_some_and(vncgate::websockify::looks_like_address))
     {
         return Err(vncgate::websockify::hint_for_bare(&args));
     }

@@ -17,6 +17,7 @@
 //! gateway stays no open proxy. Options of websockify that vncgate does not have are refused
 //! by name with what to use instead ([`REFUSED`]), never ignored.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -63,17 +64,17 @@ pub fn token_session_id(digest: &TokenDigest) -> String {
 }
 
 /// The session id an upgrade asks for, from its path segment (`serve`) or its token.
-pub fn session_of(
+pub fn session_of<'a>(
     from: SessionFrom,
-    path_segment: &str,
+    path_segment: &'a str,
     token: Option<&PresentedToken>,
-) -> Result<String, Refusal> {
+) -> Result<Cow<'a, str>, Refusal> {
     match from {
-        SessionFrom::Path => Ok(path_segment.to_owned()),
-        SessionFrom::Target => Ok(TARGET_SESSION.to_owned()),
+        SessionFrom::Path => Ok(Cow::Borrowed(path_segment)),
+        SessionFrom::Target => Ok(Cow::Borrowed(TARGET_SESSION)),
         SessionFrom::Tokens => {
             let t = token.ok_or(admission::TOKEN_REQUIRED)?;
-            Ok(token_session_id(&Token::digest_of(t.bytes())))
+            Ok(Cow::Owned(token_session_id(&Token::digest_of(t.bytes()))))
         }
     }
 }
@@ -452,6 +453,11 @@ impl WebsockifyArgs {
         }
         Ok(s)
     }
+}
+
+/// Whether a word is websockify's `[HOST:]PORT` or `HOST:PORT`, not a mistyped command.
+pub fn looks_like_address(w: &str) -> bool {
+    w.contains(':') || (!w.is_empty() && w.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `vncgate SOURCE TARGET` (websockify's words without `websockify`): the line that runs it.

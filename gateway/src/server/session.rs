@@ -105,7 +105,7 @@ pub async fn serve<S: RouteSource>(
     let ask = match admission::ask(&session_id, req.token.as_ref()) {
         Ok(a) => a,
         Err(r) => {
-            let named = (r != admission::INVALID_SESSION_ID).then_some(session_id.as_str());
+            let named = (r != admission::INVALID_SESSION_ID).then_some(&*session_id);
             return refuse(stream, peer, named, r).await;
         }
     };
