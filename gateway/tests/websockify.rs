@@ -375,6 +375,14 @@ fn websockify_positional_arguments_get_the_line_that_runs_them() {
         hinted(&err, "vncgate websockify"),
         ["websockify", listen.as_str(), target.as_str()]
     );
+    // A mistyped command is not websockify's: clap's own error stays.
+    let (code, err) = run(&["srve", "--listen", "127.0.0.1:1"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unrecognized subcommand 'srve'"), "{err}");
+    // websockify's words with an option vncgate lacks: that option is named.
+    let (code, err) = run(&["--daemon", &listen, &target]);
+    assert_eq!(code, 2);
+    assert!(err.contains("does not support websockify's --daemon"), "{err}");
     // `serve --listen PORT`: refused with both addresses it could mean.
     let (code, err) = run(&["serve", "--listen", "16080"]);
     assert_eq!(code, 2);
