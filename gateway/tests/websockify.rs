@@ -382,7 +382,10 @@ fn websockify_positional_arguments_get_the_line_that_runs_them() {
     // websockify's words with an option vncgate lacks: that option is named.
     let (code, err) = run(&["--daemon", &listen, &target]);
     assert_eq!(code, 2);
-    assert!(err.contains("does not support websockify's --daemon"), "{err}");
+    assert!(
+        err.contains("does not support websockify's --daemon"),
+        "{err}"
+    );
     // `serve --listen PORT`: refused with both addresses it could mean.
     let (code, err) = run(&["serve", "--listen", "16080"]);
     assert_eq!(code, 2);

@@ -864,6 +864,48 @@ mod tests {
     }
 
     #[test]
+    fn web_root_from_every_layer_and_bare_ports_refused() {
+        let dir = std::env::temp_dir().join(format!("vncgate-cfg-web-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        let root = dir.join("root");
+        let s = args(&["--web", root.to_str().unwrap()])
+            .settings_with_env(no_env())
+            .unwrap();
+        assert_eq!(s.web, Some(std::fs::canonicalize(&root).unwrap()));
+        assert!(s.handshake.plain_requests && !s.handshake.any_path);
+        let f = dir.join("gw.toml");
+        std::fs::write(&f, format!("web = {:?}\n", root.to_str().unwrap())).unwrap();
+        let s = args(&["--config", f.to_str().unwrap()])
+            .settings_with_env(no_env())
+            .unwrap();
+        assert!(s.web.is_some());
+        let s = args(&[])
+            .settings_with_env(vec![("VNCGATE_WEB".into(), root.to_str().unwrap().into())])
+            .unwrap();
+        assert!(s.web.is_some());
+        assert!(
+            !args(&[])
+                .settings_with_env(no_env())
+                .unwrap()
+                .handshake
+                .plain_requests
+        );
+        let e = args(&["--web", dir.join("missing").to_str().unwrap()])
+            .settings_with_env(no_env())
+            .unwrap_err();
+        assert!(e.starts_with("--web ") && e.contains("missing"), "{e}");
+        std::fs::write(dir.join("file"), "x").unwrap();
+        let e = args(&["--web", dir.join("file").to_str().unwrap()])
+            .settings_with_env(no_env())
+            .unwrap_err();
+        assert!(e.contains("not a directory"), "{e}");
+        let e = args(&["--listen", "8080"])
+            .settings_with_env(no_env())
+            .unwrap_err();
+        assert!(e.contains("--listen 127.0.0.1:8080"), "{e}");
+    }
+
+    #[test]
     fn defaults_are_the_owners_defaults() {
         let s = args(&[]).settings_with_env(no_env()).unwrap();
         let h = HandshakeConfig::default();
