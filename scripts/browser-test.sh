@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # noVNC in headless Chromium through the gateway, against the synthetic desktop and a real VNC
-# server (Xvnc with an xterm). Installs Debian's chromium, Xvnc, xterm, xsetroot and the npm
-# packages if missing (never a downloaded browser), then runs gateway/tests/browser.
+# server (Xvnc with an xterm). Installs Debian's chromium, Xvnc, xterm, xsetroot, novnc (the
+# page `vncgate websockify --web /usr/share/novnc` serves) and the npm packages if missing
+# (never a downloaded browser), then runs gateway/tests/browser.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -12,6 +13,7 @@ command -v xterm >/dev/null 2>&1 || need+=(xterm)
 command -v xsetroot >/dev/null 2>&1 || need+=(x11-xserver-utils)
 # xterm's default font; only a Recommends of xterm.
 dpkg -s xfonts-base >/dev/null 2>&1 || need+=(xfonts-base)
+[ -f /usr/share/novnc/vnc.html ] || need+=(novnc)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

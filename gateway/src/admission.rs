@@ -135,7 +135,9 @@ pub fn refusals() -> Vec<Refusal> {
         DRAINING,
         AT_CAPACITY,
         TLS_REQUIRED,
+        crate::websockify::UNKNOWN_TOKEN,
     ];
+    all.extend(crate::web::refusals());
     all.extend(
         [
             Reject::BadRequest(""),
@@ -462,6 +464,10 @@ mod tests {
         seen.push(HANDSHAKE_TIMEOUT);
         // Plain HTTP on a TLS listener (gateway/tests/tls.rs drives it through the binary).
         seen.push(TLS_REQUIRED);
+        // A token the token file lacks, and the web root's refusals (gateway/tests/web.rs
+        // and websockify.rs drive them through the binary; web.rs's unit tests each path).
+        seen.push(crate::websockify::UNKNOWN_TOKEN);
+        seen.extend(crate::web::refusals());
         // What the protocol core rejects, one request per kind of rejection.
         let cfg = vncgate_ws::handshake::HandshakeConfig {
             allowed_origins: vec!["https://ok.example".into()],

@@ -29,6 +29,10 @@
 //!   handover of the listening sockets to a successor process.
 //! - [`tls`]: `wss://`: the certificate store (reloaded on SIGHUP and on change) and the
 //!   rustls configuration; [`server::client`] drives rustls over a worker's socket.
+//! - [`web`]: `--web DIR`, static files (noVNC's page) for plain GETs on the public port,
+//!   with every path that could leave DIR refused before the filesystem is touched.
+//! - [`websockify`]: `vncgate websockify`, websockify's command line as gateway settings:
+//!   `TARGET_ADDR` or a token file as routes, and its options vncgate lacks refused by name.
 //! - [`metrics`]: metric names and the Prometheus recorder.
 //! - [`fault`]: the test-only hook that makes a supervised task panic on purpose.
 
@@ -51,3 +55,5 @@ pub mod server;
 pub mod sys;
 pub mod tls;
 pub mod token;
+pub mod web;
+pub mod websockify;

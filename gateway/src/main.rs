@@ -6,11 +6,16 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
-use vncgate::config::{Cli, Command, LogFormat, ServeArgs};
+use vncgate::config::{Cli, Command, LogFormat, ServeArgs, WebsockifyArgs};
 
 fn main() -> ExitCode {
+    if let Err(e) = before_clap() {
+        eprintln!("vncgate: error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match Cli::parse().command {
         Command::Serve(args) => serve(*args),
+        Command::Websockify(args) => websockify(*args),
         Command::Route(r) => match vncgate::route_admin::run(&r) {
             Ok(vncgate::route_admin::Outcome::Done) => Ok(()),
             Ok(vncgate::route_admin::Outcome::NotFound) => return ExitCode::from(1),
@@ -26,7 +31,65 @@ fn main() -> ExitCode {
     }
 }
 
+/// What clap cannot say well: websockify's options vncgate lacks (refused by name with the
+/// equivalent), and websockify's command line given without `websockify` (answered with
+/// the line that runs it).
+fn before_clap() -> Result<(), String> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let Some(first) = args.first().and_then(|a| a.to_str()) else {
+        return Ok(());
+    };
+    const OURS: [&str; 9] = [
+        "serve",
+        "websockify",
+        "route",
+        "help",
+        "-h",
+        "--help",
+        "-V",
+        "--version",
+        "--",
+    ];
+    if first == "websockify" {
+        return vncgate::websockify::check_refused(&args[1..]);
+    }
+    if OURS.contains(&first) {
+        return Ok(());
+    }
+    // Not a command: if the words are websockify's, say how to run them (or, for an option
+    // vncgate lacks, what to use instead).
+    let address = |a: &std::ffi::OsString| {
+        a.to_str()
+            .is_some_and(vncgate::websockify::looks_like_address)
+    };
+    if !args.iter().any(address) {
+        return Ok(());
+    }
+    vncgate::websockify::check_refused(&args)?;
+    let as_websockify = ["vncgate".into(), "websockify".into()]
+        .into_iter()
+        .chain(args.iter().cloned());
+    if matches!(Cli::try_parse_from(as_websockify).map(|c| c.command), Ok(Command::Websockify(w)) if w.source_addr.as_deref().is_some_and(vncgate::websockify::looks_like_address))
+    {
+        return Err(vncgate::websockify::hint_for_bare(&args));
+    }
+    Ok(())
+}
+
+fn websockify(args: WebsockifyArgs) -> Result<(), String> {
+    let settings = args.settings()?;
+    let log_filter = init_logging(args.log_format, &settings.log_level);
+    let reloader = vncgate::server::Reloader {
+        settings: Box::new(move || args.settings()),
+        log_filter,
+    };
+    vncgate::server::run(settings, reloader)
+}
+
 fn serve(args: ServeArgs) -> Result<(), String> {
+    if !args.positional.is_empty() {
+        return Err(vncgate::websockify::hint_for_serve(&args.positional));
+    }
     let settings = args.settings()?;
     let log_filter = init_logging(args.log_format, &settings.log_level);
     vncgate::fault::arm_from_env()?;

@@ -24,6 +24,9 @@ pub const CONNECTIONS_HANDED_OFF: &str = "vncgate_connections_handed_off_total";
 pub const WORKER_CONNECTIONS: &str = "vncgate_worker_connections";
 /// Upgrade requests answered with an HTTP error, by `status` and `reason`.
 pub const HANDSHAKE_REJECTED: &str = "vncgate_handshake_rejected_total";
+/// Plain GETs and HEADs answered from `--web DIR` (200 or a directory's 301); refusals
+/// are in [`HANDSHAKE_REJECTED`] under their `web_*` reasons.
+pub const WEB_RESPONSES: &str = "vncgate_web_responses_total";
 /// Upgrades completed (101 sent).
 pub const SESSIONS_OPENED: &str = "vncgate_sessions_opened_total";
 /// Sessions currently relaying or connecting upstream.
@@ -173,6 +176,12 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         Kind::Counter,
         None,
         "Upgrades completed (101 sent).",
+    ),
+    (
+        WEB_RESPONSES,
+        Kind::Counter,
+        None,
+        "Plain GET and HEAD requests answered from --web DIR (a file, or a directory's redirect); refusals count in vncgate_handshake_rejected_total.",
     ),
     (
         SESSIONS_ACTIVE,
@@ -330,6 +339,7 @@ pub fn zero_series(workers: usize) -> Vec<Series> {
     let mut all = vec![
         series(CONNECTIONS_HANDED_OFF, &[]),
         series(SESSIONS_OPENED, &[]),
+        series(WEB_RESPONSES, &[]),
         series(SESSIONS_ACTIVE, &[]),
         series(UPSTREAM_CONNECT_SECONDS, &[]),
         series(PIPE_SIZE_FALLBACK, &[]),

@@ -31,6 +31,12 @@ pub struct HandshakeConfig {
     pub allowed_origins: Vec<String>,
     /// The most header bytes (request line included) read before answering 431.
     pub max_header_bytes: usize,
+    /// Accept an upgrade on any path (websockify's way): the path does not name the
+    /// session, and [`UpgradeRequest::session_id`] is the whole path, query removed.
+    pub any_path: bool,
+    /// Yield a GET or HEAD that is not a WebSocket upgrade as [`Parsed::Plain`] (the
+    /// gateway serves files for it) instead of refusing it with 426.
+    pub plain_requests: bool,
 }
 
 impl Default for HandshakeConfig {
@@ -39,6 +45,8 @@ impl Default for HandshakeConfig {
             path_prefix: "/vnc/".into(),
             allowed_origins: Vec::new(),
             max_header_bytes: 8192,
+            any_path: false,
+            plain_requests: false,
         }
     }
 }
@@ -108,7 +116,8 @@ impl std::fmt::Debug for PresentedToken {
 #[derive(Debug)]
 pub struct UpgradeRequest {
     /// The path segment after the prefix: non-empty, without `/`. Whether it is a valid
-    /// session id is the application's rule.
+    /// session id is the application's rule. With [`HandshakeConfig::any_path`], the
+    /// whole path without its query.
     pub session_id: String,
     /// The token, if the client presented one.
     pub token: Option<PresentedToken>,
@@ -200,6 +209,21 @@ pub enum Parsed {
     /// The head is incomplete and still under the size limit: read more.
     Partial,
     Upgrade(UpgradeRequest),
+    /// A GET or HEAD without `Upgrade: websocket`, under
+    /// [`HandshakeConfig::plain_requests`] only.
+    Plain(PlainRequest),
+}
+
+/// A plain HTTP GET or HEAD (a browser loading a page), checked for its form only: what
+/// the target names is the application's business.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainRequest {
+    /// HEAD: the answer carries the headers only.
+    pub head: bool,
+    /// The request target as sent (origin form: it starts with `/`), query included.
+    pub target: String,
+    /// Bytes of the buffer that belonged to the request.
+    pub consumed: usize,
 }
 
 /// Parses and validates an upgrade request from the bytes read so far.
@@ -224,6 +248,15 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
     // httparse guarantees these are set on Complete.
     let method = req.method.unwrap_or("");
     let path = req.path.unwrap_or("");
+    if cfg.plain_requests
+        && (method == "GET" || method == "HEAD")
+        && !req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade") && list_contains(h.value, b"websocket"))
+    {
+        return plain(&req, path, method == "HEAD", consumed).map(Parsed::Plain);
+    }
     if method != "GET" {
         return Err(Reject::MethodNotAllowed);
     }
@@ -234,12 +267,17 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
         Some((p, q)) => (p, Some(q)),
         None => (path, None),
     };
-    let session_id = path_only
-        .strip_prefix(cfg.path_prefix.as_str())
-        .ok_or(Reject::NotFound)?;
-    if session_id.is_empty() || session_id.contains('/') {
-        return Err(Reject::NotFound);
-    }
+    let session_id = if cfg.any_path {
+        path_only
+    } else {
+        let id = path_only
+            .strip_prefix(cfg.path_prefix.as_str())
+            .ok_or(Reject::NotFound)?;
+        if id.is_empty() || id.contains('/') {
+            return Err(Reject::NotFound);
+        }
+        id
+    };
 
     let mut host: Option<&[u8]> = None;
     let mut upgrade = false;
@@ -367,6 +405,47 @@ pub fn parse_request(buf: &[u8], cfg: &HandshakeConfig) -> Result<Parsed, Reject
     }))
 }
 
+/// Checks a plain GET or HEAD for what every HTTP/1.1 request needs (RFC 9112): a valid
+/// Host, no body (a GET's body would be read as the next request), an origin-form target.
+fn plain(
+    req: &httparse::Request<'_, '_>,
+    target: &str,
+    head: bool,
+    consumed: usize,
+) -> Result<PlainRequest, Reject> {
+    let mut host: Option<&[u8]> = None;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("host") {
+            if host.is_some() {
+                return Err(Reject::BadRequest("duplicate Host header"));
+            }
+            host = Some(trim(h.value));
+        } else if (h.name.eq_ignore_ascii_case("content-length") && trim(h.value) != b"0")
+            || h.name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            return Err(Reject::BadRequest("a GET request has no body"));
+        }
+    }
+    match (req.version, host) {
+        // HTTP/1.0 needs no Host; HTTP/1.1 does (RFC 9112 §3.2).
+        (Some(0), None) => {}
+        (Some(1), None | Some(b"")) => return Err(Reject::BadRequest("missing Host header")),
+        (Some(0 | 1), Some(h)) if !valid_host(h) => {
+            return Err(Reject::BadRequest("invalid Host header"));
+        }
+        (Some(0 | 1), _) => {}
+        _ => return Err(Reject::BadRequest("HTTP/1.1 required")),
+    }
+    if !target.starts_with('/') {
+        return Err(Reject::BadRequest("request target is not a path"));
+    }
+    Ok(PlainRequest {
+        head,
+        target: target.to_owned(),
+        consumed,
+    })
+}
+
 /// `Sec-WebSocket-Accept` for a client key (RFC 6455 §4.2.2 item 5.4).
 pub fn accept_key(key: &[u8]) -> String {
     let mut sha = Sha1::new();
@@ -490,7 +569,7 @@ mod tests {
     fn upgrade(buf: &[u8]) -> UpgradeRequest {
         match parse_request(buf, &cfg()).expect("valid") {
             Parsed::Upgrade(u) => u,
-            Parsed::Partial => panic!("partial"),
+            other => panic!("{other:?}"),
         }
     }
 
@@ -765,6 +844,77 @@ mod tests {
             parse_request(&with_headers(""), &c),
             Ok(Parsed::Upgrade(_))
         ));
+    }
+
+    #[test]
+    fn plain_requests_only_when_asked() {
+        let get = b"GET /vnc.html?x=1 HTTP/1.1\r\nHost: gw\r\n\r\n";
+        // Without files to serve: refused as before (outside the prefix: 404; inside: 426).
+        assert_eq!(reject(get).status(), 404);
+        assert_eq!(
+            reject(b"GET /vnc/abc HTTP/1.1\r\nHost: gw\r\n\r\n").status(),
+            426
+        );
+        let c = HandshakeConfig {
+            plain_requests: true,
+            ..cfg()
+        };
+        match parse_request(get, &c) {
+            Ok(Parsed::Plain(p)) => {
+                assert_eq!(
+                    (p.head, p.target.as_str(), p.consumed),
+                    (false, "/vnc.html?x=1", get.len())
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let head = b"HEAD / HTTP/1.0\r\n\r\n";
+        assert!(matches!(
+            parse_request(head, &c),
+            Ok(Parsed::Plain(PlainRequest { head: true, .. }))
+        ));
+        for (bad, why) in [
+            (&b"GET / HTTP/1.1\r\n\r\n"[..], "missing Host header"),
+            (
+                b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+                "invalid Host header",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n\r\n",
+                "a GET request has no body",
+            ),
+            (
+                b"GET * HTTP/1.1\r\nHost: gw\r\n\r\n",
+                "request target is not a path",
+            ),
+        ] {
+            assert_eq!(parse_request(bad, &c).unwrap_err(), Reject::BadRequest(why));
+        }
+        // An upgrade is still an upgrade, and other methods still get 405.
+        assert!(matches!(parse_request(NOVNC, &c), Ok(Parsed::Upgrade(_))));
+        assert_eq!(
+            parse_request(b"POST / HTTP/1.1\r\nHost: gw\r\n\r\n", &c).unwrap_err(),
+            Reject::MethodNotAllowed
+        );
+    }
+
+    #[test]
+    fn any_path_takes_the_whole_path() {
+        let c = HandshakeConfig {
+            any_path: true,
+            ..cfg()
+        };
+        for (path, id) in [
+            ("/websockify?token=t", "/websockify"),
+            ("/", "/"),
+            ("/a/b/c", "/a/b/c"),
+        ] {
+            let req = with_headers("").replace_bytes("/vnc/abc", path);
+            match parse_request(&req, &c) {
+                Ok(Parsed::Upgrade(u)) => assert_eq!(u.session_id, id),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
     }
 
     #[test]

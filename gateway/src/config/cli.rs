@@ -20,6 +20,11 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway.
     Serve(Box<ServeArgs>),
+    /// Run the gateway on websockify's command line: `vncgate websockify [--web DIR]
+    /// [--cert FILE [--key FILE]] [--ssl-only] [--token-plugin TokenFile --token-source
+    /// FILE_OR_DIR] SOURCE_ADDR [TARGET_ADDR]`. websockify's options vncgate lacks are
+    /// refused by name with the vncgate equivalent.
+    Websockify(Box<WebsockifyArgs>),
     /// Manage routes in Redis (for deployments without the controller).
     #[command(subcommand)]
     Route(RouteCommand),
@@ -118,7 +123,78 @@ pub struct RouteListArgs {
 }
 
 #[derive(Debug, Clone, Default, Args)]
+pub struct WebsockifyArgs {
+    /// Serve files from DIR on the same port (plain HTTP GET and HEAD; noVNC's vnc.html).
+    #[arg(long, value_name = "DIR")]
+    pub web: Option<PathBuf>,
+    /// TLS certificate (PEM, leaf first); without --key it holds the key too.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// TLS key, when it is not in the --cert file.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Refuse plain (non-TLS) connections; without it, one port serves both.
+    #[arg(long)]
+    pub ssl_only: bool,
+    /// The token plugin: TokenFile (or ReadOnlyTokenFile), the only one vncgate reads.
+    #[arg(long, value_name = "PLUGIN")]
+    pub token_plugin: Option<String>,
+    /// The token file (`token: host:port` per line) or a directory of them; reread when it
+    /// changes.
+    #[arg(long, value_name = "FILE_OR_DIR")]
+    pub token_source: Option<PathBuf>,
+    /// The old spelling of --token-plugin TokenFile --token-source FILE.
+    #[arg(long, value_name = "FILE")]
+    pub target_config: Option<PathBuf>,
+    /// Seconds between pings to each client; 0 disables [default: 20].
+    #[arg(long, value_parser = parse_secs, value_name = "SECS")]
+    pub heartbeat: Option<Duration>,
+    /// Exit once no client has been connected for SECS (websockify's meaning: the server's
+    /// idleness, not a session's); 0 disables [default: 0].
+    #[arg(long, value_parser = parse_secs, value_name = "SECS")]
+    pub idle_timeout: Option<Duration>,
+    /// Stop accepting SECS after start and exit once the open sessions have drained
+    /// (websockify's listener timeout); 0 disables [default: 0].
+    #[arg(long, value_parser = parse_secs, value_name = "SECS")]
+    pub timeout: Option<Duration>,
+    /// Debug logs.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// Accepted for websockify's sake: vncgate always answers pings.
+    #[arg(long, hide = true)]
+    pub auto_pong: bool,
+    /// Accepted for websockify's sake: vncgate never lists directories.
+    #[arg(long, hide = true)]
+    pub file_only: bool,
+    /// vncgate's own: worker threads [default: one per core].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// vncgate's own: I/O driver [default: auto].
+    #[arg(long, value_enum)]
+    pub io_driver: Option<IoDriver>,
+    /// vncgate's own: admin listener for /metrics, /healthz and /readyz.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// vncgate's own: log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Where to listen: [HOST:]PORT (a bare port binds every interface, as websockify's).
+    #[arg(value_name = "SOURCE_ADDR")]
+    pub source_addr: Option<String>,
+    /// The VNC server, HOST:PORT (without a token file).
+    #[arg(value_name = "TARGET_ADDR")]
+    pub target_addr: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Args)]
 pub struct ServeArgs {
+    /// websockify's positional SOURCE and TARGET: refused with the flags that mean them.
+    #[arg(hide = true, value_name = "ARGS")]
+    pub positional: Vec<String>,
+    /// Serve static files from DIR on the public port (plain HTTP GET and HEAD; noVNC's
+    /// vnc.html); WebSocket upgrades on the same port still go to the relay.
+    #[arg(long, value_name = "DIR")]
+    pub web: Option<PathBuf>,
     /// Address to accept WebSocket clients on [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,

@@ -51,6 +51,7 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub log_level: Option<String>,
+    pub web: Option<PathBuf>,
 }
 
 /// Reads and parses a config file; the error names the file and, for a bad key, the key.
@@ -88,6 +89,7 @@ impl FileConfig {
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             log_level: self.log_level,
+            web: self.web,
             handshake_timeout: secs("handshake_timeout", self.handshake_timeout)?,
             connect_timeout: secs("connect_timeout", self.connect_timeout)?,
             connect_retry_window: secs("connect_retry_window", self.connect_retry_window)?,

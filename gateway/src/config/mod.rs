@@ -8,7 +8,7 @@ pub mod settings;
 
 pub use cli::{
     Cli, Command, DelReason, LogFormat, RedisArg, RouteAddArgs, RouteCommand, RouteDelArgs,
-    RouteListArgs, ServeArgs,
+    RouteListArgs, ServeArgs, WebsockifyArgs,
 };
 pub use settings::{
     DEFAULT_TCP_CONGESTION, IoDriver, Layer, Limits, Settings, TcpCongestion, TlsFiles, parse_secs,

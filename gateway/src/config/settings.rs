@@ -149,6 +149,7 @@ layer! {
     tls_cert: PathBuf,
     tls_key: PathBuf,
     log_level: String,
+    web: PathBuf,
 }
 
 /// The address a gateway listens on without `--listen`.
@@ -311,6 +312,20 @@ pub struct Settings {
     pub handover_socket: Option<PathBuf>,
     /// PROXY protocol on the public listener, from these addresses only.
     pub proxy_protocol: Option<TrustedProxies>,
+    /// `--web DIR`, resolved: plain GETs on the public port get its files.
+    pub web: Option<PathBuf>,
+    /// How an upgrade names its route (`vncgate websockify` sets it).
+    pub session_from: crate::websockify::SessionFrom,
+    /// Under TLS, a connection whose first byte is not a TLS record is served in plain
+    /// text instead of refused (websockify without `--ssl-only`: one port, both).
+    pub tls_accepts_plain: bool,
+    /// Drain and exit this long after start (websockify's `--timeout`).
+    pub exit_after: Option<Duration>,
+    /// Drain and exit once no client has been connected this long (websockify's
+    /// `--idle-timeout`).
+    pub exit_when_idle: Option<Duration>,
+    /// The token file or directory the static routes came from, watched for changes.
+    pub token_source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -371,6 +386,7 @@ impl ServeArgs {
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             log_level: self.log_level.clone(),
+            web: self.web.clone(),
             routes: self.routes.clone(),
             allow_upstream: self.allow_upstream.clone(),
             allow_origins: self.allow_origins.clone(),
@@ -408,6 +424,7 @@ impl Settings {
             v.ok_or_else(|| format!("{key}: no value (the defaults layer is missing)"))
         }
         let listen_s = need(l.listen, "listen")?;
+        crate::websockify::check_serve_listen(Some(&listen_s))?;
         let listen = route::resolve(&listen_s).map_err(|e| format!("--listen: {e}"))?;
         let workers = need(l.workers, "workers")?;
         if workers == 0 || workers > 1024 {
@@ -546,6 +563,7 @@ impl Settings {
             }
             (false, true) => None,
         };
+        let web = l.web.as_deref().map(crate::web::check_root).transpose()?;
         Ok(Settings {
             listen,
             workers,
@@ -556,6 +574,8 @@ impl Settings {
                 path_prefix,
                 allowed_origins: l.allow_origins,
                 max_header_bytes: need(l.max_header_bytes, "max_header_bytes")?,
+                any_path: false,
+                plain_requests: web.is_some(),
             },
             policy,
             routes: StaticRoutes::new(table),
@@ -566,6 +586,12 @@ impl Settings {
             log_level,
             handover_socket: l.handover_socket,
             proxy_protocol,
+            web,
+            session_from: Default::default(),
+            tls_accepts_plain: false,
+            exit_after: None,
+            exit_when_idle: None,
+            token_source: None,
         })
     }
 }
@@ -835,6 +861,48 @@ mod tests {
             .settings_with_env(no_env())
             .unwrap_err();
         assert!(e.starts_with("--trusted-proxy:"), "{e}");
+    }
+
+    #[test]
+    fn web_root_from_every_layer_and_bare_ports_refused() {
+        let dir = std::env::temp_dir().join(format!("vncgate-cfg-web-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        let root = dir.join("root");
+        let s = args(&["--web", root.to_str().unwrap()])
+            .settings_with_env(no_env())
+            .unwrap();
+        assert_eq!(s.web, Some(std::fs::canonicalize(&root).unwrap()));
+        assert!(s.handshake.plain_requests && !s.handshake.any_path);
+        let f = dir.join("gw.toml");
+        std::fs::write(&f, format!("web = {:?}\n", root.to_str().unwrap())).unwrap();
+        let s = args(&["--config", f.to_str().unwrap()])
+            .settings_with_env(no_env())
+            .unwrap();
+        assert!(s.web.is_some());
+        let s = args(&[])
+            .settings_with_env(vec![("VNCGATE_WEB".into(), root.to_str().unwrap().into())])
+            .unwrap();
+        assert!(s.web.is_some());
+        assert!(
+            !args(&[])
+                .settings_with_env(no_env())
+                .unwrap()
+                .handshake
+                .plain_requests
+        );
+        let e = args(&["--web", dir.join("missing").to_str().unwrap()])
+            .settings_with_env(no_env())
+            .unwrap_err();
+        assert!(e.starts_with("--web ") && e.contains("missing"), "{e}");
+        std::fs::write(dir.join("file"), "x").unwrap();
+        let e = args(&["--web", dir.join("file").to_str().unwrap()])
+            .settings_with_env(no_env())
+            .unwrap_err();
+        assert!(e.contains("not a directory"), "{e}");
+        let e = args(&["--listen", "8080"])
+            .settings_with_env(no_env())
+            .unwrap_err();
+        assert!(e.contains("--listen 127.0.0.1:8080"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! start the workers, print the machine-readable lines, turn SIGTERM and SIGINT into a drain
 //! and SIGHUP into a reload, and wait for the workers.
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
@@ -36,7 +38,12 @@ pub fn run(settings: Settings, reloader: Reloader) -> Result<(), String> {
     // Before anything is announced: a SIGHUP's default action would end the process.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let prefix = settings.handshake.path_prefix.clone();
+    // websockify's way takes any path: the line shows the root.
+    let prefix = if settings.handshake.any_path {
+        "/".to_owned()
+    } else {
+        settings.handshake.path_prefix.clone()
+    };
     let live = Arc::new(Live::new(Dynamic::of(&settings)));
     let current = settings.clone();
     let running = match settings.redis.clone() {
@@ -93,18 +100,37 @@ pub fn run(settings: Settings, reloader: Reloader) -> Result<(), String> {
     crate::server::notify::ready();
     let shared = running.shared();
     let certs = running.certs.clone();
+    let token_source = current.token_source.clone();
+    let (exit_after, exit_when_idle) = (current.exit_after, current.exit_when_idle);
+    // SIGHUP and the token file's watcher reload through the same state, one at a time.
+    let state = Arc::new(Mutex::new((current, reloader)));
+    if let Some(source) = token_source {
+        let (state, live) = (state.clone(), live.clone());
+        std::thread::Builder::new()
+            .name("vncgate-token-watch".into())
+            .spawn(move || watch_tokens(&source, &state, &live))
+            .map_err(|e| e.to_string())?;
+    }
+    if exit_after.is_some() || exit_when_idle.is_some() {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("vncgate-exit-timer".into())
+            .spawn(move || exit_timer(&shared, exit_after, exit_when_idle))
+            .map_err(|e| e.to_string())?;
+    }
     std::thread::Builder::new()
         .name("vncgate-signals".into())
         .spawn(move || {
-            let mut current = current;
             let mut seen = 0;
             for sig in signals.forever() {
                 if sig == SIGHUP {
                     if let Some(c) = &certs {
                         let _ = c.reload("sighup");
                     }
-                    if let Some(new) = reload(&current, &reloader, &live) {
-                        current = new;
+                    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                    let (current, reloader) = &mut *st;
+                    if let Some(new) = reload(current, reloader, &live) {
+                        *current = new;
                     }
                     continue;
                 }
@@ -124,6 +150,62 @@ pub fn run(settings: Settings, reloader: Reloader) -> Result<(), String> {
     running.join();
     tracing::info!("all workers drained; exiting");
     Ok(())
+}
+
+/// How often the token file's watcher and the exit timer look.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Rereads the token file (or directory) when it changes, through the SIGHUP reload: the
+/// routes it makes are the static routes, so a token removed closes its sessions with
+/// 4006, and a file that does not parse keeps the tokens in force (logged and counted as
+/// a failed reload) until the next change.
+fn watch_tokens(source: &std::path::Path, state: &Mutex<(Settings, Reloader)>, live: &Live) {
+    let mut seen = crate::websockify::source_stamp(source);
+    loop {
+        std::thread::sleep(WATCH_INTERVAL);
+        let now = crate::websockify::source_stamp(source);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        tracing::info!(source = %source.display(), "token file changed; rereading it");
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        let (current, reloader) = &mut *st;
+        if let Some(new) = reload(current, reloader, live) {
+            *current = new;
+        }
+    }
+}
+
+/// websockify's `--timeout` (stop `after` the start) and `--idle-timeout` (stop once no
+/// client has been connected for `idle`): both drain as SIGTERM does, and the process exits
+/// when the drain is over.
+fn exit_timer(shared: &crate::server::Shared, after: Option<Duration>, idle: Option<Duration>) {
+    let start = Instant::now();
+    let mut idle_since = start;
+    loop {
+        std::thread::sleep(WATCH_INTERVAL.min(Duration::from_millis(200)));
+        let now = Instant::now();
+        // Connections held by any worker, handshaking or relaying.
+        let conns: usize = shared
+            .lanes
+            .iter()
+            .map(|l| l.conns.load(Ordering::Relaxed))
+            .sum();
+        if conns > 0 {
+            idle_since = now;
+        }
+        let why = if after.is_some_and(|a| now - start >= a) {
+            "--timeout"
+        } else if idle.is_some_and(|i| now - idle_since >= i) {
+            "--idle-timeout"
+        } else {
+            continue;
+        };
+        tracing::info!(option = why, "listener exit: draining");
+        shared.drain();
+        return;
+    }
 }
 
 /// SIGHUP: reads the configuration again and applies what can change without a restart
@@ -200,6 +282,7 @@ fn needs_restart(a: &Settings, b: &Settings) -> Vec<&'static str> {
     check("share_port", a.share_port != b.share_port);
     check("tcp_congestion", a.tcp_congestion != b.tcp_congestion);
     check("tls_cert/tls_key", a.tls != b.tls);
+    check("web", a.web != b.web);
     macro_rules! limits {
         ($($f:ident),*) => {$(check(stringify!($f), a.limits.$f != b.limits.$f);)*};
     }
@@ -237,6 +320,7 @@ fn restart_bound(running: &Settings, new: Settings) -> Settings {
         tls: running.tls.clone(),
         limits: running.limits.clone(),
         redis: running.redis.clone(),
+        web: running.web.clone(),
         ..new
     }
 }

@@ -24,7 +24,7 @@ use crate::metrics as m;
 use crate::route::{Role, RouteSource};
 use crate::sys;
 use vncgate_ws::frame::ControlFrame;
-use vncgate_ws::handshake::{self, Parsed, Reject, UpgradeRequest};
+use vncgate_ws::handshake::{self, Parsed, PlainRequest, Reject};
 
 /// Why the upgrade request could not be read.
 enum HeadError {
@@ -62,10 +62,13 @@ pub async fn serve<S: RouteSource>(
     };
     let client = match &w.tls {
         None => Client::Plain(&stream),
-        Some(cfg) => match start_tls(&stream, peer, cfg.clone(), deadline).await {
-            Some(t) => Client::Tls(Box::new(t)),
-            None => return,
-        },
+        Some(cfg) => {
+            match start_tls(&stream, peer, cfg.clone(), deadline, w.tls_accepts_plain).await {
+                Started::Tls(t) => Client::Tls(t),
+                Started::Plain => Client::Plain(&stream),
+                Started::Ended => return,
+            }
+        }
     };
     let stream = &client;
     let dynamic = w.dynamic();
@@ -76,7 +79,9 @@ pub async fn serve<S: RouteSource>(
     )
     .await;
     let req = match read {
-        Ok(Ok(req)) => req,
+        Ok(Ok(Parsed::Upgrade(req))) => req,
+        Ok(Ok(Parsed::Plain(p))) => return serve_file(&w, stream, peer, &p).await,
+        Ok(Ok(Parsed::Partial)) => unreachable!("read_head reads until the head is complete"),
         Ok(Err(HeadError::Reject(r))) => {
             return refuse(stream, peer, None, Refusal::from_reject(r)).await;
         }
@@ -92,10 +97,15 @@ pub async fn serve<S: RouteSource>(
     // released, so an established session holds no handshake memory.
     let early = head[req.consumed..].to_vec();
     drop(head);
-    let ask = match admission::ask(&req.session_id, req.token.as_ref()) {
+    let session_id =
+        match crate::websockify::session_of(w.session_from, &req.session_id, req.token.as_ref()) {
+            Ok(id) => id,
+            Err(r) => return refuse(stream, peer, None, r).await,
+        };
+    let ask = match admission::ask(&session_id, req.token.as_ref()) {
         Ok(a) => a,
         Err(r) => {
-            let named = (r != admission::INVALID_SESSION_ID).then_some(req.session_id.as_str());
+            let named = (r != admission::INVALID_SESSION_ID).then_some(&*session_id);
             return refuse(stream, peer, named, r).await;
         }
     };
@@ -118,6 +128,14 @@ pub async fn serve<S: RouteSource>(
     };
     let decision = admission::decide(&ask, route, &gate);
     if let Decision::Refuse(r) = decision {
+        // A token file names no session: what was not found is the token.
+        let r = if r == admission::UNKNOWN_SESSION
+            && w.session_from == crate::websockify::SessionFrom::Tokens
+        {
+            crate::websockify::UNKNOWN_TOKEN
+        } else {
+            r
+        };
         return refuse(stream, peer, Some(id), r).await;
     }
 
@@ -236,19 +254,31 @@ async fn relay<S: RouteSource>(
     }
 }
 
+/// How a connection to the TLS port goes on.
+enum Started<'a> {
+    /// Boxed as the session keeps it (`Client::Tls`).
+    Tls(Box<TlsConn<'a>>),
+    /// Not TLS, and the port serves plain too.
+    Plain,
+    /// Answered or gone.
+    Ended,
+}
+
 /// Runs the TLS handshake by `deadline`, counted by result. Plain HTTP sent to the TLS
-/// port gets a plain-text 400 that says to use `wss://`.
+/// port gets a plain-text 400 that says to use `wss://`, unless `plain_ok` (websockify's
+/// one port for both): it is then served in plain text.
 async fn start_tls<'a>(
     stream: &'a TcpStream,
     peer: SocketAddr,
     cfg: std::sync::Arc<rustls::ServerConfig>,
     deadline: Instant,
-) -> Option<TlsConn<'a>> {
+    plain_ok: bool,
+) -> Started<'a> {
     let tls = match TlsConn::new(stream, cfg) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(%peer, error = %e, "cannot start a TLS connection");
-            return None;
+            return Started::Ended;
         }
     };
     let r = monoio::time::timeout_at(deadline.into(), tls.handshake()).await;
@@ -259,32 +289,35 @@ async fn start_tls<'a>(
     };
     metrics::counter!(m::TLS_HANDSHAKES, "result" => result).increment(1);
     match r {
-        Ok(Ok(())) => Some(tls),
+        Ok(Ok(())) => Started::Tls(Box::new(tls)),
+        // Nothing was read yet (the first byte was peeked): the plain request is intact.
+        Ok(Err(HandshakeError::NotTls)) if plain_ok => Started::Plain,
         Ok(Err(HandshakeError::NotTls)) => {
             refuse(&Client::Plain(stream), peer, None, admission::TLS_REQUIRED).await;
-            None
+            Started::Ended
         }
         Ok(Err(e @ HandshakeError::ClientGone(_))) => {
             tracing::debug!(%peer, error = %e, "client left during the TLS handshake");
-            None
+            Started::Ended
         }
         Ok(Err(e)) => {
             tracing::info!(%peer, result, error = %e, "TLS handshake failed");
-            None
+            Started::Ended
         }
         Err(_) => {
             tracing::info!(%peer, result, "TLS handshake not completed in time");
-            None
+            Started::Ended
         }
     }
 }
 
-/// Reads until the request head is complete, rejected, or the client leaves.
+/// Reads until the request head is complete (an upgrade, or under `--web` a plain GET or
+/// HEAD), rejected, or the client leaves.
 async fn read_head(
     stream: &Client<'_>,
     head: &mut Vec<u8>,
     cfg: &handshake::HandshakeConfig,
-) -> Result<UpgradeRequest, HeadError> {
+) -> Result<Parsed, HeadError> {
     loop {
         // Read into the Vec's tail (no stack buffer inside the session's future), never
         // past the limit plus one byte, to tell "at the limit" from "over".
@@ -302,9 +335,51 @@ async fn read_head(
         }
         match handshake::parse_request(head, cfg) {
             Ok(Parsed::Partial) => continue,
-            Ok(Parsed::Upgrade(u)) => return Ok(u),
+            Ok(done) => return Ok(done),
             Err(r) => return Err(HeadError::Reject(r)),
         }
+    }
+}
+
+/// Answers a plain GET or HEAD from `--web DIR`: the file, a redirect to a directory's
+/// slash, or a refusal counted and logged as the upgrade refusals are. One request per
+/// connection (`Connection: close`): the page's loads are a few dozen small files.
+async fn serve_file<S: RouteSource>(
+    w: &Rc<Worker<S>>,
+    stream: &Client<'_>,
+    peer: SocketAddr,
+    req: &PlainRequest,
+) {
+    let Some(site) = &w.web else {
+        // The parser yields plain requests only when a web root is set.
+        return refuse(
+            stream,
+            peer,
+            None,
+            Refusal::from_reject(Reject::UpgradeRequired("not a WebSocket upgrade")),
+        )
+        .await;
+    };
+    let answer = site.answer(&req.target);
+    let Some(head) = crate::web::response_head(&answer) else {
+        if let crate::web::Answer::Refuse(r) = answer {
+            // The path without its query: a query may carry a token.
+            tracing::debug!(%peer, path = handshake::redact_target(&req.target), "web request refused");
+            refuse(stream, peer, None, r).await;
+        }
+        return;
+    };
+    metrics::counter!(m::WEB_RESPONSES).increment(1);
+    tracing::debug!(%peer, path = handshake::redact_target(&req.target), head = req.head, "web file served");
+    let mut ok = stream.write_all(&head).await.is_ok();
+    if let crate::web::Answer::File { body, .. } = &answer
+        && ok
+        && !req.head
+    {
+        ok = stream.write_all(body).await.is_ok();
+    }
+    if ok {
+        stream.linger_close(Duration::from_secs(1)).await;
     }
 }
 

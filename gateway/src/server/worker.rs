@@ -77,6 +77,12 @@ pub struct Worker<S> {
     pub accept_ended: Cell<bool>,
     /// `--proxy-protocol`: the peers whose PROXY header names the client.
     pub proxy: Option<crate::proxy::TrustedProxies>,
+    /// How an upgrade names its route (`serve`: the path; `websockify`: target or token).
+    pub session_from: crate::websockify::SessionFrom,
+    /// Plain HTTP on the TLS port is served, not refused (websockify without --ssl-only).
+    pub tls_accepts_plain: bool,
+    /// `--web DIR`: this worker's view of it, with its own file cache.
+    pub web: Option<crate::web::Site>,
     sessions: RefCell<HashMap<u64, Rc<SessionCtl>>>,
     next_key: Cell<u64>,
     shared: Arc<Shared>,
@@ -107,6 +113,9 @@ impl<S: RouteSource> Worker<S> {
             stop_accepting: Signal::new(),
             accept_ended: Cell::new(false),
             proxy: None,
+            session_from: settings.session_from,
+            tls_accepts_plain: settings.tls_accepts_plain,
+            web: settings.web.clone().map(crate::web::Site::new),
             sessions: RefCell::new(HashMap::new()),
             next_key: Cell::new(0),
             shared,

@@ -67,6 +67,7 @@ fn run(buf: &[u8], cfg: &HandshakeConfig) -> Outcome {
                 consumed: u.consumed,
             }
         }
+        Ok(Parsed::Plain(p)) => panic!("a plain request under a config that asks for none: {p:?}"),
         Err(r) => {
             check_response(&r);
             Outcome::Reject(r)
@@ -155,6 +156,7 @@ fuzz_target!(|data: &[u8]| {
         path_prefix: "/vnc/".into(),
         allowed_origins: vec!["http://localhost:8000".into(), "https://app.example".into()],
         max_header_bytes: 8192,
+        ..HandshakeConfig::default()
     };
     let s = run(data, &strict);
     if let Outcome::Upgrade { .. } = s {
