@@ -193,6 +193,8 @@ pub struct Admit {
     pub viewer_limit: u32,
     /// Time left before the route expires; `None` without expiry.
     pub expires_in: Option<Duration>,
+    /// The route asks for its sessions to be recorded.
+    pub record: bool,
 }
 
 /// What happens to the connection.
@@ -235,6 +237,7 @@ pub fn decide(ask: &Ask, lookup: Result<Option<&Route>, Unavailable>, gate: &Gat
         upstream: route.upstream,
         viewer_limit: route.max_viewers.unwrap_or(gate.default_max_viewers),
         expires_in,
+        record: route.record,
     })
 }
 
@@ -256,6 +259,7 @@ mod tests {
             token_digest: Some(Token::digest_of(b"s3cr3t")),
             expires_at: Some(2_000),
             max_viewers: None,
+            record: false,
         }
     }
 
@@ -284,6 +288,7 @@ mod tests {
                 upstream: "10.0.0.5:6080".parse().unwrap(),
                 viewer_limit: 3,
                 expires_in: Some(Duration::from_secs(1_000)),
+                record: false,
             })
         );
         let mut r = route();

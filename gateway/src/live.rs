@@ -105,6 +105,7 @@ mod tests {
                             token_digest: None,
                             expires_at: None,
                             max_viewers: None,
+                            record: false,
                         },
                     )
                 })

@@ -831,6 +831,7 @@ mod tests {
             max_viewers: Some(3),
             created_at: crate::unix_now(),
             writer: Some("test".into()),
+            record: false,
         }
     }
 
@@ -1013,6 +1014,7 @@ mod tests {
             max_viewers: None,
             created_at: 1,
             writer: None,
+            record: false,
         };
         // Not ready yet: no route, even from the owner.
         assert!(!put_route_fenced(c, "sf", &route, &me).await.unwrap());

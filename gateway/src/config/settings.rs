@@ -33,6 +33,52 @@ pub enum IoDriver {
     Epoll,
 }
 
+/// Which sessions `--record DIR` records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordScope {
+    /// Every session.
+    All,
+    /// Only the sessions of routes whose `record` field is true.
+    Routes,
+}
+
+impl RecordScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordScope::All => "all",
+            RecordScope::Routes => "routes",
+        }
+    }
+}
+
+impl FromStr for RecordScope {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        <RecordScope as ValueEnum>::from_str(s, false)
+            .map_err(|_| format!("'{s}' is not one of all, routes"))
+    }
+}
+
+/// Session recording (`--record DIR`), see `server::record`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordSettings {
+    pub dir: PathBuf,
+    pub scope: RecordScope,
+    /// Record the browser's input too (it holds the VNC password response and keystrokes).
+    pub input: bool,
+    pub max_session_bytes: u64,
+    pub max_dir_bytes: u64,
+}
+
+impl RecordSettings {
+    /// 4 GiB per session: hours of an ordinary desktop, minutes of full-screen video.
+    pub const DEFAULT_MAX_SESSION_BYTES: u64 = 4 << 30;
+    /// 64 GiB for the directory.
+    pub const DEFAULT_MAX_DIR_BYTES: u64 = 64 << 30;
+}
+
 impl FromStr for IoDriver {
     type Err = String;
 
@@ -56,7 +102,7 @@ macro_rules! from_str_values {
         }
     )*};
 }
-from_str_values!(String, PathBuf, usize, u64, u32, bool, IoDriver);
+from_str_values!(String, PathBuf, usize, u64, u32, bool, IoDriver, RecordScope);
 
 impl LayerValue for Duration {
     fn parse_env(s: &str) -> Result<Self, String> {
@@ -149,6 +195,11 @@ layer! {
     tls_cert: PathBuf,
     tls_key: PathBuf,
     log_level: String,
+    record: PathBuf,
+    record_scope: RecordScope,
+    record_input: bool,
+    record_max_session_bytes: u64,
+    record_max_dir_bytes: u64,
 }
 
 /// The address a gateway listens on without `--listen`.
@@ -187,6 +238,10 @@ impl Layer {
             redis_timeout: Some(r.timeout),
             max_viewers: Some(l.max_viewers),
             log_level: Some("info".into()),
+            record_scope: Some(RecordScope::All),
+            record_input: Some(false),
+            record_max_session_bytes: Some(RecordSettings::DEFAULT_MAX_SESSION_BYTES),
+            record_max_dir_bytes: Some(RecordSettings::DEFAULT_MAX_DIR_BYTES),
             allow_origins: h.allowed_origins,
             ..Layer::default()
         }
@@ -311,6 +366,8 @@ pub struct Settings {
     pub handover_socket: Option<PathBuf>,
     /// PROXY protocol on the public listener, from these addresses only.
     pub proxy_protocol: Option<TrustedProxies>,
+    /// `--record DIR`: where sessions are recorded, and which.
+    pub record: Option<RecordSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -371,6 +428,11 @@ impl ServeArgs {
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             log_level: self.log_level.clone(),
+            record: self.record.clone(),
+            record_scope: self.record_scope,
+            record_input: self.record_input.then_some(true),
+            record_max_session_bytes: self.record_max_session_bytes,
+            record_max_dir_bytes: self.record_max_dir_bytes,
             routes: self.routes.clone(),
             allow_upstream: self.allow_upstream.clone(),
             allow_origins: self.allow_origins.clone(),
@@ -546,6 +608,31 @@ impl Settings {
             }
             (false, true) => None,
         };
+        let record = match l.record {
+            None => {
+                if let Some((id, _)) = table.iter().find(|(_, r)| r.record) {
+                    return Err(format!(
+                        "route '{id}' has record = true, but no --record DIR says where recordings go"
+                    ));
+                }
+                None
+            }
+            Some(dir) => Some(RecordSettings {
+                dir,
+                scope: need(l.record_scope, "record_scope")?,
+                input: need(l.record_input, "record_input")?,
+                max_session_bytes: need(l.record_max_session_bytes, "record_max_session_bytes")?,
+                max_dir_bytes: need(l.record_max_dir_bytes, "record_max_dir_bytes")?,
+            }),
+        };
+        if record
+            .as_ref()
+            .is_some_and(|r| r.max_session_bytes == 0 || r.max_dir_bytes == 0)
+        {
+            return Err(
+                "--record-max-session-bytes and --record-max-dir-bytes must be positive".into(),
+            );
+        }
         Ok(Settings {
             listen,
             workers,
@@ -566,6 +653,7 @@ impl Settings {
             log_level,
             handover_socket: l.handover_socket,
             proxy_protocol,
+            record,
         })
     }
 }

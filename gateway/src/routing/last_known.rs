@@ -142,6 +142,7 @@ mod tests {
             token_digest: None,
             expires_at,
             max_viewers: None,
+            record: false,
         })
     }
 

@@ -44,6 +44,7 @@ use monoio::io::AsyncWriteRent;
 use monoio::net::TcpStream;
 
 use super::client::Client;
+use super::record::Recorder;
 use super::signal::{Nudge, Signal, WriteGate, yield_now};
 use super::worker::Worker;
 use crate::close::{self, CloseCause};
@@ -141,6 +142,9 @@ pub struct Relay<'a, S: RouteSource> {
     deadlines: RefCell<Deadlines>,
     pub to_browser: Cell<u64>,
     pub to_vm: Cell<u64>,
+    /// The session's recording, if it is recorded (see [`super::record`]); `None` costs
+    /// one branch per read.
+    rec: Option<RefCell<Recorder>>,
 }
 
 /// Bytes a session may move in one direction before it yields to the worker's other
@@ -198,7 +202,14 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             deadlines: RefCell::new(Deadlines::new(Instant::now(), &w.limits)),
             to_browser: Cell::new(0),
             to_vm: Cell::new(0),
+            rec: None,
         }
+    }
+
+    /// Records the session into `rec`.
+    pub fn with_recorder(mut self, rec: Option<Recorder>) -> Self {
+        self.rec = rec.map(RefCell::new);
+        self
     }
 
     /// Closes the send descriptors in their slots; one inside an op in flight stays open
@@ -423,6 +434,10 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                 let hl = encode_header(&mut hdr, OP_BINARY, n as u64);
                 let start = MAX_SERVER_HEADER - hl;
                 buf[start..MAX_SERVER_HEADER].copy_from_slice(&hdr[..hl]);
+                if let Some(r) = &self.rec {
+                    r.borrow_mut()
+                        .vm_bytes(&buf[MAX_SERVER_HEADER..MAX_SERVER_HEADER + n]);
+                }
                 let full = n == buf.len() - MAX_SERVER_HEADER;
                 let mut o = self.out.borrow_mut();
                 o.buf = Some(buf);
@@ -452,6 +467,10 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                 Err(End::Cause(close::UPSTREAM_CLOSED))
             }
             Ok(n) => {
+                if let Some(r) = &self.rec {
+                    // Duplicated before the pipe drains to the browser.
+                    r.borrow_mut().tee(pipe.read_fd(), n);
+                }
                 let mut o = self.out.borrow_mut();
                 o.hdr_len = encode_header(&mut o.hdr, OP_BINARY, n as u64) as u8;
                 o.hdr_off = 0;
@@ -616,6 +635,9 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         n: usize,
     ) -> (Result<(), End>, Box<[u8]>) {
         let (data_end, pongs, outcome) = self.parse_browser_bytes(&mut buf[..n]);
+        if let Some(r) = self.rec.as_ref().filter(|_| data_end > 0) {
+            r.borrow_mut().browser_bytes(&buf[..data_end]);
+        }
         if data_end > 0 {
             let (own, from, to) = self.for_send(buf, 0, data_end);
             let (r, b) = self.send_all(Side::Vm, own, from, to).await;

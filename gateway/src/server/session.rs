@@ -160,7 +160,8 @@ pub async fn serve<S: RouteSource>(
                 }
                 Some(slot) => {
                     viewer = Some(slot);
-                    relay(&w, stream, &ctl, admit.upstream, id, &early).await
+                    let rec = w.recordings().filter(|r| r.wanted(admit.record));
+                    relay(&w, stream, &ctl, admit.upstream, id, &early, rec).await
                 }
             }
         }
@@ -209,6 +210,7 @@ async fn relay<S: RouteSource>(
     upstream: SocketAddr,
     id: &str,
     early: &[u8],
+    record: Option<&std::sync::Arc<super::record::Recordings>>,
 ) -> (End, u64, u64, bool) {
     let addr = upstream;
     let dial = monoio::select! {
@@ -218,7 +220,9 @@ async fn relay<S: RouteSource>(
     match dial {
         Err(cause) => close_before_relay(stream, cause).await,
         Ok(upstream) => {
-            let relay = Relay::new(w, id, stream, &upstream, addr);
+            // Started once the VM answered: the file holds the session from its first byte.
+            let rec = record.and_then(|r| r.start(id));
+            let relay = Relay::new(w, id, stream, &upstream, addr).with_recorder(rec);
             let (end, deadline) = relay.run(&ctl.kill, &ctl.expires, early).await;
             let close_sent = relay.finish(end, deadline).await;
             (end, relay.to_browser.get(), relay.to_vm.get(), close_sent)
