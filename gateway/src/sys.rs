@@ -238,6 +238,18 @@ pub fn splice_to_file(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
+/// read(2) on a descriptor (a non-blocking pipe's read end).
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the pointer and length come from a live mutable slice.
+        let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// write(2) on a descriptor (a pipe's non-blocking write end): a pipe takes up to
 /// `PIPE_BUF` bytes whole or not at all, more possibly in part.
 pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {

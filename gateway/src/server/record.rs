@@ -41,8 +41,19 @@ use crate::sys;
 /// The file name suffix of a recording.
 pub const SUFFIX: &str = ".vncrec";
 
-/// Head pipe size: 4096 heads of 13 bytes merge into 13 pages.
+/// Head pipe size: 4681 heads of 14 bytes, merged into 16 pages.
 const HEAD_PIPE: usize = 64 << 10;
+
+/// Data pipes per recording, each of the relay pipe's size: how far (in relay pipes' worth,
+/// 8 MiB by default) the writer may fall behind before the recording ends as `lagged`.
+/// Pipe pages are allocated only while they hold data.
+const DATA_PIPES: usize = 8;
+
+/// A head in the head pipe: the file's record head, then the data pipe holding the payload.
+const PIPE_HEAD: usize = RECORD_HEAD + 1;
+
+/// Room held back under both caps for the end record (its head and the longest reason).
+const END_ROOM: u64 = (RECORD_HEAD + 11) as u64;
 
 /// The recording directory, shared by all workers: where files go, what is recorded, and the
 /// bytes the directory holds (for its cap).
@@ -139,7 +150,7 @@ impl Recordings {
             session: session.to_owned(),
         }
         .encode();
-        let hl = header.len() as u64;
+        let hl = header.len() as u64 + END_ROOM;
         if !self.reserve(hl) {
             // Files may have been removed since the last look.
             if let Ok(u) = scan(&self.cfg.dir) {
@@ -189,11 +200,20 @@ impl Recordings {
             let _ = std::fs::remove_file(&path);
             return Err(io_err(&format!("cannot write {}", path.display()), e));
         }
-        let pipes = sys::recording_pipe(self.pipe_size).and_then(|data| {
-            let heads = sys::recording_pipe(HEAD_PIPE)?;
-            Ok((data, heads))
-        });
-        let ((data_r, data_w, _), (head_r, head_w, _)) = match pipes {
+        let pipes = (|| -> io::Result<_> {
+            let mut reads = Vec::with_capacity(DATA_PIPES);
+            let mut writes = Vec::with_capacity(DATA_PIPES);
+            let mut smallest = usize::MAX;
+            for _ in 0..DATA_PIPES {
+                let (r, w, cap) = sys::recording_pipe(self.pipe_size)?;
+                smallest = smallest.min(cap);
+                reads.push(r);
+                writes.push(w);
+            }
+            let (hr, hw, _) = sys::recording_pipe(HEAD_PIPE)?;
+            Ok((reads, writes, hr, hw, smallest))
+        })();
+        let (data_r, data_w, head_r, head_w, granted) = match pipes {
             Ok(p) => p,
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
@@ -203,6 +223,12 @@ impl Recordings {
                 ));
             }
         };
+        if granted < self.pipe_size {
+            // The per-user pipe quota (fs.pipe-user-pages-soft) refused the size: a spliced
+            // frame bigger than this pipe ends the recording as lagged.
+            tracing::warn!(session, granted, asked = self.pipe_size, "recording pipes smaller than the relay pipe (fs.pipe-user-pages-soft?)");
+        }
+        let queued: Arc<[AtomicU64]> = (0..DATA_PIPES).map(|_| AtomicU64::new(0)).collect();
         let link = Arc::new(Link::default());
         let t0 = Instant::now();
         let writer = Writer {
@@ -211,6 +237,7 @@ impl Recordings {
             file,
             heads: File::from(head_r),
             data: data_r,
+            queued: queued.clone(),
             written: header.len() as u64,
             link: link.clone(),
             dirs: self.clone(),
@@ -229,9 +256,15 @@ impl Recordings {
         tracing::info!(session, file = %path.display(), input = self.cfg.input, "recording session");
         Ok(Recorder {
             pipes: Some((head_w, data_w)),
+            queued,
+            cur: 0,
+            scratch: None,
             t0,
             input: self.cfg.input,
-            left: self.cfg.max_session_bytes.saturating_sub(header.len() as u64),
+            left: self
+                .cfg
+                .max_session_bytes
+                .saturating_sub(header.len() as u64 + END_ROOM),
             dirs: self.clone(),
             link,
         })
@@ -277,8 +310,16 @@ impl Link {
 /// A session's recording, as the relay holds it. Dropped, it ends the recording as
 /// `complete` (unless it had already ended).
 pub struct Recorder {
-    /// The head and data pipes' write ends; `None` once the recording ended.
-    pipes: Option<(OwnedFd, OwnedFd)>,
+    /// The head pipe's and the data pipes' write ends; `None` once the recording ended.
+    pipes: Option<(OwnedFd, Vec<OwnedFd>)>,
+    /// Bytes in each data pipe: added here, taken off by the writer. An empty pipe takes a
+    /// whole relay pipe's tee.
+    queued: Arc<[AtomicU64]>,
+    /// The data pipe written last.
+    cur: usize,
+    /// For a splice while no data pipe is empty: a pipe to tee into and a buffer to read
+    /// it into (made on first need).
+    scratch: Option<(sys::Pipe, Vec<u8>)>,
     t0: Instant,
     input: bool,
     /// Bytes the session cap still allows.
@@ -322,39 +363,99 @@ impl Recorder {
         self.pipes = None;
     }
 
-    /// A failed pipe write: full (the writer is a pipe's worth behind), or closed by a
-    /// writer that failed (which named the reason).
+    /// A failed pipe write: full (the writer is behind), or closed by a writer that failed
+    /// (which named the reason).
     fn pipe_failed(&mut self, e: Option<io::Error>) {
         let why = match e {
-            Some(e) if e.raw_os_error() == Some(libc::EPIPE) => EndReason::WriteError,
             Some(e) if e.kind() != io::ErrorKind::WouldBlock => EndReason::WriteError,
             _ => EndReason::Lagged,
         };
         self.stop(why);
     }
 
-    /// The head of a record whose payload is in the data pipe.
-    fn head(&mut self, kind: Kind, n: usize) {
-        let h = recording::record_head(kind, self.micros(), n as u32);
-        let Some((heads, _)) = &self.pipes else { return };
+    /// Announces `n` bytes just put in data pipe `pipe`.
+    fn head(&mut self, kind: Kind, pipe: usize, n: usize) -> bool {
+        self.queued[pipe].fetch_add(n as u64, Ordering::Release);
+        let mut h = [0u8; PIPE_HEAD];
+        h[..RECORD_HEAD].copy_from_slice(&recording::record_head(kind, self.micros(), n as u32));
+        h[RECORD_HEAD] = pipe as u8;
+        let Some((heads, _)) = &self.pipes else {
+            return false;
+        };
+        // Under PIPE_BUF: written whole or not at all.
         match sys::write(heads.as_raw_fd(), &h) {
-            Ok(RECORD_HEAD) => {}
-            Ok(_) => self.pipe_failed(None),
-            Err(e) => self.pipe_failed(Some(e)),
+            Ok(PIPE_HEAD) => true,
+            Ok(_) => {
+                self.pipe_failed(None);
+                false
+            }
+            Err(e) => {
+                self.pipe_failed(Some(e));
+                false
+            }
         }
     }
 
     /// The splice path: the `n` bytes at the front of the relay pipe (`pipe_read`), about
-    /// to go to the browser, are teed into the recording.
+    /// to go to the browser, are teed into an empty data pipe. With none empty (the writer
+    /// is behind), they are teed into a scratch pipe and copied through user space into the
+    /// room the data pipes have left: a copy only while the writer catches up.
     pub fn tee(&mut self, pipe_read: std::os::fd::RawFd, n: usize) {
         if !self.admit(n) {
             return;
         }
+        let empty = (0..DATA_PIPES)
+            .map(|k| (self.cur + k) % DATA_PIPES)
+            .find(|&i| self.queued[i].load(Ordering::Acquire) == 0);
+        let Some(i) = empty else {
+            return self.tee_through_user_space(pipe_read, n);
+        };
         let Some((_, data)) = &self.pipes else { return };
-        match sys::tee(pipe_read, data.as_raw_fd(), n) {
-            Ok(m) if m == n => self.head(Kind::VmToBrowser, n),
-            Ok(_) => self.pipe_failed(None),
+        match sys::tee(pipe_read, data[i].as_raw_fd(), n) {
+            Ok(m) => {
+                self.cur = i;
+                // Less than all only when the pipe was granted less room than the relay's.
+                if self.head(Kind::VmToBrowser, i, m) && m < n {
+                    self.pipe_failed(None);
+                }
+            }
             Err(e) => self.pipe_failed(Some(e)),
+        }
+    }
+
+    fn tee_through_user_space(&mut self, pipe_read: std::os::fd::RawFd, n: usize) {
+        if self.scratch.is_none() {
+            match sys::Pipe::new(self.dirs.pipe_size) {
+                Ok(p) => self.scratch = Some((p, Vec::new())),
+                Err(e) => return self.pipe_failed(Some(e)),
+            }
+        }
+        let Some((pipe, buf)) = &mut self.scratch else {
+            return;
+        };
+        let mut r = match sys::tee(pipe_read, pipe.write_fd(), n) {
+            Ok(m) if m == n => Ok(()),
+            Ok(_) => Err(None),
+            Err(e) => Err(Some(e)),
+        };
+        buf.resize(n, 0);
+        let mut got = 0;
+        while r.is_ok() && got < n {
+            match sys::read(pipe.read_fd(), &mut buf[got..n]) {
+                Ok(0) => r = Err(None),
+                Ok(k) => got += k,
+                Err(e) => r = Err(Some(e)),
+            }
+        }
+        if let Err(e) = r {
+            // The scratch pipe may hold a part: it is not reused.
+            self.scratch = None;
+            return self.pipe_failed(e);
+        }
+        let bytes = std::mem::take(buf);
+        self.put(Kind::VmToBrowser, &bytes[..n]);
+        if let Some((_, b)) = &mut self.scratch {
+            *b = bytes;
         }
     }
 
@@ -371,15 +472,38 @@ impl Recorder {
         }
     }
 
+    /// Writes `b` into the data pipes, from the current one on, as one record per pipe
+    /// it lands in.
     fn copied(&mut self, kind: Kind, b: &[u8]) {
-        if b.is_empty() || !self.admit(b.len()) {
-            return;
+        if !b.is_empty() && self.admit(b.len()) {
+            self.put(kind, b);
         }
-        let Some((_, data)) = &self.pipes else { return };
-        match sys::write(data.as_raw_fd(), b) {
-            Ok(m) if m == b.len() => self.head(kind, b.len()),
-            Ok(_) => self.pipe_failed(None),
-            Err(e) => self.pipe_failed(Some(e)),
+    }
+
+    /// [`Recorder::copied`] once admitted.
+    fn put(&mut self, kind: Kind, mut b: &[u8]) {
+        let mut tried = 0;
+        while !b.is_empty() {
+            if tried == DATA_PIPES {
+                return self.pipe_failed(None);
+            }
+            let i = self.cur;
+            let Some((_, data)) = &self.pipes else { return };
+            match sys::write(data[i].as_raw_fd(), b) {
+                Ok(m) => {
+                    if !self.head(kind, i, m) {
+                        return;
+                    }
+                    b = &b[m..];
+                    tried = 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return self.pipe_failed(Some(e)),
+            }
+            if !b.is_empty() {
+                self.cur = (i + 1) % DATA_PIPES;
+                tried += 1;
+            }
         }
     }
 }
@@ -398,7 +522,8 @@ struct Writer {
     path: PathBuf,
     file: File,
     heads: File,
-    data: OwnedFd,
+    data: Vec<OwnedFd>,
+    queued: Arc<[AtomicU64]>,
     /// Bytes in the file: its last whole record ends here.
     written: u64,
     link: Arc<Link>,
@@ -426,6 +551,7 @@ impl Writer {
             mut file,
             heads,
             data,
+            queued: _,
             written,
             link,
             dirs,
@@ -455,6 +581,7 @@ impl Writer {
             let _ = file.set_len(written);
         }
         let total = if ended { written + rec.len() as u64 } else { written };
+        dirs.release(END_ROOM - if ended { rec.len() as u64 } else { 0 });
         metrics::counter!(m::RECORDINGS, "result" => reason.as_str()).increment(1);
         metrics::counter!(m::RECORDED_BYTES).increment(total);
         match (&stop, reason) {
@@ -472,10 +599,10 @@ impl Writer {
 
     /// Copies records until the relay closes the pipes or the file fails.
     fn copy(&mut self) -> Stop {
-        let mut h = [0u8; RECORD_HEAD];
+        let mut h = [0u8; PIPE_HEAD];
         loop {
             let mut got = 0;
-            while got < RECORD_HEAD {
+            while got < PIPE_HEAD {
                 match self.heads.read(&mut h[got..]) {
                     Ok(0) if got == 0 => return Stop::Closed,
                     Ok(0) => return Stop::Cut,
@@ -484,17 +611,24 @@ impl Writer {
                     Err(_) => return Stop::Cut,
                 }
             }
-            let Some((_, _, len)) = recording::parse_record_head(&h) else {
+            let head: &[u8; RECORD_HEAD] = h[..RECORD_HEAD].try_into().expect("13 bytes");
+            let pipe = h[RECORD_HEAD] as usize;
+            let (Some((_, _, len)), Some(data)) =
+                (recording::parse_record_head(head), self.data.get(pipe))
+            else {
                 return Stop::Cut;
             };
-            if let Err(e) = self.file.write_all(&h) {
+            if let Err(e) = self.file.write_all(head) {
                 return Stop::File(e);
             }
             let mut left = len as usize;
             while left > 0 {
-                match sys::splice_to_file(self.data.as_raw_fd(), self.file.as_raw_fd(), left) {
+                match sys::splice_to_file(data.as_raw_fd(), self.file.as_raw_fd(), left) {
                     Ok(0) => return Stop::Cut,
-                    Ok(n) => left -= n,
+                    Ok(n) => {
+                        left -= n;
+                        self.queued[pipe].fetch_sub(n as u64, Ordering::Release);
+                    }
                     Err(e) => return Stop::File(e),
                 }
             }
