@@ -257,8 +257,8 @@ pub fn start(
                 (Kind::VncgateTls, _) => return Err("no certificate for vncgate-tls".into()),
                 _ => None,
             };
-            let scratch = (kind == Kind::VncgateRecord)
-                .then(|| s.out.join(format!("recordings-rep{rep}")));
+            let scratch =
+                (kind == Kind::VncgateRecord).then(|| s.out.join(format!("recordings-rep{rep}")));
             if let Some(d) = &scratch {
                 routes.extend(["--record".to_owned(), d.display().to_string()]);
             }

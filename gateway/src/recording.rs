@@ -213,7 +213,10 @@ impl fmt::Display for FormatError {
                 write!(f, "bytes after the end record, at byte {offset}")
             }
             FormatError::TimeGoesBack { offset } => {
-                write!(f, "record at byte {offset} is timed before the one before it")
+                write!(
+                    f,
+                    "record at byte {offset} is timed before the one before it"
+                )
             }
             FormatError::UnflaggedInput { offset } => write!(
                 f,
@@ -388,10 +391,7 @@ mod tests {
             let r = parse(&f[..cut]);
             if cut < hl {
                 assert!(
-                    matches!(
-                        r,
-                        Err(FormatError::TruncatedHeader | FormatError::BadMagic)
-                    ),
+                    matches!(r, Err(FormatError::TruncatedHeader | FormatError::BadMagic)),
                     "cut {cut}: {r:?}"
                 );
                 if cut > 0 {

@@ -136,7 +136,10 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
 /// says which security type the recorded viewer chose; without it, a server that offered
 /// several types is read as having run the one its next bytes fit (a SecurityResult of 0
 /// right away is None; otherwise VNC Authentication's 16-byte challenge).
-pub fn walk_handshake(server: &[u8], client: Option<&[u8]>) -> Result<(ServerInit, usize), PlanError> {
+pub fn walk_handshake(
+    server: &[u8],
+    client: Option<&[u8]>,
+) -> Result<(ServerInit, usize), PlanError> {
     let short = PlanError::NoHandshake;
     let v: &[u8; 12] = server.first_chunk().ok_or(short.clone())?;
     let (major, minor) = parse_version(v).map_err(|_| PlanError::BadVersion)?;
@@ -232,8 +235,7 @@ pub fn plan(file: &[u8]) -> Result<Plan, PlanError> {
 
 /// Reads, checks and serves `file` on `listen` until the process is stopped.
 pub fn run(file: &Path, listen: &str, speed: Speed) -> Result<(), String> {
-    let bytes =
-        std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let plan = Arc::new(plan(&bytes).map_err(|e| format!("{}: {e}", file.display()))?);
     drop(bytes);
     let addr = crate::route::resolve(listen).map_err(|e| format!("--listen: {e}"))?;
@@ -271,7 +273,10 @@ fn any_path(head: &[u8]) -> Vec<u8> {
     let Some(sp1) = head.iter().position(|&b| b == b' ') else {
         return head.to_vec();
     };
-    let Some(len) = head[sp1 + 1..].iter().position(|&b| b == b' ' || b == b'\r') else {
+    let Some(len) = head[sp1 + 1..]
+        .iter()
+        .position(|&b| b == b' ' || b == b'\r')
+    else {
         return head.to_vec();
     };
     let mut out = head[..sp1 + 1].to_vec();
@@ -390,7 +395,9 @@ fn deframe(
         })?;
         match step.item {
             Some(Item::Data(r)) => data.extend_from_slice(&chunk[off + r.start..off + r.end]),
-            Some(Item::Ping(p)) => s.write_all(ControlFrame::new(OP_PONG, p.as_slice()).as_bytes())?,
+            Some(Item::Ping(p)) => {
+                s.write_all(ControlFrame::new(OP_PONG, p.as_slice()).as_bytes())?
+            }
             Some(Item::Pong(_)) | None => {}
             Some(Item::Close(c)) => {
                 s.write_all(ControlFrame::close(c.code, "").as_bytes())?;
@@ -473,7 +480,9 @@ mod tests {
         ServerInit {
             width: 64,
             height: 48,
-            pixel_format: PixelFormat::from_bytes(&[32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0]),
+            pixel_format: PixelFormat::from_bytes(&[
+                32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0,
+            ]),
             name: "desk".into(),
         }
     }
@@ -486,7 +495,11 @@ mod tests {
         }
         .encode();
         for (i, p) in server.iter().enumerate() {
-            f.extend_from_slice(&record_head(Kind::VmToBrowser, i as u64 * 1000, p.len() as u32));
+            f.extend_from_slice(&record_head(
+                Kind::VmToBrowser,
+                i as u64 * 1000,
+                p.len() as u32,
+            ));
             f.extend_from_slice(p);
         }
         f

@@ -147,8 +147,16 @@ fn splice_path_recording_holds_what_the_browser_got_and_its_input() {
         assert_eq!(p.header.session, "rec1");
         assert!(p.header.input_included());
         assert_eq!(p.end, Some(EndReason::Complete));
-        assert_eq!(stream_of(&p, Kind::VmToBrowser), got, "{driver}: recorded = received");
-        assert_eq!(stream_of(&p, Kind::BrowserToVm), input, "{driver}: input recorded");
+        assert_eq!(
+            stream_of(&p, Kind::VmToBrowser),
+            got,
+            "{driver}: recorded = received"
+        );
+        assert_eq!(
+            stream_of(&p, Kind::BrowserToVm),
+            input,
+            "{driver}: input recorded"
+        );
         // Records bigger than a copy-path read (32 KiB) were teed from a relay pipe.
         assert!(
             p.records.iter().any(|r| r.payload.len() > 32 << 10),
@@ -221,13 +229,12 @@ fn tls_copy_path_recording_holds_what_the_browser_got() {
             key.to_str().unwrap(),
         ],
     );
-    let cfg = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let cfg =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     let tcp = TcpStream::connect(gw.addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let conn =
@@ -315,7 +322,12 @@ fn caps_end_the_recording_never_the_session() {
     assert!(dir_bytes(&dir) <= cap, "{} > {cap}", dir_bytes(&dir));
     let ends: Vec<_> = recordings(&dir)
         .iter()
-        .filter(|f| f.file_name().unwrap().to_string_lossy().starts_with("cap1-"))
+        .filter(|f| {
+            f.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("cap1-")
+        })
         .map(|f| recording::parse(&std::fs::read(f).unwrap()).unwrap().end)
         .collect();
     assert_eq!(ends.len(), 2);

@@ -226,7 +226,13 @@ mod tests {
         let (set, absent) = bare.to_fields();
         assert_eq!(
             absent,
-            ["token_sha256", "expires_at", "max_viewers", "writer", "record"]
+            [
+                "token_sha256",
+                "expires_at",
+                "max_viewers",
+                "writer",
+                "record"
+            ]
         );
         assert_eq!(RouteRecord::from_fields(&as_map(&set)).unwrap(), bare);
     }

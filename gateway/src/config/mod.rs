@@ -7,9 +7,10 @@ pub mod file;
 pub mod settings;
 
 pub use cli::{
-    Cli, Command, DelReason, LogFormat, RedisArg, ReplayArgs, RouteAddArgs, RouteCommand, RouteDelArgs,
-    RouteListArgs, ServeArgs,
+    Cli, Command, DelReason, LogFormat, RedisArg, ReplayArgs, RouteAddArgs, RouteCommand,
+    RouteDelArgs, RouteListArgs, ServeArgs,
 };
 pub use settings::{
-    DEFAULT_TCP_CONGESTION, IoDriver, Layer, Limits, RecordScope, RecordSettings, Settings, TcpCongestion, TlsFiles, parse_secs,
+    DEFAULT_TCP_CONGESTION, IoDriver, Layer, Limits, RecordScope, RecordSettings, Settings,
+    TcpCongestion, TlsFiles, parse_secs,
 };

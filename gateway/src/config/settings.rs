@@ -102,7 +102,16 @@ macro_rules! from_str_values {
         }
     )*};
 }
-from_str_values!(String, PathBuf, usize, u64, u32, bool, IoDriver, RecordScope);
+from_str_values!(
+    String,
+    PathBuf,
+    usize,
+    u64,
+    u32,
+    bool,
+    IoDriver,
+    RecordScope
+);
 
 impl LayerValue for Duration {
     fn parse_env(s: &str) -> Result<Self, String> {
@@ -945,6 +954,48 @@ mod example_tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn recording_settings_layer_and_a_recorded_route_needs_a_directory() {
+        let dir = std::env::temp_dir().join(format!("vncgate-rec-routes-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "[[route]]\nsession = \"r\"\nupstream = \"127.0.0.1:5900\"\nrecord = true\n",
+        )
+        .unwrap();
+        let mut a = ServeArgs {
+            routes_file: Some(dir.clone()),
+            allow_upstream: vec!["127.0.0.1".into()],
+            ..Default::default()
+        };
+        let e = a.settings_with_env(Vec::new()).unwrap_err();
+        assert!(
+            e.contains("route 'r' has record = true") && e.contains("--record"),
+            "{e}"
+        );
+        a.record = Some("/tmp/recs".into());
+        let env = vec![
+            ("VNCGATE_RECORD_SCOPE".to_owned(), "routes".to_owned()),
+            (
+                "VNCGATE_RECORD_MAX_DIR_BYTES".to_owned(),
+                "1000000".to_owned(),
+            ),
+        ];
+        let s = a.settings_with_env(env).unwrap();
+        let r = s.record.unwrap();
+        assert_eq!(r.dir, PathBuf::from("/tmp/recs"));
+        assert_eq!(r.scope, RecordScope::Routes);
+        assert_eq!(r.max_dir_bytes, 1_000_000);
+        assert_eq!(
+            r.max_session_bytes,
+            RecordSettings::DEFAULT_MAX_SESSION_BYTES
+        );
+        assert!(!r.input);
+        assert!(s.routes.get("r").unwrap().record);
+        a.record_max_session_bytes = Some(0);
+        assert!(a.settings_with_env(Vec::new()).is_err());
+        std::fs::remove_file(&dir).unwrap();
+    }
 
     /// The documented example config must stay valid (its CIDRs would refuse its own routes
     /// only if they drifted apart).

@@ -241,6 +241,10 @@ impl Running {
                 worker_died(index, Some(fault::panic_message(&*p)));
             }
         }
+        // The drained sessions' recordings get their last records and end records.
+        if let Some(r) = &self.shared.recordings {
+            r.wait_writers(std::time::Duration::from_secs(10));
+        }
     }
 }
 

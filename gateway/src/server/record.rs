@@ -2,25 +2,31 @@
 //! with `--record-input` the browser's, into one file per session in the format of
 //! [`crate::recording`].
 //!
-//! The relay never waits for a recording. Each recording has two pipes and a writer thread:
+//! The relay never waits for a recording. Each recording has a writer thread, a head pipe
+//! and a ring of data pipes:
 //!
-//! - the **data pipe** gets the payload. On the splice path the relay `tee(2)`s the relay
-//!   pipe's contents into it (page references: the bytes still never enter user space); on
-//!   the copy path, where the bytes are in user space anyway (small reads, TLS), it
-//!   `write(2)`s them.
-//! - the **head pipe** gets each record's 13-byte head (kind, time, length), written after
-//!   the payload is in the data pipe, so a payload that did not fit is never announced.
+//! - the **data pipes** get the payload. On the splice path the relay `tee(2)`s the relay
+//!   pipe's contents into an empty data pipe (page references: the bytes still never enter
+//!   user space); on the copy path, where the bytes are in user space anyway (small reads,
+//!   TLS), it `write(2)`s them. When no data pipe is empty (the writer is behind), a splice
+//!   is teed into a scratch pipe and copied through user space into the room the ring has
+//!   left, until the writer catches up.
+//! - the **head pipe** gets each record's head (kind, time, length, and which data pipe),
+//!   written after the payload is in its data pipe, so a payload that did not fit is never
+//!   announced.
 //!
-//! The writer thread reads a head, `splice(2)`s that many bytes from the data pipe into the
-//! file (kernel to page cache), and so on; writeback stalls land on it, not on a worker.
-//! Both pipes' write ends are non-blocking. When a pipe cannot take a whole record now, the
-//! writer has fallen a pipe's worth behind: the recording ends (`lagged`), the session goes
-//! on. When the file cannot be written (`ENOSPC`: `disk_full`; anything else:
-//! `write_error`), the writer truncates the file back to its last whole record, appends an
-//! end record if it can, and closes its pipe ends, so the relay's next write fails and the
-//! relay stops recording. Caps (`--record-max-session-bytes`, `--record-max-dir-bytes`)
-//! are checked by the relay before each record. Every recording ends once, counted in
-//! `vncgate_recordings_total{result}` and logged with the session id.
+//! The writer thread reads a head, `splice(2)`s that many bytes from the data pipe it names
+//! into the file (kernel to page cache), and so on; writeback stalls land on it, not on a
+//! worker. Every write end is non-blocking. When the whole ring (8 relay pipes' worth) is
+//! full, the writer has fallen too far behind: the recording ends (`lagged`), the session
+//! goes on. When the file cannot be written (`ENOSPC`, `EDQUOT`: `disk_full`; anything
+//! else: `write_error`), the writer truncates the file back to its last whole record,
+//! appends an end record if it can, and closes its pipe ends, so the relay's next write
+//! fails and the relay stops recording. Caps (`--record-max-session-bytes`,
+//! `--record-max-dir-bytes`) are checked by the relay before each record, a record being
+//! all or nothing. Every recording ends once, counted in `vncgate_recordings_total{result}`
+//! and logged with the session id; so does a session that could not be recorded at all
+//! (the directory full, the file not created).
 //!
 //! A session that is not recorded carries no [`Recorder`]: its relay pays one branch per
 //! read.
@@ -69,6 +75,8 @@ pub struct Recordings {
     used: AtomicU64,
     /// Tells apart two recordings of one session started in the same microsecond.
     seq: AtomicU64,
+    /// Writer threads still running, for a drain to wait on.
+    writers: AtomicU64,
 }
 
 /// Bytes of `*.vncrec` files in `dir`.
@@ -89,13 +97,15 @@ impl Recordings {
         let dir = &cfg.dir;
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("--record {}: cannot create: {e}", dir.display()))?;
-        let used = scan(dir).map_err(|e| format!("--record {}: cannot read: {e}", dir.display()))?;
+        let used =
+            scan(dir).map_err(|e| format!("--record {}: cannot read: {e}", dir.display()))?;
         tracing::info!(dir = %dir.display(), used_bytes = used, max_dir_bytes = cfg.max_dir_bytes, scope = cfg.scope.as_str(), input = cfg.input, "recording sessions");
         Ok(Arc::new(Recordings {
             cfg: cfg.clone(),
             pipe_size,
             used: AtomicU64::new(used),
             seq: AtomicU64::new(0),
+            writers: AtomicU64::new(0),
         }))
     }
 
@@ -106,6 +116,21 @@ impl Recordings {
 
     pub fn dir(&self) -> &Path {
         &self.cfg.dir
+    }
+
+    /// Waits (up to `within`) for the writers of ended sessions to finish their files.
+    pub fn wait_writers(&self, within: std::time::Duration) {
+        let deadline = Instant::now() + within;
+        while self.writers.load(Ordering::Acquire) > 0 {
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    writers = self.writers.load(Ordering::Acquire),
+                    "recordings still being written at exit: their files end without an end record"
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     /// Bytes counted against the directory cap.
@@ -226,7 +251,12 @@ impl Recordings {
         if granted < self.pipe_size {
             // The per-user pipe quota (fs.pipe-user-pages-soft) refused the size: a spliced
             // frame bigger than this pipe ends the recording as lagged.
-            tracing::warn!(session, granted, asked = self.pipe_size, "recording pipes smaller than the relay pipe (fs.pipe-user-pages-soft?)");
+            tracing::warn!(
+                session,
+                granted,
+                asked = self.pipe_size,
+                "recording pipes smaller than the relay pipe (fs.pipe-user-pages-soft?)"
+            );
         }
         let queued: Arc<[AtomicU64]> = (0..DATA_PIPES).map(|_| AtomicU64::new(0)).collect();
         let link = Arc::new(Link::default());
@@ -243,10 +273,12 @@ impl Recordings {
             dirs: self.clone(),
             t0,
         };
+        self.writers.fetch_add(1, Ordering::AcqRel);
         let spawned = std::thread::Builder::new()
             .name("vncgate-rec".into())
             .spawn(move || writer.run());
         if let Err(e) = spawned {
+            self.writers.fetch_sub(1, Ordering::AcqRel);
             let _ = std::fs::remove_file(&path);
             return Err((
                 EndReason::WriteError,
@@ -572,7 +604,8 @@ impl Writer {
         // The position stays where the last write left it: back to the cut.
         let _ = file.seek(io::SeekFrom::Start(written));
         let why = reason.as_str().as_bytes();
-        let end = recording::record_head(Kind::End, t0.elapsed().as_micros() as u64, why.len() as u32);
+        let end =
+            recording::record_head(Kind::End, t0.elapsed().as_micros() as u64, why.len() as u32);
         let mut rec = end.to_vec();
         rec.extend_from_slice(why);
         let ended = file.write_all(&rec).is_ok();
@@ -580,7 +613,11 @@ impl Writer {
             // A full disk: the file stays whole without its end record.
             let _ = file.set_len(written);
         }
-        let total = if ended { written + rec.len() as u64 } else { written };
+        let total = if ended {
+            written + rec.len() as u64
+        } else {
+            written
+        };
         dirs.release(END_ROOM - if ended { rec.len() as u64 } else { 0 });
         metrics::counter!(m::RECORDINGS, "result" => reason.as_str()).increment(1);
         metrics::counter!(m::RECORDED_BYTES).increment(total);
@@ -595,6 +632,8 @@ impl Writer {
                 tracing::warn!(session = &*session, file = %path.display(), bytes = total, result = reason.as_str(), "recording ended early; the session goes on");
             }
         }
+        drop(file);
+        dirs.writers.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Copies records until the relay closes the pipes or the file fails.
