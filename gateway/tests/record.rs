@@ -243,9 +243,8 @@ fn tls_copy_path_recording_holds_what_the_browser_got() {
     let (mut ws, _) = tungstenite::client("wss://127.0.0.1/vnc/tls1", s).unwrap();
     let mut got = Vec::new();
     while got.len() < sent.len() {
-        match ws.read().unwrap() {
-            tungstenite::Message::Binary(b) => got.extend_from_slice(&b),
-            _ => {}
+        if let tungstenite::Message::Binary(b) = ws.read().unwrap() {
+            got.extend_from_slice(&b);
         }
     }
     ws.close(None).unwrap();
