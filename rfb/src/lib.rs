@@ -16,10 +16,12 @@
 //! | [`client_msg`] | client-to-server messages and their incremental decoder |
 //! | [`server_msg`] | server-to-client messages and their streaming decoder |
 //!
-//! Dependencies: `des` (for VNC Authentication) and the standard library.
+//! Dependencies: `des` (for VNC Authentication, feature `vnc-auth`, on by default) and the
+//! standard library.
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "vnc-auth")]
 pub mod auth;
 pub mod banner;
 pub mod client_msg;
