@@ -263,6 +263,20 @@ pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Gives the calling thread the lowest CPU priority (nice 19; on Linux nice is per
+/// thread): a recording's writer then takes the CPU the relay leaves.
+pub fn lowest_thread_priority() -> io::Result<()> {
+    // SAFETY: gettid and setpriority take and return plain integers.
+    let r = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19)
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A pipe for a recording: the relay writes (tees) into its non-blocking write end, and a
 /// writer thread blocks on its read end. Returns (read, write, capacity).
 pub fn recording_pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {

@@ -575,6 +575,11 @@ enum Stop {
 
 impl Writer {
     fn run(mut self) {
+        // With a writer thread per recording, fair scheduling would hand 50 recordings 25
+        // times the CPU of 2 workers: the writers take what the relay leaves instead.
+        if let Err(e) = sys::lowest_thread_priority() {
+            tracing::debug!(error = %e, "cannot lower the recording writer's priority");
+        }
         let stop = self.copy();
         // Nothing more is read: a relay still writing gets EPIPE and stops.
         let Writer {
