@@ -27,6 +27,10 @@
 //! descriptor of each socket (`dup`), owned by the relay: the session's own streams stay
 //! shared by reference for readiness and the rare control frames.
 //!
+//! A recorded session (`--record`, see [`super::record`]) hands each read to its recorder
+//! before the bytes go on: the splice path tees the relay pipe, the copy path writes what
+//! it has in user space, neither waiting. An unrecorded session pays one branch per read.
+//!
 //! Backpressure is end to end: a frame must be fully written to the browser before the next
 //! splice from the VM, so a slow browser leaves the VM's data in the VM's socket (and TCP
 //! window); a slow VM stops reads from the browser the same way. Per-session memory in user
