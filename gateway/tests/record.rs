@@ -416,3 +416,47 @@ fn a_full_disk_ends_the_recording_never_the_session() {
     drop(gw);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--record-scope routes`: only the routes whose `record` field is true are recorded (the
+/// routes file here; Redis records carry the same field, `vncgate route add --record`).
+#[test]
+fn scope_routes_records_only_routes_that_ask() {
+    let (vm, _) = scripted_vm(vec![(pattern(5000, 1), Duration::from_millis(10))]);
+    let dir = temp_dir("scope");
+    let routes = dir.join("routes.toml");
+    std::fs::write(
+        &routes,
+        format!(
+            "[[route]]\nsession = \"yes\"\nupstream = \"{vm}\"\nrecord = true\n\n[[route]]\nsession = \"no\"\nupstream = \"{vm}\"\n"
+        ),
+    )
+    .unwrap();
+    let rec = dir.join("rec");
+    let gw = Gw::start(
+        "auto",
+        &[
+            "--routes-file",
+            routes.to_str().unwrap(),
+            "--allow-upstream",
+            "127.0.0.1",
+            "--record",
+            rec.to_str().unwrap(),
+            "--record-scope",
+            "routes",
+        ],
+    );
+    for session in ["no", "yes"] {
+        let mut ws = RawWs::connect(gw.addr, &format!("/vnc/{session}"), "");
+        assert_eq!(ws.read_data(5000), pattern(5000, 1));
+        ws.send(&frame(0x88, &1000u16.to_be_bytes()));
+        let _ = ws.until_close();
+    }
+    wait_recording_ended(&gw, 1);
+    let files = recordings(&rec);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let p = recording::parse(&std::fs::read(&files[0]).unwrap())
+        .unwrap()
+        .header;
+    assert_eq!(p.session, "yes");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

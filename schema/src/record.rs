@@ -198,7 +198,7 @@ mod tests {
             max_viewers: Some(2),
             created_at: 1_800_000_000,
             writer: Some("test".into()),
-            record: false,
+            record: true,
         }
     }
 
