@@ -23,10 +23,12 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::Value;
 
 /// The proxies drawn as bars, in order, with their colours. Direct is the reference.
-const SERIES: [(&str, RGBColor); 4] = [
+const SERIES: [(&str, RGBColor); 5] = [
     ("vncgate", RGBColor(0x2b, 0x6c, 0xb0)),
     // vncgate over TLS: a darker shade of vncgate's blue, next to it.
     ("vncgate-tls", RGBColor(0x1a, 0x36, 0x5d)),
+    // vncgate recording every session: a lighter shade of the same blue.
+    ("vncgate-record", RGBColor(0x7f, 0xb2, 0xe5)),
     ("websocat", RGBColor(0xdd, 0x84, 0x52)),
     ("websockify", RGBColor(0x55, 0xa8, 0x68)),
 ];

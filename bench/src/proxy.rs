@@ -26,6 +26,10 @@ pub enum Kind {
     /// vncgate serving `wss://`: the same binary and flags as `Vncgate`, plus the
     /// certificate; the client speaks TLS to it.
     VncgateTls,
+    /// vncgate recording every session (`--record DIR` under the output folder, removed
+    /// when the process stops): the cost of recording, next to `Vncgate`. Not in the
+    /// default selection (it writes gigabytes).
+    VncgateRecord,
     Websocat,
     Websockify,
 }
@@ -33,10 +37,11 @@ pub enum Kind {
 impl Kind {
     /// In the order a repetition runs them and the table shows them: `VncgateTls` next to
     /// `Vncgate`, so the two compare at a glance.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Direct,
         Kind::Vncgate,
         Kind::VncgateTls,
+        Kind::VncgateRecord,
         Kind::Websocat,
         Kind::Websockify,
     ];
@@ -46,6 +51,7 @@ impl Kind {
             Kind::Direct => "direct",
             Kind::Vncgate => "vncgate",
             Kind::VncgateTls => "vncgate-tls",
+            Kind::VncgateRecord => "vncgate-record",
             Kind::Websocat => "websocat",
             Kind::Websockify => "websockify",
         }
@@ -104,6 +110,7 @@ pub fn locate(kind: Kind, s: &Settings) -> Result<Option<PathBuf>, String> {
             Some(Err(why)) => Err(format!("no certificate: {why}")),
             None => Err("no certificate was generated for this run".to_owned()),
         },
+        Kind::VncgateRecord => locate(Kind::Vncgate, s),
         Kind::Vncgate => {
             if s.vncgate.is_file() {
                 Ok(Some(s.vncgate.clone()))
@@ -148,6 +155,8 @@ pub struct Running {
     /// The route to the banner server (`upgrades50`), when [`Targets::banner`] was given.
     pub banner: Option<Target>,
     children: Vec<Child>,
+    /// Removed once the processes are gone (`VncgateRecord`'s recordings).
+    scratch: Option<PathBuf>,
 }
 
 impl Running {
@@ -196,6 +205,9 @@ impl Drop for Running {
                 let _ = c.wait();
             }
         }
+        if let Some(d) = self.scratch.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -216,13 +228,14 @@ pub fn start(
         idle: t.idle.map(direct),
         banner: t.banner.map(direct),
         children: Vec::new(),
+        scratch: None,
     };
     let Some(exe) = exe else {
         return Ok(r);
     };
     match kind {
         Kind::Direct => {}
-        Kind::Vncgate | Kind::VncgateTls => {
+        Kind::Vncgate | Kind::VncgateTls | Kind::VncgateRecord => {
             let mut routes = vec![
                 "--route".to_owned(),
                 format!("bulk={}", t.bulk),
@@ -250,7 +263,13 @@ pub fn start(
                 (Kind::VncgateTls, _) => return Err("no certificate for vncgate-tls".into()),
                 _ => None,
             };
+            let scratch =
+                (kind == Kind::VncgateRecord).then(|| s.out.join(format!("recordings-rep{rep}")));
+            if let Some(d) = &scratch {
+                routes.extend(["--record".to_owned(), d.display().to_string()]);
+            }
             let mut r = start_vncgate(exe, s, &routes, kind.name(), rep)?;
+            r.scratch = scratch;
             r.kind = kind;
             r.idle = t
                 .idle
@@ -335,6 +354,7 @@ pub fn start_vncgate(
         idle: None,
         banner: None,
         children: vec![spawn(exe, &args, &s.out, log_name, rep)?],
+        scratch: None,
     };
     wait_listening(&mut r, &[addr])?;
     Ok(r)

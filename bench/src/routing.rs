@@ -467,6 +467,7 @@ impl Redis {
                     max_viewers: None,
                     created_at: vncgate_schema::unix_now(),
                     writer: Some("vncgate-bench".into()),
+                    record: false,
                 };
                 vncgate_schema::store::put_route(conn, id, &rec)
                     .await

@@ -81,6 +81,7 @@ pub fn publish_when_ready(url: &RedisUrl, p: &Publish) -> Result<Published, Stri
         max_viewers: p.max_viewers,
         created_at: now,
         writer: Some("vncgate-controller".into()),
+        record: false,
     };
     rt.block_on(store::put_route(&mut conn, &p.session, &rec))
         .map_err(|e| format!("cannot write the route: {e}"))?;

@@ -744,6 +744,7 @@ impl<B: Backend> Service<B> {
             max_viewers: self.cfg.max_viewers,
             created_at: vncgate_schema::unix_now(),
             writer: Some("vncgate-controller".into()),
+            record: false,
         })
     }
 

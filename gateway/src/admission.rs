@@ -197,6 +197,8 @@ pub struct Admit {
     pub expires_in: Option<Duration>,
     /// Full, or view-only (the view token): the relay then filters the browser's input.
     pub role: Role,
+    /// The route asks for its sessions to be recorded.
+    pub record: bool,
 }
 
 /// What happens to the connection.
@@ -240,6 +242,7 @@ pub fn decide(ask: &Ask, lookup: Result<Option<&Route>, Unavailable>, gate: &Gat
         viewer_limit: route.max_viewers.unwrap_or(gate.default_max_viewers),
         expires_in,
         role,
+        record: route.record,
     })
 }
 
@@ -262,6 +265,7 @@ mod tests {
             view_token_digest: None,
             expires_at: Some(2_000),
             max_viewers: None,
+            record: false,
         }
     }
 
@@ -291,6 +295,7 @@ mod tests {
                 viewer_limit: 3,
                 expires_in: Some(Duration::from_secs(1_000)),
                 role: Role::Full,
+                record: false,
             })
         );
         let mut r = route();

@@ -29,6 +29,9 @@
 //!   handover of the listening sockets to a successor process.
 //! - [`tls`]: `wss://`: the certificate store (reloaded on SIGHUP and on change) and the
 //!   rustls configuration; [`server::client`] drives rustls over a worker's socket.
+//! - [`recording`]: the session recording file format (versioned header, timed records),
+//!   sans IO; [`server::record`] writes it (`--record DIR`, tee(2) on the splice path).
+//! - [`replay`]: `vncgate replay FILE`: serves a recording to noVNC at its recorded pace.
 //! - [`web`]: `--web DIR`, static files (noVNC's page) for plain GETs on the public port,
 //!   with every path that could leave DIR refused before the filesystem is touched.
 //! - [`websockify`]: `vncgate websockify`, websockify's command line as gateway settings:
@@ -47,6 +50,8 @@ pub mod live;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod recording;
+pub mod replay;
 pub mod route;
 pub mod route_admin;
 pub mod route_table;

@@ -106,6 +106,7 @@ mod tests {
                             view_token_digest: None,
                             expires_at: None,
                             max_viewers: None,
+                            record: false,
                         },
                     )
                 })

@@ -21,6 +21,10 @@ fn main() -> ExitCode {
             Ok(vncgate::route_admin::Outcome::NotFound) => return ExitCode::from(1),
             Err(e) => Err(e),
         },
+        Command::Replay(r) => {
+            init_logging(LogFormat::Text, "info");
+            vncgate::replay::run(&r.file, &r.listen, r.speed)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

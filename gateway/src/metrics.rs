@@ -148,6 +148,18 @@ pub const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         "TLS handshakes on the public listener (--tls-cert), by result.",
     ),
     (
+        RECORDINGS,
+        Kind::Counter,
+        None,
+        "Session recordings (--record) by how they ended: complete, session_cap, dir_cap, disk_full, write_error, lagged. The session goes on in every case.",
+    ),
+    (
+        RECORDED_BYTES,
+        Kind::Counter,
+        Some(Unit::Bytes),
+        "Bytes written to session recording files.",
+    ),
+    (
         CONNECTIONS_ACCEPTED,
         Kind::Counter,
         None,
@@ -413,6 +425,10 @@ pub fn zero_series(workers: usize) -> Vec<Series> {
     for r in crate::server::client::HANDSHAKE_RESULTS {
         all.push(series(TLS_HANDSHAKES, &[("result", r)]));
     }
+    for r in crate::recording::EndReason::ALL {
+        all.push(series(RECORDINGS, &[("result", r.as_str())]));
+    }
+    all.push(series(RECORDED_BYTES, &[]));
     use vncgate_schema::RecordError;
     for e in [
         RecordError::Missing(""),
@@ -470,6 +486,13 @@ pub const RELOAD_RESULTS: [&str; 2] = ["ok", "failed"];
 /// client's alert says it does not trust ours), `protocol_error`.
 pub const TLS_HANDSHAKES: &str = "vncgate_tls_handshakes_total";
 
+/// Session recordings (`--record DIR`) by how they ended, `result`: `complete`,
+/// `session_cap`, `dir_cap`, `disk_full`, `write_error`, `lagged` (see
+/// `recording::EndReason`); a session that could not be recorded at all counts too.
+pub const RECORDINGS: &str = "vncgate_recordings_total";
+/// Bytes written to recording files (headers and records).
+pub const RECORDED_BYTES: &str = "vncgate_recorded_bytes_total";
+
 /// Installs the global Prometheus recorder and returns the handle that renders it.
 ///
 /// Histogram samples (connect times, lookup times) queue up inside the recorder until they
@@ -519,6 +542,12 @@ mod tests {
     /// coming from a fixed set: (metric, label, expression) and where the set is.
     const DERIVED: &[(&str, &str, &str, &str)] = &[
         (CONFIG_RELOADS, "result", "result", "RELOAD_RESULTS"),
+        (
+            RECORDINGS,
+            "result",
+            "reason.as_str()",
+            "recording::EndReason::ALL",
+        ),
         (PROXY_HEADERS, "result", "result", "PROXY_RESULTS"),
         (
             TLS_HANDSHAKES,

@@ -31,6 +31,8 @@ pub struct Route {
     pub expires_at: Option<u64>,
     /// Concurrent connections allowed; `None` takes `--max-viewers`, `Some(0)` is unlimited.
     pub max_viewers: Option<u32>,
+    /// Record this route's sessions (with `--record DIR`; see `server::record`).
+    pub record: bool,
 }
 
 /// What an admitted client may do.
@@ -59,6 +61,7 @@ impl From<vncgate_schema::RouteRecord> for Route {
             view_token_digest: r.view_token_sha256,
             expires_at: r.expires_at,
             max_viewers: r.max_viewers,
+            record: r.record,
         }
     }
 }
@@ -230,6 +233,7 @@ pub fn parse_route_flag(s: &str) -> Result<(String, Route), String> {
             view_token_digest: None,
             expires_at: None,
             max_viewers: None,
+            record: false,
         },
     ))
 }
@@ -252,6 +256,9 @@ struct FileRoute {
     expires_at: Option<u64>,
     /// Concurrent connections allowed (0: unlimited).
     max_viewers: Option<u32>,
+    /// Record the sessions (needs `--record DIR`).
+    #[serde(default)]
+    record: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -311,6 +318,7 @@ pub fn parse_routes_file(text: &str) -> Result<Vec<(String, Route)>, String> {
                     view_token_digest,
                     expires_at: r.expires_at,
                     max_viewers: r.max_viewers,
+                    record: r.record,
                 },
             ))
         })
@@ -340,11 +348,13 @@ mod tests {
             session = "b"
             upstream = "127.0.0.1:6081"
             token_sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            record = true
             "#,
         )
         .unwrap();
         assert_eq!(routes[0].1.token_digest, routes[1].1.token_digest);
         assert_eq!(routes[0].1.expires_at, Some(100));
+        assert!(!routes[0].1.record && routes[1].1.record);
         assert!(
             parse_routes_file("[[route]]\nsession='x'\nupstream='127.0.0.1:1'\nbogus=1").is_err()
         );
@@ -387,6 +397,7 @@ mod tests {
             view_token_digest: None,
             expires_at: Some(1000),
             max_viewers: None,
+            record: false,
         };
         let tok = |t: &[u8]| Token::from_bytes(t).unwrap();
         assert_eq!(r.authorize(None), Err(Denied::MissingToken));

@@ -109,6 +109,7 @@ fn record_from_args(a: &RouteAddArgs) -> Result<RouteRecord, String> {
         max_viewers: a.max_viewers,
         created_at: now,
         writer: Some("vncgate route add".into()),
+        record: a.record,
     })
 }
 

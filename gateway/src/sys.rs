@@ -1,4 +1,4 @@
-//! The gateway's only `unsafe` (the crate denies it everywhere else): thin wrappers over splice(2), pipe2(2), fcntl(2),
+//! The gateway's only `unsafe` (the crate denies it everywhere else): thin wrappers over splice(2), tee(2), pipe2(2), fcntl(2), write(2),
 //! non-blocking send/recv on raw socket descriptors, and descriptor passing (`SCM_RIGHTS`,
 //! through `nix`) for the restart handover.
 //!
@@ -202,6 +202,102 @@ impl Pipe {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+}
+
+/// tee(2): duplicates up to `len` bytes at the front of the pipe `from` into the pipe `to`
+/// without consuming them, never blocking. The bytes are page references, not copies.
+pub fn tee(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    loop {
+        // SAFETY: no memory is passed.
+        let r = unsafe { libc::tee(from, to, len, libc::SPLICE_F_NONBLOCK) };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// splice(2) from a pipe to a regular file, blocking (a recording's writer thread).
+pub fn splice_to_file(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    loop {
+        // SAFETY: null offsets: both descriptors' own positions are used; no memory passed.
+        let r = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// read(2) on a descriptor (a non-blocking pipe's read end).
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the pointer and length come from a live mutable slice.
+        let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// write(2) on a descriptor (a pipe's non-blocking write end): a pipe takes up to
+/// `PIPE_BUF` bytes whole or not at all, more possibly in part.
+pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the pointer and length come from a live slice.
+        let r = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Gives the calling thread the lowest CPU priority (nice 19; on Linux nice is per
+/// thread): a recording's writer then takes the CPU the relay leaves.
+pub fn lowest_thread_priority() -> io::Result<()> {
+    // SAFETY: gettid and setpriority take and return plain integers.
+    let r = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19)
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A pipe for a recording: the relay writes (tees) into its non-blocking write end, and a
+/// writer thread blocks on its read end. Returns (read, write, capacity).
+pub fn recording_pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we pass.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The two ends are separate open files: only the write end turns non-blocking.
+    set_nonblocking(write.as_raw_fd())?;
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let capacity = unsafe {
+        libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int);
+        libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
+    };
+    if capacity <= 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((read, write, capacity as usize))
 }
 
 /// A second descriptor for an open TCP socket (`F_DUPFD_CLOEXEC`).

@@ -150,8 +150,10 @@ pub fn load_tokens(source: &Path) -> Result<Vec<(String, Route)>, String> {
                 Route {
                     upstream,
                     token_digest: Some(digest),
+                    view_token_digest: None,
                     expires_at: None,
                     max_viewers: None,
+                    record: false,
                 },
             ));
         }
@@ -312,7 +314,6 @@ pub const REFUSED: &[(&str, bool, &str)] = &[
         true,
         "vncgate's TLS is fixed: rustls's default TLS 1.2 and 1.3 cipher suites",
     ),
-    ("--record", true, "recording is vncgate serve --record DIR"),
 ];
 
 /// The token plugins vncgate reads: websockify's `TokenFile` and `ReadOnlyTokenFile`
@@ -396,6 +397,7 @@ impl WebsockifyArgs {
             // websockify has no per-session idle timeout: sessions never end for quiet.
             idle_timeout: Some(Duration::ZERO),
             web: self.web.clone(),
+            record: self.record.clone(),
             tls_cert: self.cert.clone(),
             // websockify's --cert alone: the key is in the same PEM.
             tls_key: self.key.clone().or_else(|| self.cert.clone()),
@@ -558,11 +560,9 @@ mod tests {
     #[test]
     fn refused_options_name_themselves_and_their_equivalent() {
         let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        let e = check_refused(&os(&["--web", "d", "--record=/tmp/x", "6080"])).unwrap_err();
-        assert!(
-            e.contains("--record") && e.contains("vncgate serve --record DIR"),
-            "{e}"
-        );
+        let e = check_refused(&os(&["--web", "d", "--log-file=/tmp/x", "6080"])).unwrap_err();
+        assert!(e.contains("--log-file") && e.contains("2>>FILE"), "{e}");
+        check_refused(&os(&["--record", "/tmp/x", "6080", "h:1"])).unwrap();
         let e = check_refused(&os(&["-D", "6080"])).unwrap_err();
         assert!(e.contains("-D") && e.contains("systemd"), "{e}");
         check_refused(&os(&["--web", "d", "6080", "h:1"])).unwrap();

@@ -271,11 +271,16 @@ fn websockify_options_vncgate_lacks_are_refused_by_name_with_the_equivalent() {
             "{flag}: {err}"
         );
     }
-    // The same as --flag=VALUE, and recording names the way vncgate does it.
-    let (code, err) = run(&["websockify", "--record=/tmp/rec", "6080", "127.0.0.1:5900"]);
+    // The same as --flag=VALUE.
+    let (code, err) = run(&[
+        "websockify",
+        "--log-file=/tmp/wsk.log",
+        "6080",
+        "127.0.0.1:5900",
+    ]);
     assert_eq!(code, 2);
     assert!(
-        err.contains("recording is vncgate serve --record DIR"),
+        err.contains("does not support websockify's --log-file"),
         "{err}"
     );
     // Token plugins other than the token file.
@@ -506,4 +511,36 @@ fn idle_timeout_exits_once_no_client_is_connected_and_timeout_after_the_start() 
         gw.log()
     );
     assert!(gw.log().contains("option=\"--timeout\""), "{}", gw.log());
+}
+
+#[test]
+fn record_dir_records_each_session() {
+    let echo = echo_server();
+    let target = echo.addr.to_string();
+    let dir = tempdir("record");
+    let rec = dir.join("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    let gw = websockify(&["--record", rec.to_str().unwrap(), "127.0.0.1:0", &target]);
+    let mut ws = RawWs::connect(gw.addr, "/websockify", "");
+    echoes(&mut ws, b"recorded through websockify");
+    drop(ws);
+    let files = || -> Vec<PathBuf> {
+        std::fs::read_dir(&rec)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "vncrec"))
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || files().len() == 1),
+        "one recording per session: {:?}\n{}",
+        files(),
+        gw.log()
+    );
+    let bytes = std::fs::read(&files()[0]).unwrap();
+    let found = bytes
+        .windows(b"recorded through websockify".len())
+        .any(|w| w == b"recorded through websockify");
+    assert!(found, "the echoed bytes are in the recording");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,10 +7,43 @@
 //! still hold bytes that tell the peer why (a SecurityResult with a reason); send them before
 //! closing, as RFC 6143 7.1.3 asks.
 
+#[cfg(feature = "vnc-auth")]
+use crate::auth;
 use crate::{
-    PixelFormat, RfbError, SECURITY_NONE, SECURITY_VNC_AUTH, VERSION_3_8, auth, be16,
-    length_prefixed, parse_version,
+    PixelFormat, RfbError, SECURITY_NONE, SECURITY_VNC_AUTH, VERSION_3_8, be16, length_prefixed,
+    parse_version,
 };
+
+/// VNC Authentication's check and response, through [`auth`]; built without DES (feature
+/// `vnc-auth` off), both are a named failure.
+#[cfg(feature = "vnc-auth")]
+fn vnc_auth_verify(
+    password: &[u8],
+    challenge: &[u8; 16],
+    answer: &[u8; 16],
+) -> Result<bool, RfbError> {
+    Ok(auth::verify(password, challenge, answer))
+}
+
+#[cfg(feature = "vnc-auth")]
+fn vnc_auth_response(password: &[u8], challenge: &[u8; 16]) -> Result<[u8; 16], RfbError> {
+    Ok(auth::response(password, challenge))
+}
+
+#[cfg(not(feature = "vnc-auth"))]
+fn no_des() -> RfbError {
+    RfbError::AuthFailed("built without VNC Authentication (vncgate-rfb feature vnc-auth)".into())
+}
+
+#[cfg(not(feature = "vnc-auth"))]
+fn vnc_auth_verify(_: &[u8], _: &[u8; 16], _: &[u8; 16]) -> Result<bool, RfbError> {
+    Err(no_des())
+}
+
+#[cfg(not(feature = "vnc-auth"))]
+fn vnc_auth_response(_: &[u8], _: &[u8; 16]) -> Result<[u8; 16], RfbError> {
+    Err(no_des())
+}
 
 /// ServerInit (RFC 6143 section 7.3.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,7 +190,10 @@ impl ServerHandshake {
                     else {
                         unreachable!("AuthResponse is only entered with VncAuth");
                     };
-                    if !auth::verify(password, challenge, answer) {
+                    let ok = vnc_auth_verify(password, challenge, answer).inspect_err(|_| {
+                        self.state = ServerState::Failed;
+                    })?;
+                    if !ok {
                         push_security_failure(&mut self.out, "authentication failed");
                         self.state = ServerState::Failed;
                         return Err(RfbError::AuthFailed("wrong password".into()));
@@ -307,8 +343,10 @@ impl ClientHandshake {
                     return Ok(None);
                 };
                 let password = self.password.as_deref().unwrap_or_default();
-                self.out
-                    .extend_from_slice(&auth::response(password, challenge));
+                let answer = vnc_auth_response(password, challenge).inspect_err(|_| {
+                    self.state = ClientState::Failed;
+                })?;
+                self.out.extend_from_slice(&answer);
                 self.state = ClientState::SecurityResult;
                 16
             }

@@ -18,9 +18,9 @@
 //! | [`view_only`] | the client's stream followed without buffering, passing what does not act on the desktop (the gateway's view-only filter) |
 //!
 //! Dependencies: `des` (for VNC Authentication, feature `vnc-auth`, on by default) and the
-//! standard library. Without `vnc-auth` the crate has no `auth` and no `handshake` (which
-//! compute and check the DES response): the gateway, which only follows a handshake, links
-//! no DES.
+//! standard library. Without `vnc-auth` the crate has no `auth`, and the handshakes follow a
+//! VNC-auth exchange's shape but cannot compute or check its DES response: the gateway, which
+//! only follows handshakes (view-only, replay), links no DES.
 
 #![forbid(unsafe_code)]
 
@@ -28,7 +28,6 @@
 pub mod auth;
 pub mod banner;
 pub mod client_msg;
-#[cfg(feature = "vnc-auth")]
 pub mod handshake;
 pub mod pixel;
 pub mod server_msg;

@@ -32,6 +32,9 @@ pub struct RouteRecord {
     pub max_viewers: Option<u32>,
     pub created_at: u64,
     pub writer: Option<String>,
+    /// Record this route's sessions (the gateway's `--record DIR`). Written as `record =
+    /// 1` only when true; a record without the field is not recorded.
+    pub record: bool,
 }
 
 /// A hash at a route key that is not a usable record.
@@ -149,6 +152,7 @@ impl RouteRecord {
         opt("expires_at", self.expires_at.map(|t| t.to_string()));
         opt("max_viewers", self.max_viewers.map(|n| n.to_string()));
         opt("writer", self.writer.clone());
+        opt("record", self.record.then(|| "1".to_owned()));
         (set, absent)
     }
 
@@ -200,6 +204,11 @@ impl RouteRecord {
             max_viewers,
             created_at: num("created_at")?.ok_or(RecordError::Missing("created_at"))?,
             writer: get("writer").map(str::to_owned),
+            record: match get("record") {
+                None | Some("0") | Some("false") => false,
+                Some("1") | Some("true") => true,
+                Some(_) => return Err(invalid("record", "not 0 or 1")),
+            },
         })
     }
 }
@@ -217,6 +226,7 @@ mod tests {
             max_viewers: Some(2),
             created_at: 1_800_000_000,
             writer: Some("test".into()),
+            record: true,
         }
     }
 
@@ -239,6 +249,7 @@ mod tests {
             expires_at: None,
             max_viewers: None,
             writer: None,
+            record: false,
             ..r
         };
         let (set, absent) = bare.to_fields();
@@ -249,7 +260,8 @@ mod tests {
                 "view_token_sha256",
                 "expires_at",
                 "max_viewers",
-                "writer"
+                "writer",
+                "record"
             ]
         );
         assert_eq!(RouteRecord::from_fields(&as_map(&set)).unwrap(), bare);
@@ -296,6 +308,8 @@ mod tests {
         ));
         assert!(with("expires_at", "soon").is_err());
         assert!(with("max_viewers", "99999999999").is_err());
+        assert!(with("record", "yes").is_err());
+        assert!(with("record", "1").unwrap().record);
         // Unknown fields are a later writer's business.
         assert!(with("colour", "blue").is_ok());
         let mut m = as_map(&set);

@@ -832,6 +832,7 @@ mod tests {
             max_viewers: Some(3),
             created_at: crate::unix_now(),
             writer: Some("test".into()),
+            record: false,
         }
     }
 
@@ -1015,6 +1016,7 @@ mod tests {
             max_viewers: None,
             created_at: 1,
             writer: None,
+            record: false,
         };
         // Not ready yet: no route, even from the owner.
         assert!(!put_route_fenced(c, "sf", &route, &me).await.unwrap());

@@ -28,6 +28,22 @@ pub enum Command {
     /// Manage routes in Redis (for deployments without the controller).
     #[command(subcommand)]
     Route(RouteCommand),
+    /// Serve a session recording (--record) to noVNC viewers at its recorded pace.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// The recording (a .vncrec file from --record DIR).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Address to serve WebSocket viewers on (any path).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// Playback speed: a multiplier of the recorded pace, or 0 / max for as fast as the
+    /// viewer takes it.
+    #[arg(long, default_value = "1")]
+    pub speed: crate::replay::Speed,
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +95,9 @@ pub struct RouteAddArgs {
     /// gateway's --max-viewers].
     #[arg(long)]
     pub max_viewers: Option<u32>,
+    /// Record this route's sessions (gateways started with --record DIR).
+    #[arg(long)]
+    pub record: bool,
     /// CIDR the gateways may dial (repeatable); the upstream must fall inside. Also read
     /// from --config and VNCGATE_ALLOW_UPSTREAM (comma-separated).
     #[arg(
@@ -130,6 +149,11 @@ pub struct WebsockifyArgs {
     /// TLS certificate (PEM, leaf first); without --key it holds the key too.
     #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
+    /// Record every session into DIR, one file per session in vncgate's recording format
+    /// (`vncgate replay FILE --listen ADDR` plays one back). websockify's `--record FILE`
+    /// wrote a raw frame log per session at FILE.N; here the argument is a directory.
+    #[arg(long, value_name = "DIR")]
+    pub record: Option<PathBuf>,
     /// TLS key, when it is not in the --cert file.
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
@@ -326,6 +350,26 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Record sessions into this directory, one file per session (see the README,
+    /// "Recording and playback"; play one back with `vncgate replay FILE`).
+    #[arg(long, value_name = "DIR")]
+    pub record: Option<PathBuf>,
+    /// Which sessions --record records: all, or only the routes with `record = true`
+    /// [default: all].
+    #[arg(long, value_enum, value_name = "SCOPE")]
+    pub record_scope: Option<super::settings::RecordScope>,
+    /// Record the browser's input too. It holds the VNC authentication response and every
+    /// keystroke (passwords typed into the desktop): guard the files accordingly.
+    #[arg(long)]
+    pub record_input: bool,
+    /// Bytes one session's recording may take; then it ends (the session goes on)
+    /// [default: 4 GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub record_max_session_bytes: Option<u64>,
+    /// Bytes the recordings in --record DIR may take together; then recordings end, and
+    /// new sessions go unrecorded [default: 64 GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub record_max_dir_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]

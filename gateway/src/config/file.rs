@@ -52,6 +52,11 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub log_level: Option<String>,
     pub web: Option<PathBuf>,
+    pub record: Option<PathBuf>,
+    pub record_scope: Option<super::settings::RecordScope>,
+    pub record_input: Option<bool>,
+    pub record_max_session_bytes: Option<u64>,
+    pub record_max_dir_bytes: Option<u64>,
 }
 
 /// Reads and parses a config file; the error names the file and, for a bad key, the key.
@@ -90,6 +95,11 @@ impl FileConfig {
             tls_key: self.tls_key,
             log_level: self.log_level,
             web: self.web,
+            record: self.record,
+            record_scope: self.record_scope,
+            record_input: self.record_input,
+            record_max_session_bytes: self.record_max_session_bytes,
+            record_max_dir_bytes: self.record_max_dir_bytes,
             handshake_timeout: secs("handshake_timeout", self.handshake_timeout)?,
             connect_timeout: secs("connect_timeout", self.connect_timeout)?,
             connect_retry_window: secs("connect_retry_window", self.connect_retry_window)?,

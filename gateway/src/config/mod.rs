@@ -7,9 +7,10 @@ pub mod file;
 pub mod settings;
 
 pub use cli::{
-    Cli, Command, DelReason, LogFormat, RedisArg, RouteAddArgs, RouteCommand, RouteDelArgs,
-    RouteListArgs, ServeArgs, WebsockifyArgs,
+    Cli, Command, DelReason, LogFormat, RedisArg, ReplayArgs, RouteAddArgs, RouteCommand,
+    RouteDelArgs, RouteListArgs, ServeArgs, WebsockifyArgs,
 };
 pub use settings::{
-    DEFAULT_TCP_CONGESTION, IoDriver, Layer, Limits, Settings, TcpCongestion, TlsFiles, parse_secs,
+    DEFAULT_TCP_CONGESTION, IoDriver, Layer, Limits, RecordScope, RecordSettings, Settings,
+    TcpCongestion, TlsFiles, parse_secs,
 };

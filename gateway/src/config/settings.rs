@@ -33,6 +33,52 @@ pub enum IoDriver {
     Epoll,
 }
 
+/// Which sessions `--record DIR` records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordScope {
+    /// Every session.
+    All,
+    /// Only the sessions of routes whose `record` field is true.
+    Routes,
+}
+
+impl RecordScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordScope::All => "all",
+            RecordScope::Routes => "routes",
+        }
+    }
+}
+
+impl FromStr for RecordScope {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        <RecordScope as ValueEnum>::from_str(s, false)
+            .map_err(|_| format!("'{s}' is not one of all, routes"))
+    }
+}
+
+/// Session recording (`--record DIR`), see `server::record`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordSettings {
+    pub dir: PathBuf,
+    pub scope: RecordScope,
+    /// Record the browser's input too (it holds the VNC password response and keystrokes).
+    pub input: bool,
+    pub max_session_bytes: u64,
+    pub max_dir_bytes: u64,
+}
+
+impl RecordSettings {
+    /// 4 GiB per session: hours of an ordinary desktop, minutes of full-screen video.
+    pub const DEFAULT_MAX_SESSION_BYTES: u64 = 4 << 30;
+    /// 64 GiB for the directory.
+    pub const DEFAULT_MAX_DIR_BYTES: u64 = 64 << 30;
+}
+
 impl FromStr for IoDriver {
     type Err = String;
 
@@ -56,7 +102,16 @@ macro_rules! from_str_values {
         }
     )*};
 }
-from_str_values!(String, PathBuf, usize, u64, u32, bool, IoDriver);
+from_str_values!(
+    String,
+    PathBuf,
+    usize,
+    u64,
+    u32,
+    bool,
+    IoDriver,
+    RecordScope
+);
 
 impl LayerValue for Duration {
     fn parse_env(s: &str) -> Result<Self, String> {
@@ -150,6 +205,11 @@ layer! {
     tls_key: PathBuf,
     log_level: String,
     web: PathBuf,
+    record: PathBuf,
+    record_scope: RecordScope,
+    record_input: bool,
+    record_max_session_bytes: u64,
+    record_max_dir_bytes: u64,
 }
 
 /// The address a gateway listens on without `--listen`.
@@ -188,6 +248,10 @@ impl Layer {
             redis_timeout: Some(r.timeout),
             max_viewers: Some(l.max_viewers),
             log_level: Some("info".into()),
+            record_scope: Some(RecordScope::All),
+            record_input: Some(false),
+            record_max_session_bytes: Some(RecordSettings::DEFAULT_MAX_SESSION_BYTES),
+            record_max_dir_bytes: Some(RecordSettings::DEFAULT_MAX_DIR_BYTES),
             allow_origins: h.allowed_origins,
             ..Layer::default()
         }
@@ -326,6 +390,8 @@ pub struct Settings {
     pub exit_when_idle: Option<Duration>,
     /// The token file or directory the static routes came from, watched for changes.
     pub token_source: Option<PathBuf>,
+    /// `--record DIR`: where sessions are recorded, and which.
+    pub record: Option<RecordSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,6 +453,11 @@ impl ServeArgs {
             tls_key: self.tls_key.clone(),
             log_level: self.log_level.clone(),
             web: self.web.clone(),
+            record: self.record.clone(),
+            record_scope: self.record_scope,
+            record_input: self.record_input.then_some(true),
+            record_max_session_bytes: self.record_max_session_bytes,
+            record_max_dir_bytes: self.record_max_dir_bytes,
             routes: self.routes.clone(),
             allow_upstream: self.allow_upstream.clone(),
             allow_origins: self.allow_origins.clone(),
@@ -564,6 +635,31 @@ impl Settings {
             (false, true) => None,
         };
         let web = l.web.as_deref().map(crate::web::check_root).transpose()?;
+        let record = match l.record {
+            None => {
+                if let Some((id, _)) = table.iter().find(|(_, r)| r.record) {
+                    return Err(format!(
+                        "route '{id}' has record = true, but no --record DIR says where recordings go"
+                    ));
+                }
+                None
+            }
+            Some(dir) => Some(RecordSettings {
+                dir,
+                scope: need(l.record_scope, "record_scope")?,
+                input: need(l.record_input, "record_input")?,
+                max_session_bytes: need(l.record_max_session_bytes, "record_max_session_bytes")?,
+                max_dir_bytes: need(l.record_max_dir_bytes, "record_max_dir_bytes")?,
+            }),
+        };
+        if record
+            .as_ref()
+            .is_some_and(|r| r.max_session_bytes == 0 || r.max_dir_bytes == 0)
+        {
+            return Err(
+                "--record-max-session-bytes and --record-max-dir-bytes must be positive".into(),
+            );
+        }
         Ok(Settings {
             listen,
             workers,
@@ -592,6 +688,7 @@ impl Settings {
             exit_after: None,
             exit_when_idle: None,
             token_source: None,
+            record,
         })
     }
 }
@@ -925,6 +1022,48 @@ mod example_tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn recording_settings_layer_and_a_recorded_route_needs_a_directory() {
+        let dir = std::env::temp_dir().join(format!("vncgate-rec-routes-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "[[route]]\nsession = \"r\"\nupstream = \"127.0.0.1:5900\"\nrecord = true\n",
+        )
+        .unwrap();
+        let mut a = ServeArgs {
+            routes_file: Some(dir.clone()),
+            allow_upstream: vec!["127.0.0.1".into()],
+            ..Default::default()
+        };
+        let e = a.settings_with_env(Vec::new()).unwrap_err();
+        assert!(
+            e.contains("route 'r' has record = true") && e.contains("--record"),
+            "{e}"
+        );
+        a.record = Some("/tmp/recs".into());
+        let env = vec![
+            ("VNCGATE_RECORD_SCOPE".to_owned(), "routes".to_owned()),
+            (
+                "VNCGATE_RECORD_MAX_DIR_BYTES".to_owned(),
+                "1000000".to_owned(),
+            ),
+        ];
+        let s = a.settings_with_env(env).unwrap();
+        let r = s.record.unwrap();
+        assert_eq!(r.dir, PathBuf::from("/tmp/recs"));
+        assert_eq!(r.scope, RecordScope::Routes);
+        assert_eq!(r.max_dir_bytes, 1_000_000);
+        assert_eq!(
+            r.max_session_bytes,
+            RecordSettings::DEFAULT_MAX_SESSION_BYTES
+        );
+        assert!(!r.input);
+        assert!(s.routes.get("r").unwrap().record);
+        a.record_max_session_bytes = Some(0);
+        assert!(a.settings_with_env(Vec::new()).is_err());
+        std::fs::remove_file(&dir).unwrap();
+    }
 
     /// The documented example config must stay valid (its CIDRs would refuse its own routes
     /// only if they drifted apart).

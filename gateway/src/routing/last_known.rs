@@ -143,6 +143,7 @@ mod tests {
             view_token_digest: None,
             expires_at,
             max_viewers: None,
+            record: false,
         })
     }
 

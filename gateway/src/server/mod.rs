@@ -12,6 +12,7 @@ pub mod mailbox;
 pub mod notify;
 pub mod pool;
 pub mod proxy_header;
+pub mod record;
 pub mod relay;
 mod run;
 pub mod session;
@@ -79,6 +80,8 @@ pub struct Shared {
     pub route_health: Option<Arc<SourceHealth>>,
     /// The settings a SIGHUP reloads (see [`crate::live`]).
     pub live: Arc<crate::live::Live>,
+    /// `--record DIR` (see [`record`]).
+    pub recordings: Option<Arc<record::Recordings>>,
 }
 
 #[cfg(test)]
@@ -98,6 +101,7 @@ impl Shared {
                 policy: crate::policy::UpstreamPolicy::new(Vec::new()),
                 routes: Default::default(),
             })),
+            recordings: None,
         }
     }
 }
@@ -238,6 +242,10 @@ impl Running {
                 worker_died(index, Some(fault::panic_message(&*p)));
             }
         }
+        // The drained sessions' recordings get their last records and end records.
+        if let Some(r) = &self.shared.recordings {
+            r.wait_writers(std::time::Duration::from_secs(10));
+        }
     }
 }
 
@@ -336,6 +344,11 @@ where
         live: hooks.live.unwrap_or_else(|| {
             Arc::new(crate::live::Live::new(crate::live::Dynamic::of(&settings)))
         }),
+        recordings: settings
+            .record
+            .as_ref()
+            .map(|r| record::Recordings::open(r, settings.limits.pipe_size))
+            .transpose()?,
     });
     let mut offered_admin = None;
     let admin_addr = match settings.admin {

@@ -27,6 +27,10 @@
 //! descriptor of each socket (`dup`), owned by the relay: the session's own streams stay
 //! shared by reference for readiness and the rare control frames.
 //!
+//! A recorded session (`--record`, see [`super::record`]) hands each read to its recorder
+//! before the bytes go on: the splice path tees the relay pipe, the copy path writes what
+//! it has in user space, neither waiting. An unrecorded session pays one branch per read.
+//!
 //! Backpressure is end to end: a frame must be fully written to the browser before the next
 //! splice from the VM, so a slow browser leaves the VM's data in the VM's socket (and TCP
 //! window); a slow VM stops reads from the browser the same way. Per-session memory in user
@@ -44,6 +48,7 @@ use monoio::io::AsyncWriteRent;
 use monoio::net::TcpStream;
 
 use super::client::Client;
+use super::record::Recorder;
 use super::signal::{Nudge, Signal, WriteGate};
 use super::view_only::ViewOnly;
 use super::worker::Worker;
@@ -145,6 +150,9 @@ pub struct Relay<'a, S: RouteSource> {
     /// A view-only viewer's filter (`server::view_only`); `None` for full viewers, whose
     /// bytes go to the VM untouched. Boxed: a full viewer's relay grows by one pointer.
     view_only: Option<Box<RefCell<ViewOnly>>>,
+    /// The session's recording, if it is recorded (see [`super::record`]); `None` costs
+    /// one branch per read.
+    rec: Option<RefCell<Recorder>>,
 }
 
 /// Bytes a session may move in one direction before it yields to the worker's other
@@ -212,6 +220,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             to_browser: Cell::new(0),
             to_vm: Cell::new(0),
             view_only: None,
+            rec: None,
         }
     }
 
@@ -219,6 +228,12 @@ impl<'a, S: RouteSource> Relay<'a, S> {
     /// the VM sees it.
     pub fn view_only(mut self, on: bool) -> Self {
         self.view_only = on.then(|| Box::new(RefCell::new(ViewOnly::new())));
+        self
+    }
+
+    /// Records the session into `rec`.
+    pub fn with_recorder(mut self, rec: Option<Recorder>) -> Self {
+        self.rec = rec.map(RefCell::new);
         self
     }
 
@@ -449,6 +464,10 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                 let hl = encode_header(&mut hdr, OP_BINARY, n as u64);
                 let start = MAX_SERVER_HEADER - hl;
                 buf[start..MAX_SERVER_HEADER].copy_from_slice(&hdr[..hl]);
+                if let Some(r) = &self.rec {
+                    r.borrow_mut()
+                        .vm_bytes(&buf[MAX_SERVER_HEADER..MAX_SERVER_HEADER + n]);
+                }
                 let full = n == buf.len() - MAX_SERVER_HEADER;
                 let mut o = self.out.borrow_mut();
                 o.buf = Some(buf);
@@ -478,6 +497,10 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                 Err(End::Cause(close::UPSTREAM_CLOSED))
             }
             Ok(n) => {
+                if let Some(r) = &self.rec {
+                    // Duplicated before the pipe drains to the browser.
+                    r.borrow_mut().tee(pipe.read_fd(), n);
+                }
                 let mut o = self.out.borrow_mut();
                 o.hdr_len = encode_header(&mut o.hdr, OP_BINARY, n as u64) as u8;
                 o.hdr_off = 0;
@@ -650,6 +673,10 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                 Err(cause) => return (Err(End::Cause(cause)), buf),
             },
         };
+        // The input recorded is what reaches the VM (a view-only viewer's, filtered).
+        if let Some(r) = self.rec.as_ref().filter(|_| data_end > 0) {
+            r.borrow_mut().browser_bytes(&buf[..data_end]);
+        }
         if data_end > 0 {
             let (own, from, to) = self.for_send(buf, 0, data_end);
             let (r, b) = self.send_all(Side::Vm, own, from, to).await;

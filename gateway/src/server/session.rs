@@ -186,7 +186,8 @@ pub async fn serve<S: RouteSource>(
                 }
                 Some(slot) => {
                     viewer = Some(slot);
-                    relay(&w, stream, &ctl, admit.upstream, id, &early, view_only).await
+                    let rec = w.recordings().filter(|r| r.wanted(admit.record));
+                    relay(&w, stream, &ctl, admit.upstream, id, &early, view_only, rec).await
                 }
             }
         }
@@ -237,6 +238,7 @@ async fn relay<S: RouteSource>(
     id: &str,
     early: &[u8],
     view_only: bool,
+    record: Option<&std::sync::Arc<super::record::Recordings>>,
 ) -> (End, u64, u64, bool) {
     let addr = upstream;
     let dial = monoio::select! {
@@ -246,7 +248,11 @@ async fn relay<S: RouteSource>(
     match dial {
         Err(cause) => close_before_relay(stream, cause).await,
         Ok(upstream) => {
-            let relay = Relay::new(w, id, stream, &upstream, addr).view_only(view_only);
+            // Started once the VM answered: the file holds the session from its first byte.
+            let rec = record.and_then(|r| r.start(id));
+            let relay = Relay::new(w, id, stream, &upstream, addr)
+                .view_only(view_only)
+                .with_recorder(rec);
             let (end, deadline) = relay.run(&ctl.kill, &ctl.expires, early).await;
             let close_sent = relay.finish(end, deadline).await;
             (end, relay.to_browser.get(), relay.to_vm.get(), close_sent)

@@ -128,6 +128,11 @@ impl<S: RouteSource> Worker<S> {
         self
     }
 
+    /// `--record DIR`: where sessions are recorded, if anywhere.
+    pub fn recordings(&self) -> Option<&Arc<super::record::Recordings>> {
+        self.shared.recordings.as_ref()
+    }
+
     /// Takes over the count of a connection in this worker's lane (counted by whoever
     /// accepted it, at once, so that a burst of accepts sees it), until the guard drops.
     pub fn adopt_connection(&self) -> ConnGuard<'_> {
