@@ -186,8 +186,11 @@ pub async fn serve<S: RouteSource>(
                 }
                 Some(slot) => {
                     viewer = Some(slot);
-                    let rec = w.recordings().filter(|r| r.wanted(admit.record));
-                    relay(&w, stream, &ctl, admit.upstream, id, &early, view_only, rec).await
+                    let extras = Extras {
+                        view_only,
+                        record: w.recordings().filter(|r| r.wanted(admit.record)),
+                    };
+                    relay(&w, stream, &ctl, admit.upstream, id, &early, extras).await
                 }
             }
         }
@@ -229,6 +232,14 @@ pub async fn serve<S: RouteSource>(
     );
 }
 
+/// What the relay does beyond relaying, as admission decided it.
+struct Extras<'a> {
+    /// The viewer came with the route's view token: its input is filtered.
+    view_only: bool,
+    /// Where the session is recorded, if it is.
+    record: Option<&'a std::sync::Arc<super::record::Recordings>>,
+}
+
 /// Dials the VM and relays until the session ends; the close is part of it.
 async fn relay<S: RouteSource>(
     w: &Rc<Worker<S>>,
@@ -237,9 +248,9 @@ async fn relay<S: RouteSource>(
     upstream: SocketAddr,
     id: &str,
     early: &[u8],
-    view_only: bool,
-    record: Option<&std::sync::Arc<super::record::Recordings>>,
+    extras: Extras<'_>,
 ) -> (End, u64, u64, bool) {
+    let Extras { view_only, record } = extras;
     let addr = upstream;
     let dial = monoio::select! {
         r = connect_upstream(w, upstream, id) => r,
