@@ -78,6 +78,9 @@ scripts/structure.sh
 
 step "build"
 cargo build --workspace --all-targets
+# The gateway on its own, without feature unification: it links vncgate-rfb without DES.
+cargo build -p vncgate
+cargo test -q -p vncgate-rfb --no-default-features --lib
 
 step "golden image: config/golden/build.sh (its Debian base from the cache when there is one), then its snapshot"
 # The image takes the agent just built; its snapshot is taken by the controller just built.

@@ -428,6 +428,7 @@ mod tests {
     }
 
     /// Feeds `input` to `feed` one byte at a time, as a worst-case socket would deliver it.
+    #[cfg(feature = "vnc-auth")]
     fn trickle(input: &[u8], mut feed: impl FnMut(&[u8]) -> Result<usize, RfbError>) {
         let mut pending = Vec::new();
         for &byte in input {
@@ -470,6 +471,7 @@ mod tests {
         assert_eq!(hs.take_output(), expect);
     }
 
+    #[cfg(feature = "vnc-auth")]
     fn vnc(password: &[u8]) -> ServerSecurity {
         ServerSecurity::VncAuth {
             password: password.to_vec(),
@@ -478,6 +480,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "vnc-auth")] // computes VNC Authentication's DES responses
     fn both_roles_agree_split_at_every_byte() {
         for (server_sec, client_pw) in [
             (ServerSecurity::None, None),
@@ -501,6 +504,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "vnc-auth")] // computes VNC Authentication's DES responses
     fn client_vnc_auth_byte_for_byte() {
         let mut c = ClientHandshake::new(Some(b"password"), false);
         assert_eq!(c.receive(b"RFB 003.008\n").unwrap(), 12);
@@ -523,6 +527,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "vnc-auth")] // computes VNC Authentication's DES responses
     fn client_sees_failures() {
         let mut c = ClientHandshake::new(Some(b"wrong"), true);
         c.receive(b"RFB 003.008\n").unwrap();

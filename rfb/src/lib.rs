@@ -36,7 +36,6 @@ pub mod view_only;
 use std::fmt;
 
 pub use client_msg::{ClientMsg, ClientMsgDecoder, UpdateRequest};
-#[cfg(feature = "vnc-auth")]
 pub use handshake::{ClientHandshake, ServerHandshake, ServerInit, ServerSecurity};
 pub use pixel::PixelFormat;
 pub use server_msg::{Rect, ServerEvent, ServerMsgDecoder};
