@@ -135,10 +135,20 @@ pub fn accept(fd: RawFd) -> io::Result<(std::net::TcpStream, std::net::SocketAdd
 
 /// splice(2) between a socket and a pipe, never blocking. `more` sets `SPLICE_F_MORE`.
 pub fn splice(from: RawFd, to: RawFd, len: usize, more: bool) -> io::Result<usize> {
-    let flags =
-        libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE | if more { libc::SPLICE_F_MORE } else { 0 };
+    let more = if more { libc::SPLICE_F_MORE } else { 0 };
+    splice_flags(
+        from,
+        to,
+        len,
+        libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE | more,
+    )
+}
+
+/// splice(2) at the descriptors' own positions (null offsets: required for pipes and
+/// sockets), retried when interrupted.
+fn splice_flags(from: RawFd, to: RawFd, len: usize, flags: libc::c_uint) -> io::Result<usize> {
     loop {
-        // SAFETY: null offsets are required for pipes and sockets; no memory is passed.
+        // SAFETY: null offsets; no memory is passed.
         let r = unsafe {
             libc::splice(
                 from,
@@ -219,23 +229,7 @@ pub fn tee(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 
 /// splice(2) from a pipe to a regular file, blocking (a recording's writer thread).
 pub fn splice_to_file(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    loop {
-        // SAFETY: null offsets: both descriptors' own positions are used; no memory passed.
-        let r = unsafe {
-            libc::splice(
-                from,
-                std::ptr::null_mut(),
-                to,
-                std::ptr::null_mut(),
-                len,
-                libc::SPLICE_F_MOVE,
-            )
-        };
-        match cvt(r) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
-        }
-    }
+    splice_flags(from, to, len, libc::SPLICE_F_MOVE)
 }
 
 /// read(2) on a descriptor (a non-blocking pipe's read end).

@@ -101,32 +101,47 @@ fn per_stream_bytes(addr: SocketAddr, ws_path: Option<&str>) -> Vec<u64> {
                 loop {
                     let n = s.read(&mut buf).await.expect("stream read");
                     assert!(n > 0, "stream {i}: closed mid-stream");
-                    let Some(&(t0, end)) = window.get() else {
-                        continue;
-                    };
-                    let now = Instant::now();
-                    if now >= end {
+                    if tally(&window, n, &mut counted) {
                         return counted;
-                    }
-                    if now >= t0 {
-                        counted += n as u64;
                     }
                 }
             }));
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while arrived.load(Ordering::SeqCst) < STREAMS {
-            assert!(Instant::now() < deadline, "streams did not all open");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let t0 = Instant::now() + WARM_UP;
-        let _ = window.set((t0, t0 + WINDOW));
+        open_window(&arrived, &window);
         let mut out = Vec::new();
         for r in readers {
             out.push(r.await.unwrap());
         }
         out
     })
+}
+
+/// The counting window of a run: from [`WARM_UP`] after every stream has opened, for
+/// [`WINDOW`]. Called on a thread of its own (blocking), as the streams read.
+fn open_window(arrived: &AtomicUsize, window: &std::sync::OnceLock<(Instant, Instant)>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while arrived.load(Ordering::SeqCst) < STREAMS {
+        assert!(Instant::now() < deadline, "streams did not all open");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let t0 = Instant::now() + WARM_UP;
+    let _ = window.set((t0, t0 + WINDOW));
+}
+
+/// Counts a read of `n` bytes made now if it falls inside the window; `true` once the
+/// window is over (the stream's count is final).
+fn tally(window: &std::sync::OnceLock<(Instant, Instant)>, n: usize, counted: &mut u64) -> bool {
+    let Some(&(t0, end)) = window.get() else {
+        return false;
+    };
+    let now = Instant::now();
+    if now >= end {
+        return true;
+    }
+    if now >= t0 {
+        *counted += n as u64;
+    }
+    false
 }
 
 /// Slowest stream over the mean stream.
@@ -219,26 +234,13 @@ fn per_stream_bytes_tls(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>, path: 
             loop {
                 let n = s.read(&mut buf).expect("stream read");
                 assert!(n > 0, "stream {i}: closed mid-stream");
-                let Some(&(t0, end)) = window.get() else {
-                    continue;
-                };
-                let now = Instant::now();
-                if now >= end {
+                if tally(&window, n, &mut counted) {
                     return counted;
-                }
-                if now >= t0 {
-                    counted += n as u64;
                 }
             }
         }));
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while arrived.load(Ordering::SeqCst) < STREAMS {
-        assert!(Instant::now() < deadline, "streams did not all open");
-        thread::sleep(Duration::from_millis(5));
-    }
-    let t0 = Instant::now() + WARM_UP;
-    let _ = window.set((t0, t0 + WINDOW));
+    open_window(&arrived, &window);
     readers.into_iter().map(|r| r.join().unwrap()).collect()
 }
 

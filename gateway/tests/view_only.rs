@@ -14,72 +14,26 @@ mod common;
 
 use std::io::Read as _;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Gw, RawWs, SFrame, closed_port, eventually, frame};
+use common::{Gw, RawWs, SFrame, Xvnc, eventually, frame, stop_child};
 use vncgate_rfb::{ClientHandshake, ServerEvent, ServerMsgDecoder};
 use vncgate_schema::testing::RedisServer;
 
 const FULL: &str = "full-token-1";
 const VIEW: &str = "view-token-1";
 
-/// Panics with how to get `cmd` when it cannot be run.
-fn require(cmd: &str) {
-    if let Err(e) = Command::new(cmd)
-        .arg("-version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-    {
-        panic!(
-            "{cmd} cannot be run ({e}): the view-only tests need Xvnc, xterm and xsetroot; \
-             scripts/test.sh installs them (apt-get install tigervnc-standalone-server xterm \
-             x11-xserver-utils xfonts-base)"
-        );
-    }
-}
-
-/// SIGTERM to a child this test started, SIGKILL if it is still there 3 s later.
-fn stop(child: &mut Child) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-    }
-    if !eventually(Duration::from_secs(3), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    }) {
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-}
-
-fn rfb_banner(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut banner = [0u8; 12];
-    s.read_exact(&mut banner).is_ok() && banner.starts_with(b"RFB 00")
-}
-
 /// Xvnc (exclusive sessions allowed) with an xterm whose shell runs in `dir`.
 struct Desktop {
-    xvnc: Child,
-    xterm: Option<Child>,
-    port: u16,
+    xterm: Child,
+    x: Xvnc,
     dir: PathBuf,
 }
 
 impl Desktop {
     fn start() -> Desktop {
-        require("Xvnc");
-        require("xsetroot");
-        require("xterm");
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -87,76 +41,26 @@ impl Desktop {
         let dir =
             std::env::temp_dir().join(format!("vncgate-view-only-{}-{stamp}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let first = 400 + std::process::id() % 400;
-        let mut found = None;
-        for n in first..first + 40 {
-            if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
-                || Path::new(&format!("/tmp/.X{n}-lock")).exists()
-            {
-                continue;
-            }
-            let port = closed_port().port();
-            let mut xvnc = Command::new("Xvnc")
-                .args([
-                    &format!(":{n}"),
-                    "-rfbport",
-                    &port.to_string(),
-                    "-localhost",
-                    "-nolisten",
-                    "tcp",
-                    "-SecurityTypes",
-                    "None",
-                    "-geometry",
-                    "800x600",
-                    "-depth",
-                    "24",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn Xvnc");
-            let up = eventually(Duration::from_secs(10), || {
-                matches!(xvnc.try_wait(), Ok(None)) && rfb_banner(port)
-            });
-            if up {
-                found = Some((xvnc, format!(":{n}"), port));
-                break;
-            }
-            stop(&mut xvnc);
-        }
-        let (xvnc, display, port) = found.expect("Xvnc started on one of 40 displays");
-        let mut desk = Desktop {
-            xvnc,
-            xterm: None,
-            port,
-            dir,
-        };
-        let st = Command::new("xsetroot")
-            .args(["-solid", "#3366cc"])
-            .env("DISPLAY", &display)
-            .status()
-            .expect("run xsetroot");
-        assert!(st.success(), "xsetroot: {st}");
-        desk.xterm = Some(
-            Command::new("xterm")
-                .args([
-                    "-geometry",
-                    "80x24+0+0",
-                    "+sb",
-                    "-e",
-                    "/bin/sh",
-                    "-c",
-                    "touch .ready; exec /bin/sh",
-                ])
-                .current_dir(&desk.dir)
-                .env("DISPLAY", &display)
-                .env("SHELL", "/bin/sh")
-                .env("ENV", "")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn xterm"),
-        );
+        let x = Xvnc::start("800x600", &[]);
+        let xterm = Command::new("xterm")
+            .args([
+                "-geometry",
+                "80x24+0+0",
+                "+sb",
+                "-e",
+                "/bin/sh",
+                "-c",
+                "touch .ready; exec /bin/sh",
+            ])
+            .current_dir(&dir)
+            .env("DISPLAY", &x.display)
+            .env("SHELL", "/bin/sh")
+            .env("ENV", "")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn xterm");
+        let desk = Desktop { xterm, x, dir };
         assert!(
             eventually(Duration::from_secs(10), || desk.has(".ready")),
             "the xterm's shell started"
@@ -165,7 +69,7 @@ impl Desktop {
     }
 
     fn upstream(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.x.port)
     }
 
     fn has(&self, file: &str) -> bool {
@@ -175,10 +79,7 @@ impl Desktop {
 
 impl Drop for Desktop {
     fn drop(&mut self) {
-        if let Some(x) = self.xterm.as_mut() {
-            stop(x);
-        }
-        stop(&mut self.xvnc);
+        stop_child(&mut self.xterm);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -95,14 +95,19 @@ const T1: &str = "first-token-4f9c2a";
 const T2: &str = "second-token-b81e07";
 const T3: &str = "third-token-0c55d3";
 
-#[test]
-fn a_token_file_routes_by_token_and_is_reread_when_it_changes() {
-    let d = tempdir("file");
-    let (one, two, three) = (
+/// Three VMs that say their names (`one`, `two`, `three`) and close.
+fn three_vms() -> (SocketAddr, SocketAddr, SocketAddr) {
+    (
         say_and_close(b"one".to_vec()),
         say_and_close(b"two".to_vec()),
         say_and_close(b"three".to_vec()),
-    );
+    )
+}
+
+#[test]
+fn a_token_file_routes_by_token_and_is_reread_when_it_changes() {
+    let d = tempdir("file");
+    let (one, two, three) = three_vms();
     let (quiet, _) = silent_server();
     const LIVE: &str = "live-token-93ad11";
     let file = d.join("tokens");
@@ -183,11 +188,7 @@ fn a_token_file_routes_by_token_and_is_reread_when_it_changes() {
 #[test]
 fn a_token_directory_is_read_whole_and_files_added_later_count() {
     let d = tempdir("dir");
-    let (one, two, three) = (
-        say_and_close(b"one".to_vec()),
-        say_and_close(b"two".to_vec()),
-        say_and_close(b"three".to_vec()),
-    );
+    let (one, two, three) = three_vms();
     std::fs::write(d.join("vm1"), format!("{T1}: {one}\n")).unwrap();
     std::fs::write(d.join("vm2.conf"), format!("{T2}: {two}\n")).unwrap();
     let gw = websockify(&[

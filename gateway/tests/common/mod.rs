@@ -501,3 +501,123 @@ pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// Checks that the X tools of the real-desktop tests run, naming the packages if not.
+pub fn require_x_tools() {
+    for cmd in ["Xvnc", "xsetroot", "xterm"] {
+        if let Err(e) = Command::new(cmd)
+            .arg("-version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+        {
+            panic!(
+                "{cmd} cannot be run ({e}): the real-desktop tests need Xvnc, xterm and xsetroot; \
+                 scripts/test.sh installs them (apt-get install tigervnc-standalone-server xterm \
+                 x11-xserver-utils xfonts-base)"
+            );
+        }
+    }
+}
+
+/// SIGTERM to a child this test started, SIGKILL if it is still there 3 s later.
+pub fn stop_child(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    if !eventually(Duration::from_secs(3), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    }) {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// Whether 127.0.0.1:port sends an RFB banner.
+pub fn rfb_banner(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut banner = [0u8; 12];
+    s.read_exact(&mut banner).is_ok() && banner.starts_with(b"RFB 00")
+}
+
+/// A real VNC server: TigerVNC's Xvnc on a free display and loopback port (security None,
+/// 24-bit), its background set to `#3366cc`; stopped on drop.
+pub struct Xvnc {
+    child: Child,
+    pub display: String,
+    pub port: u16,
+}
+
+impl Xvnc {
+    /// `geometry` as `WxH`; `extra` are more Xvnc options. Displays taken (socket or lock
+    /// file present) are skipped; one taken between the check and Xvnc's start makes Xvnc
+    /// exit, and the next is tried.
+    pub fn start(geometry: &str, extra: &[&str]) -> Xvnc {
+        require_x_tools();
+        let first = 400 + std::process::id() % 400;
+        for n in first..first + 40 {
+            if std::path::Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
+                || std::path::Path::new(&format!("/tmp/.X{n}-lock")).exists()
+            {
+                continue;
+            }
+            let port = closed_port().port();
+            let mut child = Command::new("Xvnc")
+                .args([
+                    &format!(":{n}"),
+                    "-rfbport",
+                    &port.to_string(),
+                    "-localhost",
+                    "-nolisten",
+                    "tcp",
+                    "-SecurityTypes",
+                    "None",
+                    "-geometry",
+                    geometry,
+                    "-depth",
+                    "24",
+                ])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn Xvnc");
+            let up = eventually(Duration::from_secs(10), || {
+                matches!(child.try_wait(), Ok(None)) && rfb_banner(port)
+            });
+            if up {
+                let x = Xvnc {
+                    child,
+                    display: format!(":{n}"),
+                    port,
+                };
+                let st = Command::new("xsetroot")
+                    .args(["-solid", "#3366cc"])
+                    .env("DISPLAY", &x.display)
+                    .status()
+                    .expect("run xsetroot");
+                assert!(st.success(), "xsetroot: {st}");
+                return x;
+            }
+            stop_child(&mut child);
+        }
+        panic!("Xvnc did not start on any of 40 displays");
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Xvnc {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
