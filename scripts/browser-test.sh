@@ -32,7 +32,8 @@ if [ ! -f "$dir/node_modules/playwright-core/package.json" ] || [ ! -f "$dir/nod
 fi
 cp config/demo/viewer.html "$dir/index.html"
 # Every browser test file, each a node --test file of its own (one at a time: they share
-# the two cores and start their own gateways).
-cp gateway/tests/browser/*.test.mjs "$dir/"
+# the two cores and start their own gateways), and harness.mjs, the helpers they import
+# (copied with them, never run itself: only *.test.mjs are).
+cp gateway/tests/browser/*.mjs "$dir/"
 cargo build -q -p vncgate -p vncgate-loadtest -p vncgate-controller
 VNCGATE_BIN="$target/debug/vncgate" DEMO_BIN="$target/debug/vncgate-loadtest" CONTROLLER_BIN="$target/debug/vncgate-controller" VIEWER_DIR="$dir" node --test --test-concurrency=1 "$dir"/*.test.mjs

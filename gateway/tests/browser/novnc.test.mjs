@@ -8,71 +8,28 @@
 import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { createServer } from 'node:http';
-import { connect as tcpConnect, createServer as createTcpServer } from 'node:net';
 import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { extname, join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { join } from 'node:path';
+import {
+  BIN, disconnectViewer, exited, freePort, launchChromium, near, serveViewer, setRoot, sleep, startGateway,
+  startWithLines, startXterm, startXvnc, stop, track, viewerConnected,
+} from './harness.mjs';
 
-const BIN = process.env.VNCGATE_BIN;
 const DEMO_BIN = process.env.DEMO_BIN;
 const CONTROLLER_BIN = process.env.CONTROLLER_BIN;
-const VIEWER_DIR = process.env.VIEWER_DIR;
 let gw, gwUrl, http, httpPort, browser, refusedPort;
-
-function startGateway(args, bin = BIN) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    child.stdout.on('data', (d) => {
-      out += d;
-      const m = out.match(/listening on (wss?:\/\/[0-9.:]+)\//);
-      if (m) resolve({ child, base: m[1] });
-    });
-    child.stderr.on('data', () => {});
-    child.on('exit', (code) => reject(new Error(`gateway exited ${code}: ${out}`)));
-  });
-}
 
 before(async () => {
   // A port with nothing listening: the "VM whose VNC server never started".
-  const probe = createTcpServer();
-  await new Promise((r) => probe.listen(0, '127.0.0.1', r));
-  refusedPort = probe.address().port;
-  await new Promise((r) => probe.close(r));
+  refusedPort = await freePort();
   gw = await startGateway(['demo', '--gateway', BIN, '--listen', '127.0.0.1:0', '--workers', '1',
     '--route', `down=127.0.0.1:${refusedPort}`, '--connect-retry-window', '0',
     '--drain-timeout', '1'], DEMO_BIN);
-  track(gw.child);
   gwUrl = gw.base;
-  http = createServer(async (req, res) => {
-    const path = new URL(req.url, 'http://x').pathname;
-    if (path === '/blank') {
-      res.writeHead(200, { 'Content-Type': 'text/html' });
-      res.end('<!doctype html><title>blank</title>');
-      return;
-    }
-    const file = join(VIEWER_DIR, path === '/' ? 'index.html' : path);
-    try {
-      const body = await readFile(file);
-      const type = { '.html': 'text/html', '.js': 'text/javascript' }[extname(file)] || 'application/octet-stream';
-      res.writeHead(200, { 'Content-Type': type });
-      res.end(body);
-    } catch {
-      res.writeHead(404);
-      res.end();
-    }
-  });
-  await new Promise((r) => http.listen(0, '127.0.0.1', r));
-  httpPort = http.address().port;
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  ({ server: http, port: httpPort } = await serveViewer({ '/blank': '<!doctype html><title>blank</title>' }));
+  browser = await launchChromium();
 });
 
 after(async () => {
@@ -88,8 +45,7 @@ async function viewDesktop(protocols, wsUrl = `${gwUrl}/vnc/demo`, viewer = brow
   const url = encodeURIComponent(wsUrl);
   const q = protocols ? `&protocols=${protocols}` : '';
   await page.goto(`http://127.0.0.1:${httpPort}/?url=${url}${q}`);
-  await page.waitForFunction(() => document.getElementById('status').textContent.startsWith('connected'),
-    null, { timeout: 15000 });
+  await viewerConnected(page);
   // Let a few framebuffer updates land, then read pixels off noVNC's canvas.
   await page.waitForTimeout(1000);
   const stats = await page.evaluate(() => {
@@ -108,11 +64,9 @@ async function viewDesktop(protocols, wsUrl = `${gwUrl}/vnc/demo`, viewer = brow
   assert.equal(stats.h, 768);
   assert.ok(stats.colours > 20, `desktop shows its pattern: ${JSON.stringify(stats)}`);
   assert.ok(stats.lit > stats.samples / 2, `desktop is drawn: ${JSON.stringify(stats)}`);
-  // A clean close, initiated by the browser.
-  await page.evaluate(() => window.rfb.disconnect());
-  await page.waitForFunction(() => document.getElementById('status').textContent.startsWith('disconnected'));
-  // noVNC closes without a status code (1005) or with 1000; the page shows which.
-  assert.match(await page.textContent('#status'), /^disconnected: (1000|1005) \(clean: true\)$/);
+  // A clean close, initiated by the browser; noVNC closes without a status code (1005) or
+  // with 1000, and the page shows which.
+  await disconnectViewer(page);
   await page.close();
 }
 
@@ -177,16 +131,9 @@ describe('noVNC through wss://', () => {
     assert.equal(spki.status, 0, spki.stderr);
     tlsGw = await startGateway(['demo', '--gateway', BIN, '--listen', '127.0.0.1:0', '--workers', '1',
       '--tls-cert', cert, '--tls-key', key, '--drain-timeout', '1'], DEMO_BIN);
-    track(tlsGw.child);
     tlsUrl = tlsGw.base;
     assert.match(tlsUrl, /^wss:\/\//);
-    trusting = await chromium.launch({
-      executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-      headless: true,
-      args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-        '--disable-background-networking', '--disable-component-update', '--disable-sync',
-        `--ignore-certificate-errors-spki-list=${spki.stdout.trim()}`],
-    });
+    trusting = await launchChromium([`--ignore-certificate-errors-spki-list=${spki.stdout.trim()}`]);
   });
   after(async () => {
     await trusting?.close();
@@ -222,108 +169,13 @@ const BACKGROUND = [0x33, 0x66, 0xcc]; // xsetroot -solid '#3366cc'
 const XTERM_AT = { x: 100, y: 100 };
 const OUTSIDE_XTERM = [{ x: 20, y: 20 }, { x: 750, y: 550 }, { x: 700, y: 60 }];
 
-// Processes this file started, killed by pid if the run dies before its after() hooks.
-const started = new Set();
-process.on('exit', () => {
-  for (const c of started) {
-    try { process.kill(c.pid, 'SIGKILL'); } catch { /* already gone */ }
-  }
-});
-
-function track(child) {
-  started.add(child);
-  child.on('exit', () => started.delete(child));
-  return child;
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function freePort() {
-  const probe = createTcpServer();
-  await new Promise((r) => probe.listen(0, '127.0.0.1', r));
-  const { port } = probe.address();
-  await new Promise((r) => probe.close(r));
-  return port;
-}
-
-function exited(child) {
-  return child.exitCode !== null || child.signalCode !== null;
-}
-
-/** SIGTERM (Xvnc then removes its socket and lock file), SIGKILL after 3 s. */
-async function stop(child) {
-  if (!child || exited(child)) return;
-  const gone = new Promise((r) => child.once('exit', r));
-  child.kill('SIGTERM');
-  const t = setTimeout(() => { if (!exited(child)) child.kill('SIGKILL'); }, 3000);
-  await gone;
-  clearTimeout(t);
-  started.delete(child);
-}
-
-/** Whether 127.0.0.1:port sends an RFB banner. */
-function rfbBanner(port) {
-  return new Promise((resolve) => {
-    const s = tcpConnect(port, '127.0.0.1');
-    let buf = '';
-    const done = (ok) => { s.destroy(); resolve(ok); };
-    s.on('data', (d) => { buf += d; if (buf.length >= 12) done(/^RFB \d{3}\.\d{3}\n/.test(buf)); });
-    s.on('error', () => done(false));
-    s.on('close', () => done(false));
-    s.setTimeout(1000, () => done(false));
-  });
-}
-
-function have(cmd) {
-  return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
-}
-
-/**
- * Xvnc on a free display (no /tmp/.X11-unix/X<N>, no /tmp/.X<N>-lock) and a free loopback
- * port; another display is tried when one is taken meanwhile. Resolves once the port sends
- * its RFB banner.
- */
-async function startXvnc() {
-  for (const cmd of ['Xvnc', 'xsetroot', 'xterm']) {
-    assert.ok(have(cmd), `${cmd} is not installed: scripts/browser-test.sh installs it ` +
-      '(apt-get install tigervnc-standalone-server x11-xserver-utils xterm xfonts-base)');
-  }
-  let n = 100 + (process.pid % 300);
-  let lastLog = '';
-  for (let tries = 0; tries < 20; tries++, n++) {
-    if (existsSync(`/tmp/.X11-unix/X${n}`) || existsSync(`/tmp/.X${n}-lock`)) continue;
-    const port = await freePort();
-    const child = track(spawn('Xvnc', [`:${n}`, '-rfbport', String(port), '-localhost',
-      '-nolisten', 'tcp', '-SecurityTypes', 'None', '-AlwaysShared',
-      '-geometry', `${SCREEN.w}x${SCREEN.h}`, '-depth', '24'],
-    { stdio: ['ignore', 'ignore', 'pipe'] }));
-    let log = '';
-    child.stderr.on('data', (d) => { log += d; });
-    const deadline = Date.now() + 10000;
-    while (Date.now() < deadline && !exited(child)) {
-      if (await rfbBanner(port)) return { child, display: `:${n}`, port, log: () => log };
-      await sleep(100);
-    }
-    lastLog = log;
-    await stop(child);
-  }
-  throw new Error(`Xvnc did not start on any display tried; last log:\n${lastLog}`);
-}
-
 /** The desktop: a solid root window and an xterm running sh, white on black. */
 async function startDesktop(x, markFile) {
-  const env = { ...process.env, DISPLAY: x.display };
-  const root = spawnSync('xsetroot', ['-solid', '#' + BACKGROUND.map((c) => c.toString(16).padStart(2, '0')).join('')],
-    { env, encoding: 'utf8', timeout: 10000 });
-  assert.equal(root.status, 0, `xsetroot: ${root.stderr}`);
-  const xterm = track(spawn('xterm', ['-geometry', `80x24+${XTERM_AT.x}+${XTERM_AT.y}`,
-    '-bg', 'black', '-fg', 'white', '-cr', 'white', '+sb', '-bw', '0', '-xrm', 'XTerm*cursorBlink: false',
-    '-e', '/bin/sh'],
-  { env: { ...env, SHELL: '/bin/sh', PS1: '$ ', ENV: '', VNCGATE_MARK: markFile }, stdio: ['ignore', 'ignore', 'pipe'] }));
-  let log = '';
-  xterm.stderr.on('data', (d) => { log += d; });
+  setRoot(x.display, BACKGROUND);
+  const xterm = startXterm(x.display, XTERM_AT, ['-bg', 'black', '-fg', 'white', '-cr', 'white', '+sb', '-bw', '0',
+    '-xrm', 'XTerm*cursorBlink: false', '-e', '/bin/sh'], { env: { PS1: '$ ', VNCGATE_MARK: markFile } });
   await sleep(300);
-  assert.ok(!exited(xterm), `xterm exited at once: ${log}`);
+  assert.ok(!exited(xterm), `xterm exited at once: ${xterm.log}`);
   return xterm;
 }
 
@@ -396,21 +248,18 @@ function pageHelpers() {
   };
 }
 
-const close = (a, b, tol) => a.every((v, i) => Math.abs(v - b[i]) <= tol);
-
 describe('a real VNC server (Xvnc with an xterm) through vncgate serve', () => {
   let xvnc, xterm, gate, downPort, tmp, markFile;
 
   before(async () => {
     tmp = await mkdtemp(join(tmpdir(), 'vncgate-xvnc-'));
     markFile = join(tmp, 'typed');
-    xvnc = await startXvnc();
+    xvnc = await startXvnc(SCREEN, 100 + (process.pid % 300));
     xterm = await startDesktop(xvnc, markFile);
     downPort = await freePort();
     gate = await startGateway(['serve', '--listen', '127.0.0.1:0', '--workers', '2',
       '--route', `xvnc=127.0.0.1:${xvnc.port}`, '--route', `down=127.0.0.1:${downPort}`,
       '--allow-upstream', '127.0.0.0/8']);
-    track(gate.child);
   });
 
   after(async () => {
@@ -432,8 +281,7 @@ describe('a real VNC server (Xvnc with an xterm) through vncgate serve', () => {
   /** Connects, waits for the desktop with its xterm, returns the page and the xterm's box. */
   async function viewXvnc(protocols) {
     const page = await openViewer('xvnc', protocols);
-    await page.waitForFunction(() => document.getElementById('status').textContent.startsWith('connected'),
-      null, { timeout: 15000 });
+    await viewerConnected(page);
     await page.waitForFunction(({ w, h }) => { const s = window.vg.size(); return s && s.w === w && s.h === h; },
       SCREEN, { timeout: 10000 });
     // The first update is the whole screen, drawn rectangle by rectangle onto a black canvas;
@@ -456,7 +304,7 @@ describe('a real VNC server (Xvnc with an xterm) through vncgate serve', () => {
     // noVNC's framebuffer...
     for (const p of OUTSIDE_XTERM) {
       const rgb = await page.evaluate(({ x, y }) => window.vg.pixel(x, y), p);
-      assert.ok(close(rgb, BACKGROUND, 24), `framebuffer at ${JSON.stringify(p)}: ${rgb}`);
+      assert.ok(near(rgb, BACKGROUND, 24), `framebuffer at ${JSON.stringify(p)}: ${rgb}`);
     }
     // ...and what the browser paints: a screenshot of the canvas element, scaled or not.
     const png = await page.locator('#screen canvas').screenshot();
@@ -464,15 +312,13 @@ describe('a real VNC server (Xvnc with an xterm) through vncgate serve', () => {
       const shot = await page.evaluate(([b64, x, y]) => window.vg.pngPixel(b64, x, y),
         [png.toString('base64'), p.x / SCREEN.w, p.y / SCREEN.h]);
       assert.ok(shot.w > 100 && shot.h > 100, `screenshot size ${shot.w}x${shot.h}`);
-      assert.ok(close(shot.rgb, BACKGROUND, 24), `screenshot at ${JSON.stringify(p)}: ${JSON.stringify(shot)}`);
+      assert.ok(near(shot.rgb, BACKGROUND, 24), `screenshot at ${JSON.stringify(p)}: ${JSON.stringify(shot)}`);
     }
   }
 
   /** A clean close initiated by the browser: noVNC says clean, and so does the socket. */
   async function disconnectCleanly(t, page) {
-    await page.evaluate(() => window.rfb.disconnect());
-    await page.waitForFunction(() => document.getElementById('status').textContent.startsWith('disconnected'));
-    assert.match(await page.textContent('#status'), /^disconnected: (1000|1005) \(clean: true\)$/);
+    await disconnectViewer(page);
     await page.waitForFunction(() => window.vg.closes.length === 1);
     const [ev] = await page.evaluate(() => window.vg.closes);
     // noVNC closes without a status code; the gateway echoes that, so the browser reports
@@ -541,21 +387,6 @@ describe('a real VNC server (Xvnc with an xterm) through vncgate serve', () => {
 });
 
 // ---- Sessions made through the controller's API: the embedded default, and Redis ----
-
-/** Starts a process and resolves once each of `patterns` matched a stdout line. */
-function startWithLines(bin, args, patterns) {
-  return new Promise((resolve, reject) => {
-    const child = track(spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] }));
-    let out = '';
-    child.stdout.on('data', (d) => {
-      out += d;
-      const found = patterns.map((p) => out.match(p));
-      if (found.every(Boolean)) resolve({ child, found: found.map((m) => m[1]) });
-    });
-    child.stderr.on('data', () => {});
-    child.on('exit', (code) => reject(new Error(`${bin} exited ${code}: ${out}`)));
-  });
-}
 
 async function api(base, method, path, body) {
   const r = await fetch(`${base}${path}`, {

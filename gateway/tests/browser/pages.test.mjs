@@ -10,15 +10,10 @@
 //   VIEWER_DIR    a folder holding node_modules (@novnc/novnc), which pages import relatively
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import { createServer } from 'node:http';
-import { createServer as createTcpServer } from 'node:net';
-import { readFile } from 'node:fs/promises';
-import { extname, join, normalize } from 'node:path';
-import { chromium } from 'playwright-core';
+import { spawnSync } from 'node:child_process';
+import { join, normalize } from 'node:path';
+import { VIEWER_DIR, freePort, launchChromium, serveFiles, startGateway, stop } from './harness.mjs';
 
-const BIN = process.env.VNCGATE_BIN;
-const VIEWER_DIR = process.env.VIEWER_DIR;
 const ROOT = spawnSync('git', ['rev-parse', '--show-toplevel'], { encoding: 'utf8' }).stdout.trim();
 const PAGES = spawnSync('git', ['ls-files', '*.html', '*.htm'], { cwd: ROOT, encoding: 'utf8' })
   .stdout.split('\n').filter(Boolean);
@@ -26,59 +21,25 @@ let gw, gwBase, http, httpPort, browser;
 
 before(async () => {
   // A port with nothing listening: the VM whose VNC server never started.
-  const probe = createTcpServer();
-  await new Promise((r) => probe.listen(0, '127.0.0.1', r));
-  const refused = probe.address().port;
-  await new Promise((r) => probe.close(r));
-  gw = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--workers', '1',
+  const refused = await freePort();
+  gw = await startGateway(['serve', '--listen', '127.0.0.1:0', '--workers', '1',
     '--route', `down=127.0.0.1:${refused}`, '--allow-upstream', '127.0.0.1/32',
-    '--connect-retry-window', '0', '--drain-timeout', '1'], { stdio: ['ignore', 'pipe', 'ignore'] });
-  gwBase = await new Promise((resolve, reject) => {
-    let out = '';
-    gw.stdout.on('data', (d) => {
-      out += d;
-      const m = out.match(/listening on (ws:\/\/[0-9.:]+)\//);
-      if (m) resolve(m[1]);
-    });
-    gw.on('exit', (code) => reject(new Error(`gateway exited ${code}: ${out}`)));
-  });
+    '--connect-retry-window', '0', '--drain-timeout', '1']);
+  gwBase = gw.base;
   // The repository's files as they are, and node_modules from VIEWER_DIR wherever a page
   // imports it from (`./node_modules/...` next to the page).
-  http = createServer(async (req, res) => {
-    const path = normalize(decodeURIComponent(new URL(req.url, 'http://x').pathname));
+  ({ server: http, port: httpPort } = await serveFiles((pathname) => {
+    const path = normalize(decodeURIComponent(pathname));
     const nm = path.indexOf('/node_modules/');
-    const file = nm >= 0 ? join(VIEWER_DIR, path.slice(nm)) : join(ROOT, path);
-    try {
-      const body = await readFile(file);
-      const type = { '.html': 'text/html', '.htm': 'text/html', '.js': 'text/javascript', '.css': 'text/css' }[extname(file)]
-        || 'application/octet-stream';
-      res.writeHead(200, { 'Content-Type': type });
-      res.end(body);
-    } catch {
-      res.writeHead(404);
-      res.end();
-    }
-  });
-  await new Promise((r) => http.listen(0, '127.0.0.1', r));
-  httpPort = http.address().port;
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync'],
-  });
+    return nm >= 0 ? join(VIEWER_DIR, path.slice(nm)) : join(ROOT, path);
+  }));
+  browser = await launchChromium();
 });
 
 after(async () => {
   await browser?.close();
   http?.close();
-  if (gw && gw.exitCode === null && gw.signalCode === null) {
-    const gone = new Promise((r) => gw.once('exit', r));
-    gw.kill('SIGTERM');
-    const t = setTimeout(() => gw.kill('SIGKILL'), 3000);
-    await gone;
-    clearTimeout(t);
-  }
+  if (gw) await stop(gw.child);
 });
 
 test('the project ships at least the demo viewer page', () => {

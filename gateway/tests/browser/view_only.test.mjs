@@ -7,17 +7,15 @@
 // Environment as for novnc.test.mjs: VNCGATE_BIN, VIEWER_DIR.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import { createServer } from 'node:http';
-import { connect as tcpConnect, createServer as createTcpServer } from 'node:net';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { extname, join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { join } from 'node:path';
+import {
+  BIN, disconnectViewer, launchChromium, serveViewer, setRoot, startWithLines, startXterm, startXvnc, stop,
+  until, viewerConnected,
+} from './harness.mjs';
 
-const BIN = process.env.VNCGATE_BIN;
-const VIEWER_DIR = process.env.VIEWER_DIR;
 const FULL = 'full-token-2';
 const VIEW = 'view-token-2';
 const SCREEN = { w: 800, h: 600 };
@@ -25,127 +23,25 @@ const SCREEN = { w: 800, h: 600 };
 // server would reach the xterm even from a viewer whose pointer moves are dropped.
 const XTERM_AT = { x: 100, y: 100 };
 
-const started = new Set();
-process.on('exit', () => {
-  for (const c of started) {
-    try { process.kill(c.pid, 'SIGKILL'); } catch { /* already gone */ }
-  }
-});
-function track(child) {
-  started.add(child);
-  child.on('exit', () => started.delete(child));
-  return child;
-}
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const exited = (c) => c.exitCode !== null || c.signalCode !== null;
-
-async function stop(child) {
-  if (!child || exited(child)) return;
-  const gone = new Promise((r) => child.once('exit', r));
-  child.kill('SIGTERM');
-  const t = setTimeout(() => { if (!exited(child)) child.kill('SIGKILL'); }, 3000);
-  await gone;
-  clearTimeout(t);
-}
-
-async function freePort() {
-  const probe = createTcpServer();
-  await new Promise((r) => probe.listen(0, '127.0.0.1', r));
-  const { port } = probe.address();
-  await new Promise((r) => probe.close(r));
-  return port;
-}
-
-function rfbBanner(port) {
-  return new Promise((resolve) => {
-    const s = tcpConnect(port, '127.0.0.1');
-    let buf = '';
-    const done = (ok) => { s.destroy(); resolve(ok); };
-    s.on('data', (d) => { buf += d; if (buf.length >= 12) done(/^RFB \d{3}\.\d{3}\n/.test(buf)); });
-    s.on('error', () => done(false));
-    s.on('close', () => done(false));
-    s.setTimeout(1000, () => done(false));
-  });
-}
-
-async function until(what, f, ms = 15000) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await f();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
-
 let dir, xvnc, xterm, gate, http, httpPort, browser;
 
 before(async () => {
-  for (const cmd of ['Xvnc', 'xsetroot', 'xterm']) {
-    assert.equal(spawnSync('sh', ['-c', `command -v ${cmd}`]).status, 0,
-      `${cmd} is not installed: scripts/browser-test.sh installs it`);
-  }
   dir = await mkdtemp(join(tmpdir(), 'vncgate-view-only-'));
-  let n = 700 + (process.pid % 200);
-  for (let tries = 0; tries < 20 && !xvnc; tries++, n++) {
-    if (existsSync(`/tmp/.X11-unix/X${n}`) || existsSync(`/tmp/.X${n}-lock`)) continue;
-    const port = await freePort();
-    const child = track(spawn('Xvnc', [`:${n}`, '-rfbport', String(port), '-localhost',
-      '-nolisten', 'tcp', '-SecurityTypes', 'None', '-geometry', `${SCREEN.w}x${SCREEN.h}`,
-      '-depth', '24'], { stdio: 'ignore' }));
-    const deadline = Date.now() + 10000;
-    while (Date.now() < deadline && !exited(child)) {
-      if (await rfbBanner(port)) { xvnc = { child, display: `:${n}`, port }; break; }
-      await sleep(100);
-    }
-    if (!xvnc) await stop(child);
-  }
-  assert.ok(xvnc, 'Xvnc started');
-  const env = { ...process.env, DISPLAY: xvnc.display };
-  assert.equal(spawnSync('xsetroot', ['-solid', '#3366cc'], { env }).status, 0);
-  xterm = track(spawn('xterm', ['-geometry', `80x24+${XTERM_AT.x}+${XTERM_AT.y}`, '+sb',
-    '-e', '/bin/sh', '-c', 'touch .ready; exec /bin/sh'],
-  { cwd: dir, env: { ...env, SHELL: '/bin/sh', ENV: '' }, stdio: 'ignore' }));
+  xvnc = await startXvnc(SCREEN, 700 + (process.pid % 200), { shared: false });
+  setRoot(xvnc.display, [0x33, 0x66, 0xcc]);
+  xterm = startXterm(xvnc.display, XTERM_AT, ['+sb', '-e', '/bin/sh', '-c', 'touch .ready; exec /bin/sh'], { cwd: dir });
   await until('the xterm\'s shell', () => existsSync(join(dir, '.ready')));
 
   const routes = join(dir, 'routes.toml');
   await writeFile(routes, `[[route]]\nsession = "desk"\nupstream = "127.0.0.1:${xvnc.port}"\n`
     + `token = "${FULL}"\nview_token = "${VIEW}"\n`);
-  gate = await new Promise((resolve, reject) => {
-    const child = track(spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--admin', '127.0.0.1:0',
-      '--workers', '1', '--routes-file', routes, '--allow-upstream', '127.0.0.0/8'],
-    { stdio: ['ignore', 'pipe', 'ignore'] }));
-    let out = '';
-    child.stdout.on('data', (d) => {
-      out += d;
-      const ws = out.match(/listening on (ws:\/\/[0-9.:]+)\//);
-      const admin = out.match(/admin on (http:\/\/[0-9.:]+)/);
-      if (ws && admin) resolve({ child, base: ws[1], admin: admin[1] });
-    });
-    child.on('exit', (code) => reject(new Error(`gateway exited ${code}: ${out}`)));
-  });
+  const started = await startWithLines(BIN, ['serve', '--listen', '127.0.0.1:0', '--admin', '127.0.0.1:0',
+    '--workers', '1', '--routes-file', routes, '--allow-upstream', '127.0.0.0/8'],
+  [/listening on (ws:\/\/[0-9.:]+)\//, /admin on (http:\/\/[0-9.:]+)/]);
+  gate = { child: started.child, base: started.found[0], admin: started.found[1] };
 
-  http = createServer(async (req, res) => {
-    const path = new URL(req.url, 'http://x').pathname;
-    const file = join(VIEWER_DIR, path === '/' ? 'index.html' : path);
-    try {
-      const body = await readFile(file);
-      const type = { '.html': 'text/html', '.js': 'text/javascript' }[extname(file)] || 'application/octet-stream';
-      res.writeHead(200, { 'Content-Type': type });
-      res.end(body);
-    } catch {
-      res.writeHead(404);
-      res.end();
-    }
-  });
-  await new Promise((r) => http.listen(0, '127.0.0.1', r));
-  httpPort = http.address().port;
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  ({ server: http, port: httpPort } = await serveViewer());
+  browser = await launchChromium();
 });
 
 after(async () => {
@@ -170,8 +66,7 @@ async function viewer(token) {
   const page = await browser.newPage({ viewport: { width: 900, height: 700 } });
   const url = encodeURIComponent(`${gate.base}/vnc/desk?token=${token}`);
   await page.goto(`http://127.0.0.1:${httpPort}/?url=${url}`);
-  await page.waitForFunction(() => document.getElementById('status').textContent.startsWith('connected'),
-    null, { timeout: 15000 });
+  await viewerConnected(page);
   await until('the desktop on the canvas', () => page.evaluate(({ w, h }) => {
     const c = document.querySelector('#screen canvas');
     if (!c || c.width !== w || c.height !== h) return false;
@@ -222,8 +117,6 @@ test('keys typed into a view-only noVNC do not reach the shell; through the full
   assert.match(await view.textContent('#status'), /^connected/);
   await until('the view-only canvas to show the typed line', async () => (await xtermSum()) !== before);
   await full.close();
-  await view.evaluate(() => window.rfb.disconnect());
-  await view.waitForFunction(() => document.getElementById('status').textContent.startsWith('disconnected'));
-  assert.match(await view.textContent('#status'), /^disconnected: (1000|1005) \(clean: true\)$/);
+  await disconnectViewer(view);
   await view.close();
 });
