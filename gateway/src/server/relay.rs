@@ -164,9 +164,10 @@ const RELAY_BUDGET: usize = 512 << 10;
 /// frame it encrypts. Encrypting costs about a millisecond per 512 KiB here, against
 /// microseconds for a splice, so the byte budget of the plain path let a session that
 /// always had data keep the worker for as long as ten sessions that drained their
-/// socket (window-limited, they read ~95 KiB a turn): at 50 streams on one worker
-/// slowest/mean measured 0.54-0.65 with it, 0.98-1.0 with one buffer per turn, at the
-/// same aggregate (see the README, "TLS").
+/// socket (window-limited, they read ~95 KiB a turn): at 50 streams on one worker the Jain
+/// index measured 0.54-0.65 in four runs of five with it, 0.98-1.0 with 64 KiB turns, and
+/// 0.988-0.992 with 32 KiB turns on two workers, at the same aggregate (see the README,
+/// "What the scheduling fix changed").
 const TLS_RELAY_BUDGET: usize = 32 << 10;
 
 /// A copied message up to this size goes to its send op in a buffer of its own size, and
