@@ -260,13 +260,30 @@ impl<'a, S: RouteSource> Relay<'a, S> {
 
     /// `buf[off..end]` in a buffer of its own when it is small ([`SMALL_SEND`]), giving the
     /// pooled one back; otherwise `buf` itself. Returns the buffer and the range to send.
+    /// A direct send ([`DIRECT_SEND_SESSIONS`]) holds no buffer past the call: no copy.
     fn for_send(&self, buf: Box<[u8]>, off: usize, end: usize) -> (Box<[u8]>, usize, usize) {
-        if end - off > SMALL_SEND {
+        if end - off > SMALL_SEND || self.sends_direct() {
             return (buf, off, end);
         }
         let own: Box<[u8]> = buf[off..end].into();
         self.w.bufs.give(buf);
         (own, 0, end - off)
+    }
+
+    /// Whether this worker has too few sessions to batch sends ([`DIRECT_SEND_SESSIONS`]).
+    fn sends_direct(&self) -> bool {
+        self.w.session_count() <= DIRECT_SEND_SESSIONS
+    }
+
+    /// What a failed write to `side` ends: the browser gone, or the VM's socket failed.
+    fn write_failed(&self, side: Side, e: &io::Error) -> End {
+        match side {
+            Side::Browser => client_write_error(e),
+            Side::Vm => {
+                tracing::debug!(session = self.session, upstream = %self.vm, error = %e, "upstream write failed");
+                End::Cause(close::UPSTREAM_ERROR)
+            }
+        }
     }
 
     /// Writes all of `buf[off..end]` to `side` with `send(2)` from here, waiting for the
@@ -295,14 +312,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                 },
                 Err(e) => e,
             };
-            let end = match side {
-                Side::Browser => client_write_error(&e),
-                Side::Vm => {
-                    tracing::debug!(session = self.session, upstream = %self.vm, error = %e, "upstream write failed");
-                    End::Cause(close::UPSTREAM_ERROR)
-                }
-            };
-            return (Err(end), buf);
+            return (Err(self.write_failed(side, &e)), buf);
         }
         (Ok(()), buf)
     }
@@ -318,7 +328,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         mut off: usize,
         end: usize,
     ) -> (Result<(), End>, Box<[u8]>) {
-        if self.w.session_count() <= DIRECT_SEND_SESSIONS {
+        if self.sends_direct() {
             return self.send_direct(side, buf, off, end).await;
         }
         let (slot, stream) = match side {
@@ -353,13 +363,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                 }
                 Err(e) => e,
             };
-            r = Err(match side {
-                Side::Browser => client_write_error(&e),
-                Side::Vm => {
-                    tracing::debug!(session = self.session, upstream = %self.vm, error = %e, "upstream write failed");
-                    End::Cause(close::UPSTREAM_ERROR)
-                }
-            });
+            r = Err(self.write_failed(side, &e));
             break;
         }
         slot.set(Some(tx));
