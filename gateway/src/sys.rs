@@ -1,4 +1,4 @@
-//! The gateway's only `unsafe` (the crate denies it everywhere else): thin wrappers over splice(2), tee(2), pipe2(2), fcntl(2), write(2),
+//! The gateway's only `unsafe` (the crate denies it everywhere else): thin wrappers over splice(2), tee(2), pipe2(2), fcntl(2), write(2), poll(2),
 //! non-blocking send/recv on raw socket descriptors, and descriptor passing (`SCM_RIGHTS`,
 //! through `nix`) for the restart handover.
 //!
@@ -121,12 +121,14 @@ pub fn stop_listening(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// accept4(2) on a non-blocking listener: one queued connection (close-on-exec), or
-/// `WouldBlock` when the queue is empty.
+/// accept4(2) on a non-blocking listener: one queued connection, non-blocking (as the
+/// relay needs it) and close-on-exec from the start, or `WouldBlock` when the queue is
+/// empty.
 pub fn accept(fd: RawFd) -> io::Result<(std::net::TcpStream, std::net::SocketAddr)> {
     // SAFETY: `fd` stays open for the call (the caller's listener); socket2 only borrows it.
     let listener = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let (sock, addr) = socket2::SockRef::from(&listener).accept()?;
+    let (sock, addr) =
+        socket2::SockRef::from(&listener).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
     let peer = addr
         .as_socket()
         .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
@@ -294,6 +296,54 @@ pub fn recording_pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
     Ok((read, write, capacity as usize))
 }
 
+/// Starts a TCP connection to `addr` from a new non-blocking, close-on-exec socket with
+/// `TCP_NODELAY`, and says whether it is already established. On loopback and a local
+/// bridge it usually is by the time connect(2) returns `EINPROGRESS` (the peer's SYN-ACK
+/// is processed as the call releases the socket), which [`connect_finished`] sees at once.
+pub fn start_connect(addr: std::net::SocketAddr) -> io::Result<(std::net::TcpStream, bool)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    s.set_nodelay(true)?;
+    match s.connect(&addr.into()) {
+        Ok(()) => Ok((s.into(), true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok((s.into(), false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a connection begun by [`start_connect`] has finished, without waiting:
+/// `Ok(true)` established, `Ok(false)` still in progress, `Err` why it failed.
+pub fn connect_finished(fd: RawFd) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd on the stack, for the length of the call; zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n == 0 {
+        return Ok(false);
+    }
+    connect_result(fd).map(|()| true)
+}
+
+/// The outcome of a finished non-blocking connect (`SO_ERROR`).
+pub fn connect_result(fd: RawFd) -> io::Result<()> {
+    // SAFETY: `fd` stays open for the call (the caller's socket); socket2 only borrows it.
+    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    match socket2::SockRef::from(&sock).take_error()? {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// A second descriptor for an open TCP socket (`F_DUPFD_CLOEXEC`).
 pub fn dup_tcp(fd: RawFd) -> io::Result<std::net::TcpStream> {
     // SAFETY: fcntl on a descriptor the caller keeps open; no memory is passed.
@@ -401,6 +451,73 @@ mod tests {
         assert_eq!(got.local_addr().unwrap(), addr);
         let _c = TcpStream::connect(addr).unwrap();
         assert!(got.accept().is_ok(), "the passed socket still listens");
+    }
+
+    fn flags(fd: RawFd) -> (bool, bool) {
+        // SAFETY: fcntl queries on a descriptor the test owns.
+        let (fl, fd_fl) = unsafe {
+            (
+                libc::fcntl(fd, libc::F_GETFL),
+                libc::fcntl(fd, libc::F_GETFD),
+            )
+        };
+        (fl & libc::O_NONBLOCK != 0, fd_fl & libc::FD_CLOEXEC != 0)
+    }
+
+    #[test]
+    fn accepted_connections_are_non_blocking_and_close_on_exec() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let err = accept(l.as_raw_fd()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "an empty queue");
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, peer) = accept(l.as_raw_fd()).unwrap();
+        assert_eq!(peer, c.local_addr().unwrap());
+        assert_eq!(flags(s.as_raw_fd()), (true, true));
+    }
+
+    #[test]
+    fn a_connection_started_here_is_established_refused_or_in_progress_by_name() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (s, done) = start_connect(l.local_addr().unwrap()).unwrap();
+        assert_eq!(flags(s.as_raw_fd()), (true, true));
+        assert!(s.nodelay().unwrap());
+        // Loopback answers within the call; if not yet, soon.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut up = done;
+        while !up && std::time::Instant::now() < deadline {
+            up = connect_finished(s.as_raw_fd()).unwrap();
+        }
+        assert!(up, "established");
+        let (mut theirs, _) = l.accept().unwrap();
+        theirs.write_all(b"hi").unwrap();
+        let mut got = [0u8; 2];
+        s.set_nonblocking(false).unwrap();
+        (&s).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        // A port nobody listens on: refused, by its own error.
+        let closed = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let refused = match start_connect(closed) {
+            Err(e) => e,
+            Ok((s, _)) => {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                loop {
+                    match connect_finished(s.as_raw_fd()) {
+                        Err(e) => break e,
+                        Ok(true) => panic!("connected to a closed port"),
+                        Ok(false) => assert!(std::time::Instant::now() < deadline, "no answer"),
+                    }
+                }
+            }
+        };
+        assert_eq!(
+            refused.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{refused}"
+        );
     }
 
     #[test]

@@ -541,7 +541,9 @@ fn record_dir_records_each_session() {
     // The file exists from the session's start; its bytes are whole once the
     // writer says the recording ended (after the browser's close).
     assert!(
-        eventually(Duration::from_secs(10), || gw.log().contains("recording ended")),
+        eventually(Duration::from_secs(10), || gw
+            .log()
+            .contains("recording ended")),
         "the recording ends with the session\n{}",
         gw.log()
     );

@@ -148,6 +148,8 @@ pub struct Relay<'a, S: RouteSource> {
     deadlines: RefCell<Deadlines>,
     pub to_browser: Cell<u64>,
     pub to_vm: Cell<u64>,
+    /// Messages sent so far, counted up to [`DIRECT_FIRST_SENDS`].
+    sends: Cell<u32>,
     /// A view-only viewer's filter (`server::view_only`); `None` for full viewers, whose
     /// bytes go to the VM untouched. Boxed: a full viewer's relay grows by one pointer.
     view_only: Option<Box<RefCell<ViewOnly>>>,
@@ -184,6 +186,13 @@ const SMALL_SEND: usize = 2048;
 /// with websocat: send ops 19.1-19.9k/s against websocat's 19.9-20.2k/s, direct sends
 /// 20.4-20.6k/s against 20.4-20.6k/s; the 50-connection figure did not move.
 const DIRECT_SEND_SESSIONS: usize = 2;
+
+/// A session's first this many messages are sent with `send(2)` directly whatever the
+/// worker's load: they are the RFB handshake (version, security, ServerInit, each waiting
+/// on the other side's answer), where nothing queues behind a message to batch with it and
+/// the op's round trip through the ring is the first byte's delay; and a session that
+/// sends only these (a probe, a refused login) never opens a send descriptor.
+const DIRECT_FIRST_SENDS: u32 = 8;
 
 /// A session's send descriptors are closed after this long without traffic.
 const SEND_HANDLE_IDLE: Duration = Duration::from_secs(10);
@@ -229,6 +238,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             deadlines: RefCell::new(Deadlines::new(Instant::now(), &w.limits)),
             to_browser: Cell::new(0),
             to_vm: Cell::new(0),
+            sends: Cell::new(0),
             view_only: None,
             rec: None,
         }
@@ -270,9 +280,11 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         (own, 0, end - off)
     }
 
-    /// Whether this worker has too few sessions to batch sends ([`DIRECT_SEND_SESSIONS`]).
+    /// Whether the next message goes out with `send(2)` from here: this worker has too few
+    /// sessions to batch sends ([`DIRECT_SEND_SESSIONS`]), or the session is still in its
+    /// handshake ([`DIRECT_FIRST_SENDS`]).
     fn sends_direct(&self) -> bool {
-        self.w.session_count() <= DIRECT_SEND_SESSIONS
+        self.sends.get() < DIRECT_FIRST_SENDS || self.w.session_count() <= DIRECT_SEND_SESSIONS
     }
 
     /// What a failed write to `side` ends: the browser gone, or the VM's socket failed.
@@ -328,7 +340,10 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         mut off: usize,
         end: usize,
     ) -> (Result<(), End>, Box<[u8]>) {
-        if self.sends_direct() {
+        let direct = self.sends_direct();
+        self.sends
+            .set(self.sends.get().saturating_add(1).min(DIRECT_FIRST_SENDS));
+        if direct {
             return self.send_direct(side, buf, off, end).await;
         }
         let (slot, stream) = match side {

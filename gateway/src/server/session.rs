@@ -17,6 +17,7 @@ use monoio::net::TcpStream;
 
 use super::client::{Client, HandshakeError, TlsConn};
 use super::relay::{End, Relay};
+use super::signal::Signal;
 use super::worker::{SessionCtl, Worker};
 use crate::admission::{self, Decision, Refusal};
 use crate::close::{self, Blame, CloseCause};
@@ -42,11 +43,7 @@ pub async fn serve<S: RouteSource>(
     handed_off: bool,
 ) {
     let _held = w.adopt_connection();
-    let fd = stream.as_raw_fd();
-    if let Err(e) = sys::set_nonblocking(fd) {
-        tracing::warn!(%peer, error = %e, "cannot make socket non-blocking");
-        return;
-    }
+    // Non-blocking since the accept (`sys::accept`), as the relay's own syscalls need.
     let _ = stream.set_nodelay(true);
     // One deadline for a PROXY header, the TLS handshake and the upgrade request together.
     let deadline = Instant::now() + w.limits.handshake_timeout;
@@ -142,20 +139,11 @@ pub async fn serve<S: RouteSource>(
     // The upgrade. From here on, failures are close codes.
     let ok = handshake::switching_protocols(&req.accept, req.protocol);
     drop(req);
-    if let Err(e) = stream.write_all(&ok).await {
-        tracing::debug!(session = %id, %peer, error = %e, "client left before the 101");
-        return;
-    }
     let view_only = matches!(&decision, Decision::Admit(a) if a.role == Role::ViewOnly);
-    if view_only {
-        metrics::counter!(m::VIEW_ONLY_SESSIONS).increment(1);
-    }
     let ctl = w.register(id);
     if let (true, Ok(Some(r))) = (view_only, &lookup) {
         ctl.view_token.set(r.view_token_digest);
     }
-    metrics::counter!(m::SESSIONS_OPENED).increment(1);
-    let started = Instant::now();
     // Held until the session is unregistered: the slot counts against the viewer limit.
     let mut viewer = None;
     // For the log only, never the close reason: operators need to know which VM.
@@ -163,8 +151,7 @@ pub async fn serve<S: RouteSource>(
         Decision::Admit(a) => Some(a.upstream),
         _ => None,
     };
-
-    let (end, to_browser, to_vm, close_sent) = match decision {
+    let next = match decision {
         Decision::Refuse(_) => unreachable!("refused above"),
         Decision::Close(cause) => {
             if cause == close::UPSTREAM_FORBIDDEN {
@@ -174,7 +161,7 @@ pub async fn serve<S: RouteSource>(
                     tracing::error!(session = %id, upstream = %r.upstream, "route upstream outside --allow-upstream; refusing to dial");
                 }
             }
-            close_before_relay(stream, cause).await
+            Next::Close(cause)
         }
         Decision::Admit(admit) => {
             ctl.expires
@@ -182,18 +169,59 @@ pub async fn serve<S: RouteSource>(
             match w.viewers().try_join(id, admit.viewer_limit) {
                 None => {
                     tracing::info!(session = %id, limit = admit.viewer_limit, "viewer limit reached");
-                    close_before_relay(stream, close::TOO_MANY_VIEWERS).await
+                    Next::Close(close::TOO_MANY_VIEWERS)
                 }
                 Some(slot) => {
                     viewer = Some(slot);
-                    let extras = Extras {
-                        view_only,
-                        record: w.recordings().filter(|r| r.wanted(admit.record)),
-                    };
-                    relay(&w, stream, &ctl, admit.upstream, id, &early, extras).await
+                    Next::Relay(admit.upstream, admit.record)
                 }
             }
         }
+    };
+    // An admitted session's VM is dialed while the 101 goes out, so its first bytes are
+    // on their way when the browser reads the 101; a browser gone before the 101 stops
+    // the dial.
+    let gone = Signal::new();
+    let send_101 = async {
+        let sent = stream.write_all(&ok).await;
+        if sent.is_err() {
+            gone.fire(());
+        }
+        sent
+    };
+    let (sent, dialed) = match next {
+        Next::Close(cause) => (send_101.await, Err(cause)),
+        Next::Relay(vm, _) => {
+            let dial = async {
+                monoio::select! {
+                    r = connect_upstream(&w, vm, id) => r,
+                    c = ctl.kill.wait() => Err(c),
+                    _ = gone.wait() => Err(close::INTERNAL),
+                }
+            };
+            monoio::join!(send_101, dial)
+        }
+    };
+    if let Err(e) = sent {
+        tracing::debug!(session = %id, %peer, error = %e, "client left before the 101");
+        w.unregister(&ctl);
+        return;
+    }
+    if view_only {
+        metrics::counter!(m::VIEW_ONLY_SESSIONS).increment(1);
+    }
+    metrics::counter!(m::SESSIONS_OPENED).increment(1);
+    let started = Instant::now();
+    let (end, to_browser, to_vm, close_sent) = match (next, dialed) {
+        (_, Err(cause)) => close_before_relay(stream, cause).await,
+        (Next::Relay(vm, record), Ok(conn)) => {
+            let extras = Extras {
+                view_only,
+                record: w.recordings().filter(|r| r.wanted(record)),
+            };
+            relay(&w, stream, &ctl, conn, vm, id, &early, extras).await
+        }
+        (Next::Close(_), Ok(_)) => unreachable!("a closed session is never dialed"),
     };
     w.unregister(&ctl);
     drop(viewer);
@@ -240,35 +268,54 @@ struct Extras<'a> {
     record: Option<&'a std::sync::Arc<super::record::Recordings>>,
 }
 
-/// Dials the VM and relays until the session ends; the close is part of it.
+/// Relays between the browser and the dialed VM until the session ends; the close is
+/// part of it.
+#[allow(clippy::too_many_arguments)]
 async fn relay<S: RouteSource>(
     w: &Rc<Worker<S>>,
     stream: &Client<'_>,
     ctl: &SessionCtl,
-    upstream: SocketAddr,
+    upstream: TcpStream,
+    addr: SocketAddr,
     id: &str,
     early: &[u8],
     extras: Extras<'_>,
 ) -> (End, u64, u64, bool) {
     let Extras { view_only, record } = extras;
-    let addr = upstream;
-    let dial = monoio::select! {
-        r = connect_upstream(w, upstream, id) => r,
-        c = ctl.kill.wait() => Err(c),
-    };
-    match dial {
-        Err(cause) => close_before_relay(stream, cause).await,
-        Ok(upstream) => {
-            // Started once the VM answered: the file holds the session from its first byte.
-            let rec = record.and_then(|r| r.start(id));
-            let relay = Relay::new(w, id, stream, &upstream, addr)
-                .view_only(view_only)
-                .with_recorder(rec);
-            let (end, deadline) = relay.run(&ctl.kill, &ctl.expires, early).await;
-            let close_sent = relay.finish(end, deadline).await;
-            (end, relay.to_browser.get(), relay.to_vm.get(), close_sent)
-        }
+    // Started once the VM answered: the file holds the session from its first byte.
+    let rec = record.and_then(|r| r.start(id));
+    let relay = Relay::new(w, id, stream, &upstream, addr)
+        .view_only(view_only)
+        .with_recorder(rec);
+    let (end, deadline) = relay.run(&ctl.kill, &ctl.expires, early).await;
+    let close_sent = relay.finish(end, deadline).await;
+    (end, relay.to_browser.get(), relay.to_vm.get(), close_sent)
+}
+
+/// What an upgraded session does once the 101 is out.
+#[derive(Clone, Copy)]
+enum Next {
+    /// Closed with this cause before any relaying.
+    Close(CloseCause),
+    /// Relayed to this VM; the route asks for the session to be recorded.
+    Relay(SocketAddr, bool),
+}
+
+/// One connection attempt to the VM, from a non-blocking socket with `TCP_NODELAY`
+/// (as the relay needs it). Connected inline when the VM's SYN-ACK came back within
+/// connect(2), as it does on loopback and a local bridge, so the VM starts on its first
+/// bytes without the session waiting a turn of the runtime; otherwise the runtime waits
+/// for the socket to become writable.
+async fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
+    let (sock, done) = sys::start_connect(addr)?;
+    let fd = sock.as_raw_fd();
+    let done = done || sys::connect_finished(fd)?;
+    let stream = TcpStream::from_std(sock)?;
+    if !done {
+        stream.writable(false).await?;
+        sys::connect_result(fd)?;
     }
+    Ok(stream)
 }
 
 /// How a connection to the TLS port goes on.
@@ -432,17 +479,10 @@ async fn connect_upstream<S: RouteSource>(
     let start = Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
-        let err = match monoio::time::timeout(l.connect_timeout, TcpStream::connect_addr(addr))
-            .await
-        {
+        let err = match monoio::time::timeout(l.connect_timeout, dial(addr)).await {
             Ok(Ok(s)) => {
                 metrics::histogram!(m::UPSTREAM_CONNECT_SECONDS)
                     .record(start.elapsed().as_secs_f64());
-                if let Err(e) = sys::set_nonblocking(s.as_raw_fd()) {
-                    tracing::error!(session, upstream = %addr, error = %e, "cannot make upstream socket non-blocking");
-                    return Err(close::INTERNAL);
-                }
-                let _ = s.set_nodelay(true);
                 if let Some(cc) = &w.congestion {
                     // Set once connected: the handshake is a few packets either way, and
                     // an algorithm that was accepted by the startup probe is not refused
