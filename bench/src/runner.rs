@@ -437,7 +437,7 @@ fn upgrades50(p: &mut Running, seed: u64, secs: f64, run: &mut Run, errors: &mut
     let Some(t) = &p.banner else {
         return fail("the proxy has no banner route".into(), errors);
     };
-    match measure::upgrades_first_byte(t, n, secs, seed ^ 0x5050) {
+    match measure::upgrades_first_byte(t, n, secs, seed ^ 0x5050, measure::Pace::Closed) {
         Ok(u) => {
             let us = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("{v:.0} µs"));
             eprintln!(
