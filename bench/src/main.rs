@@ -44,6 +44,14 @@ struct Args {
     /// first VM byte and a clean close, rate and latency), or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     points: Vec<String>,
+    /// Offered rate of the upgrades50 point's paced phase, upgrades per second over its 50
+    /// connectors together: after the closed loop (each proxy at its own saturation), the
+    /// same connectors start cycles on a fixed schedule, and each latency counts from when
+    /// its cycle was due, so every proxy is compared at the same load. A proxy that
+    /// completes less than 95% of it, or fails any, is named under the table as not keeping
+    /// up. 0 skips the paced phase.
+    #[arg(long, value_name = "PER_SEC", default_value_t = 5000.0)]
+    paced_rate: f64,
     /// Draw the charts from an existing results JSON and exit, running nothing: X.json
     /// gives X.svg and X-memory.svg beside it. Other flags are ignored.
     #[arg(long, value_name = "JSON")]
@@ -132,6 +140,10 @@ fn main() -> ExitCode {
         eprintln!("--reps, --conns and --connectors must be at least 1, --secs within 0.1..600");
         return ExitCode::from(2);
     }
+    if !(a.paced_rate.is_finite() && a.paced_rate >= 0.0) {
+        eprintln!("--paced-rate must be a rate per second, at least 0 (0 skips the paced phase)");
+        return ExitCode::from(2);
+    }
     let workers = a.run.workers();
     let cfg = Config {
         vncgate: a.run.vncgate,
@@ -144,6 +156,7 @@ fn main() -> ExitCode {
         connectors: a.run.connectors,
         only,
         points,
+        paced_rate: a.paced_rate,
         out: a.run.out,
     };
     match runner::run(&cfg) {
@@ -210,6 +223,17 @@ mod tests {
             .filter(|&k| k != Kind::VncgateRecord)
             .collect();
         assert_eq!(Kind::parse_list(&a.only).unwrap(), every_but_recording);
+    }
+
+    #[test]
+    fn paced_rate_defaults_to_5000_and_takes_0_or_a_fraction() {
+        let a = Args::try_parse_from(["vncgate-bench"]).unwrap();
+        assert_eq!(a.paced_rate, 5000.0);
+        let a = Args::try_parse_from(["vncgate-bench", "--paced-rate", "0"]).unwrap();
+        assert_eq!(a.paced_rate, 0.0);
+        let a = Args::try_parse_from(["vncgate-bench", "--paced-rate=2500.5"]).unwrap();
+        assert_eq!(a.paced_rate, 2500.5);
+        assert!(Args::try_parse_from(["vncgate-bench", "--paced-rate", "fast"]).is_err());
     }
 
     #[test]

@@ -307,7 +307,7 @@ pub struct UpgradeLatency {
     /// Completed cycles (connect, upgrade, first VM byte, close handshake) per second.
     pub rate: f64,
     /// Connect to the `101` (TLS handshake included for `wss://`), µs; `None` for direct,
-    /// which has no upgrade.
+    /// which has no upgrade. Paced: from the cycle's due time (see [`Pace`]).
     pub handshake_p50_us: Option<f64>,
     pub handshake_p99_us: Option<f64>,
     /// Connect to the first payload byte from the VM (direct: from the VM itself), µs.
@@ -317,6 +317,40 @@ pub struct UpgradeLatency {
     pub failures: u64,
 }
 
+/// When the connectors of [`upgrades_first_byte`] start their cycles.
+///
+/// A closed loop measures each proxy at its own saturation: every connector starts again as
+/// soon as its last cycle ends, so the percentiles are queueing at that proxy's limit, and a
+/// proxy whose close is quicker puts more connectors back into the handshake at once and
+/// gets a worse handshake p99 at a higher rate. A slow cycle also delays the connector's
+/// next one, so the cycles that would have queued behind it are never measured
+/// (coordinated omission). Paced, every proxy gets the same offered load, and each cycle's
+/// latency runs from when it was due, not from when it started: a proxy that falls behind
+/// pays for its backlog in every cycle after it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// Each connector starts its next cycle as soon as the last one ends.
+    Closed,
+    /// Cycles are due at this many per second over all connectors together (open loop);
+    /// latencies count from the due time, so lateness is included.
+    Offered(f64),
+}
+
+impl Pace {
+    /// When cycle `k` of connector `i` of `connectors` is due, after the schedule's origin:
+    /// `(k * connectors + i) / rate`. The connectors take turns, so the whole schedule is
+    /// one cycle every `1 / rate`, and each connector has `connectors / rate` for a cycle
+    /// before its next is due. `None` for the closed loop, which has no schedule.
+    pub fn due(self, connectors: usize, i: usize, k: u64) -> Option<Duration> {
+        match self {
+            Pace::Closed => None,
+            Pace::Offered(rate) => Some(Duration::from_secs_f64(
+                (k * connectors as u64 + i as u64) as f64 / rate,
+            )),
+        }
+    }
+}
+
 /// `connectors` threads at once, each in a loop: connect, WebSocket upgrade (direct: none),
 /// read until the first payload byte from the upstream (the banner server's RFB version,
 /// sent on accept), close handshake (close frame, the proxy's close frame, FIN; direct: FIN,
@@ -324,12 +358,25 @@ pub struct UpgradeLatency {
 /// counted and timed: the rate, and percentiles of connect to `101` and of connect to the
 /// first VM byte (which includes the proxy's dial to the VM). A cycle that fails anywhere,
 /// the close included, counts as a failure and not in the figures.
+///
+/// With [`Pace::Offered`] a connector sleeps until its next cycle is due (the schedule
+/// starts with the warm-up), or starts at once if it is late; the time it was late is
+/// added to both latencies. That includes the client's own wake-up delay, tens of µs and
+/// the same for every proxy. A proxy that keeps up starts each cycle when it is due, so
+/// counting by start is counting by due time; one that cannot take the offered rate shows
+/// the rate it managed, and latencies that include its backlog, growing over the window.
 pub fn upgrades_first_byte(
     t: &Target,
     connectors: usize,
     secs: f64,
     seed: u64,
+    pace: Pace,
 ) -> Result<UpgradeLatency, String> {
+    if let Pace::Offered(rate) = pace
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        return Err(format!("offered rate {rate} is not a positive rate"));
+    }
     let w = Arc::new(Window::new(secs));
     let tally = Arc::new(Tally::default());
     let workers: Vec<_> = (0..connectors)
@@ -338,21 +385,35 @@ pub fn upgrades_first_byte(
             thread::spawn(move || {
                 let mut seed = seed.wrapping_add(i as u64 * 0x9e37_79b9) | 1;
                 let mut buf = vec![0u8; 4096];
-                // Nanoseconds, as in the round trips (u32: up to 4.2 s).
-                let (mut hs, mut fb) = (Vec::new(), Vec::new());
-                Window::sleep_until(w.t0 - warmup(secs));
-                loop {
+                // Nanoseconds; u64, because a paced proxy that falls behind can be seconds
+                // late.
+                let (mut hs, mut fb) = (Vec::<u64>::new(), Vec::<u64>::new());
+                let origin = w.t0 - warmup(secs);
+                Window::sleep_until(origin);
+                for k in 0.. {
+                    // How late the cycle starts: paced latencies count from its due time.
+                    let late = match pace.due(connectors, i, k) {
+                        None => Duration::ZERO,
+                        Some(d) => {
+                            let due = origin + d;
+                            Window::sleep_until(due);
+                            Instant::now().saturating_duration_since(due)
+                        }
+                    };
                     let start = Instant::now();
                     if start >= w.end {
-                        return (hs, fb);
+                        break;
                     }
                     seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
                     let r = first_byte_cycle(&t, seed, &mut buf);
                     let done = Instant::now();
+                    // Counted by when the cycle ran, not when it was due: a proxy that is
+                    // more than the warm-up behind runs no cycle due inside the window
+                    // before the window ends, and would show no figure at all.
                     let counted = start >= w.t0 && done <= w.end;
                     match r {
                         Ok((h, f)) if counted => {
-                            let ns = |d: Duration| d.as_nanos().min(u32::MAX as u128) as u32;
+                            let ns = |d: Duration| (d + late).as_nanos() as u64;
                             hs.extend(h.map(ns));
                             fb.push(ns(f));
                             tally.record(Ok(()));
@@ -362,6 +423,7 @@ pub fn upgrades_first_byte(
                         Err(_) => {}
                     }
                 }
+                (hs, fb)
             })
         })
         .collect();
@@ -409,7 +471,7 @@ pub fn upgrades_first_byte(
 }
 
 /// p50 and p99 of nanosecond samples, in µs (nearest rank); `None` without samples.
-fn percentiles_us(v: &mut [u32]) -> (Option<f64>, Option<f64>) {
+fn percentiles_us(v: &mut [u64]) -> (Option<f64>, Option<f64>) {
     if v.is_empty() {
         return (None, None);
     }
@@ -637,4 +699,45 @@ pub fn idle_memory(t: &Target, n: usize, proxy_pids: &[u32]) -> Result<IdleMemor
             ramp_s,
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paced_schedule_takes_turns_one_cycle_every_period() {
+        assert_eq!(Pace::Closed.due(50, 3, 7), None);
+        let pace = Pace::Offered(1000.0);
+        // Three connectors, four cycles each: one cycle due every millisecond, in turn.
+        let mut due: Vec<Duration> = (0..3)
+            .flat_map(|i| (0..4).map(move |k| pace.due(3, i, k).unwrap()))
+            .collect();
+        due.sort();
+        let every_ms: Vec<Duration> = (0..12).map(Duration::from_millis).collect();
+        assert_eq!(due, every_ms);
+        assert_eq!(pace.due(3, 1, 2), Some(Duration::from_millis(7)));
+    }
+
+    #[test]
+    fn paced_upgrades_count_no_more_cycles_than_were_due() {
+        let banner = crate::targets::start().unwrap().banner.unwrap();
+        let t = Target::plain(banner, None);
+        let (rate, secs) = (200.0, 0.5);
+        let u = upgrades_first_byte(&t, 4, secs, 1, Pace::Offered(rate)).unwrap();
+        // A cycle starts no earlier than it is due, and a counted one before the window
+        // ends: at most the cycles due before then (140 here, one more for rounding), where
+        // a closed loop to direct TCP does thousands.
+        let due_before_end = rate * (warmup(secs).as_secs_f64() + secs) + 1.0;
+        assert!(
+            u.ok >= 1 && u.ok as f64 <= due_before_end,
+            "{} counted",
+            u.ok
+        );
+        assert_eq!(u.failures, 0);
+        assert_eq!(u.rate, u.ok as f64 / secs);
+        assert_eq!(u.handshake_p50_us, None, "direct has no upgrade");
+        assert!(u.first_byte_p50_us > 0.0 && u.first_byte_p50_us <= u.first_byte_p99_us);
+        assert!(upgrades_first_byte(&t, 4, secs, 1, Pace::Offered(0.0)).is_err());
+    }
 }

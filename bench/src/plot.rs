@@ -6,7 +6,9 @@
 //!   rates, upgrade rates), as horizontal bars grouped by metric; direct TCP is the dashed
 //!   line at 1.0.
 //! - `X-memory.svg`: the proxies' own costs, which have no ratio: memory per idle session
-//!   (RSS and PSS, KiB, log scale) and CPU-seconds per GB relayed.
+//!   (RSS and PSS, KiB, log scale) and CPU-seconds per GB relayed; and the `upgrades50`
+//!   latencies, closed loop and paced, with a line under the title for each proxy that did
+//!   not keep up with the paced rate.
 //!
 //! SVG only: text is written as `<text>` elements that the viewer renders, so no font files
 //! or system libraries are involved; plotters' built-in estimate of text sizes only sizes
@@ -47,12 +49,28 @@ const RATIO_ROWS: [(&str, &str); 9] = [
     ("up50_rate", "Upgrade + first VM byte/s, 50 connectors"),
 ];
 
-/// The latency panel of the cost chart: the `upgrades50` point's percentiles.
-const UPGRADE_LATENCY_ROWS: [(&str, &str); 4] = [
-    ("up50_handshake_p50_us", "Connect to 101, p50"),
-    ("up50_handshake_p99_us", "Connect to 101, p99"),
-    ("up50_first_byte_p50_us", "Connect to first VM byte, p50"),
-    ("up50_first_byte_p99_us", "Connect to first VM byte, p99"),
+/// The latency panel of the cost chart: the `upgrades50` point's percentiles in its closed
+/// loop (each proxy at its own saturation) and its paced p99s (every proxy at the same
+/// offered rate), where `{paced}` stands for "paced at R/s".
+const UPGRADE_LATENCY_ROWS: [(&str, &str); 6] = [
+    ("up50_handshake_p50_us", "Connect to 101, p50, closed loop"),
+    ("up50_handshake_p99_us", "Connect to 101, p99, closed loop"),
+    (
+        "up50_paced_handshake_p99_us",
+        "Connect to 101, p99, {paced}",
+    ),
+    (
+        "up50_first_byte_p50_us",
+        "Connect to first VM byte, p50, closed loop",
+    ),
+    (
+        "up50_first_byte_p99_us",
+        "Connect to first VM byte, p99, closed loop",
+    ),
+    (
+        "up50_paced_first_byte_p99_us",
+        "Connect to first VM byte, p99, {paced}",
+    ),
 ];
 
 const FONT: &str = "sans-serif";
@@ -239,16 +257,19 @@ pub fn cost_figure(js: &Value) -> Option<Figure> {
         reference: None,
         value_fmt: |v| format!("{v:.2} s/GB"),
     };
+    let paced_rate = js["settings"]["upgrades50_paced_rate"].as_f64();
+    let paced = paced_rate.map_or_else(|| "paced".to_owned(), |r| format!("paced at {r}/s"));
     let rows: Vec<(&str, String)> = UPGRADE_LATENCY_ROWS
         .iter()
-        .map(|&(id, label)| (id, label.to_owned()))
+        .map(|&(id, label)| (id, label.replace("{paced}", &paced)))
         .collect();
     let connectors = js["settings"]["upgrades50_connectors"]
         .as_u64()
         .unwrap_or(50);
+    let behind = behind_lines(js, &series, &paced);
     let latency = Panel {
         title: format!("Upgrades with {connectors} concurrent connectors: latency"),
-        x_desc: "µs from connect (log scale; direct TCP's first byte is in the table)".into(),
+        x_desc: "µs from connect, paced: from when due (log scale; direct TCP in the table)".into(),
         groups: groups_of(js, &series, "median", &rows),
         series,
         scale: Scale::Log,
@@ -262,11 +283,31 @@ pub fn cost_figure(js: &Value) -> Option<Figure> {
     if panels.is_empty() {
         return None;
     }
+    let mut context = context_lines(js);
+    context.extend(behind);
     Some(Figure {
         title: "vncgate-bench: the relays' own costs and upgrade latency (lower is better)".into(),
-        context: context_lines(js),
+        context,
         panels,
     })
+}
+
+/// One line per drawn proxy whose record says it did not keep up with the paced phase
+/// (`up50_paced_kept_up: false`), so that its paced bars are not read as latency at the
+/// offered rate. `paced` is "paced at R/s".
+fn behind_lines(js: &Value, series: &[(&str, RGBColor)], paced: &str) -> Vec<String> {
+    series
+        .iter()
+        .filter(|(name, _)| js["proxies"][*name]["up50_paced_kept_up"] == Value::Bool(false))
+        .map(|(name, _)| {
+            let done = js["proxies"][*name]["median"]["up50_paced_rate"]
+                .as_f64()
+                .map_or_else(String::new, |r| format!(" ({r:.0}/s completed)"));
+            format!(
+                "{paced}: {name} did not keep up{done}; its paced latencies include its backlog"
+            )
+        })
+        .collect()
 }
 
 /// The proxies of the record drawn as bars: those present and not skipped, in `SERIES`
@@ -845,18 +886,73 @@ mod tests {
             lat.groups,
             vec![
                 Group {
-                    label: "Connect to 101, p50".into(),
+                    label: "Connect to 101, p50, closed loop".into(),
                     values: vec![Some(800.0), None]
                 },
                 Group {
-                    label: "Connect to first VM byte, p99".into(),
+                    label: "Connect to first VM byte, p99, closed loop".into(),
                     values: vec![Some(4000.0), Some(90000.0)]
                 },
             ]
         );
         let svg = render(&f).unwrap();
-        assert!(svg.contains("Connect to first VM byte, p99"), "{svg}");
+        assert!(
+            svg.contains("Connect to first VM byte, p99, closed loop"),
+            "{svg}"
+        );
         assert!(svg.contains("90000 µs"));
+    }
+
+    #[test]
+    fn latency_panel_shows_closed_and_paced_p99s_and_names_who_fell_behind() {
+        let mut js = record();
+        js["settings"]["upgrades50_paced_rate"] = json!(5000.0);
+        let v = &mut js["proxies"]["vncgate"];
+        v["median"]["up50_handshake_p99_us"] = json!(6100.0);
+        v["median"]["up50_paced_handshake_p99_us"] = json!(920.0);
+        v["median"]["up50_paced_first_byte_p99_us"] = json!(1360.0);
+        v["up50_paced_kept_up"] = json!(true);
+        let w = &mut js["proxies"]["websockify"];
+        w["median"]["up50_paced_rate"] = json!(812.0);
+        w["median"]["up50_paced_first_byte_p99_us"] = json!(2.1e6);
+        w["up50_paced_kept_up"] = json!(false);
+        let f = cost_figure(&js).unwrap();
+        let lat = f.panels.last().unwrap();
+        assert_eq!(
+            lat.groups,
+            vec![
+                Group {
+                    label: "Connect to 101, p99, closed loop".into(),
+                    values: vec![Some(6100.0), None]
+                },
+                Group {
+                    label: "Connect to 101, p99, paced at 5000/s".into(),
+                    values: vec![Some(920.0), None]
+                },
+                Group {
+                    label: "Connect to first VM byte, p99, paced at 5000/s".into(),
+                    values: vec![Some(1360.0), Some(2.1e6)]
+                },
+            ]
+        );
+        let behind: Vec<&String> = f.context.iter().filter(|l| l.contains("keep up")).collect();
+        assert_eq!(
+            behind,
+            [
+                "paced at 5000/s: websockify did not keep up (812/s completed); its paced latencies include its backlog"
+            ]
+        );
+        let svg = render(&f).unwrap();
+        assert!(svg.contains("websockify did not keep up"), "{svg}");
+        assert!(svg.contains("2100000 µs"));
+        // A record from before the paced phase: no such line, rows as they were.
+        assert!(
+            !cost_figure(&record())
+                .unwrap()
+                .context
+                .iter()
+                .any(|l| l.contains("keep up"))
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@ pub enum Point {
     Upgrades,
     /// [`UPGRADES50_CONNECTORS`] connectors in a loop: connect, upgrade, first byte from the
     /// VM (its RFB banner), close handshake; rate, and p50/p99 of connect to 101 and of
-    /// connect to the first VM byte.
+    /// connect to the first VM byte. First in a closed loop, then paced at `--paced-rate`
+    /// (the same figures at an offered rate equal for every proxy).
     Upgrades50,
 }
 

@@ -1,7 +1,8 @@
 //! Turns per-repetition figures into the markdown table and the JSON record: medians per
 //! proxy, and each median's ratio to the direct-TCP median of the same run; with both
 //! vncgate and vncgate-tls in the run, also vncgate-tls's ratio to vncgate (what `wss://`
-//! costs over `ws://`).
+//! costs over `ws://`); and a note on each proxy that did not keep up with the paced phase
+//! of the `upgrades50` point.
 
 use std::collections::BTreeMap;
 
@@ -37,8 +38,15 @@ pub fn idle_ids(n: usize) -> (&'static str, &'static str) {
     })
 }
 
-/// Every row of the table, in order; `idle` lists the idle point's session counts.
-pub fn metrics(conns: usize, connectors: usize, idle: &[usize]) -> Vec<Metric> {
+/// Every row of the table, in order; `idle` lists the idle point's session counts, and
+/// `paced_rate` is the offered rate of the `upgrades50` point's paced phase (`None`: not
+/// run, no rows).
+pub fn metrics(
+    conns: usize,
+    connectors: usize,
+    idle: &[usize],
+    paced_rate: Option<f64>,
+) -> Vec<Metric> {
     let m = |id: &'static str, label: String, decimals, has_ratio| Metric {
         id,
         label,
@@ -165,6 +173,41 @@ pub fn metrics(conns: usize, connectors: usize, idle: &[usize]) -> Vec<Metric> {
         ),
     ]
     .into_iter()
+    .chain(paced_rate.into_iter().flat_map(|rate| {
+        let paced = format!("{UPGRADES50_CONNECTORS} connectors paced at {rate}/s");
+        [
+            m(
+                "up50_paced_rate",
+                format!("Upgrade + first VM byte + close handshake per second, {paced}"),
+                0,
+                true,
+            ),
+            m(
+                "up50_paced_handshake_p50_us",
+                format!("Connect to 101 p50, {paced} (µs)"),
+                0,
+                true,
+            ),
+            m(
+                "up50_paced_handshake_p99_us",
+                format!("Connect to 101 p99, {paced} (µs)"),
+                0,
+                true,
+            ),
+            m(
+                "up50_paced_first_byte_p50_us",
+                format!("Connect to first VM byte p50, {paced} (µs)"),
+                0,
+                true,
+            ),
+            m(
+                "up50_paced_first_byte_p99_us",
+                format!("Connect to first VM byte p99, {paced} (µs)"),
+                0,
+                true,
+            ),
+        ]
+    }))
     .chain(idle.iter().flat_map(|&n| {
         let (rss, pss) = idle_ids(n);
         [
@@ -239,6 +282,51 @@ pub fn median_of(mut v: Vec<f64>) -> Option<f64> {
     })
 }
 
+/// The share of the offered rate a proxy must complete in the paced phase to count as
+/// keeping up: below it, the schedule ran ahead of the proxy and the backlog grew for the
+/// whole window.
+pub const KEEP_UP: f64 = 0.95;
+
+/// Whether one repetition's paced phase kept up with `offered` cycles per second: it
+/// completed at least [`KEEP_UP`] of them, and none failed. `None` when the repetition has
+/// no paced figure (not run, or failed outright: its error is in the notes).
+pub fn kept_up(run: &Run, offered: f64) -> Option<bool> {
+    let rate = *run.get("up50_paced_rate")?;
+    let failures = run.get("up50_paced_failures").copied().unwrap_or(0.0);
+    Some(rate >= KEEP_UP * offered && failures == 0.0)
+}
+
+/// A proxy that did not keep up with the paced phase in some repetitions: its paced
+/// latencies include a backlog that grew over the window, so they are not latencies at
+/// the offered rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shortfall {
+    /// Median completed cycles per second over the repetitions with a paced figure.
+    pub achieved: f64,
+    /// Repetitions that fell short, of those with a paced figure.
+    pub behind: usize,
+    pub of: usize,
+}
+
+/// `r`'s [`Shortfall`] at `offered` cycles per second, or `None` when every repetition
+/// with a paced figure kept up (or none has one).
+pub fn paced_shortfall(r: &ProxyResult, offered: f64) -> Option<Shortfall> {
+    let verdicts: Vec<bool> = r
+        .runs
+        .iter()
+        .filter_map(|run| kept_up(run, offered))
+        .collect();
+    let behind = verdicts.iter().filter(|&&ok| !ok).count();
+    if behind == 0 {
+        return None;
+    }
+    Some(Shortfall {
+        achieved: r.median("up50_paced_rate")?,
+        behind,
+        of: verdicts.len(),
+    })
+}
+
 /// Context printed above the table and stored in the JSON.
 pub struct Header {
     pub date: String,
@@ -249,6 +337,9 @@ pub struct Header {
     pub load: (String, String),
     pub settings: Value,
     pub settings_line: String,
+    /// Offered rate of the `upgrades50` point's paced phase, when it ran: proxies that did
+    /// not keep up with it get a note under the table and `up50_paced_kept_up: false`.
+    pub paced_rate: Option<f64>,
 }
 
 /// vncgate-tls's median over vncgate's for metric `id` (every metric, costs included: CPU
@@ -325,6 +416,23 @@ pub fn markdown(h: &Header, metrics: &[Metric], results: &[ProxyResult]) -> Stri
         s.push('\n');
     }
     s.push('\n');
+    if let Some(rate) = h.paced_rate {
+        for r in results {
+            let Some(f) = paced_shortfall(r, rate) else {
+                continue;
+            };
+            s.push_str(&format!(
+                "- {} did not keep up with the paced {rate}/s: it completed {:.0}/s (median), \
+                 below {:.0}% of the offered rate or with failures in {} of {} repetitions, \
+                 so its paced latencies include its growing backlog.\n",
+                r.kind.name(),
+                f.achieved,
+                KEEP_UP * 100.0,
+                f.behind,
+                f.of
+            ));
+        }
+    }
     for r in results {
         if let Some(why) = &r.skipped {
             s.push_str(&format!("- {} skipped: {why}\n", r.kind.name()));
@@ -366,6 +474,12 @@ pub fn json(h: &Header, metrics: &[Metric], results: &[ProxyResult]) -> Value {
             "median": median,
             "ratio_to_direct": ratio,
         });
+        // Only for proxies with a paced figure: absent is "not measured", not "kept up".
+        if let Some(rate) = h.paced_rate
+            && r.runs.iter().any(|run| kept_up(run, rate).is_some())
+        {
+            p["up50_paced_kept_up"] = json!(paced_shortfall(r, rate).is_none());
+        }
         if r.kind == Kind::VncgateTls && has_tls_pair(results) {
             let to_plain: serde_json::Map<String, Value> = metrics
                 .iter()
@@ -415,7 +529,7 @@ mod tests {
 
     #[test]
     fn every_point_has_rows_and_ids_map_as_the_runner_records_them() {
-        let ms = metrics(50, 4, &[1000, 10000]);
+        let ms = metrics(50, 4, &[1000, 10000], Some(5000.0));
         for p in Point::ALL {
             assert!(ms.iter().any(|m| m.point == p), "{p:?} has no row");
         }
@@ -468,12 +582,13 @@ mod tests {
             load: ("1.00".into(), "2.00".into()),
             settings: json!({}),
             settings_line: "settings".into(),
+            paced_rate: Some(5000.0),
         }
     }
 
     #[test]
     fn vncgate_tls_gets_a_tls_over_plaintext_column_for_every_metric() {
-        let ms = metrics(50, 4, &[]);
+        let ms = metrics(50, 4, &[], Some(5000.0));
         let rs = vec![
             result(Kind::Direct, &[("tput_1_mbs", 1000.0)]),
             result(
@@ -520,7 +635,7 @@ mod tests {
 
     #[test]
     fn upgrades50_rows_side_by_side_and_direct_has_no_handshake() {
-        let mut ms = metrics(50, 4, &[]);
+        let mut ms = metrics(50, 4, &[], Some(5000.0));
         ms.retain(|m| m.point == Point::Upgrades50);
         let ids: Vec<&str> = ms.iter().map(|m| m.id).collect();
         assert_eq!(
@@ -531,6 +646,11 @@ mod tests {
                 "up50_handshake_p99_us",
                 "up50_first_byte_p50_us",
                 "up50_first_byte_p99_us",
+                "up50_paced_rate",
+                "up50_paced_handshake_p50_us",
+                "up50_paced_handshake_p99_us",
+                "up50_paced_first_byte_p50_us",
+                "up50_paced_first_byte_p99_us",
             ]
         );
         let rs = vec![
@@ -597,8 +717,133 @@ mod tests {
     }
 
     #[test]
+    fn paced_rows_side_by_side_and_a_proxy_below_95_percent_is_flagged() {
+        let mut ms = metrics(50, 4, &[], Some(5000.0));
+        ms.retain(|m| m.id.starts_with("up50_paced_"));
+        let labels: Vec<&str> = ms.iter().map(|m| m.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "Upgrade + first VM byte + close handshake per second, 50 connectors paced at 5000/s",
+                "Connect to 101 p50, 50 connectors paced at 5000/s (µs)",
+                "Connect to 101 p99, 50 connectors paced at 5000/s (µs)",
+                "Connect to first VM byte p50, 50 connectors paced at 5000/s (µs)",
+                "Connect to first VM byte p99, 50 connectors paced at 5000/s (µs)",
+            ]
+        );
+        let paced = |rate: f64, failures: f64, hs99: Option<f64>, fb99: f64| {
+            let mut run: Run = [
+                ("up50_paced_rate", rate),
+                ("up50_paced_failures", failures),
+                ("up50_paced_first_byte_p99_us", fb99),
+            ]
+            .into_iter()
+            .collect();
+            if let Some(h) = hs99 {
+                run.insert("up50_paced_handshake_p99_us", h);
+            }
+            run
+        };
+        let with_runs = |kind, runs| ProxyResult {
+            kind,
+            skipped: None,
+            runs,
+            errors: Vec::new(),
+        };
+        let rs = vec![
+            with_runs(Kind::Direct, vec![paced(5000.0, 0.0, None, 400.0)]),
+            // 4800/s is 96% of 5000/s: kept up.
+            with_runs(Kind::Vncgate, vec![paced(4800.0, 0.0, Some(900.0), 1400.0)]),
+            // At the rate but with a failure: did not keep up.
+            with_runs(
+                Kind::Websocat,
+                vec![paced(4990.0, 3.0, Some(2400.0), 3000.0)],
+            ),
+            // 4700/s is 94%, 900/s far below; the median of the three is 4700/s.
+            with_runs(
+                Kind::Websockify,
+                vec![
+                    paced(4700.0, 0.0, Some(9e5), 1e6),
+                    paced(900.0, 0.0, Some(2e6), 2e6),
+                    paced(5000.0, 0.0, Some(800.0), 1000.0),
+                ],
+            ),
+        ];
+        let md = markdown(&header(), &ms, &rs);
+        let lines: Vec<&str> = md.lines().collect();
+        assert!(
+            lines.contains(
+                &"| Connect to 101 p99, 50 connectors paced at 5000/s (µs) | — | 900 | — | 2400 | — | 900000 | — |"
+            ),
+            "{md}"
+        );
+        assert!(
+            lines.contains(
+                &"| Connect to first VM byte p99, 50 connectors paced at 5000/s (µs) | 400 | 1400 | 3.50x | 3000 | 7.50x | 1000000 | 2500.00x |"
+            ),
+            "{md}"
+        );
+        assert!(
+            lines.contains(
+                &"- websockify did not keep up with the paced 5000/s: it completed 4700/s (median), below 95% of the offered rate or with failures in 2 of 3 repetitions, so its paced latencies include its growing backlog."
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("- websocat did not keep up with the paced 5000/s: it completed 4990/s")
+        );
+        assert!(!md.contains("vncgate did not keep up"), "{md}");
+        assert!(!md.contains("direct did not keep up"), "{md}");
+        let js = json(&header(), &ms, &rs);
+        for (name, kept_up) in [
+            ("direct", true),
+            ("vncgate", true),
+            ("websocat", false),
+            ("websockify", false),
+        ] {
+            assert_eq!(
+                js["proxies"][name]["up50_paced_kept_up"],
+                json!(kept_up),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            js["proxies"]["websockify"]["median"]["up50_paced_rate"],
+            json!(4700.0)
+        );
+        assert_eq!(
+            paced_shortfall(&rs[3], 5000.0),
+            Some(Shortfall {
+                achieved: 4700.0,
+                behind: 2,
+                of: 3
+            })
+        );
+    }
+
+    #[test]
+    fn without_a_paced_phase_there_are_no_paced_rows_notes_or_verdicts() {
+        let ms = metrics(50, 4, &[], None);
+        assert!(ms.iter().all(|m| !m.id.starts_with("up50_paced_")));
+        assert!(ms.iter().any(|m| m.id == "up50_rate"));
+        let mut h = header();
+        h.paced_rate = None;
+        let rs = vec![result(Kind::Websockify, &[("up50_rate", 300.0)])];
+        let md = markdown(&h, &ms, &rs);
+        assert!(!md.contains("keep up"), "{md}");
+        let js = json(&h, &ms, &rs);
+        assert!(
+            js["proxies"]["websockify"]
+                .get("up50_paced_kept_up")
+                .is_none()
+        );
+        // A paced phase that ran, but a repetition without its figures has no verdict.
+        assert_eq!(kept_up(&rs[0].runs[0], 5000.0), None);
+    }
+
+    #[test]
     fn no_tls_over_plaintext_without_both_vncgates() {
-        let ms = metrics(50, 4, &[]);
+        let ms = metrics(50, 4, &[], Some(5000.0));
         let mut plain = result(Kind::Vncgate, &[("tput_1_mbs", 800.0)]);
         plain.skipped = Some("binary not found".into());
         let rs = vec![

@@ -36,6 +36,9 @@ pub struct Config {
     /// Measurement points to take, in `Point::ALL` order; `idle` is empty when `Idle` is
     /// not among them.
     pub points: Vec<Point>,
+    /// Offered rate of the `upgrades50` point's paced phase, cycles per second over all
+    /// its connectors; 0 skips the phase.
+    pub paced_rate: f64,
     pub out: PathBuf,
 }
 
@@ -192,7 +195,7 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     }
     drop(fakevm);
 
-    let mut metrics = report::metrics(cfg.conns, cfg.connectors, &cfg.idle);
+    let mut metrics = report::metrics(cfg.conns, cfg.connectors, &cfg.idle, paced_rate(cfg));
     metrics.retain(|m| cfg.points.contains(&m.point));
     let header = header(cfg, (load_start, loadavg()), tls_seen.as_deref());
     let md = report::markdown(&header, &metrics, &results);
@@ -413,7 +416,7 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
         std::thread::sleep(SETTLE);
     }
     if cfg.points.contains(&Point::Upgrades50) {
-        upgrades50(&mut p, seed, secs, &mut run, &mut errors);
+        upgrades50(&mut p, seed, secs, cfg.paced_rate, &mut run, &mut errors);
     }
     if let Err(e) = p.check_alive() {
         fail("proxy", e, &mut errors);
@@ -423,43 +426,85 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
 }
 
 /// The `upgrades50` point against a started proxy: [`measure::upgrades_first_byte`] with
-/// [`UPGRADES50_CONNECTORS`] connectors to its banner route. Direct has no upgrade, so no
-/// handshake figures.
-fn upgrades50(p: &mut Running, seed: u64, secs: f64, run: &mut Run, errors: &mut Vec<String>) {
+/// [`UPGRADES50_CONNECTORS`] connectors to its banner route, first in a closed loop, then
+/// (unless `paced_rate` is 0) paced at `paced_rate` cycles per second against the same
+/// process. Direct has no upgrade, so no handshake figures.
+fn upgrades50(
+    p: &mut Running,
+    seed: u64,
+    secs: f64,
+    paced_rate: f64,
+    run: &mut Run,
+    errors: &mut Vec<String>,
+) {
     let n = UPGRADES50_CONNECTORS;
-    let fail = |e: String, errors: &mut Vec<String>| {
-        eprintln!("  upgrades x{n}: FAILED: {e}");
-        errors.push(format!("upgrades x{n}: {e}"));
-    };
-    if let Err(e) = p.check_alive() {
-        return fail(e, errors);
-    }
-    let Some(t) = &p.banner else {
-        return fail("the proxy has no banner route".into(), errors);
-    };
-    match measure::upgrades_first_byte(t, n, secs, seed ^ 0x5050) {
-        Ok(u) => {
-            let us = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("{v:.0} µs"));
-            eprintln!(
-                "  upgrades x{n}: {:.0}/s ({} failed), to 101 p50 {} p99 {}, to first VM byte p50 {:.0} µs p99 {:.0} µs",
-                u.rate,
-                u.failures,
-                us(u.handshake_p50_us),
-                us(u.handshake_p99_us),
-                u.first_byte_p50_us,
-                u.first_byte_p99_us
-            );
-            run.insert("up50_rate", u.rate);
-            if let (Some(p50), Some(p99)) = (u.handshake_p50_us, u.handshake_p99_us) {
-                run.insert("up50_handshake_p50_us", p50);
-                run.insert("up50_handshake_p99_us", p99);
-            }
-            run.insert("up50_first_byte_p50_us", u.first_byte_p50_us);
-            run.insert("up50_first_byte_p99_us", u.first_byte_p99_us);
+    // Ids: rate, 101 p50 and p99, first byte p50 and p99, failures.
+    let closed = (
+        measure::Pace::Closed,
+        format!("upgrades x{n}"),
+        [
+            "up50_rate",
+            "up50_handshake_p50_us",
+            "up50_handshake_p99_us",
+            "up50_first_byte_p50_us",
+            "up50_first_byte_p99_us",
+            "up50_failures",
+        ],
+    );
+    let paced = (paced_rate > 0.0).then(|| {
+        (
+            measure::Pace::Offered(paced_rate),
+            format!("upgrades x{n} paced at {paced_rate}/s"),
+            [
+                "up50_paced_rate",
+                "up50_paced_handshake_p50_us",
+                "up50_paced_handshake_p99_us",
+                "up50_paced_first_byte_p50_us",
+                "up50_paced_first_byte_p99_us",
+                "up50_paced_failures",
+            ],
+        )
+    });
+    for (pace, what, [rate, hs50, hs99, fb50, fb99, failures]) in
+        std::iter::once(closed).chain(paced)
+    {
+        let fail = |e: String, errors: &mut Vec<String>| {
+            eprintln!("  {what}: FAILED: {e}");
+            errors.push(format!("{what}: {e}"));
+        };
+        if let Err(e) = p.check_alive() {
+            return fail(e, errors);
         }
-        Err(e) => fail(e, errors),
+        let Some(t) = &p.banner else {
+            return fail("the proxy has no banner route".into(), errors);
+        };
+        match measure::upgrades_first_byte(t, n, secs, seed ^ 0x5050, pace) {
+            Ok(u) => {
+                let us = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("{v:.0} µs"));
+                eprintln!(
+                    "  {what}: {:.0}/s ({} failed), to 101 p50 {} p99 {}, to first VM byte p50 {:.0} µs p99 {:.0} µs",
+                    u.rate,
+                    u.failures,
+                    us(u.handshake_p50_us),
+                    us(u.handshake_p99_us),
+                    u.first_byte_p50_us,
+                    u.first_byte_p99_us
+                );
+                run.insert(rate, u.rate);
+                if let (Some(p50), Some(p99)) = (u.handshake_p50_us, u.handshake_p99_us) {
+                    run.insert(hs50, p50);
+                    run.insert(hs99, p99);
+                }
+                run.insert(fb50, u.first_byte_p50_us);
+                run.insert(fb99, u.first_byte_p99_us);
+                // Not a table row but kept in the JSON's runs; the paced phase's failures
+                // count in whether the proxy kept up (`report::kept_up`).
+                run.insert(failures, u.failures as f64);
+            }
+            Err(e) => fail(e, errors),
+        }
+        std::thread::sleep(SETTLE);
     }
-    std::thread::sleep(SETTLE);
 }
 
 /// The 1, 5 and 15 minute load averages.
@@ -492,6 +537,11 @@ pub fn machine() -> (usize, String, String) {
     (nproc, kernel, cpu)
 }
 
+/// The offered rate of the `upgrades50` point's paced phase, when it runs.
+fn paced_rate(cfg: &Config) -> Option<f64> {
+    (cfg.points.contains(&Point::Upgrades50) && cfg.paced_rate > 0.0).then_some(cfg.paced_rate)
+}
+
 fn header(cfg: &Config, load: (String, String), tls: Option<&str>) -> Header {
     let (nproc, kernel, cpu) = machine();
     let only: Vec<&str> = cfg.only.iter().map(|k| k.name()).collect();
@@ -509,6 +559,15 @@ fn header(cfg: &Config, load: (String, String), tls: Option<&str>) -> Header {
         ),
         None => String::new(),
     };
+    let paced_note = match paced_rate(cfg) {
+        Some(rate) => format!(
+            " Upgrades with {UPGRADES50_CONNECTORS} connectors: first a closed loop (each \
+             connector starts again when its cycle ends: every proxy at its own saturation), \
+             then paced at {rate}/s offered to every proxy (open loop, each latency from when \
+             its cycle was due, so a proxy that falls behind pays for its backlog)."
+        ),
+        None => String::new(),
+    };
     Header {
         date: report::utc_now(),
         nproc,
@@ -521,6 +580,7 @@ fn header(cfg: &Config, load: (String, String), tls: Option<&str>) -> Header {
             "conns": cfg.conns,
             "connectors": cfg.connectors,
             "upgrades50_connectors": UPGRADES50_CONNECTORS,
+            "upgrades50_paced_rate": cfg.paced_rate,
             "idle": cfg.idle,
             "idle_sources": measure::IDLE_SOURCES,
             "vncgate_workers": cfg.workers,
@@ -537,8 +597,51 @@ fn header(cfg: &Config, load: (String, String), tls: Option<&str>) -> Header {
         settings_line: format!(
             "Medians of {} interleaved repetitions, {} s per timed point; vncgate --workers {}. \
              Ratio = proxy / direct TCP from this run (higher is better for rates, lower for \
-             latency). CPU and memory are the proxy's own (process tree), so they have no ratio.{}{}",
-            cfg.reps, cfg.secs, cfg.workers, points_note, tls_note
+             latency). CPU and memory are the proxy's own (process tree), so they have no ratio.{}{}{}",
+            cfg.reps, cfg.secs, cfg.workers, points_note, paced_note, tls_note
         ),
+        paced_rate: paced_rate(cfg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(points: Vec<Point>, paced_rate: f64) -> Config {
+        Config {
+            vncgate: "vncgate".into(),
+            workers: 2,
+            vncgate_args: Vec::new(),
+            reps: 1,
+            secs: 1.0,
+            idle: Vec::new(),
+            conns: 50,
+            connectors: 4,
+            only: vec![Kind::Vncgate],
+            points,
+            paced_rate,
+            out: "out".into(),
+        }
+    }
+
+    #[test]
+    fn paced_rate_0_or_no_upgrades50_skips_the_paced_phase() {
+        let cfg = config(vec![Point::Upgrades50], 5000.0);
+        assert_eq!(paced_rate(&cfg), Some(5000.0));
+        let h = header(&cfg, Default::default(), None);
+        assert_eq!(h.paced_rate, Some(5000.0));
+        assert_eq!(h.settings["upgrades50_paced_rate"], json!(5000.0));
+        assert!(
+            h.settings_line.contains("paced at 5000/s"),
+            "{}",
+            h.settings_line
+        );
+        let cfg = config(vec![Point::Upgrades50], 0.0);
+        assert_eq!(paced_rate(&cfg), None);
+        let h = header(&cfg, Default::default(), None);
+        assert_eq!(h.settings["upgrades50_paced_rate"], json!(0.0));
+        assert!(!h.settings_line.contains("paced"), "{}", h.settings_line);
+        assert_eq!(paced_rate(&config(vec![Point::Tput], 5000.0)), None);
     }
 }
