@@ -1157,8 +1157,10 @@ fn thousand_dropped_handshakes_leave_no_trace() {
             let _ = s.write_all(&req.as_bytes()[..cut]);
         }
     };
-    // Warm up pools and allocator arenas, then take the baseline.
-    churn(200);
+    // Warm up pools and allocator arenas with as many as the measured round, so what
+    // the baseline leaves out is growth per handshake, not the first round's warm-up
+    // (with 200, a loaded machine sometimes showed that warm-up as 2 MiB).
+    churn(1000);
     assert!(eventually(Duration::from_secs(10), || gw.fd_count() < 40));
     let (fds, rss) = (gw.fd_count(), gw.rss_kib());
     churn(1000);
@@ -1178,7 +1180,7 @@ fn thousand_dropped_handshakes_leave_no_trace() {
             &m,
             "vncgate_handshake_rejected_total",
             &[("reason", "client_gone")]
-        ) >= 1000.0,
+        ) >= 2000.0,
         "counted by name: {m}"
     );
 }
