@@ -527,6 +527,14 @@ pub fn utc_now() -> String {
 mod tests {
     use super::*;
 
+    /// Each of `want` is a whole line of `md`.
+    fn assert_lines(md: &str, want: &[&str]) {
+        let lines: Vec<&str> = md.lines().collect();
+        for w in want {
+            assert!(lines.contains(w), "no line {w:?} in:\n{md}");
+        }
+    }
+
     #[test]
     fn every_point_has_rows_and_ids_map_as_the_runner_records_them() {
         let ms = metrics(50, 4, &[1000, 10000], Some(5000.0));
@@ -601,29 +609,15 @@ mod tests {
             ),
         ];
         let md = markdown(&header(), &ms, &rs);
-        let lines: Vec<&str> = md.lines().collect();
-        assert!(
-            lines.contains(
-                &"| metric | direct | vncgate | ratio | vncgate-tls | ratio | TLS / plain |"
-            ),
-            "{md}"
-        );
-        assert!(
-            lines.contains(&"|---|---:|---:|---:|---:|---:|---:|"),
-            "{md}"
-        );
-        assert!(
-            lines.contains(
-                &"| VM→browser throughput, 1 conn (MB/s) | 1000.0 | 800.0 | 0.80x | 400.0 | 0.40x | 0.50x |"
-            ),
-            "{md}"
-        );
-        // A cost has no ratio to direct, but TLS / plaintext still compares.
-        assert!(
-            lines.contains(
-                &"| Proxy CPU-seconds per GB relayed | — | 2.00 | — | 3.00 | — | 1.50x |"
-            ),
-            "{md}"
+        assert_lines(
+            &md,
+            &[
+                "| metric | direct | vncgate | ratio | vncgate-tls | ratio | TLS / plain |",
+                "|---|---:|---:|---:|---:|---:|---:|",
+                "| VM→browser throughput, 1 conn (MB/s) | 1000.0 | 800.0 | 0.80x | 400.0 | 0.40x | 0.50x |",
+                // A cost has no ratio to direct, but TLS / plaintext still compares.
+                "| Proxy CPU-seconds per GB relayed | — | 2.00 | — | 3.00 | — | 1.50x |",
+            ],
         );
         let js = json(&header(), &ms, &rs);
         let tls = &js["proxies"]["vncgate-tls"];
@@ -770,24 +764,13 @@ mod tests {
             ),
         ];
         let md = markdown(&header(), &ms, &rs);
-        let lines: Vec<&str> = md.lines().collect();
-        assert!(
-            lines.contains(
-                &"| Connect to 101 p99, 50 connectors paced at 5000/s (µs) | — | 900 | — | 2400 | — | 900000 | — |"
-            ),
-            "{md}"
-        );
-        assert!(
-            lines.contains(
-                &"| Connect to first VM byte p99, 50 connectors paced at 5000/s (µs) | 400 | 1400 | 3.50x | 3000 | 7.50x | 1000000 | 2500.00x |"
-            ),
-            "{md}"
-        );
-        assert!(
-            lines.contains(
-                &"- websockify did not keep up with the paced 5000/s: it completed 4700/s (median), below 95% of the offered rate or with failures in 2 of 3 repetitions, so its paced latencies include its growing backlog."
-            ),
-            "{md}"
+        assert_lines(
+            &md,
+            &[
+                "| Connect to 101 p99, 50 connectors paced at 5000/s (µs) | — | 900 | — | 2400 | — | 900000 | — |",
+                "| Connect to first VM byte p99, 50 connectors paced at 5000/s (µs) | 400 | 1400 | 3.50x | 3000 | 7.50x | 1000000 | 2500.00x |",
+                "- websockify did not keep up with the paced 5000/s: it completed 4700/s (median), below 95% of the offered rate or with failures in 2 of 3 repetitions, so its paced latencies include its growing backlog.",
+            ],
         );
         assert!(
             md.contains("- websocat did not keep up with the paced 5000/s: it completed 4990/s")
