@@ -166,6 +166,17 @@ struct WsState {
     out: Vec<u8>,
 }
 
+impl WsState {
+    /// One masked client frame of `op` carrying `payload`, encoded into `out` (its old
+    /// contents replaced) with a fresh mask; returns the bytes to write.
+    fn frame(&mut self, op: u8, payload: &[u8]) -> &[u8] {
+        self.out.clear();
+        let mask = self.rng.next_u64().to_le_bytes();
+        ws::encode_masked(op, payload, mask[..4].try_into().unwrap(), &mut self.out);
+        &self.out
+    }
+}
+
 /// What one `read` found.
 pub enum Read1 {
     /// Payload bytes (possibly 0 when the read held only frame headers or control frames).
@@ -298,17 +309,7 @@ impl Conn {
     pub fn send_payload(&mut self, payload: &[u8]) -> io::Result<()> {
         match &mut self.ws {
             None => self.stream.write_all(payload),
-            Some(ws) => {
-                ws.out.clear();
-                let mask = ws.rng.next_u64().to_le_bytes();
-                ws::encode_masked(
-                    ws::OP_BINARY,
-                    payload,
-                    mask[..4].try_into().unwrap(),
-                    &mut ws.out,
-                );
-                self.stream.write_all(&ws.out)
-            }
+            Some(ws) => self.stream.write_all(ws.frame(ws::OP_BINARY, payload)),
         }
     }
 
@@ -317,15 +318,9 @@ impl Conn {
     /// frame.
     pub fn close(mut self) {
         if let Some(ws) = &mut self.ws {
-            ws.out.clear();
-            let mask = ws.rng.next_u64().to_le_bytes();
-            ws::encode_masked(
-                ws::OP_CLOSE,
-                &1000u16.to_be_bytes(),
-                mask[..4].try_into().unwrap(),
-                &mut ws.out,
-            );
-            let _ = self.stream.write_all(&ws.out);
+            let _ = self
+                .stream
+                .write_all(ws.frame(ws::OP_CLOSE, &1000u16.to_be_bytes()));
         }
         if let Stream::Tls(s) = &mut self.stream {
             s.conn.send_close_notify();
@@ -348,15 +343,8 @@ impl Conn {
             while self.stream.read(buf)? > 0 {}
             return Ok(());
         };
-        ws.out.clear();
-        let mask = ws.rng.next_u64().to_le_bytes();
-        ws::encode_masked(
-            ws::OP_CLOSE,
-            &1000u16.to_be_bytes(),
-            mask[..4].try_into().unwrap(),
-            &mut ws.out,
-        );
-        self.stream.write_all(&ws.out)?;
+        self.stream
+            .write_all(ws.frame(ws::OP_CLOSE, &1000u16.to_be_bytes()))?;
         loop {
             let n = self.stream.read(buf)?;
             if n == 0 {

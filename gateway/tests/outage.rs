@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -15,19 +14,15 @@ const WORKERS: usize = 4;
 const SESSIONS: usize = 4;
 const RECONNECTS: usize = 8;
 
-fn route(args: &[&str]) {
-    let out = Command::new(BIN).arg("route").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "vncgate route {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Runs `vncgate route ...`, which must succeed.
+fn route_ok(args: &[&str]) {
+    let (code, out, err) = route(args);
+    assert_eq!(code, 0, "vncgate route {args:?}: {out}{err}");
 }
 
 fn add(redis: &str, session: &str, upstream: SocketAddr) {
     let up = upstream.to_string();
-    route(&[
+    route_ok(&[
         "add",
         "--redis",
         redis,
@@ -101,7 +96,7 @@ fn reconnects_on_any_worker_are_admitted_while_redis_is_down() {
     // Revoked before the outage: its session is closed by the revocation...
     let mut doomed = RawWs::connect(gw.addr, "/vnc/revoked", "");
     rfb_flows(&mut doomed);
-    route(&["del", "--redis", &url, "--session", "revoked"]);
+    route_ok(&["del", "--redis", &url, "--session", "revoked"]);
     let (_, close) = doomed.until_close();
     assert_eq!(close.and_then(|c| c.close_code()), Some(4006));
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::thread;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ impl Desktop {
     fn start() -> Desktop {
         let x = Xvnc::start(&format!("{WIDTH}x{HEIGHT}"), &["-AlwaysShared"]);
         // The swarm's key events type letters into it (no Enter, so nothing is run).
-        let mut xterm = Command::new("xterm")
+        let mut xterm = common::xterm(&x.display)
             .args([
                 "-geometry",
                 "80x24+100+100",
@@ -38,11 +38,6 @@ impl Desktop {
                 "-e",
                 "/bin/sh",
             ])
-            .env("DISPLAY", &x.display)
-            .env("SHELL", "/bin/sh")
-            .env("ENV", "")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("spawn xterm");
         thread::sleep(Duration::from_millis(300));

@@ -10,20 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use vncgate_schema::testing::{RedisCluster, RedisServer, Sentinel};
 
-/// Runs `vncgate route ...`: (exit status, stdout, stderr).
-fn route(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .arg("route")
-        .args(args)
-        .output()
-        .expect("run vncgate route");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn add(redis: &str, session: &str, upstream: std::net::SocketAddr, extra: &[&str]) {
     let up = upstream.to_string();
     let mut args = vec![

@@ -15,10 +15,10 @@ mod common;
 use std::io::Read as _;
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
-use common::{Gw, RawWs, SFrame, Xvnc, eventually, frame, stop_child};
+use common::{Gw, RawWs, SFrame, Xvnc, eventually, frame, route, stop_child};
 use vncgate_rfb::{ClientHandshake, ServerEvent, ServerMsgDecoder};
 use vncgate_schema::testing::RedisServer;
 
@@ -42,7 +42,7 @@ impl Desktop {
             std::env::temp_dir().join(format!("vncgate-view-only-{}-{stamp}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let x = Xvnc::start("800x600", &[]);
-        let xterm = Command::new("xterm")
+        let xterm = common::xterm(&x.display)
             .args([
                 "-geometry",
                 "80x24+0+0",
@@ -53,11 +53,6 @@ impl Desktop {
                 "touch .ready; exec /bin/sh",
             ])
             .current_dir(&dir)
-            .env("DISPLAY", &x.display)
-            .env("SHELL", "/bin/sh")
-            .env("ENV", "")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("spawn xterm");
         let desk = Desktop { xterm, x, dir };
@@ -400,20 +395,6 @@ fn what_the_gateway_cannot_follow_closes_a_view_only_viewer_by_name() {
         gw.log()
             .contains("view-only viewer closed: its stream cannot be followed")
     );
-}
-
-/// Runs `vncgate route ...`: (exit status, stdout, stderr).
-fn route(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(common::BIN)
-        .arg("route")
-        .args(args)
-        .output()
-        .expect("run vncgate route");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

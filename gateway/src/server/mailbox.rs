@@ -19,11 +19,18 @@ pub struct Mailbox<T> {
     bell_rx: Mutex<Option<UnixStream>>,
 }
 
+/// A bell's two ends, both non-blocking: rung by writing a byte to the first, heard as the
+/// second's readiness (see [`Bell`]).
+pub fn bell_pair() -> io::Result<(UnixStream, UnixStream)> {
+    let (tx, rx) = UnixStream::pair()?;
+    tx.set_nonblocking(true)?;
+    rx.set_nonblocking(true)?;
+    Ok((tx, rx))
+}
+
 impl<T> Mailbox<T> {
     pub fn new() -> io::Result<Self> {
-        let (tx, rx) = UnixStream::pair()?;
-        tx.set_nonblocking(true)?;
-        rx.set_nonblocking(true)?;
+        let (tx, rx) = bell_pair()?;
         Ok(Self {
             queue: Mutex::new(Vec::new()),
             bell_tx: tx,

@@ -268,18 +268,6 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         self.tx_swept.set(now);
     }
 
-    /// `buf[off..end]` in a buffer of its own when it is small ([`SMALL_SEND`]), giving the
-    /// pooled one back; otherwise `buf` itself. Returns the buffer and the range to send.
-    /// A direct send ([`DIRECT_SEND_SESSIONS`]) holds no buffer past the call: no copy.
-    fn for_send(&self, buf: Box<[u8]>, off: usize, end: usize) -> (Box<[u8]>, usize, usize) {
-        if end - off > SMALL_SEND || self.sends_direct() {
-            return (buf, off, end);
-        }
-        let own: Box<[u8]> = buf[off..end].into();
-        self.w.bufs.give(buf);
-        (own, 0, end - off)
-    }
-
     /// Whether the next message goes out with `send(2)` from here: this worker has too few
     /// sessions to batch sends ([`DIRECT_SEND_SESSIONS`]), or the session is still in its
     /// handshake ([`DIRECT_FIRST_SENDS`]).
@@ -329,22 +317,30 @@ impl<'a, S: RouteSource> Relay<'a, S> {
         (Ok(()), buf)
     }
 
-    /// Writes all of `buf[off..end]` to `side` with the runtime's send ops, through that
-    /// socket's second descriptor, opened on first use (a session that never sends pays
-    /// nothing for it); gives back the buffer. Dropped in flight, the count of bytes
-    /// written is lost, and so is the descriptor.
+    /// Writes all of `buf[off..end]` to `side`: with `send(2)` from here when
+    /// [`Relay::sends_direct`], otherwise with the runtime's send ops, through that socket's
+    /// second descriptor, opened on first use (a session that never sends pays nothing for
+    /// it). A small message goes to its op in a buffer of its own ([`SMALL_SEND`]) and the
+    /// pooled `buf` goes straight back; a direct send holds no buffer past the call, so it
+    /// copies nothing. Gives back the buffer it sent from. Dropped in flight, the count of
+    /// bytes written is lost, and so is the descriptor.
     async fn send_all(
         &self,
         side: Side,
         mut buf: Box<[u8]>,
         mut off: usize,
-        end: usize,
+        mut end: usize,
     ) -> (Result<(), End>, Box<[u8]>) {
         let direct = self.sends_direct();
         self.sends
-            .set(self.sends.get().saturating_add(1).min(DIRECT_FIRST_SENDS));
+            .set((self.sends.get() + 1).min(DIRECT_FIRST_SENDS));
         if direct {
             return self.send_direct(side, buf, off, end).await;
+        }
+        if end - off <= SMALL_SEND {
+            let own: Box<[u8]> = buf[off..end].into();
+            self.w.bufs.give(std::mem::replace(&mut buf, own));
+            (off, end) = (0, end - off);
         }
         let (slot, stream) = match side {
             Side::Browser => (&self.tx_client, self.client),
@@ -606,8 +602,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
                 return r.map_err(|e| client_write_error(&e));
             }
             // The copy path: one send op for the whole frame.
-            let (buf, from, to) = self.for_send(buf, off, end);
-            let (r, buf) = self.send_all(Side::Browser, buf, from, to).await;
+            let (r, buf) = self.send_all(Side::Browser, buf, off, end).await;
             let mut o = self.out.borrow_mut();
             if r.is_ok() {
                 o.off = end;
@@ -748,8 +743,7 @@ impl<'a, S: RouteSource> Relay<'a, S> {
             r.borrow_mut().browser_bytes(&buf[..data_end]);
         }
         if data_end > 0 {
-            let (own, from, to) = self.for_send(buf, 0, data_end);
-            let (r, b) = self.send_all(Side::Vm, own, from, to).await;
+            let (r, b) = self.send_all(Side::Vm, buf, 0, data_end).await;
             buf = b;
             if let Err(end) = r {
                 return (Err(end), buf);

@@ -18,7 +18,7 @@ use monoio::net::TcpStream;
 use super::client::{Client, HandshakeError, TlsConn};
 use super::relay::{End, Relay};
 use super::signal::Signal;
-use super::worker::{SessionCtl, Worker};
+use super::worker::Worker;
 use crate::admission::{self, Decision, Refusal};
 use crate::close::{self, Blame, CloseCause};
 use crate::metrics as m;
@@ -191,10 +191,10 @@ pub async fn serve<S: RouteSource>(
     };
     let (sent, dialed) = match next {
         Next::Close(cause) => (send_101.await, Err(cause)),
-        Next::Relay(vm, _) => {
+        Next::Relay(vm, record) => {
             let dial = async {
                 monoio::select! {
-                    r = connect_upstream(&w, vm, id) => r,
+                    r = connect_upstream(&w, vm, id) => r.map(|conn| (conn, vm, record)),
                     c = ctl.kill.wait() => Err(c),
                     _ = gone.wait() => Err(close::INTERNAL),
                 }
@@ -212,16 +212,21 @@ pub async fn serve<S: RouteSource>(
     }
     metrics::counter!(m::SESSIONS_OPENED).increment(1);
     let started = Instant::now();
-    let (end, to_browser, to_vm, close_sent) = match (next, dialed) {
-        (_, Err(cause)) => close_before_relay(stream, cause).await,
-        (Next::Relay(vm, record), Ok(conn)) => {
-            let extras = Extras {
-                view_only,
-                record: w.recordings().filter(|r| r.wanted(record)),
-            };
-            relay(&w, stream, &ctl, conn, vm, id, &early, extras).await
+    let (end, to_browser, to_vm, close_sent) = match dialed {
+        Err(cause) => close_before_relay(stream, cause).await,
+        Ok((conn, vm, record)) => {
+            // Started once the VM answered: the file holds the session from its first byte.
+            let rec = w
+                .recordings()
+                .filter(|r| r.wanted(record))
+                .and_then(|r| r.start(id));
+            let relay = Relay::new(&w, id, stream, &conn, vm)
+                .view_only(view_only)
+                .with_recorder(rec);
+            let (end, deadline) = relay.run(&ctl.kill, &ctl.expires, &early).await;
+            let close_sent = relay.finish(end, deadline).await;
+            (end, relay.to_browser.get(), relay.to_vm.get(), close_sent)
         }
-        (Next::Close(_), Ok(_)) => unreachable!("a closed session is never dialed"),
     };
     w.unregister(&ctl);
     drop(viewer);
@@ -260,40 +265,7 @@ pub async fn serve<S: RouteSource>(
     );
 }
 
-/// What the relay does beyond relaying, as admission decided it.
-struct Extras<'a> {
-    /// The viewer came with the route's view token: its input is filtered.
-    view_only: bool,
-    /// Where the session is recorded, if it is.
-    record: Option<&'a std::sync::Arc<super::record::Recordings>>,
-}
-
-/// Relays between the browser and the dialed VM until the session ends; the close is
-/// part of it.
-#[allow(clippy::too_many_arguments)]
-async fn relay<S: RouteSource>(
-    w: &Rc<Worker<S>>,
-    stream: &Client<'_>,
-    ctl: &SessionCtl,
-    upstream: TcpStream,
-    addr: SocketAddr,
-    id: &str,
-    early: &[u8],
-    extras: Extras<'_>,
-) -> (End, u64, u64, bool) {
-    let Extras { view_only, record } = extras;
-    // Started once the VM answered: the file holds the session from its first byte.
-    let rec = record.and_then(|r| r.start(id));
-    let relay = Relay::new(w, id, stream, &upstream, addr)
-        .view_only(view_only)
-        .with_recorder(rec);
-    let (end, deadline) = relay.run(&ctl.kill, &ctl.expires, early).await;
-    let close_sent = relay.finish(end, deadline).await;
-    (end, relay.to_browser.get(), relay.to_vm.get(), close_sent)
-}
-
 /// What an upgraded session does once the 101 is out.
-#[derive(Clone, Copy)]
 enum Next {
     /// Closed with this cause before any relaying.
     Close(CloseCause),

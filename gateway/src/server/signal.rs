@@ -154,26 +154,18 @@ pub struct Turns {
 
 impl Turns {
     pub fn new() -> Self {
-        match UnixStream::pair().and_then(|(tx, rx)| {
-            tx.set_nonblocking(true)?;
-            rx.set_nonblocking(true)?;
-            Ok((tx, rx))
-        }) {
-            Ok((tx, rx)) => Self {
-                waiting: RefCell::new(Vec::new()),
-                ring: Some(tx),
-                bell: Cell::new(Some(rx)),
-                handing_out: Cell::new(false),
-            },
+        let (ring, bell) = match super::mailbox::bell_pair() {
+            Ok((tx, rx)) => (Some(tx), Some(rx)),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot create the turn bell; yields wake themselves");
-                Self {
-                    waiting: RefCell::new(Vec::new()),
-                    ring: None,
-                    bell: Cell::new(None),
-                    handing_out: Cell::new(false),
-                }
+                (None, None)
             }
+        };
+        Self {
+            waiting: RefCell::new(Vec::new()),
+            ring,
+            bell: Cell::new(bell),
+            handing_out: Cell::new(false),
         }
     }
 

@@ -11,6 +11,20 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vncgate");
 
+/// Runs `vncgate route ...`: (exit status, stdout, stderr).
+pub fn route(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("route")
+        .args(args)
+        .output()
+        .expect("run vncgate route");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A running gateway process, killed (by its own pid) when dropped.
 pub struct Gw {
     pub child: Child,
@@ -545,6 +559,18 @@ pub fn rfb_banner(port: u16) -> bool {
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
     let mut banner = [0u8; 12];
     s.read_exact(&mut banner).is_ok() && banner.starts_with(b"RFB 00")
+}
+
+/// An xterm for `display` (add its arguments), its shell a plain `/bin/sh` that reads no
+/// startup file, its output discarded.
+pub fn xterm(display: &str) -> Command {
+    let mut c = Command::new("xterm");
+    c.env("DISPLAY", display)
+        .env("SHELL", "/bin/sh")
+        .env("ENV", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
 }
 
 /// A real VNC server: TigerVNC's Xvnc on a free display and loopback port (security None,
