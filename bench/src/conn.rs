@@ -313,6 +313,11 @@ impl Conn {
         }
     }
 
+    /// The client's end of the connection.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.stream.tcp().local_addr()
+    }
+
     /// Closes politely enough for a benchmark: a close frame (status 1000) for WebSocket,
     /// for TLS a close_notify alert, then FIN. The bench does not wait for the peer's close
     /// frame.
@@ -333,14 +338,21 @@ impl Conn {
 impl Conn {
     /// The clean close, waited for: for WebSocket a close frame (status 1000), then reads
     /// (payload still in flight is dropped) until the server's close frame, then (for TLS
-    /// close_notify and) FIN; for direct TCP, FIN and then the server's FIN. An error when the
-    /// peer ends the connection without its close frame. Unlike [`Conn::close`], the peer
-    /// has seen a complete close handshake when this returns, so a proxy counts a browser
-    /// that closed, not one that vanished.
+    /// close_notify and) FIN; for direct TCP, one byte ([`CLOSE_REQUEST`](crate::targets::CLOSE_REQUEST)) and then the
+    /// server's FIN, then ours. An error when the peer ends the connection without its close
+    /// frame. Unlike [`Conn::close`], the peer has seen a complete close handshake when this
+    /// returns, so a proxy counts a browser that closed, not one that vanished.
+    ///
+    /// Either way the server sends the first FIN, so TIME-WAIT stays on its side, as
+    /// RFC 6455 §7.1.1 has it for WebSocket. A direct client sending the first FIN would
+    /// hold every port it used for a minute; past about 14,000 cycles per second to one
+    /// address, connect(2) then waits for a port (the first-byte p99 was 60 ms), and the
+    /// baseline measured the port range, not the path.
     pub fn close_handshake(mut self, buf: &mut [u8]) -> io::Result<()> {
         let Some(ws) = &mut self.ws else {
-            self.stream.tcp().shutdown(std::net::Shutdown::Write)?;
+            self.stream.write_all(&[crate::targets::CLOSE_REQUEST])?;
             while self.stream.read(buf)? > 0 {}
+            self.stream.tcp().shutdown(std::net::Shutdown::Write)?;
             return Ok(());
         };
         self.stream

@@ -719,6 +719,44 @@ mod tests {
         assert_eq!(pace.due(3, 1, 2), Some(Duration::from_millis(7)));
     }
 
+    /// The sockets of /proc/net/tcp in TIME-WAIT, as (local port, remote port).
+    fn time_wait() -> Vec<(u16, u16)> {
+        let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+        std::fs::read_to_string("/proc/net/tcp")
+            .unwrap()
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[3] == "06").then(|| (port(f[1]), port(f[2])))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_direct_cycle_leaves_time_wait_with_the_server_as_a_proxied_one_does() {
+        let banner = crate::targets::start().unwrap().banner.unwrap();
+        let t = Target::plain(banner, None);
+        let mut buf = [0u8; 64];
+        let mut c = Conn::open(&t, 1).unwrap();
+        let mine = c.local_addr().unwrap().port();
+        assert!(matches!(
+            c.read_payload(&mut buf).unwrap(),
+            Read1::Payload(12)
+        ));
+        c.close_handshake(&mut buf).unwrap();
+        // The server's FIN came first: its side holds TIME-WAIT; ours went to CLOSED.
+        let tw = time_wait();
+        assert!(
+            tw.contains(&(banner.port(), mine)),
+            "server side not in TIME-WAIT: {tw:?}"
+        );
+        assert!(
+            !tw.contains(&(mine, banner.port())),
+            "the client closed first"
+        );
+    }
+
     #[test]
     fn paced_upgrades_count_no_more_cycles_than_were_due() {
         let banner = crate::targets::start().unwrap().banner.unwrap();

@@ -18,6 +18,11 @@ use std::time::Duration;
 /// ProtocolVersion, as every VNC server does before anything else (RFC 6143 7.1.1).
 pub const BANNER: &[u8; 12] = b"RFB 003.008\n";
 
+/// What a direct client of the banner server sends to end its cycle: the server closes
+/// first, as a proxy does after the WebSocket close handshake (see
+/// [`crate::conn::Conn::close_handshake`]).
+pub const CLOSE_REQUEST: u8 = b'q';
+
 /// The bulk source writes this many bytes per `write` call.
 const PATTERN: usize = 64 * 1024;
 /// Handler threads only need a small stack: one syscall loop over a heap buffer.
@@ -182,15 +187,17 @@ fn bulk(mut s: TcpStream) {
     while s.write_all(&pattern).is_ok() {}
 }
 
-/// [`BANNER`] at once, then reads (and drops) what the client sends until it closes, as a
-/// VNC server waits for the client's version.
+/// [`BANNER`] at once, then waits for the client as a VNC server waits for its version,
+/// and closes when the client closes or sends anything: a proxy sends nothing (the
+/// browser's close frame ends at the proxy, which then closes), and the direct client
+/// sends [`CLOSE_REQUEST`] so that, as behind a proxy, the server closes first.
 fn banner(mut s: TcpStream) {
     let _ = s.set_nodelay(true);
     if s.write_all(BANNER).is_err() {
         return;
     }
     let mut buf = [0u8; 1024];
-    while matches!(s.read(&mut buf), Ok(1..)) {}
+    let _ = s.read(&mut buf);
 }
 
 fn echo(mut s: TcpStream) {
