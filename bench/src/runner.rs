@@ -69,13 +69,14 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     let load_start = loadavg();
     let mut tg = targets::start().map_err(|e| format!("targets: {e}"))?;
     eprintln!("targets: bulk source {}, echo {}", tg.bulk, tg.echo);
-    // The banner route only where its point runs (websocat and websockify pay a process
-    // per route).
-    if !cfg.points.contains(&Point::Upgrades50) {
-        tg.banner = None;
-    }
     if let Some(b) = tg.banner {
         eprintln!("targets: banner (RFB version on accept) {b}");
+    }
+    // Direct always has the banner server (its upgrade cycles end there); proxies get the
+    // route only where its point runs (websocat and websockify pay a process per route).
+    let tg_direct = tg;
+    if !cfg.points.contains(&Point::Upgrades50) {
+        tg.banner = None;
     }
     let idle_wanted = cfg.points.contains(&Point::Idle)
         && !cfg.idle.is_empty()
@@ -166,6 +167,11 @@ pub fn run(cfg: &Config) -> Result<(), String> {
             }
             if other_points {
                 eprintln!("rep {rep}/{} {}", cfg.reps, r.kind.name());
+                let tg = if r.kind == Kind::Direct {
+                    tg_direct
+                } else {
+                    tg
+                };
                 match proxy::start(r.kind, exe.as_deref(), &settings, tg, rep) {
                     Ok(running) => {
                         if let Some(info) = probe_tls(&running, seed) {
@@ -406,7 +412,13 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
             fail("proxy", e, &mut errors);
             return (run, errors);
         }
-        match measure::upgrades(&p.echo, cfg.connectors, secs, seed ^ 0xabcd, with_echo) {
+        // Direct's cycle ends at the banner server, which closes first (see
+        // `measure::open_close`).
+        let t = match (&p.banner, direct) {
+            (Some(b), true) => b,
+            _ => &p.echo,
+        };
+        match measure::upgrades(t, cfg.connectors, secs, seed ^ 0xabcd, with_echo) {
             Ok(u) => {
                 eprintln!("  {what}: {:.0}/s ({} failed)", u.rate, u.failures);
                 run.insert(id, u.rate);
