@@ -178,3 +178,63 @@ fn a_misspelt_hook_refuses_to_start() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("unknown task"), "{err}");
 }
+
+/// The CPUs in a `Cpus_allowed_list` line of /proc/PID/status ("0-3,6").
+fn cpu_list(status: &str) -> Vec<usize> {
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("a Cpus_allowed_list line");
+    line.trim()
+        .split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![part.parse().unwrap()],
+        })
+        .collect()
+}
+
+/// The CPUs each of `pid`'s threads named `name` may run on.
+fn thread_cpus(pid: u32, name: &str) -> Vec<Vec<usize>> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.unwrap().path();
+            let comm = std::fs::read_to_string(t.join("comm")).ok()?;
+            (comm.trim() == name)
+                .then(|| cpu_list(&std::fs::read_to_string(t.join("status")).unwrap()))
+        })
+        .collect()
+}
+
+/// `--pin-workers` binds worker i to the i-th CPU the process may use, wrapping round when
+/// there are more workers than CPUs; without it a worker may run wherever the process may.
+#[test]
+fn pinned_workers_each_run_on_their_own_cpu() {
+    let ours = cpu_list(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let workers = ours.len() + 1;
+    let n = workers.to_string();
+    let gw = Gw::start("auto", &["--workers", &n, "--pin-workers"]);
+    assert!(
+        eventually(Duration::from_secs(5), || gw
+            .log()
+            .matches("worker pinned")
+            .count()
+            == workers),
+        "{}",
+        gw.log()
+    );
+    for i in 0..workers {
+        let want = vec![ours[i % ours.len()]];
+        assert_eq!(
+            thread_cpus(gw.pid(), &format!("vncgate-w{i}")),
+            vec![want],
+            "worker {i}"
+        );
+    }
+    assert!(gw.log().contains("more workers than CPUs"), "{}", gw.log());
+
+    let free = Gw::start("auto", &["--workers", "2"]);
+    assert_eq!(thread_cpus(free.pid(), "vncgate-w0"), vec![ours.clone()]);
+    assert!(!free.log().contains("worker pinned"));
+}

@@ -234,6 +234,11 @@ pub struct ServeArgs {
     /// Worker threads, each with its own runtime and listener [default: one per core].
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Bind worker i to the i-th CPU this process may run on (wrapping round when there
+    /// are more workers than CPUs): for a host that runs the gateway alone. Where other
+    /// busy threads share the cores, an unpinned worker can move off a busy one.
+    #[arg(long)]
+    pub pin_workers: bool,
     /// I/O driver [default: auto].
     #[arg(long, value_enum)]
     pub io_driver: Option<IoDriver>,

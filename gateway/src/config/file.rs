@@ -19,6 +19,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub allow_upstream: Vec<String>,
     pub workers: Option<usize>,
+    pub pin_workers: Option<bool>,
     pub io_driver: Option<IoDriver>,
     pub admin: Option<String>,
     pub path_prefix: Option<String>,
@@ -77,6 +78,7 @@ impl FileConfig {
         Ok(Layer {
             listen: self.listen,
             workers: self.workers,
+            pin_workers: self.pin_workers,
             io_driver: self.io_driver,
             admin: self.admin,
             path_prefix: self.path_prefix,

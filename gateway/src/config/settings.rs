@@ -175,6 +175,7 @@ macro_rules! layer {
 layer! {
     listen: String,
     workers: usize,
+    pin_workers: bool,
     io_driver: IoDriver,
     admin: String,
     path_prefix: String,
@@ -226,6 +227,7 @@ impl Layer {
         Layer {
             listen: Some(DEFAULT_LISTEN.into()),
             workers: Some(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            pin_workers: Some(false),
             io_driver: Some(IoDriver::Auto),
             path_prefix: Some(h.path_prefix),
             share_port: Some(false),
@@ -356,6 +358,8 @@ impl TcpCongestion {
 pub struct Settings {
     pub listen: SocketAddr,
     pub workers: usize,
+    /// Each worker thread bound to one CPU (`--pin-workers`).
+    pub pin_workers: bool,
     pub io_driver: IoDriver,
     pub share_port: bool,
     pub admin: Option<SocketAddr>,
@@ -422,6 +426,7 @@ impl ServeArgs {
         Layer {
             listen: self.listen.clone(),
             workers: self.workers,
+            pin_workers: self.pin_workers.then_some(true),
             io_driver: self.io_driver,
             admin: self.admin.clone(),
             path_prefix: self.path_prefix.clone(),
@@ -663,6 +668,7 @@ impl Settings {
         Ok(Settings {
             listen,
             workers,
+            pin_workers: need(l.pin_workers, "pin_workers")?,
             io_driver: need(l.io_driver, "io_driver")?,
             share_port: need(l.share_port, "share_port")?,
             admin,

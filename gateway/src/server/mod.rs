@@ -381,8 +381,26 @@ where
     let listeners = handover::spread(acquired.listeners, settings.workers);
     let settings = Arc::new(settings);
     let make_routes = Arc::new(make_routes);
+    let cpus = if settings.pin_workers {
+        let cpus = allowed_cpus().map_err(|e| {
+            format!("--pin-workers: cannot read the CPUs this process may use: {e}")
+        })?;
+        if cpus.len() < settings.workers {
+            tracing::warn!(
+                workers = settings.workers,
+                cpus = cpus.len(),
+                "more workers than CPUs: some share one"
+            );
+        }
+        Some(cpus)
+    } else {
+        None
+    };
     let mut threads = Vec::new();
     for (index, l) in listeners.into_iter().enumerate() {
+        let cpu = cpus
+            .as_ref()
+            .and_then(|c| c.get(index % c.len().max(1)).copied());
         let settings = settings.clone();
         let shared2 = shared.clone();
         let shared3 = shared.clone();
@@ -392,6 +410,12 @@ where
         let t = std::thread::Builder::new()
             .name(format!("vncgate-w{index}"))
             .spawn(move || {
+                if let Some(cpu) = cpu {
+                    match pin_current_thread(cpu) {
+                        Ok(()) => tracing::info!(worker = index, cpu, "worker pinned"),
+                        Err(e) => tracing::warn!(worker = index, cpu, error = %e, "cannot pin the worker; it runs unpinned"),
+                    }
+                }
                 let run = move || {
                     let w = Rc::new(
                         Worker::new(
@@ -497,6 +521,22 @@ fn resolve_congestion(
             }
         }
     }
+}
+
+/// The CPUs this process may run on, in ascending order: with `--pin-workers`, worker i
+/// runs on the i-th of them (wrapping round).
+fn allowed_cpus() -> nix::Result<Vec<usize>> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
+    Ok((0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect())
+}
+
+/// Binds the calling thread to `cpu` alone.
+fn pin_current_thread(cpu: usize) -> nix::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
 }
 
 /// A worker's io_uring runtime. Each ring is used by its own thread only, and completions

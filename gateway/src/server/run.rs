@@ -277,6 +277,7 @@ fn needs_restart(a: &Settings, b: &Settings) -> Vec<&'static str> {
     };
     check("listen", a.listen != b.listen);
     check("workers", a.workers != b.workers);
+    check("pin_workers", a.pin_workers != b.pin_workers);
     check("io_driver", a.io_driver != b.io_driver);
     check("admin", a.admin != b.admin);
     check("share_port", a.share_port != b.share_port);
@@ -313,6 +314,7 @@ fn restart_bound(running: &Settings, new: Settings) -> Settings {
     Settings {
         listen: running.listen,
         workers: running.workers,
+        pin_workers: running.pin_workers,
         io_driver: running.io_driver,
         admin: running.admin,
         share_port: running.share_port,
