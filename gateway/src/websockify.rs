@@ -391,6 +391,7 @@ impl WebsockifyArgs {
         let mut a = ServeArgs {
             listen: Some(listen_addr(source)),
             workers: self.workers,
+            pin_workers: self.pin_workers,
             io_driver: self.io_driver,
             admin: self.admin.clone(),
             keepalive_interval: self.heartbeat,
@@ -555,6 +556,24 @@ mod tests {
             TARGET_SESSION
         );
         assert_eq!(session_of(SessionFrom::Path, "vm1", None).unwrap(), "vm1");
+    }
+
+    #[test]
+    fn vncgates_own_worker_flags_reach_the_server() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            w: WebsockifyArgs,
+        }
+        let args = |v: &[&str]| {
+            let mut all = vec!["websockify"];
+            all.extend_from_slice(v);
+            Cmd::parse_from(all).w.serve_args().unwrap().0
+        };
+        let a = args(&["--workers", "3", "--pin-workers", "6080", "127.0.0.1:5900"]);
+        assert_eq!((a.workers, a.pin_workers), (Some(3), true));
+        assert!(!args(&["6080", "127.0.0.1:5900"]).pin_workers);
     }
 
     #[test]

@@ -193,6 +193,9 @@ pub struct WebsockifyArgs {
     /// vncgate's own: worker threads [default: one per core].
     #[arg(long)]
     pub workers: Option<usize>,
+    /// vncgate's own: bind worker i to the i-th CPU this process may run on.
+    #[arg(long)]
+    pub pin_workers: bool,
     /// vncgate's own: I/O driver [default: auto].
     #[arg(long, value_enum)]
     pub io_driver: Option<IoDriver>,
