@@ -414,9 +414,13 @@ fn measure_one(cfg: &Config, mut p: Running, seed: u64) -> (Run, Vec<String>) {
         }
         // Direct's cycle ends at the banner server, which closes first (see
         // `measure::open_close`).
-        let t = match (&p.banner, direct) {
-            (Some(b), true) => b,
-            _ => &p.echo,
+        let Some(t) = (if direct {
+            p.banner.as_ref()
+        } else {
+            Some(&p.echo)
+        }) else {
+            fail(what, "direct has no banner server".into(), &mut errors);
+            continue;
         };
         match measure::upgrades(t, cfg.connectors, secs, seed ^ 0xabcd, with_echo) {
             Ok(u) => {
