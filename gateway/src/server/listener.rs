@@ -8,6 +8,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -17,14 +18,55 @@ fn socket_for(addr: SocketAddr) -> io::Result<Socket> {
     Ok(s)
 }
 
-/// Fails if a socket is already bound to `addr` (a live or stale gateway).
+/// How long a listener found on the port may take to go away before startup is refused:
+/// a gateway that has just died (a crash, SIGKILL, a supervisor restarting it at once) keeps
+/// its listening socket for a few milliseconds after it has been reaped, while the kernel
+/// tears down its io_uring ring, whose pending ops still hold the socket.
+const DEAD_LISTENER_GRACE: Duration = Duration::from_millis(500);
+
+/// Fails if a socket is already bound to `addr` (a live or stale gateway), unless it is
+/// gone within [`DEAD_LISTENER_GRACE`].
 pub fn ensure_port_free(addr: SocketAddr) -> io::Result<()> {
     if addr.port() == 0 {
         return Ok(());
     }
+    let since = Instant::now();
+    loop {
+        match port_holder(addr)? {
+            None => return Ok(()),
+            Some(Holder::Listener) if since.elapsed() < DEAD_LISTENER_GRACE => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Some(holder) => return Err(holder.refusal(addr)),
+        }
+    }
+}
+
+/// What holds a port that cannot be bound.
+enum Holder {
+    Listener,
+    ClosingConnections,
+}
+
+impl Holder {
+    fn refusal(self, addr: SocketAddr) -> io::Error {
+        let why = match self {
+            Holder::Listener => format!(
+                "{addr} already has a listener (a stale gateway would silently take a share of connections through SO_REUSEPORT); stop it, or pass --share-port for a deliberate restart handover"
+            ),
+            Holder::ClosingConnections => format!(
+                "{addr} is held by connections still closing (TIME_WAIT), not by a listener; retry in a minute or use a port outside the ephemeral range (net.ipv4.ip_local_port_range)"
+            ),
+        };
+        io::Error::new(io::ErrorKind::AddrInUse, why)
+    }
+}
+
+/// `None` when `addr` can be bound now, else what holds it.
+fn port_holder(addr: SocketAddr) -> io::Result<Option<Holder>> {
     let probe = socket_for(addr)?;
     match probe.bind(&addr.into()) {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(None),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
             // A listener answers a connect; a port held only by closing connections
             // (TIME_WAIT) does not.
@@ -35,21 +77,13 @@ pub fn ensure_port_free(addr: SocketAddr) -> io::Result<()> {
                     SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
                 });
             }
-            let listening = std::net::TcpStream::connect_timeout(
-                &target,
-                std::time::Duration::from_millis(300),
-            )
-            .is_ok();
-            let why = if listening {
-                format!(
-                    "{addr} already has a listener (a stale gateway would silently take a share of connections through SO_REUSEPORT); stop it, or pass --share-port for a deliberate restart handover"
-                )
+            let listening =
+                std::net::TcpStream::connect_timeout(&target, Duration::from_millis(300)).is_ok();
+            Ok(Some(if listening {
+                Holder::Listener
             } else {
-                format!(
-                    "{addr} is held by connections still closing (TIME_WAIT), not by a listener; retry in a minute or use a port outside the ephemeral range (net.ipv4.ip_local_port_range)"
-                )
-            };
-            Err(io::Error::new(io::ErrorKind::AddrInUse, why))
+                Holder::ClosingConnections
+            }))
         }
         Err(e) => Err(e),
     }
