@@ -56,6 +56,10 @@ fn attempt(addr: SocketAddr) -> &'static str {
 }
 
 /// Clients connecting one attempt after another on `threads` threads, counting outcomes.
+/// Each thread rests [`PACE`] between attempts, so that a fast build cannot spend the whole
+/// bound while the old gateway drains, before any attempt reaches the successor alone.
+const PACE: Duration = Duration::from_millis(3);
+
 struct Load {
     stop: Arc<AtomicBool>,
     total: Arc<AtomicU64>,
@@ -76,6 +80,7 @@ impl Load {
                         let got = attempt(addr);
                         *seen.lock().unwrap().entry(got).or_default() += 1;
                         total.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(PACE);
                     }
                 })
             })
