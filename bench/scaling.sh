@@ -12,6 +12,10 @@
 # the connectors (default: the largest worker count tested, at least 4, the same for every
 # row so that rows compare) and the 50 client threads take cores from the proxy too.
 #
+# Every row binds each worker to a CPU of its own (`--pin-workers=always`), as the
+# gateway's default does when it has one worker per core, so that the rows differ only in
+# the worker count; pass --vncgate-arg=--pin-workers=never to sweep unpinned workers.
+#
 # Output: the table on stdout and in bench/out/scaling/scaling.md; each run's table, JSON
 # and charts in bench/out/scaling/workers-N/.
 set -euo pipefail
@@ -36,6 +40,13 @@ if ((connectors < 4)); then
     connectors=4
 fi
 
+pin=(--vncgate-arg=--pin-workers=always)
+for a in "$@"; do
+    if [[ $a == *--pin-workers* ]]; then
+        pin=()
+    fi
+done
+
 mkdir -p "$out"
 for n in "${counts[@]}"; do
     dir="$out/workers-$n"
@@ -44,7 +55,7 @@ for n in "${counts[@]}"; do
     echo "scaling.sh: vncgate --workers $n (of ${counts[*]})" >&2
     if ! "$target/release/vncgate-bench" --vncgate "$target/release/vncgate" \
         --only direct,vncgate --workers "$n" --points tput,upgrades \
-        --reps 1 --connectors "$connectors" --out "$dir" "$@" >/dev/null; then
+        --reps 1 --connectors "$connectors" --out "$dir" "${pin[@]}" "$@" >/dev/null; then
         echo "scaling.sh: the run with --workers $n failed; its row will be empty (see $dir/logs/)" >&2
     fi
 done

@@ -141,6 +141,8 @@ impl FirecrackerSettings {
 
 /// The embedded gateway: `vncgate serve` on `listen` with 127.0.0.0/8 allowed upstream (the
 /// process backend's VMs), routes from `table`. Its metrics go to this process's recorder.
+/// Its workers are left to the scheduler: they share the host with this process's own
+/// threads and with the VMs it runs, the case `--pin-workers=never` is for.
 fn start_gateway(
     listen: &str,
     table: &vncgate::route_table::RouteTable,
@@ -150,6 +152,7 @@ fn start_gateway(
         listen: Some(listen.to_owned()),
         allow_upstream: vec!["127.0.0.0/8".into()],
         workers: Some(workers),
+        pin_workers: Some(vncgate::config::PinWorkers::Never),
         ..Default::default()
     };
     let settings = args

@@ -509,6 +509,7 @@ pub fn check_serve_listen(listen: Option<&str>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PinWorkers;
     use vncgate_ws::handshake::TokenSource;
 
     #[test]
@@ -571,9 +572,15 @@ mod tests {
             all.extend_from_slice(v);
             Cmd::parse_from(all).w.serve_args().unwrap().0
         };
+        // The bare flag does not take websockify's positional SOURCE as its value.
         let a = args(&["--workers", "3", "--pin-workers", "6080", "127.0.0.1:5900"]);
-        assert_eq!((a.workers, a.pin_workers), (Some(3), true));
-        assert!(!args(&["6080", "127.0.0.1:5900"]).pin_workers);
+        assert_eq!(
+            (a.workers, a.pin_workers),
+            (Some(3), Some(PinWorkers::Always))
+        );
+        let a = args(&["--pin-workers=never", "6080", "127.0.0.1:5900"]);
+        assert_eq!(a.pin_workers, Some(PinWorkers::Never));
+        assert_eq!(args(&["6080", "127.0.0.1:5900"]).pin_workers, None);
     }
 
     #[test]

@@ -207,36 +207,109 @@ fn thread_cpus(pid: u32, name: &str) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// Whether each of `workers` worker threads runs on CPU `ours[i % n]` alone (pinned), or
+/// may run wherever the process may (`ours`).
+fn assert_workers_on(gw: &Gw, workers: usize, ours: &[usize], pinned: bool) {
+    for i in 0..workers {
+        let name = format!("vncgate-w{i}");
+        assert!(
+            eventually(Duration::from_secs(5), || thread_cpus(gw.pid(), &name)
+                .len()
+                == 1),
+            "no thread {name}: {}",
+            gw.log()
+        );
+        let want = if pinned {
+            vec![ours[i % ours.len()]]
+        } else {
+            ours.to_vec()
+        };
+        assert_eq!(
+            thread_cpus(gw.pid(), &name),
+            vec![want],
+            "worker {i} (pinned: {pinned}): {}",
+            gw.log()
+        );
+    }
+}
+
 /// `--pin-workers` binds worker i to the i-th CPU the process may use, wrapping round when
-/// there are more workers than CPUs; without it a worker may run wherever the process may.
+/// there are more workers than CPUs. By default (`auto`) that happens only when there is
+/// exactly one worker per CPU; `never` leaves every worker free to run wherever the process
+/// may.
 #[test]
 fn pinned_workers_each_run_on_their_own_cpu() {
     let ours = cpu_list(&std::fs::read_to_string("/proc/self/status").unwrap());
-    let workers = ours.len() + 1;
-    let n = workers.to_string();
-    let gw = Gw::start("auto", &["--workers", &n, "--pin-workers"]);
+    let n = ours.len();
+    let started = |workers: usize, when: Option<&str>| {
+        let w = workers.to_string();
+        let mut args = vec!["--workers", &w];
+        args.extend(when);
+        let gw = Gw::start("auto", &args);
+        assert!(
+            eventually(Duration::from_secs(5), || gw
+                .log()
+                .contains("workers pinned")
+                || gw.log().contains("workers not pinned")
+                || gw.log().contains("more workers than CPUs")),
+            "{}",
+            gw.log()
+        );
+        gw
+    };
+
+    // The bare flag: always, wrapping round.
+    let always = started(n + 1, Some("--pin-workers"));
     assert!(
-        eventually(Duration::from_secs(5), || gw
+        eventually(Duration::from_secs(5), || always
             .log()
             .matches("worker pinned")
             .count()
-            == workers),
+            == n + 1),
         "{}",
-        gw.log()
+        always.log()
     );
-    for i in 0..workers {
-        let want = vec![ours[i % ours.len()]];
-        assert_eq!(
-            thread_cpus(gw.pid(), &format!("vncgate-w{i}")),
-            vec![want],
-            "worker {i}"
-        );
-    }
-    assert!(gw.log().contains("more workers than CPUs"), "{}", gw.log());
+    assert_workers_on(&always, n + 1, &ours, true);
+    assert!(
+        always.log().contains("more workers than CPUs"),
+        "{}",
+        always.log()
+    );
+    drop(always);
 
-    let free = Gw::start("auto", &["--workers", "2"]);
-    assert_eq!(thread_cpus(free.pid(), "vncgate-w0"), vec![ours.clone()]);
-    assert!(!free.log().contains("worker pinned"));
+    // The default: one worker per CPU, so each is pinned.
+    let auto = started(n, None);
+    assert!(
+        eventually(Duration::from_secs(5), || auto
+            .log()
+            .matches("worker pinned")
+            .count()
+            == n),
+        "{}",
+        auto.log()
+    );
+    assert_workers_on(&auto, n, &ours, true);
+    drop(auto);
+
+    // The default with one worker more than CPUs: none pinned, and the log says why.
+    let over = started(n + 1, None);
+    assert!(
+        over.log().contains("not one worker per CPU"),
+        "{}",
+        over.log()
+    );
+    assert_workers_on(&over, n + 1, &ours, false);
+    assert!(!over.log().contains("worker pinned"), "{}", over.log());
+    drop(over);
+
+    let never = started(n, Some("--pin-workers=never"));
+    assert!(
+        never.log().contains("pin_workers=\"never\""),
+        "{}",
+        never.log()
+    );
+    assert_workers_on(&never, n, &ours, false);
+    assert!(!never.log().contains("worker pinned"), "{}", never.log());
 }
 
 /// A gateway killed outright (a crash, SIGKILL) can be replaced on its port at once, as a

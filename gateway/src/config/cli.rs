@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use super::settings::{IoDriver, parse_secs};
+use super::settings::{IoDriver, PinWorkers, parse_secs};
 
 #[derive(Debug, Parser)]
 #[command(name = "vncgate", version, about = "VNC-over-WebSocket gateway")]
@@ -193,9 +193,10 @@ pub struct WebsockifyArgs {
     /// vncgate's own: worker threads [default: one per core].
     #[arg(long)]
     pub workers: Option<usize>,
-    /// vncgate's own: bind worker i to the i-th CPU this process may run on.
-    #[arg(long)]
-    pub pin_workers: bool,
+    /// vncgate's own: bind worker i to the i-th CPU this process may run on: auto (when
+    /// there is one worker per CPU), always (the bare flag), never [default: auto].
+    #[arg(long, value_enum, value_name = "WHEN", num_args = 0..=1, require_equals = true, default_missing_value = "always")]
+    pub pin_workers: Option<PinWorkers>,
     /// vncgate's own: I/O driver [default: auto].
     #[arg(long, value_enum)]
     pub io_driver: Option<IoDriver>,
@@ -237,11 +238,13 @@ pub struct ServeArgs {
     /// Worker threads, each with its own runtime and listener [default: one per core].
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Bind worker i to the i-th CPU this process may run on (wrapping round when there
-    /// are more workers than CPUs): for a host that runs the gateway alone. Where other
-    /// busy threads share the cores, an unpinned worker can move off a busy one.
-    #[arg(long)]
-    pub pin_workers: bool,
+    /// Bind worker i to the i-th CPU this process may run on (its affinity mask, the
+    /// container's cpuset; wrapping round when there are more workers than CPUs). auto:
+    /// when there is exactly one worker per such CPU. always (the bare flag): whatever the
+    /// count. never: the scheduler places them, which suits a host whose cores other busy
+    /// threads share unconfined (VMs, other services) [default: auto].
+    #[arg(long, value_enum, value_name = "WHEN", num_args = 0..=1, require_equals = true, default_missing_value = "always")]
+    pub pin_workers: Option<PinWorkers>,
     /// I/O driver [default: auto].
     #[arg(long, value_enum)]
     pub io_driver: Option<IoDriver>,

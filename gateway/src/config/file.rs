@@ -19,7 +19,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub allow_upstream: Vec<String>,
     pub workers: Option<usize>,
-    pub pin_workers: Option<bool>,
+    pub pin_workers: Option<super::settings::PinWorkers>,
     pub io_driver: Option<IoDriver>,
     pub admin: Option<String>,
     pub path_prefix: Option<String>,

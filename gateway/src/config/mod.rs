@@ -11,6 +11,6 @@ pub use cli::{
     RouteDelArgs, RouteListArgs, ServeArgs, WebsockifyArgs,
 };
 pub use settings::{
-    DEFAULT_TCP_CONGESTION, IoDriver, Layer, Limits, RecordScope, RecordSettings, Settings,
-    TcpCongestion, TlsFiles, parse_secs,
+    DEFAULT_TCP_CONGESTION, IoDriver, Layer, Limits, PinWorkers, RecordScope, RecordSettings,
+    Settings, TcpCongestion, TlsFiles, parse_secs,
 };

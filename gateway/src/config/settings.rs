@@ -33,6 +33,79 @@ pub enum IoDriver {
     Epoll,
 }
 
+/// When worker threads are bound to CPUs (`--pin-workers`).
+///
+/// A thread-per-core gateway wants each worker on a core of its own: left to the
+/// scheduler, a worker and the threads it trades messages with settle into whichever
+/// placement they happen to start in, and one connection's round trip moves between levels
+/// from run to run. But pinning only fits when the workers own the CPUs they would be
+/// pinned to, hence `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PinWorkers {
+    /// When there is exactly one worker per CPU this process may run on (its affinity
+    /// mask, the container's cpuset): each worker gets its own. Not with fewer workers
+    /// (`--workers` kept cores for something else) or more (they would share), nor in a
+    /// container whose CPU quota is smaller than its cpuset (the default worker count
+    /// follows the quota).
+    Auto,
+    /// Worker i on the i-th CPU this process may run on, wrapping round.
+    Always,
+    /// The scheduler places the workers.
+    Never,
+}
+
+impl PinWorkers {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinWorkers::Auto => "auto",
+            PinWorkers::Always => "always",
+            PinWorkers::Never => "never",
+        }
+    }
+
+    /// The CPU each worker is bound to, given the CPUs this process may run on (ascending),
+    /// or `None` for none bound.
+    pub fn plan(self, workers: usize, cpus: &[usize]) -> Option<Vec<usize>> {
+        let pin = match self {
+            PinWorkers::Never => false,
+            PinWorkers::Always => true,
+            PinWorkers::Auto => workers == cpus.len(),
+        };
+        (pin && !cpus.is_empty()).then(|| (0..workers).map(|i| cpus[i % cpus.len()]).collect())
+    }
+}
+
+impl FromStr for PinWorkers {
+    type Err = String;
+
+    /// `auto`, `always` or `never`; `true` and `false` (the config file's first form) mean
+    /// `always` and `never`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "true" => Ok(PinWorkers::Always),
+            "false" => Ok(PinWorkers::Never),
+            _ => <PinWorkers as ValueEnum>::from_str(s, false)
+                .map_err(|_| format!("'{s}' is not one of auto, always, never")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PinWorkers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Spelled {
+            Bool(bool),
+            Word(String),
+        }
+        match Spelled::deserialize(d)? {
+            Spelled::Bool(true) => Ok(PinWorkers::Always),
+            Spelled::Bool(false) => Ok(PinWorkers::Never),
+            Spelled::Word(w) => w.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// Which sessions `--record DIR` records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -110,6 +183,7 @@ from_str_values!(
     u32,
     bool,
     IoDriver,
+    PinWorkers,
     RecordScope
 );
 
@@ -175,7 +249,7 @@ macro_rules! layer {
 layer! {
     listen: String,
     workers: usize,
-    pin_workers: bool,
+    pin_workers: PinWorkers,
     io_driver: IoDriver,
     admin: String,
     path_prefix: String,
@@ -227,7 +301,7 @@ impl Layer {
         Layer {
             listen: Some(DEFAULT_LISTEN.into()),
             workers: Some(std::thread::available_parallelism().map_or(1, |n| n.get())),
-            pin_workers: Some(false),
+            pin_workers: Some(PinWorkers::Auto),
             io_driver: Some(IoDriver::Auto),
             path_prefix: Some(h.path_prefix),
             share_port: Some(false),
@@ -358,8 +432,8 @@ impl TcpCongestion {
 pub struct Settings {
     pub listen: SocketAddr,
     pub workers: usize,
-    /// Each worker thread bound to one CPU (`--pin-workers`).
-    pub pin_workers: bool,
+    /// When each worker thread is bound to one CPU (`--pin-workers`).
+    pub pin_workers: PinWorkers,
     pub io_driver: IoDriver,
     pub share_port: bool,
     pub admin: Option<SocketAddr>,
@@ -426,7 +500,7 @@ impl ServeArgs {
         Layer {
             listen: self.listen.clone(),
             workers: self.workers,
-            pin_workers: self.pin_workers.then_some(true),
+            pin_workers: self.pin_workers,
             io_driver: self.io_driver,
             admin: self.admin.clone(),
             path_prefix: self.path_prefix.clone(),
@@ -735,6 +809,67 @@ mod tests {
             let e = c(&["--tcp-congestion", bad]).unwrap_err();
             assert!(e.contains("--tcp-congestion"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn pin_workers_plans() {
+        use PinWorkers::*;
+        let cpus = [2, 3, 5];
+        assert_eq!(
+            Auto.plan(3, &cpus),
+            Some(vec![2, 3, 5]),
+            "one worker per CPU"
+        );
+        assert_eq!(
+            Auto.plan(2, &cpus),
+            None,
+            "fewer workers: cores kept for others"
+        );
+        assert_eq!(Auto.plan(4, &cpus), None, "more workers: they would share");
+        assert_eq!(
+            Always.plan(4, &cpus),
+            Some(vec![2, 3, 5, 2]),
+            "wrapping round"
+        );
+        assert_eq!(Always.plan(2, &cpus), Some(vec![2, 3]));
+        assert_eq!(Never.plan(3, &cpus), None);
+        assert_eq!(Always.plan(2, &[]), None, "no CPU read: nothing to bind to");
+    }
+
+    #[test]
+    fn pin_workers_spellings() {
+        let c = |v: &[&str], env: &[(&str, &str)]| {
+            let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+            args(v).settings_with_env(env).map(|s| s.pin_workers)
+        };
+        assert_eq!(c(&[], &[]), Ok(PinWorkers::Auto));
+        assert_eq!(c(&["--pin-workers"], &[]), Ok(PinWorkers::Always));
+        assert_eq!(c(&["--pin-workers=never"], &[]), Ok(PinWorkers::Never));
+        assert_eq!(
+            c(&[], &[("VNCGATE_PIN_WORKERS", "never")]),
+            Ok(PinWorkers::Never)
+        );
+        assert_eq!(
+            c(&[], &[("VNCGATE_PIN_WORKERS", "true")]),
+            Ok(PinWorkers::Always)
+        );
+        let e = c(&[], &[("VNCGATE_PIN_WORKERS", "sometimes")]).unwrap_err();
+        assert!(
+            e.contains("VNCGATE_PIN_WORKERS") && e.contains("auto, always, never"),
+            "{e}"
+        );
+        let e = Cli::try_parse_from(["vncgate", "serve", "--pin-workers=sometimes"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sometimes"), "{e}");
+        // The config file takes the words, and true / false as it first did.
+        let f =
+            |t: &str| toml::from_str::<super::super::file::FileConfig>(t).map(|f| f.pin_workers);
+        assert_eq!(f("pin_workers = \"auto\"").unwrap(), Some(PinWorkers::Auto));
+        assert_eq!(f("pin_workers = true").unwrap(), Some(PinWorkers::Always));
+        assert_eq!(f("pin_workers = false").unwrap(), Some(PinWorkers::Never));
+        let e = f("pin_workers = \"sometimes\"").unwrap_err().to_string();
+        assert!(e.contains("auto, always, never"), "{e}");
     }
 
     #[test]

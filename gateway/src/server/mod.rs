@@ -31,7 +31,7 @@ use std::thread::JoinHandle;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::config::{IoDriver, Settings};
+use crate::config::{IoDriver, PinWorkers, Settings};
 use crate::fault;
 use crate::metrics as m;
 use crate::route::{RouteSource, SourceHealth};
@@ -381,26 +381,10 @@ where
     let listeners = handover::spread(acquired.listeners, settings.workers);
     let settings = Arc::new(settings);
     let make_routes = Arc::new(make_routes);
-    let cpus = if settings.pin_workers {
-        let cpus = allowed_cpus().map_err(|e| {
-            format!("--pin-workers: cannot read the CPUs this process may use: {e}")
-        })?;
-        if cpus.len() < settings.workers {
-            tracing::warn!(
-                workers = settings.workers,
-                cpus = cpus.len(),
-                "more workers than CPUs: some share one"
-            );
-        }
-        Some(cpus)
-    } else {
-        None
-    };
+    let cpus = worker_cpus(settings.pin_workers, settings.workers)?;
     let mut threads = Vec::new();
     for (index, l) in listeners.into_iter().enumerate() {
-        let cpu = cpus
-            .as_ref()
-            .and_then(|c| c.get(index % c.len().max(1)).copied());
+        let cpu = cpus.as_ref().and_then(|c| c.get(index).copied());
         let settings = settings.clone();
         let shared2 = shared.clone();
         let shared3 = shared.clone();
@@ -523,8 +507,50 @@ fn resolve_congestion(
     }
 }
 
-/// The CPUs this process may run on, in ascending order: with `--pin-workers`, worker i
-/// runs on the i-th of them (wrapping round).
+/// The CPU each worker is to be bound to (see [`PinWorkers`]), or `None`, said in the log
+/// either way. `always` fails when the CPUs this process may use cannot be read; `auto`
+/// then leaves the workers unpinned.
+fn worker_cpus(when: PinWorkers, workers: usize) -> Result<Option<Vec<usize>>, String> {
+    if when == PinWorkers::Never {
+        tracing::info!(workers, pin_workers = when.as_str(), "workers not pinned");
+        return Ok(None);
+    }
+    let cpus = match allowed_cpus() {
+        Ok(c) => c,
+        Err(e) if when == PinWorkers::Always => {
+            return Err(format!(
+                "--pin-workers: cannot read the CPUs this process may use: {e}"
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the CPUs this process may use; workers not pinned");
+            return Ok(None);
+        }
+    };
+    let plan = when.plan(workers, &cpus);
+    match (&plan, when) {
+        (Some(_), PinWorkers::Always) if cpus.len() < workers => tracing::warn!(
+            workers,
+            cpus = cpus.len(),
+            "more workers than CPUs: some share one"
+        ),
+        (Some(_), _) => tracing::info!(
+            workers,
+            cpus = cpus.len(),
+            pin_workers = when.as_str(),
+            "workers pinned, each to a CPU of its own (--pin-workers=never leaves them to the scheduler)"
+        ),
+        (None, _) => tracing::info!(
+            workers,
+            cpus = cpus.len(),
+            pin_workers = when.as_str(),
+            "workers not pinned: not one worker per CPU this process may use (--pin-workers=always binds them anyway)"
+        ),
+    }
+    Ok(plan)
+}
+
+/// The CPUs this process may run on (its affinity mask), in ascending order.
 fn allowed_cpus() -> nix::Result<Vec<usize>> {
     let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
     Ok((0..nix::sched::CpuSet::count())
