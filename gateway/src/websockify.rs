@@ -438,7 +438,9 @@ impl WebsockifyArgs {
             );
         }
         let (mut a, from, tokens) = self.serve_args()?;
-        // Read once per load: its targets are the allowlist, its tokens the routes.
+        // Read once per load: its targets are the allowlist, its tokens the routes. Stamped
+        // first, so that a change made while it is read shows as a change.
+        let stamp = tokens.as_deref().map(source_stamp).unwrap_or_default();
         let loaded = tokens.as_deref().map(load_tokens).transpose()?;
         for (_, r) in loaded.iter().flatten() {
             a.allow_upstream.push(host_net(&r.upstream));
@@ -453,6 +455,7 @@ impl WebsockifyArgs {
         if let Some(l) = loaded {
             s.routes = route::StaticRoutes::new(l.into_iter().collect());
             s.token_source = tokens;
+            s.token_stamp = stamp;
         }
         Ok(s)
     }

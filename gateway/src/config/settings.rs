@@ -468,6 +468,10 @@ pub struct Settings {
     pub exit_when_idle: Option<Duration>,
     /// The token file or directory the static routes came from, watched for changes.
     pub token_source: Option<PathBuf>,
+    /// What the token source looked like just before it was read (see
+    /// `websockify::source_stamp`): the watcher's first comparison is against this, so a
+    /// change made while the gateway starts is not taken for the state it loaded.
+    pub token_stamp: Vec<(PathBuf, Option<crate::websockify::FileStamp>)>,
     /// `--record DIR`: where sessions are recorded, and which.
     pub record: Option<RecordSettings>,
 }
@@ -768,6 +772,7 @@ impl Settings {
             exit_after: None,
             exit_when_idle: None,
             token_source: None,
+            token_stamp: Vec::new(),
             record,
         })
     }

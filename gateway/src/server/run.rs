@@ -100,15 +100,18 @@ pub fn run(settings: Settings, reloader: Reloader) -> Result<(), String> {
     crate::server::notify::ready();
     let shared = running.shared();
     let certs = running.certs.clone();
-    let token_source = current.token_source.clone();
+    let token_source = current
+        .token_source
+        .clone()
+        .map(|s| (s, current.token_stamp.clone()));
     let (exit_after, exit_when_idle) = (current.exit_after, current.exit_when_idle);
     // SIGHUP and the token file's watcher reload through the same state, one at a time.
     let state = Arc::new(Mutex::new((current, reloader)));
-    if let Some(source) = token_source {
+    if let Some((source, loaded)) = token_source {
         let (state, live) = (state.clone(), live.clone());
         std::thread::Builder::new()
             .name("vncgate-token-watch".into())
-            .spawn(move || watch_tokens(&source, &state, &live))
+            .spawn(move || watch_tokens(&source, loaded, &state, &live))
             .map_err(|e| e.to_string())?;
     }
     if exit_after.is_some() || exit_when_idle.is_some() {
@@ -158,9 +161,14 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// Rereads the token file (or directory) when it changes, through the SIGHUP reload: the
 /// routes it makes are the static routes, so a token removed closes its sessions with
 /// 4006, and a file that does not parse keeps the tokens in force (logged and counted as
-/// a failed reload) until the next change.
-fn watch_tokens(source: &std::path::Path, state: &Mutex<(Settings, Reloader)>, live: &Live) {
-    let mut seen = crate::websockify::source_stamp(source);
+/// a failed reload) until the next change. `seen` is the source as it was stamped before
+/// the running settings read it; each reload stamps it again before rereading.
+fn watch_tokens(
+    source: &std::path::Path,
+    mut seen: Vec<(std::path::PathBuf, Option<crate::websockify::FileStamp>)>,
+    state: &Mutex<(Settings, Reloader)>,
+    live: &Live,
+) {
     loop {
         std::thread::sleep(WATCH_INTERVAL);
         let now = crate::websockify::source_stamp(source);
