@@ -164,9 +164,12 @@ pub fn load_tokens(source: &Path) -> Result<Vec<(String, Route)>, String> {
 /// A file's device, inode, size and mtime.
 pub type FileStamp = (u64, u64, u64, SystemTime);
 
+/// A token source's files, each with its stamp (`None`: gone), as [`source_stamp`] takes it.
+pub type SourceStamp = Vec<(PathBuf, Option<FileStamp>)>;
+
 /// What a token source looks like now: each file's identity and version, so that an edit,
 /// a rename over it, or a file added to or removed from the directory counts as a change.
-pub fn source_stamp(source: &Path) -> Vec<(PathBuf, Option<FileStamp>)> {
+pub fn source_stamp(source: &Path) -> SourceStamp {
     use std::os::unix::fs::MetadataExt as _;
     let mut files = token_files(source).unwrap_or_default();
     files.insert(0, source.to_owned());

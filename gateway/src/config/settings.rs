@@ -471,7 +471,7 @@ pub struct Settings {
     /// What the token source looked like just before it was read (see
     /// `websockify::source_stamp`): the watcher's first comparison is against this, so a
     /// change made while the gateway starts is not taken for the state it loaded.
-    pub token_stamp: Vec<(PathBuf, Option<crate::websockify::FileStamp>)>,
+    pub token_stamp: crate::websockify::SourceStamp,
     /// `--record DIR`: where sessions are recorded, and which.
     pub record: Option<RecordSettings>,
 }

@@ -165,7 +165,7 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// the running settings read it; each reload stamps it again before rereading.
 fn watch_tokens(
     source: &std::path::Path,
-    mut seen: Vec<(std::path::PathBuf, Option<crate::websockify::FileStamp>)>,
+    mut seen: crate::websockify::SourceStamp,
     state: &Mutex<(Settings, Reloader)>,
     live: &Live,
 ) {
