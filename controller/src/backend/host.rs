@@ -46,7 +46,31 @@ pub(crate) fn proc_stat(pid: u32) -> Option<(char, u64)> {
     Some((state, start))
 }
 
+/// The lowest port [`free_port`] hands out.
+const FIRST_PICKED_PORT: u16 = 10_000;
+
+/// A loopback port nothing is bound to now, for a VM process to listen on.
+///
+/// Picked below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`) when that
+/// leaves room: the port is free only until the VM's process binds it, and inside the range
+/// any connect(2) or bind to port 0 on the host could take it meanwhile. That happened: an
+/// agent started on such a port exited with "Address already in use", and its session
+/// never got past `booting`. Without room below the range, the kernel picks.
 pub(crate) fn free_port() -> Result<u16, BackendError> {
+    let below = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_ascii_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&low| low > FIRST_PICKED_PORT);
+    if let Some(low) = below {
+        let span = low - FIRST_PICKED_PORT;
+        let start = rand::random_range(0..span);
+        let found = (0..span.min(256))
+            .map(|i| FIRST_PICKED_PORT + (start + i) % span)
+            .find(|&p| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok());
+        if let Some(p) = found {
+            return Ok(p);
+        }
+    }
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -109,4 +133,32 @@ pub(crate) async fn running_in<B: Backend>(backend: &B, work_dir: &Path) -> Vec<
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ports handed out lie below the ephemeral range, where no connect(2) or bind to
+    /// port 0 takes them before the VM's process binds them, and are free.
+    #[test]
+    fn free_ports_come_from_below_the_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let low: u16 = range
+            .split_ascii_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        for _ in 0..20 {
+            let p = free_port().unwrap();
+            if low > FIRST_PICKED_PORT {
+                assert!(
+                    (FIRST_PICKED_PORT..low).contains(&p),
+                    "{p} outside {FIRST_PICKED_PORT}..{low}"
+                );
+            }
+            TcpListener::bind((Ipv4Addr::LOCALHOST, p)).expect("the port is free");
+        }
+    }
 }
