@@ -594,11 +594,14 @@ impl Writer {
             dirs,
             t0,
         } = self;
-        drop((heads, data));
-        let reason = match &stop {
-            Stop::File(e) => link.end(reason_of(e)),
-            Stop::Closed | Stop::Cut => link.get().unwrap_or(EndReason::Complete),
+        // A failed write is named before the pipes close: the relay, finding them closed,
+        // would name its broken pipe (`write_error`) first, and a full disk would not say so.
+        let failed = match &stop {
+            Stop::File(e) => Some(link.end(reason_of(e))),
+            Stop::Closed | Stop::Cut => None,
         };
+        drop((heads, data));
+        let reason = failed.unwrap_or_else(|| link.get().unwrap_or(EndReason::Complete));
         // Back to the last whole record, giving back what a failed write left.
         if let Ok(meta) = file.metadata()
             && meta.len() > written
