@@ -7,6 +7,7 @@
 mod common;
 
 use std::io::Read as _;
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -354,4 +355,77 @@ fn a_killed_gateway_can_be_replaced_on_its_port_at_once() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("already has a listener"), "{err}");
     drop(live);
+}
+
+/// `vncgate serve --io-driver auto` as the unprivileged user `nobody` under a locked-memory
+/// limit of `memlock` bytes, which io_uring charges its rings against for such a user (root
+/// is never limited, so the limit is the one way to make a ring fail here on purpose).
+/// `Err(log)` if it exits before listening.
+fn start_under_memlock(memlock: u64, workers: usize, echo: SocketAddr) -> Result<Gw, String> {
+    // `nobody` must be able to run the binary: a copy in a directory of its own.
+    let dir = std::env::temp_dir().join(format!("vncgate-memlock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("vncgate");
+    if !bin.exists() {
+        std::fs::copy(BIN, &bin).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let route = format!("e={echo}");
+    let (w, limit) = (workers.to_string(), format!("--memlock={memlock}"));
+    Gw::spawn(
+        Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .args(["prlimit", &limit])
+            .arg(&bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args([
+                "--io-driver",
+                "auto",
+                "--workers",
+                &w,
+                "--pin-workers=never",
+            ])
+            .args(["--route", &route, "--allow-upstream", "127.0.0.1"]),
+    )
+}
+
+/// Under `--io-driver auto`, a worker whose own ring cannot be set up, after the probe's
+/// ring was, runs on epoll rather than taking the gateway down with it (a clean-clone CI
+/// run saw exactly that: the probe's ring built, a worker's failed with ENOMEM, and the
+/// gateway exited). Needs root, to run the gateway as `nobody` (see
+/// [`start_under_memlock`]).
+///
+/// The limit is swept in steps well under one ring's size, so that whatever a ring costs on
+/// this kernel, and however long an exited gateway's rings stay charged to `nobody`, one step
+/// lets the probe's ring be built and not every worker's: there a worker must fall back. At
+/// every step the gateway must start and relay.
+#[test]
+fn a_worker_whose_ring_cannot_be_built_runs_on_epoll_under_auto() {
+    let echo = echo_server();
+    const STEP: u64 = 64 << 10;
+    let mut fell_back = 0;
+    for limit in (4..=48).map(|k| k * STEP) {
+        let gw = start_under_memlock(limit, 2, echo.addr).unwrap_or_else(|log| {
+            panic!("under a memlock limit of {limit} bytes the gateway exited:\n{log}")
+        });
+        let log = gw.log();
+        if log.contains("it runs on epoll") {
+            fell_back += 1;
+            let (_, metrics) = gw.admin_get("/metrics");
+            assert!(
+                metrics.contains("vncgate_io_driver{driver=\"epoll\""),
+                "{metrics}"
+            );
+        }
+        let mut ws = RawWs::connect(gw.addr, "/vnc/e", "");
+        ws.send(&frame(0x82, b"ring"));
+        let f = ws.next_frame().expect("an echo");
+        assert_eq!(f.payload, b"ring", "limit {limit}");
+        if log.contains("workers_on_epoll=0") {
+            break;
+        }
+    }
+    assert!(fell_back > 0, "no limit left a worker without its ring");
 }

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd as _, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -187,10 +187,10 @@ impl DriverKind {
     }
 }
 
+/// Builds the ring a worker would run, and drops it: a smaller ring than the workers' could
+/// be set up where theirs cannot.
 fn probe_io_uring() -> std::io::Result<()> {
-    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .build()
-        .map(drop)
+    uring_runtime().map(drop)
 }
 
 /// Chooses the driver. Probing builds a real io_uring instance, which is what fails under
@@ -383,8 +383,14 @@ where
     let make_routes = Arc::new(make_routes);
     let cpus = worker_cpus(settings.pin_workers, settings.workers)?;
     let mut threads = Vec::new();
+    // The driver each worker runs: the chosen one, or epoll for a worker whose ring could
+    // not be built under `auto`.
+    let ran_on: Arc<Vec<OnceLock<DriverKind>>> =
+        Arc::new((0..settings.workers).map(|_| OnceLock::new()).collect());
     for (index, l) in listeners.into_iter().enumerate() {
         let cpu = cpus.as_ref().and_then(|c| c.get(index).copied());
+        let ran_on2 = ran_on.clone();
+        let auto = settings.io_driver == IoDriver::Auto;
         let settings = settings.clone();
         let shared2 = shared.clone();
         let shared3 = shared.clone();
@@ -414,14 +420,32 @@ where
                     );
                     worker_main(w, l, shared2)
                 };
-                let r = match driver {
-                    DriverKind::IoUring => uring_runtime()
-                        .map(|mut rt| supervised(index, &shared3, || rt.block_on(run()))),
-                    DriverKind::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-                        .enable_timer()
-                        .build()
-                        .map(|mut rt| supervised(index, &shared3, || rt.block_on(run()))),
+                let uring = match driver {
+                    DriverKind::Epoll => Ok(None),
+                    // The probe's ring was built, this one not (memory ran short in
+                    // between): `auto` promises epoll where io_uring cannot be set up.
+                    DriverKind::IoUring => uring_runtime().map(Some).or_else(|e| {
+                        if !auto {
+                            return Err(e);
+                        }
+                        tracing::warn!(worker = index, error = %e, "io_uring cannot be set up for this worker; it runs on epoll");
+                        Ok(None)
+                    }),
                 };
+                let r = uring.and_then(|rt| match rt {
+                    Some(mut rt) => {
+                        ran_on2[index].set(DriverKind::IoUring).ok();
+                        supervised(index, &shared3, || rt.block_on(run()));
+                        Ok(())
+                    }
+                    None => {
+                        ran_on2[index].set(DriverKind::Epoll).ok();
+                        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                            .enable_timer()
+                            .build()
+                            .map(|mut rt| supervised(index, &shared3, || rt.block_on(run())))
+                    }
+                });
                 if let Err(e) = r {
                     tracing::error!(worker = index, error = %e, "worker runtime failed to start");
                     std::process::exit(1);
@@ -454,7 +478,10 @@ where
             tracing::error!(error = %e, "cannot serve handovers: a restart will not take these sockets over");
         }
     }
-    for i in 0..settings.workers {
+    let mut on_epoll = 0;
+    for (i, ran) in ran_on.iter().enumerate() {
+        let driver = ran.get().copied().unwrap_or(driver);
+        on_epoll += usize::from(driver == DriverKind::Epoll);
         metrics::gauge!(m::IO_DRIVER, "driver" => driver.as_str(), "worker" => i.to_string())
             .set(1.0);
     }
@@ -462,6 +489,7 @@ where
         listen = %local_addr,
         workers = settings.workers,
         driver = driver.as_str(),
+        workers_on_epoll = on_epoll,
         tcp_congestion = congestion.as_deref().unwrap_or("system"),
         routes = settings.routes.len(),
         "gateway started"
