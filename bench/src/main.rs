@@ -47,11 +47,15 @@ struct Args {
     /// Offered rate of the upgrades50 point's paced phase, upgrades per second over its 50
     /// connectors together: after the closed loop (each proxy at its own saturation), the
     /// same connectors start cycles on a fixed schedule, and each latency counts from when
-    /// its cycle was due, so every proxy is compared at the same load. A proxy that
-    /// completes less than 95% of it, or fails any, is named under the table as not keeping
-    /// up. 0 skips the paced phase.
-    #[arg(long, value_name = "PER_SEC", default_value_t = 5000.0)]
-    paced_rate: f64,
+    /// its cycle was due, so every proxy is compared at the same load. A proxy name instead
+    /// of a number (`websocat`) paces every proxy at that proxy's own closed-loop rate,
+    /// measured by one closed loop against it before the repetitions, and sets each
+    /// proxy's paced p99s beside that proxy's closed-loop ones under the table; if it is not
+    /// in the run or its calibration fails, the phase runs at 5000/s and the table says
+    /// why. A proxy that completes less than 95% of the offered rate, or fails any cycle,
+    /// is named under the table as not keeping up. 0 skips the paced phase.
+    #[arg(long, value_name = "PER_SEC|PROXY", default_value = "5000", value_parser = parse_paced_rate)]
+    paced_rate: PacedRate,
     /// Draw the charts from an existing results JSON and exit, running nothing: X.json
     /// gives X.svg and X-memory.svg beside it. Other flags are ignored.
     #[arg(long, value_name = "JSON")]
@@ -140,10 +144,10 @@ fn main() -> ExitCode {
         eprintln!("--reps, --conns and --connectors must be at least 1, --secs within 0.1..600");
         return ExitCode::from(2);
     }
-    if !(a.paced_rate.is_finite() && a.paced_rate >= 0.0) {
-        eprintln!("--paced-rate must be a rate per second, at least 0 (0 skips the paced phase)");
-        return ExitCode::from(2);
-    }
+    let (paced_rate, paced_from) = match a.paced_rate {
+        PacedRate::Fixed(rate) => (rate, None),
+        PacedRate::Of(kind) => (runner::FALLBACK_PACED_RATE, Some(kind)),
+    };
     let workers = a.run.workers();
     let cfg = Config {
         vncgate: a.run.vncgate,
@@ -156,7 +160,8 @@ fn main() -> ExitCode {
         connectors: a.run.connectors,
         only,
         points,
-        paced_rate: a.paced_rate,
+        paced_rate,
+        paced_from,
         out: a.run.out,
     };
     match runner::run(&cfg) {
@@ -165,6 +170,36 @@ fn main() -> ExitCode {
             eprintln!("vncgate-bench: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--paced-rate`: a fixed rate, or the proxy whose closed-loop rate sets it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PacedRate {
+    Fixed(f64),
+    Of(Kind),
+}
+
+fn parse_paced_rate(s: &str) -> Result<PacedRate, String> {
+    if let Ok(rate) = s.parse::<f64>() {
+        return if rate.is_finite() && rate >= 0.0 {
+            Ok(PacedRate::Fixed(rate))
+        } else {
+            Err("a rate per second must be at least 0 (0 skips the paced phase)".into())
+        };
+    }
+    match Kind::parse(s) {
+        Some(Kind::Direct) => Err("direct has no upgrade to pace others by; name a proxy".into()),
+        Some(kind) => Ok(PacedRate::Of(kind)),
+        None => Err(format!(
+            "not a rate per second nor a proxy ({})",
+            Kind::ALL
+                .iter()
+                .filter(|&&k| k != Kind::Direct)
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
     }
 }
 
@@ -226,14 +261,23 @@ mod tests {
     }
 
     #[test]
-    fn paced_rate_defaults_to_5000_and_takes_0_or_a_fraction() {
+    fn paced_rate_defaults_to_5000_and_takes_a_rate_or_a_proxy() {
         let a = Args::try_parse_from(["vncgate-bench"]).unwrap();
-        assert_eq!(a.paced_rate, 5000.0);
+        assert_eq!(a.paced_rate, PacedRate::Fixed(5000.0));
+        let a = Args::try_parse_from(["vncgate-bench", "--paced-rate", "websocat"]).unwrap();
+        assert_eq!(a.paced_rate, PacedRate::Of(Kind::Websocat));
         let a = Args::try_parse_from(["vncgate-bench", "--paced-rate", "0"]).unwrap();
-        assert_eq!(a.paced_rate, 0.0);
+        assert_eq!(a.paced_rate, PacedRate::Fixed(0.0));
         let a = Args::try_parse_from(["vncgate-bench", "--paced-rate=2500.5"]).unwrap();
-        assert_eq!(a.paced_rate, 2500.5);
-        assert!(Args::try_parse_from(["vncgate-bench", "--paced-rate", "fast"]).is_err());
+        assert_eq!(a.paced_rate, PacedRate::Fixed(2500.5));
+        let a = Args::try_parse_from(["vncgate-bench", "--paced-rate", "websockify"]).unwrap();
+        assert_eq!(a.paced_rate, PacedRate::Of(Kind::Websockify));
+        for bad in ["fast", "-1", "inf", "direct"] {
+            assert!(
+                Args::try_parse_from(["vncgate-bench", "--paced-rate", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

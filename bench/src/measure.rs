@@ -313,6 +313,13 @@ pub struct UpgradeLatency {
     /// Connect to the first payload byte from the VM (direct: from the VM itself), µs.
     pub first_byte_p50_us: f64,
     pub first_byte_p99_us: f64,
+    /// The close handshake alone: the client's close frame sent to the proxy's close frame
+    /// read (direct: the close request to the VM's end of stream), µs. Never counts from the
+    /// due time: a paced cycle's lateness is already in its other figures. In a closed loop
+    /// this is where a connector waits when it is not waiting in the handshake, so it shows
+    /// where each proxy's queue forms.
+    pub close_p50_us: f64,
+    pub close_p99_us: f64,
     pub ok: u64,
     pub failures: u64,
 }
@@ -387,7 +394,8 @@ pub fn upgrades_first_byte(
                 let mut buf = vec![0u8; 4096];
                 // Nanoseconds; u64, because a paced proxy that falls behind can be seconds
                 // late.
-                let (mut hs, mut fb) = (Vec::<u64>::new(), Vec::<u64>::new());
+                let (mut hs, mut fb, mut cl) =
+                    (Vec::<u64>::new(), Vec::<u64>::new(), Vec::<u64>::new());
                 let origin = w.t0 - warmup(secs);
                 Window::sleep_until(origin);
                 for k in 0.. {
@@ -412,10 +420,11 @@ pub fn upgrades_first_byte(
                     // before the window ends, and would show no figure at all.
                     let counted = start >= w.t0 && done <= w.end;
                     match r {
-                        Ok((h, f)) if counted => {
+                        Ok((h, f, c)) if counted => {
                             let ns = |d: Duration| (d + late).as_nanos() as u64;
                             hs.extend(h.map(ns));
                             fb.push(ns(f));
+                            cl.push(c.as_nanos() as u64);
                             tally.record(Ok(()));
                         }
                         Ok(_) => {}
@@ -423,18 +432,20 @@ pub fn upgrades_first_byte(
                         Err(_) => {}
                     }
                 }
-                (hs, fb)
+                (hs, fb, cl)
             })
         })
         .collect();
     let mut hs = Vec::new();
     let mut fb = Vec::new();
+    let mut cl = Vec::new();
     let mut panicked = 0;
     for h in workers {
         match h.join() {
-            Ok((h, f)) => {
+            Ok((h, f, c)) => {
                 hs.extend(h);
                 fb.extend(f);
+                cl.extend(c);
             }
             Err(_) => panicked += 1,
         }
@@ -459,12 +470,15 @@ pub fn upgrades_first_byte(
     }
     let (hs50, hs99) = percentiles_us(&mut hs);
     let (fb50, fb99) = percentiles_us(&mut fb);
+    let (cl50, cl99) = percentiles_us(&mut cl);
     Ok(UpgradeLatency {
         rate: ok as f64 / secs,
         handshake_p50_us: hs50,
         handshake_p99_us: hs99,
         first_byte_p50_us: fb50.unwrap_or(0.0),
         first_byte_p99_us: fb99.unwrap_or(0.0),
+        close_p50_us: cl50.unwrap_or(0.0),
+        close_p99_us: cl99.unwrap_or(0.0),
         ok,
         failures,
     })
@@ -486,14 +500,15 @@ fn first_byte_cycle(
     t: &Target,
     seed: u64,
     buf: &mut [u8],
-) -> std::io::Result<(Option<Duration>, Duration)> {
+) -> std::io::Result<(Option<Duration>, Duration, Duration)> {
     let start = Instant::now();
     let mut c = Conn::open(t, seed)?;
     let upgraded = t.ws_path.as_ref().map(|_| start.elapsed());
     first_payload(&mut c, buf)?;
     let first = start.elapsed();
+    let closing = Instant::now();
     c.close_handshake(buf)?;
-    Ok((upgraded, first))
+    Ok((upgraded, first, closing.elapsed()))
 }
 
 /// Upgrades (open, close) to every one of `targets` `times_each` times, spread over

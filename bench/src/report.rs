@@ -171,6 +171,18 @@ pub fn metrics(
             0,
             true,
         ),
+        m(
+            "up50_close_p50_us",
+            format!("Close frame to the proxy's close frame p50, {UPGRADES50_CONNECTORS} connectors (µs)"),
+            0,
+            true,
+        ),
+        m(
+            "up50_close_p99_us",
+            format!("Close frame to the proxy's close frame p99, {UPGRADES50_CONNECTORS} connectors (µs)"),
+            0,
+            true,
+        ),
     ]
     .into_iter()
     .chain(paced_rate.into_iter().flat_map(|rate| {
@@ -203,6 +215,18 @@ pub fn metrics(
             m(
                 "up50_paced_first_byte_p99_us",
                 format!("Connect to first VM byte p99, {paced} (µs)"),
+                0,
+                true,
+            ),
+            m(
+                "up50_paced_close_p50_us",
+                format!("Close frame to the proxy's close frame p50, {paced} (µs)"),
+                0,
+                true,
+            ),
+            m(
+                "up50_paced_close_p99_us",
+                format!("Close frame to the proxy's close frame p99, {paced} (µs)"),
                 0,
                 true,
             ),
@@ -340,6 +364,10 @@ pub struct Header {
     /// Offered rate of the `upgrades50` point's paced phase, when it ran: proxies that did
     /// not keep up with it get a note under the table and `up50_paced_kept_up: false`.
     pub paced_rate: Option<f64>,
+    /// The proxy whose closed-loop rate the paced phase offered, when it was set that way:
+    /// each other proxy's paced p99s are then set beside that proxy's closed-loop ones,
+    /// both at that rate.
+    pub paced_from: Option<Kind>,
 }
 
 /// vncgate-tls's median over vncgate's for metric `id` (every metric, costs included: CPU
@@ -433,6 +461,9 @@ pub fn markdown(h: &Header, metrics: &[Metric], results: &[ProxyResult]) -> Stri
             ));
         }
     }
+    if let (Some(rate), Some(by)) = (h.paced_rate, h.paced_from) {
+        s.push_str(&at_matched_rate(rate, by, results));
+    }
     for r in results {
         if let Some(why) = &r.skipped {
             s.push_str(&format!("- {} skipped: {why}\n", r.kind.name()));
@@ -440,6 +471,41 @@ pub fn markdown(h: &Header, metrics: &[Metric], results: &[ProxyResult]) -> Stri
         for e in &r.errors {
             s.push_str(&format!("- {} error: {e}\n", r.kind.name()));
         }
+    }
+    s
+}
+
+/// The notes that set each proxy's p99s paced at `by`'s closed-loop rate (`rate`) beside
+/// `by`'s own p99s in its closed loop: both are latencies at that rate, one on a schedule,
+/// one at saturation. A proxy without both figures gets no note.
+fn at_matched_rate(rate: f64, by: Kind, results: &[ProxyResult]) -> String {
+    let Some(reference) = results.iter().find(|r| r.kind == by && r.skipped.is_none()) else {
+        return String::new();
+    };
+    let us = |r: &ProxyResult, id: &str| r.median(id).map(|v| format!("{v:.0} µs"));
+    let (Some(ref_hs), Some(ref_fb)) = (
+        us(reference, "up50_handshake_p99_us"),
+        us(reference, "up50_first_byte_p99_us"),
+    ) else {
+        return String::new();
+    };
+    let mut s = String::new();
+    for r in results {
+        if r.kind == by || r.kind == Kind::Direct || r.skipped.is_some() {
+            continue;
+        }
+        let (Some(hs), Some(fb)) = (
+            us(r, "up50_paced_handshake_p99_us"),
+            us(r, "up50_paced_first_byte_p99_us"),
+        ) else {
+            continue;
+        };
+        s.push_str(&format!(
+            "- At {by}'s closed-loop rate ({rate}/s): {name} paced, connect to 101 p99 {hs} and \
+             to the first VM byte p99 {fb}; {by} in its own closed loop, {ref_hs} and {ref_fb}.\n",
+            by = by.name(),
+            name = r.kind.name(),
+        ));
     }
     s
 }
@@ -591,7 +657,66 @@ mod tests {
             settings: json!({}),
             settings_line: "settings".into(),
             paced_rate: Some(5000.0),
+            paced_from: None,
         }
+    }
+
+    #[test]
+    fn paced_at_a_proxys_rate_sets_the_others_paced_p99s_beside_its_closed_loop_ones() {
+        let ms = metrics(50, 4, &[], Some(9812.0));
+        let rs = vec![
+            result(Kind::Direct, &[("up50_first_byte_p99_us", 900.0)]),
+            result(
+                Kind::Vncgate,
+                &[
+                    ("up50_paced_handshake_p99_us", 2400.0),
+                    ("up50_paced_first_byte_p99_us", 3300.0),
+                ],
+            ),
+            result(
+                Kind::Websocat,
+                &[
+                    ("up50_handshake_p99_us", 3600.0),
+                    ("up50_first_byte_p99_us", 4900.0),
+                    ("up50_paced_handshake_p99_us", 16000.0),
+                    ("up50_paced_first_byte_p99_us", 17000.0),
+                ],
+            ),
+            // No paced figure: no note.
+            result(Kind::Websockify, &[("up50_handshake_p99_us", 90000.0)]),
+        ];
+        let mut h = header();
+        h.paced_rate = Some(9812.0);
+        let md = markdown(&h, &ms, &rs);
+        assert!(
+            !md.contains("closed-loop rate"),
+            "no reference, no note: {md}"
+        );
+        h.paced_from = Some(Kind::Websocat);
+        let md = markdown(&h, &ms, &rs);
+        let notes: Vec<&str> = md
+            .lines()
+            .filter(|l| l.contains("closed-loop rate"))
+            .collect();
+        assert_eq!(
+            notes,
+            [
+                "- At websocat's closed-loop rate (9812/s): vncgate paced, connect to 101 p99 2400 µs and to the first VM byte p99 3300 µs; websocat in its own closed loop, 3600 µs and 4900 µs."
+            ],
+            "{md}"
+        );
+        // The reference without its closed-loop figures: nothing to set beside.
+        let rs: Vec<ProxyResult> = rs
+            .into_iter()
+            .map(|r| {
+                if r.kind == Kind::Websocat {
+                    result(Kind::Websocat, &[("up50_rate", 9812.0)])
+                } else {
+                    r
+                }
+            })
+            .collect();
+        assert!(!markdown(&h, &ms, &rs).contains("closed-loop rate"));
     }
 
     #[test]
@@ -640,11 +765,15 @@ mod tests {
                 "up50_handshake_p99_us",
                 "up50_first_byte_p50_us",
                 "up50_first_byte_p99_us",
+                "up50_close_p50_us",
+                "up50_close_p99_us",
                 "up50_paced_rate",
                 "up50_paced_handshake_p50_us",
                 "up50_paced_handshake_p99_us",
                 "up50_paced_first_byte_p50_us",
                 "up50_paced_first_byte_p99_us",
+                "up50_paced_close_p50_us",
+                "up50_paced_close_p99_us",
             ]
         );
         let rs = vec![
@@ -723,6 +852,8 @@ mod tests {
                 "Connect to 101 p99, 50 connectors paced at 5000/s (µs)",
                 "Connect to first VM byte p50, 50 connectors paced at 5000/s (µs)",
                 "Connect to first VM byte p99, 50 connectors paced at 5000/s (µs)",
+                "Close frame to the proxy's close frame p50, 50 connectors paced at 5000/s (µs)",
+                "Close frame to the proxy's close frame p99, 50 connectors paced at 5000/s (µs)",
             ]
         );
         let paced = |rate: f64, failures: f64, hs99: Option<f64>, fb99: f64| {

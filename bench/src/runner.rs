@@ -37,9 +37,24 @@ pub struct Config {
     /// not among them.
     pub points: Vec<Point>,
     /// Offered rate of the `upgrades50` point's paced phase, cycles per second over all
-    /// its connectors; 0 skips the phase.
+    /// its connectors; 0 skips the phase. With `paced_from`, the rate used when that
+    /// proxy's own rate cannot be measured.
     pub paced_rate: f64,
+    /// The proxy whose closed-loop rate sets the paced phase's rate: measured once, by a
+    /// closed loop against it before the repetitions (see [`calibrate`]).
+    pub paced_from: Option<Kind>,
     pub out: PathBuf,
+}
+
+/// The paced phase's rate when `--paced-rate` names a proxy whose rate cannot be measured.
+pub const FALLBACK_PACED_RATE: f64 = 5000.0;
+
+/// How the paced phase's rate was set from a proxy's closed loop: its rate (rounded down to
+/// a whole cycle per second), or why it could not be measured.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    pub kind: Kind,
+    pub rate: Result<f64, String>,
 }
 
 /// Pause between measurements, so sockets of the last one are torn down (and websockify's
@@ -142,6 +157,41 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     }
 
     let mut seed = conn::random_seed();
+    let calibration = cfg
+        .paced_from
+        .filter(|_| cfg.points.contains(&Point::Upgrades50) && cfg.paced_rate > 0.0)
+        .map(|kind| {
+            let located = results
+                .iter()
+                .zip(&exes)
+                .find(|(r, _)| r.kind == kind)
+                .map(|(r, exe)| match &r.skipped {
+                    Some(why) => Err(format!("{} skipped: {why}", kind.name())),
+                    None => Ok(exe.as_deref()),
+                })
+                .unwrap_or_else(|| Err(format!("{} is not in --only", kind.name())));
+            let rate = located.and_then(|exe| calibrate(kind, exe, &settings, tg, cfg.secs, seed));
+            match &rate {
+                Ok(r) => eprintln!("paced rate: {r}/s, {}'s closed-loop rate", kind.name()),
+                Err(e) => eprintln!(
+                    "paced rate: {FALLBACK_PACED_RATE}/s, as {}'s closed-loop rate is not known: {e}",
+                    kind.name()
+                ),
+            }
+            std::thread::sleep(SETTLE);
+            Calibration { kind, rate }
+        });
+    let resolved;
+    let cfg = match &calibration {
+        Some(Calibration { rate: Ok(r), .. }) => {
+            resolved = Config {
+                paced_rate: *r,
+                ..cfg.clone()
+            };
+            &resolved
+        }
+        _ => cfg,
+    };
     for rep in 1..=cfg.reps {
         for (r, exe) in results.iter_mut().zip(&exes) {
             if r.skipped.is_some() {
@@ -203,7 +253,12 @@ pub fn run(cfg: &Config) -> Result<(), String> {
 
     let mut metrics = report::metrics(cfg.conns, cfg.connectors, &cfg.idle, paced_rate(cfg));
     metrics.retain(|m| cfg.points.contains(&m.point));
-    let header = header(cfg, (load_start, loadavg()), tls_seen.as_deref());
+    let header = header(
+        cfg,
+        (load_start, loadavg()),
+        tls_seen.as_deref(),
+        calibration.as_ref(),
+    );
     let md = report::markdown(&header, &metrics, &results);
     let js = report::json(&header, &metrics, &results);
     let md_path = cfg.out.join("results.md");
@@ -454,7 +509,7 @@ fn upgrades50(
     errors: &mut Vec<String>,
 ) {
     let n = UPGRADES50_CONNECTORS;
-    // Ids: rate, 101 p50 and p99, first byte p50 and p99, failures.
+    // Ids: rate, 101 p50 and p99, first byte p50 and p99, close p50 and p99, failures.
     let closed = (
         measure::Pace::Closed,
         format!("upgrades x{n}"),
@@ -464,6 +519,8 @@ fn upgrades50(
             "up50_handshake_p99_us",
             "up50_first_byte_p50_us",
             "up50_first_byte_p99_us",
+            "up50_close_p50_us",
+            "up50_close_p99_us",
             "up50_failures",
         ],
     );
@@ -477,11 +534,13 @@ fn upgrades50(
                 "up50_paced_handshake_p99_us",
                 "up50_paced_first_byte_p50_us",
                 "up50_paced_first_byte_p99_us",
+                "up50_paced_close_p50_us",
+                "up50_paced_close_p99_us",
                 "up50_paced_failures",
             ],
         )
     });
-    for (pace, what, [rate, hs50, hs99, fb50, fb99, failures]) in
+    for (pace, what, [rate, hs50, hs99, fb50, fb99, cl50, cl99, failures]) in
         std::iter::once(closed).chain(paced)
     {
         let fail = |e: String, errors: &mut Vec<String>| {
@@ -498,13 +557,15 @@ fn upgrades50(
             Ok(u) => {
                 let us = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("{v:.0} µs"));
                 eprintln!(
-                    "  {what}: {:.0}/s ({} failed), to 101 p50 {} p99 {}, to first VM byte p50 {:.0} µs p99 {:.0} µs",
+                    "  {what}: {:.0}/s ({} failed), to 101 p50 {} p99 {}, to first VM byte p50 {:.0} µs p99 {:.0} µs, close handshake p50 {:.0} µs p99 {:.0} µs",
                     u.rate,
                     u.failures,
                     us(u.handshake_p50_us),
                     us(u.handshake_p99_us),
                     u.first_byte_p50_us,
-                    u.first_byte_p99_us
+                    u.first_byte_p99_us,
+                    u.close_p50_us,
+                    u.close_p99_us
                 );
                 run.insert(rate, u.rate);
                 if let (Some(p50), Some(p99)) = (u.handshake_p50_us, u.handshake_p99_us) {
@@ -513,6 +574,8 @@ fn upgrades50(
                 }
                 run.insert(fb50, u.first_byte_p50_us);
                 run.insert(fb99, u.first_byte_p99_us);
+                run.insert(cl50, u.close_p50_us);
+                run.insert(cl99, u.close_p99_us);
                 // Not a table row but kept in the JSON's runs; the paced phase's failures
                 // count in whether the proxy kept up (`report::kept_up`).
                 run.insert(failures, u.failures as f64);
@@ -553,12 +616,54 @@ pub fn machine() -> (usize, String, String) {
     (nproc, kernel, cpu)
 }
 
+/// `kind`'s closed-loop rate at the `upgrades50` point (cycles per second, rounded down),
+/// from one closed loop of `secs` against a fresh process that is stopped after: the rate
+/// the paced phase then offers every proxy. Not a repetition: no figure of it is kept.
+fn calibrate(
+    kind: Kind,
+    exe: Option<&std::path::Path>,
+    settings: &proxy::Settings,
+    tg: targets::Targets,
+    secs: f64,
+    seed: u64,
+) -> Result<f64, String> {
+    eprintln!(
+        "calibration: {} closed loop, for the paced rate",
+        kind.name()
+    );
+    let p = proxy::start(kind, exe, settings, tg, 0)?;
+    let measured = match &p.banner {
+        Some(t) => measure::upgrades_first_byte(
+            t,
+            UPGRADES50_CONNECTORS,
+            secs,
+            seed ^ 0xca1b,
+            measure::Pace::Closed,
+        ),
+        None => Err("the proxy has no banner route".into()),
+    };
+    p.stop();
+    let u = measured?;
+    if u.failures > 0 {
+        return Err(format!(
+            "{} of its cycles failed in the calibration",
+            u.failures
+        ));
+    }
+    Ok(u.rate.floor())
+}
+
 /// The offered rate of the `upgrades50` point's paced phase, when it runs.
 fn paced_rate(cfg: &Config) -> Option<f64> {
     (cfg.points.contains(&Point::Upgrades50) && cfg.paced_rate > 0.0).then_some(cfg.paced_rate)
 }
 
-fn header(cfg: &Config, load: (String, String), tls: Option<&str>) -> Header {
+fn header(
+    cfg: &Config,
+    load: (String, String),
+    tls: Option<&str>,
+    calibration: Option<&Calibration>,
+) -> Header {
     let (nproc, kernel, cpu) = machine();
     let only: Vec<&str> = cfg.only.iter().map(|k| k.name()).collect();
     let points: Vec<&str> = cfg.points.iter().map(|p| p.name()).collect();
@@ -575,15 +680,34 @@ fn header(cfg: &Config, load: (String, String), tls: Option<&str>) -> Header {
         ),
         None => String::new(),
     };
+    let source = match calibration {
+        Some(Calibration { kind, rate: Ok(_) }) => format!(
+            " ({}'s own closed-loop rate, from one closed loop against it before the \
+             repetitions, so the others are compared with it at the rate it manages)",
+            kind.name()
+        ),
+        Some(Calibration { kind, rate: Err(e) }) => format!(
+            " (not {}'s closed-loop rate, which could not be measured: {e})",
+            kind.name()
+        ),
+        None => String::new(),
+    };
     let paced_note = match paced_rate(cfg) {
         Some(rate) => format!(
             " Upgrades with {UPGRADES50_CONNECTORS} connectors: first a closed loop (each \
              connector starts again when its cycle ends: every proxy at its own saturation), \
-             then paced at {rate}/s offered to every proxy (open loop, each latency from when \
-             its cycle was due, so a proxy that falls behind pays for its backlog)."
+             then paced at {rate}/s{source} offered to every proxy (open loop, each latency \
+             from when its cycle was due, so a proxy that falls behind pays for its backlog)."
         ),
         None => String::new(),
     };
+    let paced_from = calibration.map(|c| {
+        json!({
+            "proxy": c.kind.name(),
+            "rate": c.rate.as_ref().ok(),
+            "error": c.rate.as_ref().err(),
+        })
+    });
     Header {
         date: report::utc_now(),
         nproc,
@@ -597,6 +721,7 @@ fn header(cfg: &Config, load: (String, String), tls: Option<&str>) -> Header {
             "connectors": cfg.connectors,
             "upgrades50_connectors": UPGRADES50_CONNECTORS,
             "upgrades50_paced_rate": cfg.paced_rate,
+            "upgrades50_paced_from": paced_from,
             "idle": cfg.idle,
             "idle_sources": measure::IDLE_SOURCES,
             "vncgate_workers": cfg.workers,
@@ -617,6 +742,7 @@ fn header(cfg: &Config, load: (String, String), tls: Option<&str>) -> Header {
             cfg.reps, cfg.secs, cfg.workers, points_note, paced_note, tls_note
         ),
         paced_rate: paced_rate(cfg),
+        paced_from: calibration.and_then(|c| c.rate.is_ok().then_some(c.kind)),
     }
 }
 
@@ -637,6 +763,7 @@ mod tests {
             only: vec![Kind::Vncgate],
             points,
             paced_rate,
+            paced_from: None,
             out: "out".into(),
         }
     }
@@ -645,7 +772,7 @@ mod tests {
     fn paced_rate_0_or_no_upgrades50_skips_the_paced_phase() {
         let cfg = config(vec![Point::Upgrades50], 5000.0);
         assert_eq!(paced_rate(&cfg), Some(5000.0));
-        let h = header(&cfg, Default::default(), None);
+        let h = header(&cfg, Default::default(), None, None);
         assert_eq!(h.paced_rate, Some(5000.0));
         assert_eq!(h.settings["upgrades50_paced_rate"], json!(5000.0));
         assert!(
@@ -655,9 +782,48 @@ mod tests {
         );
         let cfg = config(vec![Point::Upgrades50], 0.0);
         assert_eq!(paced_rate(&cfg), None);
-        let h = header(&cfg, Default::default(), None);
+        let h = header(&cfg, Default::default(), None, None);
         assert_eq!(h.settings["upgrades50_paced_rate"], json!(0.0));
         assert!(!h.settings_line.contains("paced"), "{}", h.settings_line);
         assert_eq!(paced_rate(&config(vec![Point::Tput], 5000.0)), None);
+    }
+
+    #[test]
+    fn a_calibrated_paced_rate_names_its_proxy_and_a_failed_one_says_why() {
+        let cfg = config(vec![Point::Upgrades50], 9812.0);
+        let ok = Calibration {
+            kind: Kind::Websocat,
+            rate: Ok(9812.0),
+        };
+        let h = header(&cfg, Default::default(), None, Some(&ok));
+        assert_eq!(h.paced_from, Some(Kind::Websocat));
+        assert_eq!(
+            h.settings["upgrades50_paced_from"],
+            json!({"proxy": "websocat", "rate": 9812.0, "error": null})
+        );
+        assert!(
+            h.settings_line
+                .contains("paced at 9812/s (websocat's own closed-loop rate"),
+            "{}",
+            h.settings_line
+        );
+        let cfg = config(vec![Point::Upgrades50], FALLBACK_PACED_RATE);
+        let failed = Calibration {
+            kind: Kind::Websocat,
+            rate: Err("websocat skipped: websocat not on PATH".into()),
+        };
+        let h = header(&cfg, Default::default(), None, Some(&failed));
+        assert_eq!(h.paced_from, None);
+        assert_eq!(
+            h.settings["upgrades50_paced_from"]["error"],
+            json!("websocat skipped: websocat not on PATH")
+        );
+        assert!(
+            h.settings_line.contains(
+                "paced at 5000/s (not websocat's closed-loop rate, which could not be measured: websocat skipped"
+            ),
+            "{}",
+            h.settings_line
+        );
     }
 }
