@@ -181,17 +181,11 @@ pub fn run(cfg: &Config) -> Result<(), String> {
             std::thread::sleep(SETTLE);
             Calibration { kind, rate }
         });
-    let resolved;
-    let cfg = match &calibration {
-        Some(Calibration { rate: Ok(r), .. }) => {
-            resolved = Config {
-                paced_rate: *r,
-                ..cfg.clone()
-            };
-            &resolved
-        }
-        _ => cfg,
-    };
+    let mut cfg = cfg.clone();
+    if let Some(Calibration { rate: Ok(r), .. }) = &calibration {
+        cfg.paced_rate = *r;
+    }
+    let cfg = &cfg;
     for rep in 1..=cfg.reps {
         for (r, exe) in results.iter_mut().zip(&exes) {
             if r.skipped.is_some() {

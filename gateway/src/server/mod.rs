@@ -387,10 +387,10 @@ where
     // not be built under `auto`.
     let ran_on: Arc<Vec<OnceLock<DriverKind>>> =
         Arc::new((0..settings.workers).map(|_| OnceLock::new()).collect());
+    let auto = settings.io_driver == IoDriver::Auto;
     for (index, l) in listeners.into_iter().enumerate() {
         let cpu = cpus.as_ref().and_then(|c| c.get(index).copied());
         let ran_on2 = ran_on.clone();
-        let auto = settings.io_driver == IoDriver::Auto;
         let settings = settings.clone();
         let shared2 = shared.clone();
         let shared3 = shared.clone();
@@ -420,32 +420,26 @@ where
                     );
                     worker_main(w, l, shared2)
                 };
-                let uring = match driver {
-                    DriverKind::Epoll => Ok(None),
-                    // The probe's ring was built, this one not (memory ran short in
-                    // between): `auto` promises epoll where io_uring cannot be set up.
-                    DriverKind::IoUring => uring_runtime().map(Some).or_else(|e| {
-                        if !auto {
-                            return Err(e);
-                        }
-                        tracing::warn!(worker = index, error = %e, "io_uring cannot be set up for this worker; it runs on epoll");
-                        Ok(None)
-                    }),
-                };
-                let r = uring.and_then(|rt| match rt {
-                    Some(mut rt) => {
+                let r = match (driver == DriverKind::IoUring).then(uring_runtime) {
+                    Some(Ok(mut rt)) => {
                         ran_on2[index].set(DriverKind::IoUring).ok();
                         supervised(index, &shared3, || rt.block_on(run()));
                         Ok(())
                     }
-                    None => {
+                    Some(Err(e)) if !auto => Err(e),
+                    uring => {
+                        // The probe's ring was built, this one not (memory ran short in
+                        // between): `auto` promises epoll where io_uring cannot be set up.
+                        if let Some(Err(e)) = uring {
+                            tracing::warn!(worker = index, error = %e, "io_uring cannot be set up for this worker; it runs on epoll");
+                        }
                         ran_on2[index].set(DriverKind::Epoll).ok();
                         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                             .enable_timer()
                             .build()
                             .map(|mut rt| supervised(index, &shared3, || rt.block_on(run())))
                     }
-                });
+                };
                 if let Err(e) = r {
                     tracing::error!(worker = index, error = %e, "worker runtime failed to start");
                     std::process::exit(1);
